@@ -1,0 +1,326 @@
+"""Structured-config schema: one dataclass per config group, registered in Hydra's ConfigStore.
+
+OmegaConf enforces the types and rejects unknown keys (a typo such as `finetune.learnign_rate` fails at compose
+time, naming the key). Value sets that OmegaConf cannot express for us (string enums like `lr_scheduler_type`, the
+integer enum `deepspeed_stage`) are declared as `choices` in the field metadata and checked by `validate()` before
+any step runs, so every bad value is refused before money, GPU time or data is spent.
+
+Finetune keys carry the `chat_completion_pipeline` component's input names (see ../shared/reference/azureml/), so a
+user of the Azure notebook recognises every key. Keys that only mean something on this machine live under
+`finetune.local` and never reach the component.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+STEPS = ["connect", "model", "compute", "data", "finetune", "metrics", "register", "deploy", "test", "cleanup"]
+
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+
+
+def choice(default: Any, choices: List[Any]) -> Any:
+    """A field whose value must be one of `choices` (checked by validate())."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def list_field(*items: Any) -> Any:
+    return field(default_factory=lambda: list(items))
+
+
+@dataclass
+class TinyModelConfig:
+    """Dimensions of the offline Phi-3-architecture model (model=tiny_phi3)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    vocab_size: int = 2048
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # registry name, e.g. Phi-3-mini-4k-instruct; also names the registered fine-tuned model
+    registry: str = "azureml"
+    label: str = "latest"
+    version: Optional[str] = None  # pin a registry version instead of the label
+    hf_id: Optional[str] = None  # Hugging Face id for the local backend
+    local_path: Optional[str] = None  # a local folder wins over hf_id
+    build_tiny: bool = False  # build the offline tiny model (see runner/local/tiny_model.py)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    trust_remote_code: bool = False
+    context_length: int = 4096
+    # Tags from the model's registry spec, for offline planning (dry_run) and the local backend.
+    archived: bool = False
+    finetune_retirement_date: Optional[str] = None
+    inference_retirement_date: Optional[str] = None
+    replacement_config: Optional[str] = None  # the config to suggest when the model is archived/retired
+    finetune_compute_allow_list: List[str] = field(default_factory=list)
+    inference_compute_allow_list: List[str] = field(default_factory=list)
+    model_specific_defaults: Dict[str, Any] = field(default_factory=dict)
+    apply_model_specific_defaults: bool = True
+    allow_archived: bool = False  # an archived/retired model is refused before anything is spent unless true
+
+
+@dataclass
+class ComputeConfig:
+    name: str = MISSING  # cluster name (Azure) or a label (local)
+    kind: str = choice("azure", ["azure", "local"])
+    size: str = MISSING  # VM SKU, e.g. Standard_NC24ads_A100_v4; "cpu"/"cuda" locally
+    gpus_per_node: int = 0
+    min_instances: int = 0
+    max_instances: int = 2
+    idle_time_before_scale_down: int = 120  # seconds
+    tier: str = choice("dedicated", ["dedicated", "low_priority"])
+    low_priority_fallback: bool = True  # the notebook retries as low priority when dedicated fails
+    # local only: which device to use; "auto" = CUDA when present
+    device: str = choice("auto", ["auto", "cpu", "cuda"])
+    memory_headroom: float = 0.9  # fraction of free memory the weights + optimizer state may use
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "HuggingFaceH4/ultrachat_200k"  # hub id, or a local folder/file for `datasets`
+    source: str = choice("hub", ["hub", "sample"])
+    subset: Optional[str] = None
+    split_percent: float = 5.0  # first N percent of every split, as the notebook
+    splits: List[str] = list_field("train_sft", "test_sft", "train_gen", "test_gen")
+    train_split: str = "train_sft"
+    test_split: str = "test_sft"
+    sample_split: str = "test_gen"  # one seeded random row of it becomes the endpoint's sample request
+    download_dir: str = "${paths.data_dir}/ultrachat_200k"
+    force: bool = False
+    on_invalid: str = choice("error", ["error", "skip"])
+    seed: int = 42
+    sample_rows: Dict[str, int] = field(default_factory=dict)  # source=sample: rows per split
+
+
+@dataclass
+class LocalFinetuneConfig:
+    """Settings that only mean something to the local trainer (never sent to Azure)."""
+
+    packing: bool = True  # padding-free packing with position ids reset per conversation
+    lora_target_modules: List[str] = list_field("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    lora_modules_to_save: List[str] = field(default_factory=list)
+    save_steps: int = 50  # checkpoint every N optimizer steps (and at the end)
+    eval_before_training: bool = True  # measure the base model's eval loss too
+    max_eval_rows: int = 0  # 0 = all rows of the test split
+    max_train_rows: int = 0  # 0 = all rows
+    max_tokens_per_batch: int = 0  # packing: tokens per micro-batch; 0 = batch size * max_seq_length
+    num_gpus: int = 0  # 0 = all visible GPUs (multi-GPU runs are launched with torchrun)
+
+
+@dataclass
+class FinetuneConfig:
+    # --- training parameters (component input names) ---
+    num_train_epochs: int = 1
+    max_steps: int = -1
+    per_device_train_batch_size: int = 1
+    per_device_eval_batch_size: int = 1
+    auto_find_batch_size: bool = False
+    optim: str = choice("adamw_torch", ["adamw_torch", "adafactor"])
+    learning_rate: float = 2e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    gradient_accumulation_steps: int = 1
+    eval_accumulation_steps: int = -1
+    lr_scheduler_type: str = choice("linear", LR_SCHEDULERS)
+    seed: int = 42
+    enable_full_determinism: bool = False
+    dataloader_num_workers: int = 0
+    ignore_mismatched_sizes: bool = False
+    max_grad_norm: float = 1.0
+    evaluation_strategy: str = choice("epoch", ["epoch", "steps", "disable"])
+    evaluation_steps_interval: float = 0.0
+    eval_steps: int = 500
+    logging_strategy: str = choice("steps", ["epoch", "steps"])
+    logging_steps: int = 10
+    metric_for_best_model: str = choice("loss", ["loss", "f1", "exact"])
+    resume_from_checkpoint: bool = False
+    save_total_limit: int = -1
+    apply_early_stopping: bool = False
+    early_stopping_patience: int = 1
+    early_stopping_threshold: float = 0.0
+    # --- preprocessing ---
+    batch_size: int = 1000
+    pad_to_max_length: bool = False
+    max_seq_length: int = -1
+    # --- optimization parameters ---
+    apply_lora: bool = False
+    merge_lora_weights: bool = True
+    lora_alpha: int = 128
+    lora_r: int = 8
+    lora_dropout: float = 0.0
+    precision: int = choice(32, [32, 16])
+    apply_deepspeed: bool = False
+    deepspeed_stage: int = choice(2, [2, 3])
+    deepspeed: Optional[str] = None  # path to a DeepSpeed JSON config (wins over deepspeed_stage)
+    apply_ort: bool = False
+    num_nodes_finetune: int = 1
+    shm_size_finetune: str = "5g"
+    local: LocalFinetuneConfig = field(default_factory=LocalFinetuneConfig)
+
+
+@dataclass
+class DeploymentConfig:
+    kind: str = choice("local", ["local", "azure"])
+    endpoint_name_prefix: str = "ultrachat-completion-"
+    deployment_name: str = "demo"
+    traffic: Dict[str, int] = field(default_factory=lambda: {"demo": 100})
+    auth_mode: str = choice("key", ["key", "aml_token"])
+    instance_type: str = "Standard_NC6s_v3"
+    instance_count: int = 1
+    liveness_initial_delay: int = 600  # seconds (ProbeSettings.initial_delay)
+    request_timeout_ms: int = 90000  # OnlineRequestSettings.request_timeout_ms
+    # local endpoint
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = a free port
+    keep_alive: bool = False  # leave the endpoint serving after the test step (until Ctrl-C)
+    max_batch_size: int = 16  # dynamic batching: most requests in one generate call
+    batch_window_ms: float = 10.0  # dynamic batching: how long the first request waits for company
+    startup_timeout_s: float = 300.0
+    # the notebook's sample request parameters
+    sample_parameters: Dict[str, Any] = field(
+        default_factory=lambda: {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 200}
+    )
+
+
+@dataclass
+class BackendConfig:
+    name: str = choice("local", ["local", "azureml"])
+    # --- azureml ---
+    subscription_id: Optional[str] = None
+    resource_group: Optional[str] = None
+    workspace_name: Optional[str] = None
+    config_path: Optional[str] = "config.json"  # MLClient.from_config path; falls back to the ids above
+    registry_name: str = "azureml"
+    experiment_name: str = "chat_completion_${model.name}"
+    interactive: bool = True  # fall back to an interactive browser login (never under CI)
+    wait: bool = True  # stream the pipeline job until it ends; false returns after submission
+    force_rerun: bool = True
+    continue_on_step_failure: bool = False
+    component_name: str = "chat_completion_pipeline"
+    component_label: str = "latest"
+    component_version: Optional[str] = None
+    component_spec: Optional[str] = None  # a local spec YAML used by dry_run validation
+
+
+@dataclass
+class PathsConfig:
+    root: str = "${oc.env:FTRUN_HOME,.ftrun}"  # the project's state folder
+    data_dir: str = "${paths.root}/data"
+    models_dir: str = "${paths.root}/models"
+    endpoints_dir: str = "${paths.root}/endpoints"
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///${paths.root}/mlflow.db"
+    artifact_location: str = "${paths.root}/mlartifacts"
+    experiment_name: str = "${backend.experiment_name}"
+    registered_model_name: str = "${model.name}-ultrachat-200k"
+
+
+@dataclass
+class SweepConfig:
+    metric: str = "eval_loss"
+    direction: str = choice("minimize", ["minimize", "maximize"])
+    register_best: bool = True
+    deploy_best: bool = False
+
+
+@dataclass
+class CleanupConfig:
+    delete_compute: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    compute: ComputeConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    finetune: FinetuneConfig = MISSING
+    deployment: DeploymentConfig = MISSING
+    backend: BackendConfig = MISSING
+    steps: List[str] = field(default_factory=lambda: list(STEPS))
+    dry_run: bool = False
+    seed: int = 42
+    from_run: Optional[str] = None  # an earlier run dir whose record later steps may pick up (e.g. steps=[deploy])
+    endpoint_name: Optional[str] = None  # act on an existing endpoint (e.g. steps=[cleanup] endpoint_name=...)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    cleanup: CleanupConfig = field(default_factory=CleanupConfig)
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "compute": ComputeConfig,
+    "dataset": DatasetConfig,
+    "finetune": FinetuneConfig,
+    "deployment": DeploymentConfig,
+    "backend": BackendConfig,
+}
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+class ConfigError(ValueError):
+    """A resolved config that cannot run; the message names the key and what would be right."""
+
+
+def _check_choices(node: Any, schema: type, prefix: str, errors: List[str]) -> None:
+    for f in dataclasses.fields(schema):
+        value = node.get(f.name) if hasattr(node, "get") else getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            allowed = ", ".join(str(c) for c in f.metadata["choices"])
+            errors.append(f"{key}={value!r} is not allowed; allowed values: {allowed}")
+        if isinstance(f.type, type) and dataclasses.is_dataclass(f.type):
+            _check_choices(value, f.type, key + ".", errors)
+
+
+def validate(cfg: Any) -> None:
+    """Check everything the types alone cannot; raise ConfigError listing every problem."""
+    errors: List[str] = []
+    for group, schema in GROUP_SCHEMAS.items():
+        _check_choices(cfg[group], schema, f"{group}.", errors)
+    _check_choices(cfg.sweep, SweepConfig, "sweep.", errors)
+    unknown = [s for s in cfg.steps if s not in STEPS]
+    if unknown:
+        errors.append(f"steps={list(cfg.steps)} has unknown step(s) {unknown}; steps are, in order: {', '.join(STEPS)}")
+    ft = cfg.finetune
+    for key in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "num_nodes_finetune", "logging_steps", "eval_steps"):
+        if ft[key] < 1:
+            errors.append(f"finetune.{key}={ft[key]} must be >= 1")
+    if not (0 < cfg.dataset.split_percent <= 100):
+        errors.append(f"dataset.split_percent={cfg.dataset.split_percent} must be in (0, 100]")
+    if ft.learning_rate <= 0:
+        errors.append(f"finetune.learning_rate={ft.learning_rate} must be > 0")
+    if not (0.0 <= ft.lora_dropout < 1.0):
+        errors.append(f"finetune.lora_dropout={ft.lora_dropout} must be in [0, 1)")
+    if sum(cfg.deployment.traffic.values()) != 100 or any(v < 0 for v in cfg.deployment.traffic.values()):
+        errors.append(f"deployment.traffic={dict(cfg.deployment.traffic)} must be non-negative percentages adding up to 100")
+    if cfg.deployment.deployment_name not in cfg.deployment.traffic:
+        errors.append(
+            f"deployment.deployment_name={cfg.deployment.deployment_name!r} has no entry in deployment.traffic "
+            f"{dict(cfg.deployment.traffic)}"
+        )
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
