@@ -1,0 +1,144 @@
+"""The offline tiny model: a few-layer Phi-3-architecture causal LM with its own byte-level BPE tokenizer.
+
+No model hub is reachable here, so the default run and the tests use a model the project builds itself: random
+init (seeded), transformers' Phi3 classes, a tokenizer trained with the `tokenizers` library on the sample chats
+plus offline English text, and a Phi-3-style chat template. It is written with save_pretrained, so every later
+step loads it exactly as it would load a downloaded model.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+# Phi-3's layout (<|role|>\n content <|end|>\n). The {% generation %} markers let
+# apply_chat_template(..., return_assistant_tokens_mask=True) mark the assistant tokens that the loss counts.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' }}"
+    "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+BUILDER_VERSION = 1  # bump when the recipe changes so cached builds are redone
+
+
+def _default_corpus(seed: int) -> Iterable[str]:
+    """Sample chats (what the model will see) plus Python's own docs, for a vocabulary of ~2k tokens."""
+    try:
+        from runner.data.sample import generate_rows
+
+        for split, n in (("train_sft", 600), ("test_gen", 100)):
+            for row in generate_rows(n, seed, split):
+                for message in row["messages"]:
+                    yield message["content"]
+    except ImportError:  # the sample generator is optional for the builder itself
+        pass
+    import pydoc
+
+    for topic in ("str", "list", "dict", "set", "int", "float", "tuple", "bytes", "open", "print", "sorted"):
+        yield pydoc.render_doc(topic, renderer=pydoc.plaintext)
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, model_max_length: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+        model_max_length=model_max_length,
+        padding_side="left",  # generation pads on the left; the trainer packs or pads explicitly
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(
+    out_dir,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    vocab_size: int = 2048,
+    max_position_embeddings: int = 1024,
+    seed: int = 0,
+    corpus: Optional[Iterable[str]] = None,
+) -> Path:
+    """Build and save the tiny model + tokenizer into out_dir (written to a temp folder, then renamed)."""
+    import torch
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = train_tokenizer(corpus if corpus is not None else _default_corpus(seed), vocab_size,
+                                max_position_embeddings)
+    torch.manual_seed(seed)
+    config = Phi3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads,
+        max_position_embeddings=max_position_embeddings,
+        original_max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = Phi3ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def tiny_model_key(tiny_cfg: dict) -> str:
+    blob = json.dumps({"v": BUILDER_VERSION, **tiny_cfg}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def ensure_tiny_model(models_dir, tiny_cfg: dict) -> tuple[Path, bool]:
+    """The cached tiny model for these dimensions; built on first use. Returns (path, built_now)."""
+    path = Path(models_dir) / f"tiny-phi3-{tiny_model_key(tiny_cfg)}"
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        return path, False
+    build_tiny_model(path, **tiny_cfg)
+    return path, True
