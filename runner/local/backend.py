@@ -1,0 +1,272 @@
+"""The local backend: every step of the workflow carried out on this machine.
+
+Training is transformers + PEFT (runner/local/train.py), tracking and the model registry are MLflow on SQLite
+(runner/local/tracking.py, registry.py), and the online endpoint is a FastAPI process (runner/local/endpoint/).
+This module only wires the config and the run record to those pieces.
+"""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+from omegaconf import OmegaConf
+
+from runner.backends import Backend
+from runner.finetune_params import merge_finetune_params, pipeline_display_name
+
+
+def _plain(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # ---- helpers ------------------------------------------------------------------------------------------------
+    @property
+    def tracking_uri(self) -> str:
+        return self.cfg.mlflow.tracking_uri
+
+    def effective_params(self, ctx) -> tuple[Dict[str, Any], list]:
+        defaults = _plain(self.cfg.model.model_specific_defaults) if self.cfg.model.apply_model_specific_defaults else {}
+        return merge_finetune_params(self.cfg.finetune, defaults, ctx.explicit_finetune_keys)
+
+    def display_name(self, params) -> str:
+        return pipeline_display_name(self.cfg.model.name, params, self.cfg.compute.gpus_per_node or 1)
+
+    def _model_dir(self, ctx) -> str:
+        model_dir = ctx.record.output("model", "model_dir")
+        if not model_dir:
+            model_dir = self.model(ctx)["model_dir"]
+        return model_dir
+
+    def training_key(self, ctx, params: Dict[str, Any]) -> str:
+        """Identity of a training run: same model, data and settings → same checkpoint folder, so a killed run
+        restarted with finetune.resume_from_checkpoint=true finds its checkpoints whatever its run dir."""
+        identity = {
+            "model": ctx.record.output("model", "model_dir"),
+            "data": ctx.record.output("data", "manifest_sha256"),
+            "params": {k: v for k, v in params.items() if k != "resume_from_checkpoint"},
+            "local": _plain(self.cfg.finetune.local),
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    # ---- steps ----------------------------------------------------------------------------------------------
+    def connect(self, ctx) -> Dict[str, Any]:
+        for key in ("root", "data_dir", "models_dir", "endpoints_dir"):
+            Path(self.cfg.paths[key]).mkdir(parents=True, exist_ok=True)
+        ctx.say(f"state folder {Path(self.cfg.paths.root).resolve()}")
+        ctx.say(f"MLflow tracking + registry at {self.tracking_uri}")
+        return {"state_dir": str(Path(self.cfg.paths.root).resolve()), "tracking_uri": self.tracking_uri}
+
+    def model(self, ctx) -> Dict[str, Any]:
+        from runner.local.models import resolve_base_model
+
+        out = resolve_base_model(self.cfg.model, models_dir=self.cfg.paths.models_dir)
+        ctx.say(f"base model {out['source']}: {out['model_dir']}")
+        return out
+
+    def compute(self, ctx) -> Dict[str, Any]:
+        from runner.local.compute import check_local_compute
+
+        params, _ = self.effective_params(ctx)
+        out = check_local_compute(
+            device=self.cfg.compute.device,
+            gpus_requested=self.cfg.compute.gpus_per_node,
+            params=params,
+            model_dir=self._model_dir(ctx),
+            memory_headroom=self.cfg.compute.memory_headroom,
+        )
+        ctx.say(
+            f"device {out['device']} ({out['cuda_devices']} CUDA device(s)); {out['mode']} fine-tuning needs "
+            f"~{out['estimate_gb']['total']:.2f} GB of {out['memory_available_gb']:.1f} GB available"
+        )
+        return out
+
+    def finetune(self, ctx) -> Dict[str, Any]:
+        from runner.local import tracking
+        from runner.local.train import train
+
+        cfg = self.cfg
+        data = ctx.record.output("data")
+        if not data.get("train_file"):
+            raise RuntimeError("the finetune step needs the data step's files: run steps=[data,finetune,...] "
+                               "or from_run=<an earlier run dir>")
+        model_dir = self._model_dir(ctx)
+        params, notes = self.effective_params(ctx)
+        for note in notes:
+            ctx.say(note)
+        display_name = self.display_name(params)
+        key = self.training_key(ctx, params)
+        out_dir = Path(cfg.paths.root) / "training" / key
+        tags = {
+            "display_name": display_name,
+            "backend": "local",
+            "base_model": cfg.model.name,
+            "base_model_dir": model_dir,
+            "data_manifest_sha256": data.get("manifest_sha256", ""),
+            "config_sha256": ctx.record.data["config_sha256"],
+            "training_key": key,
+            "run_dir": str(ctx.run_dir.resolve()),
+            "overrides": " ".join(ctx.task_overrides),
+            **ctx.live.get("mlflow_tags", {}),
+        }
+        run_id = tracking.start_run(
+            tracking_uri=self.tracking_uri,
+            experiment_name=cfg.mlflow.experiment_name,
+            artifact_location=str(Path(cfg.mlflow.artifact_location).resolve()),
+            run_name=display_name,
+            params={**params, **{f"local.{k}": v for k, v in _plain(cfg.finetune.local).items()}},
+            tags=tags,
+        )
+        ctx.say(f"MLflow run {run_id} ({display_name})")
+        tracking.log_artifact(self.tracking_uri, run_id, str(ctx.run_dir / "resolved_config.yaml"))
+        status = "FAILED"
+        try:
+            result = train(
+                model_dir=model_dir,
+                train_file=data["train_file"],
+                eval_file=data.get("test_file"),
+                params=params,
+                local=_plain(cfg.finetune.local),
+                out_dir=str(out_dir),
+                device=ctx.record.output("compute", "device") or "cpu",
+                trust_remote_code=cfg.model.trust_remote_code,
+                log_fn=tracking.metric_logger(self.tracking_uri, run_id),
+                cache_dir=str(Path(cfg.paths.root) / "cache" / "tokenized"),
+            )
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            tracking.end_run(self.tracking_uri, run_id, status=status)
+        result.update(mlflow_run_id=run_id, display_name=display_name, training_key=key, param_notes=notes)
+        ctx.say(
+            f"eval loss {result.get('eval_loss_before')} -> {result.get('eval_loss')} "
+            f"in {result.get('global_step')} steps, {result.get('tokens_per_s', 0):.0f} tokens/s"
+        )
+        return result
+
+    def metrics(self, ctx) -> Dict[str, Any]:
+        from runner.local import tracking
+        from runner.metrics_report import report
+
+        run_id = ctx.record.output("finetune", "mlflow_run_id")
+        if not run_id:
+            raise RuntimeError("no MLflow run to report: run the finetune step first (or from_run=<run dir>)")
+        history = tracking.metric_history(self.tracking_uri, run_id)
+        out = report(history, ctx.run_dir / "metrics", title=ctx.record.output("finetune", "display_name") or run_id)
+        tracking.log_artifact(self.tracking_uri, run_id, out["plot"])
+        print(out["table"], flush=True)
+        ctx.say(f"loss curve: {out['plot']}")
+        ctx.say(f"browse: mlflow ui --backend-store-uri {self.tracking_uri}")
+        return {"final": out["final"], "plot": out["plot"], "mlflow_run_id": run_id}
+
+    def register(self, ctx) -> Dict[str, Any]:
+        from runner.local.registry import register_model
+
+        ft = ctx.record.output("finetune")
+        if not ft.get("final_model_dir"):
+            raise RuntimeError("nothing to register: run the finetune step first (or from_run=<run dir>)")
+        tags = {
+            "base_model": self.cfg.model.name,
+            "base_model_dir": ctx.record.output("model", "model_dir") or "",
+            "data_manifest_sha256": ctx.record.output("data", "manifest_sha256") or "",
+            "mlflow_run_id": ft["mlflow_run_id"],
+            "config_sha256": ctx.record.data["config_sha256"],
+            "display_name": ft.get("display_name", ""),
+            "training_key": ft.get("training_key", ""),
+        }
+        out = register_model(
+            tracking_uri=self.tracking_uri,
+            run_id=ft["mlflow_run_id"],
+            model_dir=ft["final_model_dir"],
+            registered_name=self.cfg.mlflow.registered_model_name,
+            tags=tags,
+            description=f"{self.cfg.model.name} fine tuned model for ultrachat 200k chat-completion",
+        )
+        ctx.say(f"registered {out['model_uri']}" + (" (already registered for this run)" if out.get("reused") else ""))
+        return out
+
+    def _endpoint_name(self, ctx) -> str:
+        return self.cfg.endpoint_name or f"{self.cfg.deployment.endpoint_name_prefix}{int(time.time())}"
+
+    def deploy(self, ctx) -> Dict[str, Any]:
+        from runner.local.endpoint.manager import start_endpoint
+
+        dep = self.cfg.deployment
+        model_uri = ctx.record.output("register", "model_uri")
+        if not model_uri:
+            from runner.local.registry import latest_version
+
+            latest = latest_version(self.tracking_uri, self.cfg.mlflow.registered_model_name)
+            if not latest:
+                raise RuntimeError(
+                    f"no registered model to deploy: no version of {self.cfg.mlflow.registered_model_name!r} in "
+                    f"{self.tracking_uri}; run the register step first"
+                )
+            model_uri = latest["model_uri"]
+        state = start_endpoint(
+            name=self._endpoint_name(ctx),
+            deployments={name: model_uri for name in dep.traffic},
+            traffic=_plain(dep.traffic),
+            host=dep.host,
+            port=dep.port,
+            state_dir=self.cfg.paths.endpoints_dir,
+            request_timeout_ms=dep.request_timeout_ms,
+            max_batch_size=dep.max_batch_size,
+            batch_window_ms=dep.batch_window_ms,
+            startup_timeout_s=dep.startup_timeout_s,
+            env={"MLFLOW_TRACKING_URI": self.tracking_uri},
+        )
+        ctx.live["endpoint"] = state
+        ctx.say(f"endpoint {state['name']} serving {model_uri} at {state['scoring_uri']}")
+        return state
+
+    def _endpoint_state(self, ctx) -> Dict[str, Any]:
+        from runner.local.endpoint.manager import find_endpoint
+
+        state = ctx.live.get("endpoint") or ctx.record.output("deploy")
+        if self.cfg.endpoint_name:
+            state = find_endpoint(self.cfg.endpoint_name, state_dir=self.cfg.paths.endpoints_dir)
+            if not state:
+                raise RuntimeError(f"no local endpoint named {self.cfg.endpoint_name!r} in {self.cfg.paths.endpoints_dir}")
+        if not state:
+            raise RuntimeError("no endpoint: run the deploy step first, or name one with endpoint_name=...")
+        return state
+
+    def test(self, ctx, request_file) -> Dict[str, Any]:
+        from runner.local.endpoint.manager import invoke
+
+        state = self._endpoint_state(ctx)
+        request = json.loads(Path(request_file).read_text(encoding="utf-8"))
+        response = invoke(state, request, deployment=self.cfg.deployment.deployment_name)
+        print("raw response:\n", json.dumps(response, ensure_ascii=False), "\n", flush=True)
+        for message in request["input_data"]["input_string"][0]:
+            print(f"[{message['role']}] {message['content']}")
+        reply = response.get("output") if isinstance(response, dict) else response
+        print(f"[assistant (fine-tuned)] {reply}", flush=True)
+        return {"response": response, "reply": reply}
+
+    def cleanup(self, ctx) -> Dict[str, Any]:
+        from runner.local.endpoint.manager import serve_until_interrupted, stop_endpoint
+
+        state = self._endpoint_state(ctx)
+        if self.cfg.deployment.keep_alive and not self.cfg.endpoint_name:
+            ctx.say(f"keep_alive: {state['name']} keeps serving at {state['url']} until Ctrl-C")
+            serve_until_interrupted(state)
+        out = stop_endpoint(state["name"], state_dir=self.cfg.paths.endpoints_dir)
+        ctx.live.pop("endpoint", None)
+        ctx.say(f"endpoint {state['name']} deleted")
+        return out
+
+    def plan(self, ctx) -> Dict[str, Any]:
+        from runner.plan import write_local_plan
+
+        return write_local_plan(ctx, self)

@@ -1,0 +1,101 @@
+"""The run record: a machine-readable account of every step's outputs (ids, paths, timings), saved atomically.
+
+`<run dir>/run_record.json` is rewritten after every step, so a crash leaves the record of what finished. A later
+run can pick up an earlier one's outputs by reference (`from_run=<run dir>`), e.g. `steps=[deploy]` finds the
+model registered by a previous run.
+"""
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+RECORD_FILE = "run_record.json"
+
+
+def write_json_atomic(path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_record(run_dir) -> Dict[str, Any]:
+    path = Path(run_dir) / RECORD_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {RECORD_FILE} in {run_dir}: is it a run directory of ftrun?")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class RunRecord:
+    def __init__(self, run_dir, *, backend: str, config_sha256: str, earlier: Optional[Dict[str, Any]] = None):
+        self.path = Path(run_dir) / RECORD_FILE
+        self.earlier = earlier or {}
+        self.data: Dict[str, Any] = {
+            "run_dir": str(Path(run_dir).resolve()),
+            "backend": backend,
+            "config_sha256": config_sha256,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "status": "running",
+            "from_run": self.earlier.get("run_dir"),
+            "steps": {},
+        }
+
+    # ---- reading ---------------------------------------------------------------------------------------------
+    def output(self, step: str, key: Optional[str] = None, default: Any = None) -> Any:
+        """An earlier step's outputs: this run's first, then the `from_run` record's."""
+        for source in (self.data["steps"], self.earlier.get("steps", {})):
+            entry = source.get(step)
+            if entry and entry.get("status") == "ok":
+                outputs = entry.get("outputs", {})
+                return outputs if key is None else outputs.get(key, default)
+        return {} if key is None and default is None else default
+
+    def status(self, step: str) -> Optional[str]:
+        entry = self.data["steps"].get(step)
+        return entry.get("status") if entry else None
+
+    # ---- writing ---------------------------------------------------------------------------------------------
+    def start(self, step: str) -> None:
+        self.data["steps"][step] = {"status": "running", "started": time.time()}
+        self.save()
+
+    def finish(self, step: str, outputs: Dict[str, Any]) -> None:
+        entry = self.data["steps"][step]
+        entry.update(status="ok", seconds=round(time.time() - entry["started"], 3), outputs=outputs or {})
+        self.save()
+
+    def fail(self, step: str, error: BaseException) -> None:
+        entry = self.data["steps"].setdefault(step, {"started": time.time()})
+        entry.update(
+            status="failed",
+            seconds=round(time.time() - entry["started"], 3),
+            error=f"{type(error).__name__}: {error}",
+        )
+        self.data["status"] = "failed"
+        self.data["error"] = {"step": step, "message": f"{type(error).__name__}: {error}"}
+        self.save()
+
+    def close(self, status: str = "ok") -> None:
+        if self.data["status"] == "running":
+            self.data["status"] = status
+        self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
+
+    def objective(self) -> Optional[float]:
+        """The sweep metric, for Hydra sweepers that optimise (e.g. Optuna): the finetune step's eval loss."""
+        value = self.output("finetune", "eval_loss")
+        return float(value) if value is not None else None
