@@ -1,0 +1,35 @@
+"""Shared test helpers: compose the real config tree with Hydra's compose API, and keep all state in tmp."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from runner.schema import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = str(REPO / "conf")
+
+register_configs()
+
+
+def compose_cfg(overrides=()):
+    """The resolved-to-be config exactly as `ftrun <overrides>` would compose it."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="test"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def ftrun_home(tmp_path, monkeypatch):
+    """Every test gets its own state folder (MLflow store, models, data, endpoints)."""
+    home = tmp_path / "ftrun_home"
+    monkeypatch.setenv("FTRUN_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The offline tiny Phi-3 model, built once per test session."""
+    from runner.local.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-phi3")
