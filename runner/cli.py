@@ -3,7 +3,9 @@
 Only hydra/omegaconf are imported at module level: heavy libraries load inside the steps that use them.
 """
 
+import math
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -20,20 +22,53 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from runner.schema import ConfigError
     from runner.workflow import run
 
     hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    sweep = None
+    if multirun:
+        from runner.sweep.context import job_sweep_context
+
+        sweep = job_sweep_context(hc)
     try:
-        record = run(cfg, run_dir=hc.runtime.output_dir, task_overrides=list(hc.overrides.task))
+        record = run(cfg, run_dir=run_dir, task_overrides=list(hc.overrides.task), sweep=sweep)
     except ConfigError as exc:
         # A config problem is the user's to fix: say what and where, without a traceback.
         print(f"ftrun: {exc}", file=sys.stderr)
-        if hc.mode is not None and hc.mode.name == "MULTIRUN":
+        if not multirun:
+            sys.exit(2)
+        _mark_job_failed(run_dir, exc, sweep)
+        return _worst(cfg)
+    except Exception as exc:
+        if not multirun:
             raise
-        sys.exit(2)
-    return record.objective()
+        # One failed job must not stop the sweep: it is marked failed and the summary reports it.
+        traceback.print_exc()
+        _mark_job_failed(run_dir, exc, sweep)
+        return _worst(cfg)
+    value = record.objective(cfg.sweep.metric)
+    return value if value is not None else _worst(cfg)
+
+
+def _worst(cfg: DictConfig) -> float:
+    """What a job without a metric (failed, or a dry run) reports to an optimising sweeper: the worst value.
+    (Optuna refuses NaN; an infinite value ranks the trial last without aborting the study.)"""
+    return math.inf if cfg.sweep.direction == "minimize" else -math.inf
+
+
+def _mark_job_failed(run_dir: Path, exc: BaseException, sweep) -> None:
+    from runner.record import RECORD_FILE, write_json_atomic
+
+    path = run_dir / RECORD_FILE
+    if path.exists():  # the workflow already recorded which step failed
+        return
+    write_json_atomic(path, {"run_dir": str(run_dir.resolve()), "status": "failed", "sweep": sweep, "steps": {},
+                             "error": {"step": "config", "message": f"{type(exc).__name__}: {exc}"}})
 
 
 if __name__ == "__main__":

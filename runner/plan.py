@@ -49,7 +49,7 @@ def write_local_plan(ctx, backend) -> Dict[str, Any]:
     plan = {
         "backend": "local",
         "steps": [s for s in cfg.steps],
-        "display_name": backend.display_name(params),
+        "display_name": ctx.display_name(backend.display_name(params)),
         "model": {"name": model.name, "source": source, "trust_remote_code": model.trust_remote_code},
         "compute": {
             "device": cfg.compute.device,

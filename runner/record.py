@@ -95,7 +95,13 @@ class RunRecord:
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
 
-    def objective(self) -> Optional[float]:
-        """The sweep metric, for Hydra sweepers that optimise (e.g. Optuna): the finetune step's eval loss."""
-        value = self.output("finetune", "eval_loss")
-        return float(value) if value is not None else None
+    def metric(self, name: str) -> Optional[float]:
+        """A final figure of the run: the finetune step's outputs first, then the metrics step's table."""
+        value = self.output("finetune", name)
+        if value is None:
+            value = (self.output("metrics", "final") or {}).get(name)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def objective(self, name: str = "eval_loss") -> Optional[float]:
+        """The sweep metric, returned by the Hydra task so that optimising sweepers (Optuna) can read it."""
+        return self.metric(name)

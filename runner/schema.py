@@ -231,10 +231,13 @@ class MlflowConfig:
 
 @dataclass
 class SweepConfig:
-    metric: str = "eval_loss"
+    """Multirun (-m) behaviour: every job trains and evaluates; only the best job is registered (and deployed)."""
+
+    metric: str = "eval_loss"  # a key of the finetune step's outputs (eval_loss, perplexity, train_loss, ...)
     direction: str = choice("minimize", ["minimize", "maximize"])
+    job_steps: List[str] = list_field("connect", "model", "compute", "data", "finetune", "metrics")
     register_best: bool = True
-    deploy_best: bool = False
+    deploy_best: bool = False  # also deploy, test and clean up the best job's model
 
 
 @dataclass

@@ -32,6 +32,22 @@ class StepContext:
     explicit_finetune_keys: Set[str] = field(default_factory=set)
     task_overrides: list = field(default_factory=list)
     live: Dict[str, Any] = field(default_factory=dict)  # objects shared between steps of this process
+    sweep: Optional[Dict[str, Any]] = None  # multirun job: {"id", "job_num", "swept": {key: value}, "dir"}
+
+    def display_name(self, base: str) -> str:
+        """A sweep job's name tells it apart from its siblings: the swept values are appended."""
+        if not self.sweep or not self.sweep.get("swept"):
+            return base
+        return base + "".join(f"-{k.split('.')[-1]}={v}" for k, v in sorted(self.sweep["swept"].items()))
+
+    def tracking_tags(self) -> Dict[str, str]:
+        if not self.sweep:
+            return {}
+        return {
+            "sweep_id": str(self.sweep["id"]),
+            "sweep_job": str(self.sweep["job_num"]),
+            "sweep_overrides": " ".join(f"{k}={v}" for k, v in sorted(self.sweep["swept"].items())),
+        }
 
     @property
     def plan_dir(self) -> Path:
@@ -131,6 +147,7 @@ def run(
     run_dir: Optional[os.PathLike] = None,
     task_overrides: Iterable[str] = (),
     backend=None,
+    sweep: Optional[Dict[str, Any]] = None,
 ) -> RunRecord:
     """Validate, then run the selected steps (or write the plan). Returns the run record."""
     from runner.backends import make_backend
@@ -154,8 +171,11 @@ def run(
         record=record,
         explicit_finetune_keys=explicit_finetune_keys(overrides),
         task_overrides=overrides,
+        sweep=sweep,
     )
     record.data["overrides"] = overrides
+    if sweep:
+        record.data["sweep"] = sweep
     record.save()
 
     if cfg.dry_run:
@@ -165,6 +185,8 @@ def run(
         return record
 
     steps = selected_steps(cfg.steps)
+    if sweep:  # sweep jobs train and evaluate; the best one is registered/deployed after the sweep
+        steps = [s for s in steps if s in cfg.sweep.job_steps]
     try:
         for i, name in enumerate(steps, 1):
             print(f"==> [{i}/{len(steps)}] {name}", flush=True)

@@ -101,7 +101,7 @@ class LocalBackend(Backend):
         params, notes = self.effective_params(ctx)
         for note in notes:
             ctx.say(note)
-        display_name = self.display_name(params)
+        display_name = ctx.display_name(self.display_name(params))
         key = self.training_key(ctx, params)
         out_dir = Path(cfg.paths.root) / "training" / key
         tags = {
@@ -114,7 +114,7 @@ class LocalBackend(Backend):
             "training_key": key,
             "run_dir": str(ctx.run_dir.resolve()),
             "overrides": " ".join(ctx.task_overrides),
-            **ctx.live.get("mlflow_tags", {}),
+            **ctx.tracking_tags(),
         }
         run_id = tracking.start_run(
             tracking_uri=self.tracking_uri,

@@ -1,0 +1,1 @@
+"""Multirun sweeps: which job is which (context), and what the sweep found (summary, best job)."""

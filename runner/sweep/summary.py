@@ -1,0 +1,191 @@
+"""After a sweep: one table of every job, the best job marked, a picture of their eval-loss curves, and the best
+job's model registered (and, if asked, deployed and tested).
+
+Everything is read back from what the jobs left in their run directories (run_record.json, resolved_config.yaml)
+and from MLflow, so the summary can be rebuilt for any sweep directory: `python -m runner.sweep.summary DIR`.
+"""
+
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+
+from runner.record import RECORD_FILE
+
+COLUMNS = ["job", "overrides", "status", "train_loss", "eval_loss", "perplexity", "tokens_per_s", "wall_s",
+           "best", "error"]
+
+
+def _job_overrides(job_dir: Path, record: Dict[str, Any]) -> str:
+    swept = (record.get("sweep") or {}).get("swept")
+    if swept:
+        return " ".join(f"{k}={v}" for k, v in sorted(swept.items()))
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    if overrides_file.exists():
+        return " ".join(OmegaConf.load(overrides_file))
+    return " ".join(record.get("overrides", []))
+
+
+def _figure(record: Dict[str, Any], name: str) -> Optional[float]:
+    steps = record.get("steps", {})
+    for step, getter in (("finetune", lambda o: o.get(name)), ("metrics", lambda o: (o.get("final") or {}).get(name))):
+        entry = steps.get(step) or {}
+        if entry.get("status") == "ok":
+            value = getter(entry.get("outputs") or {})
+            if isinstance(value, (int, float)) and not math.isnan(value):
+                return float(value)
+    return None
+
+
+def collect_jobs(sweep_dir) -> List[Dict[str, Any]]:
+    jobs = []
+    for job_dir in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()),
+                          key=lambda p: int(p.name)):
+        path = job_dir / RECORD_FILE
+        record = json.loads(path.read_text()) if path.exists() else {"status": "failed", "steps": {},
+                                                                      "error": {"message": "no run record"}}
+        resolved = job_dir / "resolved_config.yaml"
+        tracking_uri = OmegaConf.load(resolved).mlflow.tracking_uri if resolved.exists() else None
+        finetune = (record.get("steps", {}).get("finetune") or {}).get("outputs") or {}
+        wall = sum(float(e.get("seconds", 0)) for e in record.get("steps", {}).values())
+        jobs.append({
+            "job": int(job_dir.name),
+            "dir": str(job_dir),
+            "overrides": _job_overrides(job_dir, record),
+            "status": "ok" if record.get("status") == "ok" else "failed",
+            "error": (record.get("error") or {}).get("message", ""),
+            "train_loss": _figure(record, "train_loss"),
+            "eval_loss": _figure(record, "eval_loss"),
+            "perplexity": _figure(record, "perplexity"),
+            "tokens_per_s": _figure(record, "tokens_per_s"),
+            "wall_s": round(wall, 1),
+            "mlflow_run_id": finetune.get("mlflow_run_id"),
+            "tracking_uri": tracking_uri,
+            "record": record,
+        })
+    return jobs
+
+
+def pick_best(jobs: List[Dict[str, Any]], metric: str, direction: str) -> Optional[Dict[str, Any]]:
+    scored = [j for j in jobs if j["status"] == "ok" and _figure(j["record"], metric) is not None]
+    if not scored:
+        return None
+    pick = min if direction == "minimize" else max
+    return pick(scored, key=lambda j: _figure(j["record"], metric))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def tables(jobs: List[Dict[str, Any]], best: Optional[Dict[str, Any]]) -> tuple[str, str]:
+    rows = [{**j, "best": "*" if best is not None and j["job"] == best["job"] else ""} for j in jobs]
+    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+def plot_eval_curves(jobs: List[Dict[str, Any]], best: Optional[Dict[str, Any]], path: Path) -> Optional[Path]:
+    """Every job's eval-loss curve on one set of axes (from MLflow), the best one drawn bold."""
+    curves = {}
+    for job in jobs:
+        if job["mlflow_run_id"] and job["tracking_uri"]:
+            from runner.local.tracking import metric_history
+
+            history = metric_history(job["tracking_uri"], job["mlflow_run_id"]).get("eval_loss") or []
+            if history:
+                curves[job["job"]] = (job["overrides"], history)
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for num, (label, history) in curves.items():
+        steps, values = zip(*sorted((int(s), float(v)) for s, v in history))
+        is_best = best is not None and num == best["job"]
+        ax.plot(steps, values, marker="o", linewidth=3 if is_best else 1.2,
+                label=f"job {num}: {label}" + ("  (best)" if is_best else ""))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("eval loss")
+    ax.set_title("Sweep: eval loss per job")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def finish_best_job(best: Dict[str, Any], sweep_cfg, sweep_dir: Path) -> Optional[Dict[str, Any]]:
+    """Register (and optionally deploy, test, clean up) the best job's model, as a run of its own."""
+    from runner.schema import RunConfig
+    from runner.workflow import run
+
+    steps = ["register"] + (["deploy", "test", "cleanup"] if sweep_cfg.deploy_best else [])
+    job_dir = Path(best["dir"])
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(job_dir / "resolved_config.yaml"))
+    cfg.steps = steps
+    cfg.from_run = str(job_dir)
+    cfg.dry_run = False
+    print(f"\nbest job {best['job']} ({best['overrides']}): running {steps}", flush=True)
+    record = run(cfg, run_dir=sweep_dir / "best", task_overrides=best["record"].get("overrides", []))
+    return {"run_dir": str(sweep_dir / "best"), "model_uri": record.output("register", "model_uri"),
+            "reply": record.output("test", "reply")}
+
+
+def summarize_sweep(sweep_dir, sweep_cfg, *, finish_best: bool = True) -> Dict[str, Any]:
+    sweep_dir = Path(sweep_dir)
+    jobs = collect_jobs(sweep_dir)
+    best = pick_best(jobs, sweep_cfg.metric, sweep_cfg.direction)
+    md, csv_text = tables(jobs, best)
+    _write(sweep_dir / "sweep_summary.md", md)
+    _write(sweep_dir / "sweep_summary.csv", csv_text)
+    plot = plot_eval_curves(jobs, best, sweep_dir / "sweep_eval_loss.png")
+    failed = [j for j in jobs if j["status"] != "ok"]
+    print(f"\nSweep summary ({len(jobs)} jobs, {len(failed)} failed; best by {sweep_cfg.metric}, "
+          f"{sweep_cfg.direction}):\n{md}", flush=True)
+    print(f"written: {sweep_dir / 'sweep_summary.md'}, {sweep_dir / 'sweep_summary.csv'}"
+          + (f", {plot}" if plot else ""), flush=True)
+    finished = None
+    trained = best is not None and best["record"].get("steps", {}).get("finetune", {}).get("status") == "ok"
+    if finish_best and trained and sweep_cfg.register_best:
+        finished = finish_best_job(best, sweep_cfg, sweep_dir)
+    summary = {
+        "jobs": [{k: v for k, v in j.items() if k != "record"} for j in jobs],
+        "best_job": best["job"] if best else None,
+        "failed": [j["job"] for j in failed],
+        "plot": str(plot) if plot else None,
+        "best_run": finished,
+    }
+    _write(sweep_dir / "sweep_summary.json", json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    from runner.schema import SweepConfig
+
+    summarize_sweep(sys.argv[1], OmegaConf.structured(SweepConfig), finish_best=False)
