@@ -1,0 +1,104 @@
+"""Multirun sweeps end to end: per-job runs, the summary, the best job registered, failed jobs marked."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def ftrun_multirun(args, home, timeout=900):
+    env = {**os.environ, "FTRUN_HOME": str(home), "HYDRA_FULL_ERROR": "1"}
+    return subprocess.run([sys.executable, "-m", "runner.cli", "-m", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def read_summary(sweep_dir):
+    with open(sweep_dir / "sweep_summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_local_2x2_sweep_registers_only_the_best_job(tmp_path, ftrun_home):
+    sweep_dir = tmp_path / "sweep"
+    proc = ftrun_multirun(
+        ["finetune=lora", "finetune.learning_rate=3e-4,3e-3", "finetune.lora_r=4,8", "finetune.max_steps=6",
+         "finetune.evaluation_strategy=steps", "finetune.eval_steps=3", "finetune.logging_steps=2",
+         "finetune.local.max_eval_rows=16", f"hydra.sweep.dir={sweep_dir}"],
+        ftrun_home,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    for job in jobs:
+        assert (job / "resolved_config.yaml").exists() and (job / "run_record.json").exists()
+
+    rows = read_summary(sweep_dir)
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    losses = {int(r["job"]): float(r["eval_loss"]) for r in rows}
+    best = [int(r["job"]) for r in rows if r["best"] == "*"]
+    assert best == [min(losses, key=losses.get)]
+    assert (sweep_dir / "sweep_summary.md").read_text().count("\n| ") == 4
+    assert (sweep_dir / "sweep_eval_loss.png").stat().st_size > 1000
+
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = f"sqlite:///{ftrun_home}/mlflow.db"
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("chat_completion_tiny-phi3")
+    runs = client.search_runs([experiment.experiment_id])
+    swept = [r for r in runs if "sweep_id" in r.data.tags]
+    assert len(swept) == 4
+    assert len({r.data.tags["sweep_id"] for r in swept}) == 1
+    assert {r.data.tags["sweep_overrides"] for r in swept} == {
+        f"finetune.learning_rate={lr} finetune.lora_r={r}" for lr in ("3e-4", "3e-3") for r in (4, 8)}
+    versions = client.search_model_versions("name='tiny-phi3-ultrachat-200k'")
+    assert len(versions) == 1
+    best_run = [r for r in swept if r.data.tags["sweep_job"] == str(best[0])][0]
+    assert versions[0].run_id == best_run.info.run_id
+
+
+def test_a_failed_job_is_marked_and_the_others_complete(tmp_path, ftrun_home):
+    sweep_dir = tmp_path / "sweep"
+    proc = ftrun_multirun(
+        ["finetune.lr_scheduler_type=cosine,cosin", "finetune.max_steps=2", "finetune.evaluation_strategy=disable",
+         "finetune.local.eval_before_training=false", "sweep.register_best=false", "steps=[model,data,finetune]",
+         f"hydra.sweep.dir={sweep_dir}"],
+        ftrun_home,
+    )
+    assert proc.returncode != 0  # the exit status says that some job failed
+    rows = {int(r["job"]): r for r in read_summary(sweep_dir)}
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"] == "failed" and "lr_scheduler_type" in rows[1]["error"]
+    assert "1 sweep job(s) failed: [1]" in proc.stdout
+
+
+def test_azure_dry_run_sweep_plans_differ_only_in_the_swept_value(tmp_path, ftrun_home):
+    sweep_dir = tmp_path / "sweep"
+    proc = ftrun_multirun(
+        ["experiment=phi3_ultrachat", "dry_run=true", "finetune.learning_rate=1e-5,2e-5",
+         f"hydra.sweep.dir={sweep_dir}"],
+        ftrun_home, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = [yaml.safe_load((sweep_dir / n / "plan" / "pipeline_job.yaml").read_text()) for n in ("0", "1")]
+
+    def diff(a, b, path=""):
+        if isinstance(a, dict) and isinstance(b, dict):
+            out = []
+            for key in sorted(set(a) | set(b)):
+                out += diff(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            return out
+        return [] if a == b else [path]
+
+    differences = diff(*jobs)
+    assert differences, "the two plans are identical"
+    assert all("learning_rate" in d or "display_name" in d for d in differences), differences
+    assert any("learning_rate" in d for d in differences) and any("display_name" in d for d in differences)
+    assert jobs[0]["display_name"].endswith("learning_rate=1e-5")
+    assert jobs[1]["display_name"].endswith("learning_rate=2e-5")
