@@ -277,10 +277,9 @@ GROUP_SCHEMAS = {
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
-    cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-    for group, schema in GROUP_SCHEMAS.items():
-        cs.store(group=group, name=f"{group}_schema", node=schema)
+    # The root schema types every group: a group preset merged into `model`, `finetune`, ... is checked against
+    # its dataclass, so presets need no schema entry of their own.
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
 class ConfigError(ValueError):
