@@ -1,0 +1,107 @@
+"""Dynamic batching: concurrent requests wait a few milliseconds for company, then share one generate call.
+
+A single worker thread owns the model. While it is busy with one batch, new jobs queue up; when it is free it
+takes up to `max_batch_size` of them, waiting at most `window_ms` after the oldest queued job arrived (jobs that
+already waited through the previous batch go at once). Results are delivered per job through the job's callbacks.
+"""
+
+import collections
+import threading
+import time
+from typing import Callable, Deque, List, Optional, Sequence, Tuple
+
+from runner.local.endpoint.generation import GenerationJob, GenerationResult, _deliver
+
+
+class BatcherClosed(RuntimeError):
+    """The endpoint is shutting down and takes no new work."""
+
+
+class DynamicBatcher:
+    def __init__(self, run_batch: Callable[[Sequence[GenerationJob]], None], *, max_batch_size: int = 16,
+                 window_ms: float = 10.0, name: str = "batcher"):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if window_ms < 0:
+            raise ValueError(f"batch window must be >= 0 ms, got {window_ms}")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.window_s = window_ms / 1000.0
+        self._queue: Deque[Tuple[float, GenerationJob]] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._running: List[GenerationJob] = []
+        self.batches = 0
+        self.jobs_done = 0
+        self.largest_batch = 0
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: GenerationJob) -> None:
+        with self._cond:
+            if self._closed:
+                raise BatcherClosed("the endpoint is shutting down")
+            self._queue.append((time.monotonic(), job))
+            self._cond.notify()
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {
+                "batches": self.batches,
+                "requests": self.jobs_done,
+                "mean_batch_size": round(self.jobs_done / self.batches, 2) if self.batches else 0.0,
+                "largest_batch": self.largest_batch,
+                "queued": len(self._queue),
+            }
+
+    def _take_batch(self) -> Optional[List[GenerationJob]]:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return None  # closed and drained
+            # wait for company: until the batch is full or the oldest job has waited a whole window
+            while len(self._queue) < self.max_batch_size and not self._closed:
+                left = self._queue[0][0] + self.window_s - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch = [self._queue.popleft()[1] for _ in range(min(self.max_batch_size, len(self._queue)))]
+            self._running = batch
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # the generator failed outside a row: fail those rows, keep the worker alive
+                for job in batch:
+                    _deliver(job, GenerationResult("", "error", len(job.prompt_ids), 0, f"{type(exc).__name__}: {exc}"))
+            with self._cond:
+                self._running = []
+                self.batches += 1
+                self.jobs_done += len(batch)
+                self.largest_batch = max(self.largest_batch, len(batch))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop taking work; let queued and running jobs finish within `timeout`, then cancel what is left."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.cancel_pending()
+            self._thread.join(5.0)
+
+    def cancel_pending(self) -> None:
+        """Fail queued jobs and stop running ones at their next token (finish_reason "cancelled")."""
+        with self._cond:
+            queued, running = [job for _, job in self._queue], list(self._running)
+            self._queue.clear()
+        for job in queued:
+            _deliver(job, GenerationResult("", "cancelled", len(job.prompt_ids), 0, "the endpoint shut down"))
+        for job in running:
+            job.cancelled.set()

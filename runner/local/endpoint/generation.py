@@ -1,0 +1,341 @@
+"""Model loading and batched chat generation for the local endpoint.
+
+One `ChatGenerator` wraps a causal LM + its tokenizer. `run_batch` runs many requests through shared
+`model.generate` calls even when their sampling settings differ: a per-row logits processor applies each row's own
+temperature / top_p / top_k (greedy rows keep only their argmax), and a per-row stopping criterion ends each row at
+its own max_new_tokens, stop string, deadline or cancellation. A row's result is handed back the moment the row is
+done, not when the whole batch ends, so short answers do not wait for long ones.
+"""
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+END_TOKEN = "<|end|>"  # Phi-3's end-of-turn token: generation stops there as well as at the tokenizer's eos
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus the requested new tokens do not fit in the model's context."""
+
+
+@dataclass
+class GenerationJob:
+    """One completion to produce. The batcher fills `result` and calls `on_done` exactly once."""
+
+    prompt_ids: List[int]
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: Sequence[str] = ()
+    deadline: Optional[float] = None  # time.monotonic() after which the row is abandoned ("timeout")
+    on_delta: Optional[Callable[[str], None]] = None  # streaming: called with each new piece of text
+    on_done: Optional[Callable[["GenerationResult"], None]] = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def greedy(self) -> bool:
+        # transformers raises on temperature=0.0: treat temperature<=0 (or do_sample=false) as greedy instead
+        return not self.do_sample or self.temperature <= 0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str  # "stop" (eos / stop string), "length", "timeout", "cancelled", "error"
+    prompt_tokens: int
+    completion_tokens: int
+    error: Optional[str] = None
+
+
+def is_local_model_dir(uri: str) -> bool:
+    return "://" not in uri and ":/" not in uri
+
+
+def load_components(uri: str):
+    """(model, tokenizer) from a save_pretrained folder or an MLflow model URI (models:/name/version, runs:/...)."""
+    if is_local_model_dir(uri):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(uri)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model folder {uri!r} holds no config.json (expected a save_pretrained folder)")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+    else:
+        import mlflow.transformers
+
+        components = mlflow.transformers.load_model(uri, return_type="components")
+        model, tokenizer = components["model"], components["tokenizer"]
+    model.eval()
+    return model, tokenizer
+
+
+class _RowSampling:
+    """Per-row temperature / top-k / top-p, applied to the logits of the whole batch in one go."""
+
+    def __init__(self, jobs: Sequence[GenerationJob]):
+        import torch
+
+        self.greedy = torch.tensor([j.greedy for j in jobs])  # moved to the logits' device on first use
+        self.temperature = torch.tensor([j.temperature if not j.greedy else 1.0 for j in jobs]).unsqueeze(1)
+        self.top_p = torch.tensor([float(j.top_p) for j in jobs]).unsqueeze(1)
+        self.top_k = [int(j.top_k) for j in jobs]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.greedy.device != scores.device:
+            self.greedy, self.temperature, self.top_p = (
+                t.to(scores.device) for t in (self.greedy, self.temperature, self.top_p))
+        scores = scores / self.temperature.to(scores.dtype)
+        neg_inf = torch.finfo(scores.dtype).min
+        if any(k > 0 for k in self.top_k):
+            sorted_scores = scores.sort(dim=-1, descending=True).values
+            for row, k in enumerate(self.top_k):
+                if 0 < k < scores.shape[-1]:
+                    scores[row] = scores[row].masked_fill(scores[row] < sorted_scores[row, k - 1], neg_inf)
+        if bool((self.top_p < 1.0).any()):
+            sorted_scores, order = scores.sort(dim=-1, descending=True)
+            probs = sorted_scores.softmax(dim=-1)
+            # drop a token once the tokens ranked above it already hold top_p of the mass (the first always stays)
+            drop_sorted = (probs.cumsum(dim=-1) - probs) > self.top_p.to(probs.dtype)
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            scores = scores.masked_fill(drop, neg_inf)
+        if bool(self.greedy.any()):
+            best = scores.argmax(dim=-1, keepdim=True)
+            only_best = torch.full_like(scores, neg_inf).scatter(-1, best, 0.0)
+            scores = torch.where(self.greedy.unsqueeze(1), only_best, scores)
+        return scores
+
+
+class _Row:
+    """The bookkeeping of one job inside a running generate call."""
+
+    def __init__(self, job: GenerationJob, tokenizer, eos_ids, tokenizer_lock):
+        self.job, self.tokenizer, self.eos_ids, self.lock = job, tokenizer, eos_ids, tokenizer_lock
+        self.tokens: List[int] = []
+        self.emitted = 0  # characters of text already streamed
+        self.text = ""
+        self.done = False
+        self.watch_text = bool(job.stop) or job.on_delta is not None
+
+    def _held_back(self, text: str) -> int:
+        """Characters at the end that may be the start of a stop string (or a split UTF-8 sequence): not yet sent."""
+        hold = 1 if text.endswith("\ufffd") else 0
+        for stop in self.job.stop:
+            for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        return hold
+
+    def add(self, token: int) -> Optional[str]:
+        """Take one generated token; returns a finish reason once the row is done."""
+        self.tokens.append(token)
+        if token in self.eos_ids:
+            return "stop"
+        if self.watch_text:
+            with self.lock:
+                self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            for stop in self.job.stop:
+                at = self.text.find(stop)
+                if at >= 0:
+                    self.text = self.text[:at]
+                    return "stop"
+            self._stream(len(self.text) - self._held_back(self.text))
+        if len(self.tokens) >= self.job.max_new_tokens:
+            return "length"
+        return None
+
+    def _stream(self, upto: int):
+        if self.job.on_delta is not None and upto > self.emitted:
+            piece, self.emitted = self.text[self.emitted:upto], upto
+            try:
+                self.job.on_delta(piece)
+            except Exception:  # a stream consumer that went away must not break the other rows
+                pass
+
+    def finish(self, reason: str, error: Optional[str] = None) -> GenerationResult:
+        self.done = True
+        if not self.watch_text:
+            kept = [t for t in self.tokens if t not in self.eos_ids]
+            with self.lock:
+                self.text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        if reason in ("stop", "length"):
+            self._stream(len(self.text))
+        return GenerationResult(self.text, reason, len(self.job.prompt_ids), len(self.tokens), error)
+
+
+def _deliver(job: GenerationJob, result: GenerationResult):
+    if job.on_done is not None:
+        try:
+            job.on_done(result)
+        except Exception:  # a consumer that went away must not break the other rows of the batch
+            pass
+
+
+class ChatGenerator:
+    """A loaded chat model: prompt encoding, context checks and batched generation."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        # fast tokenizers are not safe to call from two threads at once (the server encodes, the worker decodes)
+        self.tokenizer_lock = threading.Lock()
+        if tokenizer.chat_template is None:
+            raise ValueError("the tokenizer has no chat template: the endpoint needs one to build prompts")
+        eos = set()
+        for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+            eos.update(source if isinstance(source, (list, tuple)) else [source] if source is not None else [])
+        end_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
+        if isinstance(end_id, int) and end_id != tokenizer.unk_token_id:
+            eos.add(end_id)
+        self.eos_ids = sorted(eos)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.context_length = self._context_length()
+
+    @classmethod
+    def from_uri(cls, uri: str) -> "ChatGenerator":
+        model, tokenizer = load_components(uri)
+        return cls(model, tokenizer)
+
+    def _context_length(self) -> int:
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 4096
+        tok_limit = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(tok_limit, int) and 0 < tok_limit < 10**8:  # transformers' "unlimited" is a huge int
+            limit = min(limit, tok_limit)
+        return int(limit)
+
+    def encode_chat(self, messages) -> List[int]:
+        with self.tokenizer_lock:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            # the template already writes the special tokens it wants
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check_fits(self, prompt_len: int, max_new_tokens: Optional[int]) -> int:
+        """The max_new_tokens to use: the requested one if it fits in the context, otherwise an error."""
+        room = self.context_length - prompt_len
+        if max_new_tokens is None:
+            if room < 1:
+                raise ContextLengthError(
+                    f"the prompt is {prompt_len} tokens; the model's context is {self.context_length} tokens")
+            return min(DEFAULT_MAX_NEW_TOKENS, room)
+        if max_new_tokens > room:
+            raise ContextLengthError(
+                f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) is more than the model's "
+                f"context of {self.context_length} tokens; at most {max(room, 0)} new tokens fit")
+        return max_new_tokens
+
+    def _sub_batches(self, jobs: Sequence[GenerationJob]) -> List[List[GenerationJob]]:
+        """Rows share padding and cache length, so a sub-batch keeps longest prompt + longest answer in context."""
+        groups: List[List[GenerationJob]] = []
+        for job in sorted(jobs, key=lambda j: len(j.prompt_ids)):
+            if groups:
+                group = groups[-1]
+                longest_prompt = max(len(job.prompt_ids), *(len(j.prompt_ids) for j in group))
+                longest_answer = max(job.max_new_tokens, *(j.max_new_tokens for j in group))
+                if longest_prompt + longest_answer <= self.context_length:
+                    group.append(job)
+                    continue
+            groups.append([job])
+        return groups
+
+    def run_batch(self, jobs: Sequence[GenerationJob]) -> None:
+        """Generate for all jobs; each job's on_done gets its result as soon as its row is done."""
+        for group in self._sub_batches(jobs):
+            self._run_group(group)
+
+    def _run_group(self, jobs: Sequence[GenerationJob]) -> None:
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+        rows = [_Row(job, self.tokenizer, set(self.eos_ids), self.tokenizer_lock) for job in jobs]
+        live = []
+        for row in rows:  # rows that are already late or abandoned never enter the batch
+            reason = self._abandon_reason(row.job, time.monotonic())
+            if reason:
+                _deliver(row.job, row.finish(reason))
+            else:
+                live.append(row)
+        if not live:
+            return
+        rows = live
+        width = max(len(r.job.prompt_ids) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: every row's last prompt token sits in the last column
+            n = len(row.job.prompt_ids)
+            input_ids[i, width - n:] = torch.tensor(row.job.prompt_ids, dtype=torch.long)
+            attention[i, width - n:] = 1
+
+        generator = self
+
+        class _PerRowStop(StoppingCriteria):
+            def __call__(self, ids, scores, **kwargs):
+                now = time.monotonic()
+                newest = ids[:, -1].tolist()
+                stopped = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+                for i, row in enumerate(rows):
+                    if row.done:
+                        stopped[i] = True
+                        continue
+                    reason = row.add(newest[i]) or generator._abandon_reason(row.job, now)
+                    if reason:
+                        _deliver(row.job, row.finish(reason))
+                        stopped[i] = True
+                return stopped
+
+        sampling = _RowSampling([r.job for r in rows])
+        any_sampling = not bool(sampling.greedy.all())
+        try:
+            with torch.inference_mode():
+                self.model.generate(
+                    input_ids=input_ids.to(self.model.device),
+                    attention_mask=attention.to(self.model.device),
+                    max_new_tokens=max(r.job.max_new_tokens for r in rows),
+                    do_sample=any_sampling,
+                    # sampling settings live in the per-row processor; generate's own warpers stay neutral
+                    temperature=None, top_p=None, top_k=None,
+                    logits_processor=LogitsProcessorList([sampling]) if any_sampling else None,
+                    stopping_criteria=StoppingCriteriaList([_PerRowStop()]),
+                    eos_token_id=self.eos_ids,
+                    pad_token_id=self.pad_id,
+                )
+        except Exception as exc:  # one bad batch fails its rows with a message; the server keeps serving
+            for row in rows:
+                if not row.done:
+                    _deliver(row.job, row.finish("error", f"{type(exc).__name__}: {exc}"))
+            return
+        for row in rows:  # generate ended (its own max length) before our criterion saw the last token
+            if not row.done:
+                _deliver(row.job, row.finish("length"))
+
+    @staticmethod
+    def _abandon_reason(job: GenerationJob, now: float) -> Optional[str]:
+        if job.cancelled.is_set():
+            return "cancelled"
+        if job.deadline is not None and now >= job.deadline:
+            return "timeout"
+        return None
+
+    def generate_one(self, messages, *, max_new_tokens: int, **sampling) -> GenerationResult:
+        """Convenience for callers outside the server: one chat completion, no batching."""
+        results: List[GenerationResult] = []
+        prompt = self.encode_chat(messages)
+        job = GenerationJob(prompt, self.check_fits(len(prompt), max_new_tokens), on_done=results.append, **sampling)
+        self.run_batch([job])
+        return results[0]
+
+
+def set_torch_threads(n: Optional[int] = None) -> int:
+    """Small models are dominated by per-op overhead; a few threads at most, never more than the cores."""
+    import torch
+
+    n = n or min(2, os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n

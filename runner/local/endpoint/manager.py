@@ -1,0 +1,329 @@
+"""Start, find, invoke and stop local endpoints from the workflow side (no torch here: this runs in ftrun).
+
+An endpoint is a server process (`python -m runner.local.endpoint.server`) in its own session, so a Ctrl-C in the
+user's terminal reaches ftrun, which then decides what to stop. What other processes need to find it again lives in
+`<state_dir>/<name>.json` (url, pid, port, key file, deployments, traffic); the key itself only in a 0600 file next
+to it. `stop_endpoint` works from any process that can read the state folder.
+"""
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+SERVER_MODULE = "runner.local.endpoint.server"
+NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")  # Azure ML: 3-32 chars, letter first
+STOP_GRACE_S = 15.0  # SIGTERM lets in-flight requests finish (the server's own grace is 10 s), then SIGKILL
+
+_children: Dict[int, subprocess.Popen] = {}  # servers this process started: waited on so none stays a zombie
+
+
+class EndpointError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- files
+
+def _paths(name: str, state_dir) -> Dict[str, Path]:
+    d = Path(state_dir)
+    return {"state": d / f"{name}.json", "key": d / f"{name}.key", "log": d / f"{name}.log", "port": d / f"{name}.port"}
+
+
+def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask must not loosen (or tighten) what we asked for
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def read_key(state: Dict[str, Any]) -> str:
+    return Path(state["key_file"]).read_text(encoding="utf-8").strip()
+
+
+def _remove_files(name: str, state_dir, keep_log: bool = True) -> None:
+    for kind, path in _paths(name, state_dir).items():
+        if kind != "log" or not keep_log:
+            path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- processes and ports
+
+def _is_our_server(pid: int, name: str) -> bool:
+    """The pid is alive and is the server of this endpoint (a recycled pid must never be killed)."""
+    if pid in _children:
+        return _children[pid].poll() is None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+        return False
+    if status == "Z":
+        return False
+    args = [a.decode(errors="replace") for a in cmdline]
+    return SERVER_MODULE in args and name in args
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_exit(pid: int, name: str, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pid in _children:
+            try:
+                _children[pid].wait(timeout=0.1)
+                return True
+            except subprocess.TimeoutExpired:
+                continue
+        if not _is_our_server(pid, name):
+            return True
+        time.sleep(0.1)
+    return not _is_our_server(pid, name)
+
+
+def _terminate(pid: int, name: str, grace: float = STOP_GRACE_S) -> str:
+    """SIGTERM, then SIGKILL of the server's whole process group; returns how it ended."""
+    if not _is_our_server(pid, name):
+        return "not running"
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return "not running"
+    if _wait_exit(pid, name, grace):
+        how = "terminated"
+    else:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # the server leads its own session/group
+        except ProcessLookupError:
+            pass
+        _wait_exit(pid, name, 5.0)
+        how = "killed"
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.poll()
+    return how
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+# ---------------------------------------------------------------- public API
+
+def validate_endpoint_request(name: str, deployments: Dict[str, str], traffic: Dict[str, int]) -> None:
+    """Refuse a bad endpoint definition before any process is started."""
+    if not isinstance(name, str) or not NAME_RULE.match(name):
+        raise EndpointError(f"endpoint name {name!r} is invalid: 3-32 characters, letters, digits and '-', starting "
+                            f"with a letter and not ending with '-' (e.g. ultrachat-completion-1712345678)")
+    if not deployments:
+        raise EndpointError("an endpoint needs at least one deployment (deployment name -> model URI)")
+    for dep, uri in deployments.items():
+        if not isinstance(dep, str) or not NAME_RULE.match(dep):
+            raise EndpointError(f"deployment name {dep!r} is invalid: 3-32 characters, letters, digits and '-', "
+                                f"starting with a letter")
+        if not isinstance(uri, str) or not uri:
+            raise EndpointError(f"deployment {dep!r}: model URI must be a non-empty string, got {uri!r}")
+        if "://" not in uri and ":/" not in uri and not (Path(uri) / "config.json").exists():
+            raise EndpointError(f"deployment {dep!r}: {uri!r} is neither a model URI (models:/<name>/<version>) nor a "
+                                f"save_pretrained folder with a config.json")
+    unknown = sorted(set(traffic) - set(deployments))
+    if unknown:
+        raise EndpointError(f"traffic names deployment(s) {unknown} that are not defined; defined: {sorted(deployments)}")
+    for dep, pct in traffic.items():
+        if isinstance(pct, bool) or not isinstance(pct, int) or not 0 <= pct <= 100:
+            raise EndpointError(f"traffic[{dep!r}] must be an integer percentage 0..100, got {pct!r}")
+    total = sum(traffic.values())
+    if total not in (0, 100):
+        raise EndpointError(f"traffic percentages must add up to 100 (or all be 0), got {total}: {traffic}")
+
+
+def launch_server(*, name: str, deployments: Dict[str, str], traffic: Dict[str, int], host: str, port: int,
+                  state_dir, request_timeout_ms: int, max_batch_size: int, batch_window_ms: float,
+                  env: Optional[Dict[str, str]] = None, extra_args=()) -> Dict[str, Any]:
+    """Write the key, start the server process and wait until its socket is bound. Not yet ready to serve."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    paths = _paths(name, state_dir)
+    _write_atomic(paths["key"], secrets.token_urlsafe(32), mode=0o600)
+    paths["port"].unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", SERVER_MODULE, "--name", name, "--host", host, "--port", str(port),
+           "--port-file", str(paths["port"]), "--key-file", str(paths["key"]),
+           "--deployments", json.dumps(deployments), "--traffic", json.dumps(traffic),
+           "--request-timeout-ms", str(int(request_timeout_ms)), "--max-batch-size", str(int(max_batch_size)),
+           "--batch-window-ms", str(float(batch_window_ms)), *extra_args]
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    with open(paths["log"], "ab") as log_file:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                env=child_env, start_new_session=True)
+    _children[proc.pid] = proc
+    deadline = time.monotonic() + 60
+    while not paths["port"].exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _abort(name, proc.pid, state_dir, "the server exited before binding its port" if proc.poll() is not None
+                   else "the server did not bind its port within 60 s")
+        time.sleep(0.05)
+    bound = json.loads(paths["port"].read_text(encoding="utf-8"))
+    paths["port"].unlink(missing_ok=True)
+    url = f"http://{host}:{bound['port']}"
+    return {"name": name, "url": url, "scoring_uri": f"{url}/score", "openai_base_url": f"{url}/v1",
+            "pid": proc.pid, "port": bound["port"], "host": host, "key_file": str(paths["key"]),
+            "log_file": str(paths["log"]), "deployments": dict(deployments), "traffic": dict(traffic)}
+
+
+def _abort(name: str, pid: int, state_dir, why: str):
+    log_path = _paths(name, state_dir)["log"]
+    _terminate(pid, name, grace=3.0)
+    _remove_files(name, state_dir)
+    raise EndpointError(f"endpoint {name!r} failed to start: {why}. Server log ({log_path}), last lines:\n"
+                        f"{_log_tail(log_path)}")
+
+
+def wait_ready(state: Dict[str, Any], *, timeout_s: float = 300, progress: bool = True) -> Dict[str, Any]:
+    """Poll /health/ready until 200; raise (after stopping the server) if it dies, fails to load or times out."""
+    import httpx
+
+    name, pid = state["name"], state["pid"]
+    state_dir = Path(state["key_file"]).parent
+    started = time.monotonic()
+    last_note = started
+    while True:
+        waited = time.monotonic() - started
+        if not _is_our_server(pid, name):
+            _abort(name, pid, state_dir, "the server process exited while loading")
+        try:
+            r = httpx.get(f"{state['url']}/health/ready", timeout=2.0)
+            if r.status_code == 200:
+                if progress:
+                    print(f"  endpoint {name} ready after {waited:.1f}s", flush=True)
+                return r.json()
+            if r.status_code == 500:
+                _abort(name, pid, state_dir, f"loading the model failed: {r.json().get('error')}")
+        except httpx.HTTPError:
+            pass
+        if waited > timeout_s:
+            _abort(name, pid, state_dir, f"not ready within startup_timeout_s={timeout_s}")
+        if progress and time.monotonic() - last_note >= 5:
+            last_note = time.monotonic()
+            print(f"  waiting for endpoint {name} to load its model ... {waited:.0f}s", flush=True)
+        time.sleep(0.1)
+
+
+def start_endpoint(*, name: str, deployments: Dict[str, str], traffic: Dict[str, int], host: str = "127.0.0.1",
+                   port: int = 0, state_dir, request_timeout_ms: int = 90000, max_batch_size: int = 16,
+                   batch_window_ms: float = 10.0, startup_timeout_s: float = 300,
+                   env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Start a local endpoint, wait until it is ready and write its state file. Returns the state (JSON-able)."""
+    deployments, traffic = dict(deployments), {k: int(v) for k, v in dict(traffic).items()}
+    validate_endpoint_request(name, deployments, traffic)
+    existing = find_endpoint(name, state_dir=state_dir)
+    if existing and existing.get("alive"):
+        raise EndpointError(f"endpoint {name!r} is already running at {existing['url']}; delete it first with "
+                            f"`ftrun steps=[cleanup] endpoint_name={name}`")
+    if existing:  # a stale state file from a server that is gone
+        _remove_files(name, state_dir)
+    print(f"  starting endpoint {name} ({', '.join(f'{d}={u}' for d, u in deployments.items())})", flush=True)
+    state = launch_server(name=name, deployments=deployments, traffic=traffic, host=host, port=port,
+                          state_dir=state_dir, request_timeout_ms=request_timeout_ms, max_batch_size=max_batch_size,
+                          batch_window_ms=batch_window_ms, env=env)
+    print(f"  endpoint {name} listening at {state['url']} (pid {state['pid']}); loading the model", flush=True)
+    try:
+        wait_ready(state, timeout_s=startup_timeout_s)
+    except KeyboardInterrupt:
+        _terminate(state["pid"], name, grace=3.0)
+        _remove_files(name, state_dir)
+        raise
+    state["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    _write_atomic(_paths(name, state_dir)["state"], json.dumps(state, indent=2))
+    return state
+
+
+def find_endpoint(name: str, *, state_dir) -> Optional[Dict[str, Any]]:
+    """The state of endpoint `name` (with "alive": whether its server still runs), or None if there is none."""
+    path = _paths(name, state_dir)["state"]
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    state["alive"] = _is_our_server(int(state["pid"]), name)
+    return state
+
+
+def invoke(state: Dict[str, Any], request: Dict[str, Any], deployment: Optional[str] = None,
+           timeout: float = 120.0) -> Dict[str, Any]:
+    """POST a scoring request (Azure ML format) to the endpoint, as `az ml online-endpoint invoke` would."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {read_key(state)}", "Content-Type": "application/json"}
+    if deployment:
+        headers["azureml-model-deployment"] = deployment
+    try:
+        r = httpx.post(state["scoring_uri"], json=request, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise EndpointError(f"endpoint {state['name']} at {state['scoring_uri']} did not answer: {exc}") from None
+    if r.status_code != 200:
+        try:
+            detail = r.json().get("error", {}).get("message") or r.text
+        except ValueError:
+            detail = r.text
+        raise EndpointError(f"endpoint {state['name']} answered {r.status_code}: {detail}")
+    return r.json()
+
+
+def stop_endpoint(name_or_state: Union[str, Dict[str, Any]], *, state_dir) -> Dict[str, Any]:
+    """Delete the endpoint: stop its server, check the port is free, remove key and state files. Idempotent."""
+    if isinstance(name_or_state, dict):
+        name = name_or_state["name"]
+        state = find_endpoint(name, state_dir=state_dir) or name_or_state
+    else:
+        name = name_or_state
+        state = find_endpoint(name, state_dir=state_dir)
+    if state is None:
+        _remove_files(name, state_dir)
+        return {"deleted": True, "name": name, "port": None, "how": "no such endpoint (already deleted)"}
+    how = _terminate(int(state["pid"]), name)
+    host, port = state.get("host", "127.0.0.1"), int(state["port"])
+    end = time.monotonic() + 5
+    while _listening(host, port):
+        if time.monotonic() > end:
+            raise EndpointError(f"endpoint {name}: port {port} still accepts connections after stopping pid "
+                                f"{state['pid']}; the state file {_paths(name, state_dir)['state']} is kept")
+        time.sleep(0.1)
+    _remove_files(name, state_dir)
+    return {"deleted": True, "name": name, "port": port, "how": how,
+            "deleted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def serve_until_interrupted(state: Dict[str, Any], *, state_dir=None, poll_s: float = 1.0) -> Dict[str, Any]:
+    """deployment.keep_alive=true: keep serving until Ctrl-C (or the server exits), then delete the endpoint."""
+    state_dir = state_dir or Path(state["key_file"]).parent
+    print(f"endpoint {state['name']} serving at {state['url']} (OpenAI base URL {state['url']}/v1); "
+          f"key in {state['key_file']}. Ctrl-C to delete it.", flush=True)
+    try:
+        while _is_our_server(int(state["pid"]), state["name"]):
+            time.sleep(poll_s)
+        print(f"endpoint {state['name']}: the server exited on its own", flush=True)
+    except KeyboardInterrupt:
+        print(f"\nCtrl-C: deleting endpoint {state['name']}", flush=True)
+    return stop_endpoint(state["name"], state_dir=state_dir)
