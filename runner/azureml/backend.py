@@ -1,0 +1,376 @@
+"""The Azure ML backend: the seed notebook's workflow, step by step, with azure-ai-ml objects built from the config.
+
+Every call to Azure goes through the clients returned by `AzureClients` (runner/azureml/clients.py); the objects
+sent are built in runner/azureml/translate.py; the checks that stop a run before money is spent are in
+runner/azureml/checks.py, tags.py and spec.py. In-process objects (the clients, the foundation model) live in
+`ctx.live`; everything a later run needs (ids, names, URLs) goes into the run record.
+"""
+
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import OmegaConf
+
+from runner.azureml.checks import (
+    check_endpoint_name,
+    check_finetune_size,
+    check_inference_size,
+    check_provisioning,
+    gpus_for_size,
+    reconcile_gpus,
+)
+from runner.azureml.spec import ComponentSpec, check_explicit_keys, load_spec, resolve_spec_path, spec_from_dict
+from runner.azureml.tags import ModelFacts, archived_message, facts_from_registry
+from runner.backends import Backend
+from runner.finetune_params import merge_finetune_params, pipeline_display_name
+from runner.schema import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+class AzureMLBackend(Backend):
+    name = "azureml"
+
+    def __init__(self, cfg, clients=None, clock=time.time):
+        from runner.azureml.clients import AzureClients
+
+        self.cfg = cfg
+        self.clients = clients if clients is not None else AzureClients()
+        self.clock = clock  # the notebook's timestamp (model version, endpoint name); tests pin it
+
+    # ---- helpers ------------------------------------------------------------------------------------------------
+    def _timestamp(self, ctx) -> str:
+        if "timestamp" not in ctx.live:
+            ctx.live["timestamp"] = ctx.record.output("connect", "timestamp") or str(int(self.clock()))
+        return ctx.live["timestamp"]
+
+    def _connect_clients(self, ctx) -> None:
+        b = self.cfg.backend
+        credential = self.clients.credential(b)
+        workspace = self.clients.workspace(credential, b)
+        registry = self.clients.registry(credential, b.registry_name)
+        ctx.live.update(credential=credential, workspace=workspace, registry=registry)
+
+    def _ws(self, ctx):
+        if "workspace" not in ctx.live:
+            self._connect_clients(ctx)
+        return ctx.live["workspace"]
+
+    def _registry(self, ctx):
+        if "registry" not in ctx.live:
+            self._connect_clients(ctx)
+        return ctx.live["registry"]
+
+    def _facts(self, ctx) -> ModelFacts:
+        if "facts" not in ctx.live:
+            recorded = ctx.record.output("model", "facts")
+            if recorded:
+                ctx.live["facts"] = ModelFacts(**recorded)
+            else:
+                self.model(ctx)
+        return ctx.live["facts"]
+
+    def spec_path(self) -> Optional[Path]:
+        return resolve_spec_path(self.cfg.backend.component_spec, REPO_ROOT)
+
+    def local_spec(self, required: bool = False) -> Optional[ComponentSpec]:
+        """The component spec file of backend.component_spec (None when unset/missing and not required)."""
+        path = self.spec_path()
+        if path is None or not path.is_file():
+            if required:
+                return load_spec(str(path or self.cfg.backend.component_spec))  # raises, naming the key
+            return None
+        return load_spec(str(path))
+
+    def effective_params(self, ctx, facts: ModelFacts) -> tuple[Dict[str, Any], list]:
+        """Config → the model's model_specific_defaults → the user's explicit finetune.* overrides."""
+        defaults = facts.model_specific_defaults if self.cfg.model.apply_model_specific_defaults else {}
+        return merge_finetune_params(self.cfg.finetune, defaults, ctx.explicit_finetune_keys)
+
+    def display_name(self, params: Dict[str, Any], gpus_per_node: int) -> str:
+        return pipeline_display_name(self.cfg.model.name, params, gpus_per_node or 1)
+
+    def endpoint_name(self, ctx) -> str:
+        return self.cfg.endpoint_name or f"{self.cfg.deployment.endpoint_name_prefix}{self._timestamp(ctx)}"
+
+    def model_checks(self, ctx, facts: ModelFacts, *, refuse_archived: bool = True) -> list:
+        """The checks that need the model's facts, run as soon as they are known. Returns warnings."""
+        cfg = self.cfg
+        warnings = []
+        if facts.archived:
+            message = archived_message(facts, cfg.model)
+            if refuse_archived and not cfg.model.allow_archived:
+                raise ConfigError(message)
+            warnings.append(message if not cfg.model.allow_archived else
+                            f"model {facts.name} is archived ({'; '.join(facts.archived_because)}); going ahead "
+                            f"because model.allow_archived=true")
+        steps = set(cfg.steps)
+        if cfg.dry_run or steps & {"compute", "finetune"}:
+            check_finetune_size(cfg.compute.size, facts.finetune_allow_list, model_name=facts.name)
+        if cfg.dry_run or "deploy" in steps:
+            check_inference_size(cfg.deployment.instance_type, facts.inference_allow_list, model_name=facts.name)
+        return warnings
+
+    # ---- steps ----------------------------------------------------------------------------------------------
+    def connect(self, ctx) -> Dict[str, Any]:
+        # Checks that need only the config come first: nothing is worth a login if the run cannot go through.
+        spec = self.local_spec()
+        if spec is not None:
+            check_explicit_keys(ctx.explicit_finetune_keys, spec)
+        if "deploy" in self.cfg.steps:
+            check_endpoint_name(self.endpoint_name(ctx))
+        self._connect_clients(ctx)
+        ws = ctx.live["workspace"]
+        ctx.say(f"workspace {getattr(ws, 'workspace_name', '?')} (resource group "
+                f"{getattr(ws, 'resource_group_name', '?')}), registry {self.cfg.backend.registry_name}, "
+                f"credential {type(ctx.live['credential']).__name__}")
+        return {
+            "workspace_name": getattr(ws, "workspace_name", None),
+            "resource_group": getattr(ws, "resource_group_name", None),
+            "registry_name": self.cfg.backend.registry_name,
+            "credential": type(ctx.live["credential"]).__name__,
+            "timestamp": self._timestamp(ctx),
+        }
+
+    def model(self, ctx) -> Dict[str, Any]:
+        m = self.cfg.model
+        registry = self._registry(ctx)
+        if m.version:
+            foundation_model = registry.models.get(m.name, version=str(m.version))
+        else:
+            foundation_model = registry.models.get(m.name, label=m.label)
+        facts = facts_from_registry(foundation_model, m)
+        warnings = self.model_checks(ctx, facts)
+        for w in warnings:
+            ctx.say(f"warning: {w}")
+        ctx.live.update(foundation_model=foundation_model, facts=facts)
+        ctx.say(f"foundation model {facts.asset_id}")
+        return {"model_id": facts.asset_id, "name": facts.name, "version": facts.version, "facts": facts.to_dict(),
+                "warnings": warnings}
+
+    def compute(self, ctx) -> Dict[str, Any]:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        from runner.azureml.translate import build_compute
+
+        c = self.cfg.compute
+        facts = self._facts(ctx)
+        check_finetune_size(c.size, facts.finetune_allow_list, model_name=facts.name)  # before any call
+        ws = self._ws(ctx)
+        created = None
+        try:
+            compute = ws.compute.get(c.name)
+            ctx.say(f"compute cluster {c.name} exists ({compute.size}); reusing it")
+        except ResourceNotFoundError:
+            compute = None
+        if compute is not None:
+            check_provisioning(compute, c.name)
+            check_finetune_size(compute.size, facts.finetune_allow_list, model_name=facts.name,
+                                where=f"the existing cluster {c.name}'s size")
+        else:
+            created = self._create_compute(ctx, ws, build_compute)
+            compute = ws.compute.get(c.name)  # sanity check of what was created, as the notebook does
+            check_provisioning(compute, c.name)
+        gpus = reconcile_gpus(gpus_for_size(ws.compute.list_sizes(), compute.size), c.gpus_per_node, compute.size)
+        ctx.say(f"{compute.size}: {gpus} GPU(s) per node")
+        return {"name": c.name, "size": compute.size, "gpus_per_node": gpus, "created_tier": created,
+                "provisioning_state": getattr(compute, "provisioning_state", None)}
+
+    def _create_compute(self, ctx, ws, build_compute) -> str:
+        c = self.cfg.compute
+        tiers = [c.tier] + (["low_priority"] if c.tier == "dedicated" and c.low_priority_fallback else [])
+        errors = []
+        for tier in tiers:
+            ctx.say(f"creating compute cluster {c.name} ({c.size}, {tier}, max {c.max_instances} instances)")
+            try:
+                ws.begin_create_or_update(build_compute(c, tier)).wait()
+                return tier
+            except Exception as exc:  # quota or capacity: the notebook retries as low priority
+                errors.append(f"{tier}: {type(exc).__name__}: {str(exc)[:300]}")
+        raise RuntimeError(f"could not create compute cluster {c.name} of size {c.size} in the workspace: "
+                           + "; ".join(errors))
+
+    def data(self, ctx, data: Dict[str, Any]) -> Dict[str, Any]:
+        inputs = {}
+        for key, field in (("train_file_path", "train_file"), ("test_file_path", "test_file")):
+            path = data.get(field)
+            if not path or not Path(path).is_file():
+                raise FileNotFoundError(f"the data step did not produce its {field} ({path!r})")
+            inputs[key] = {"type": "uri_file", "path": str(Path(path).resolve())}
+        ctx.say("train/test files are uploaded by the pipeline job submission as uri_file inputs")
+        return {"azure_inputs": inputs}
+
+    def finetune(self, ctx) -> Dict[str, Any]:
+        from runner.azureml.spec import check_required, prepare_inputs
+        from runner.azureml.translate import build_pipeline_job, pipeline_inputs
+
+        cfg, b = self.cfg, self.cfg.backend
+        facts = self._facts(ctx)
+        gpus = ctx.record.output("compute", "gpus_per_node") or cfg.compute.gpus_per_node
+        if not gpus:
+            raise RuntimeError("GPUs per node unknown: run the compute step (steps=[compute,...]) or set "
+                               "compute.gpus_per_node")
+        data = ctx.record.output("data")
+        if not data.get("train_file") or not data.get("test_file"):
+            raise RuntimeError("the finetune step needs the data step's files: run steps=[data,finetune,...] or "
+                               "from_run=<an earlier run dir>")
+        registry = self._registry(ctx)
+        if b.component_version:
+            component = registry.components.get(name=b.component_name, version=str(b.component_version))
+        else:
+            component = registry.components.get(name=b.component_name, label=b.component_label)
+        spec = self._component_spec(component)
+        params, notes = self.effective_params(ctx, facts)
+        inputs, dropped = prepare_inputs(params, spec, ctx.explicit_finetune_keys)
+        display_name = ctx.display_name(self.display_name(params, gpus))
+        kwargs = pipeline_inputs(model_id=facts.asset_id, cluster=cfg.compute.name, train_file=data["train_file"],
+                                 test_file=data["test_file"], gpus_per_node=gpus, finetune_inputs=inputs, spec=spec)
+        check_required(kwargs, spec)
+        for note in notes + dropped:
+            ctx.say(note)
+        job = build_pipeline_job(component, kwargs, display_name=display_name, force_rerun=b.force_rerun,
+                                 continue_on_step_failure=b.continue_on_step_failure)
+        ws = self._ws(ctx)
+        submitted = ws.jobs.create_or_update(job, experiment_name=b.experiment_name)
+        job_name, url = submitted.name, getattr(submitted, "studio_url", None)
+        ctx.say(f"submitted pipeline job {job_name} ({display_name}); studio: {url}")
+        out = {"job_name": job_name, "studio_url": url, "display_name": display_name,
+               "experiment_name": b.experiment_name, "component": f"{spec.name}:{spec.version}",
+               "inputs": {k: v for k, v in inputs.items()}, "merge_notes": notes + dropped,
+               "gpus_per_node": gpus, "status": "submitted"}
+        if not b.wait:
+            ctx.say("backend.wait=false: not waiting for the job; later steps check that it has completed")
+            return out
+        try:
+            ws.jobs.stream(job_name)
+        except Exception as exc:
+            raise RuntimeError(f"pipeline job {job_name} did not complete: {exc} (studio: {url})") from exc
+        out["status"] = "Completed"
+        return out
+
+    def _component_spec(self, component) -> ComponentSpec:
+        """The live component's inputs (its own spec); the local spec file if the entity cannot be read."""
+        try:
+            return spec_from_dict(component._to_dict(), source=f"registry {self.cfg.backend.registry_name}")
+        except Exception:
+            return self.local_spec(required=True)
+
+    def _job_name(self, ctx) -> str:
+        job_name = ctx.record.output("finetune", "job_name")
+        if not job_name:
+            raise RuntimeError("no pipeline job in this run's record: run the finetune step, or from_run=<run dir "
+                               "of the run that submitted it>")
+        return job_name
+
+    def _require_completed(self, ctx, job_name: str) -> None:
+        if ctx.record.output("finetune", "status") == "Completed":
+            return
+        status = getattr(self._ws(ctx).jobs.get(job_name), "status", None)
+        if status != "Completed":
+            raise RuntimeError(f"pipeline job {job_name} is {status}, not Completed: wait for it (studio: "
+                               f"{ctx.record.output('finetune', 'studio_url')}) and rerun these steps with "
+                               f"from_run={ctx.record.data.get('from_run') or ctx.run_dir}")
+
+    def metrics(self, ctx) -> Dict[str, Any]:
+        from runner.azureml.metrics import read_job_metrics
+
+        job_name = self._job_name(ctx)
+        self._require_completed(ctx, job_name)
+        ws = self._ws(ctx)
+        tracking_uri = ws.workspaces.get(ws.workspace_name).mlflow_tracking_uri
+        history = read_job_metrics(tracking_uri, job_name, credential=ctx.live.get("credential"))
+        if not history:
+            raise RuntimeError(f"pipeline job {job_name} logged no metrics to {tracking_uri.split('/mlflow')[0]}")
+        from runner.metrics_report import report
+
+        title = ctx.record.output("finetune", "display_name") or job_name
+        out = report(history, ctx.run_dir, title=title) or {}
+        out = dict(out) if isinstance(out, dict) else {"report": out}
+        out.setdefault("metrics", sorted(history))
+        out["job_name"] = job_name
+        return out
+
+    def register(self, ctx) -> Dict[str, Any]:
+        from runner.azureml.translate import build_model
+
+        job_name = self._job_name(ctx)
+        self._require_completed(ctx, job_name)
+        model = build_model(job_name=job_name, name=self.cfg.mlflow.registered_model_name,
+                            version=self._timestamp(ctx), base_model_name=self.cfg.model.name)
+        registered = self._ws(ctx).models.create_or_update(model)
+        ctx.say(f"registered {registered.name}:{registered.version} ({registered.id})")
+        return {"model_id": registered.id, "name": registered.name, "version": str(registered.version),
+                "model_uri": registered.id, "source": model.path}
+
+    def deploy(self, ctx) -> Dict[str, Any]:
+        from runner.azureml.translate import build_deployment, build_endpoint
+
+        d = self.cfg.deployment
+        facts = self._facts(ctx)
+        check_inference_size(d.instance_type, facts.inference_allow_list, model_name=facts.name)
+        model_id = ctx.record.output("register", "model_id")
+        model_name = ctx.record.output("register", "name")
+        if not model_id:
+            raise RuntimeError("no registered model: run the register step, or from_run=<run dir that registered one>")
+        name = self.endpoint_name(ctx)
+        check_endpoint_name(name)
+        ws = self._ws(ctx)
+        endpoint = build_endpoint(name=name, registered_model_name=model_name, auth_mode=d.auth_mode)
+        ctx.say(f"creating endpoint {name}")
+        ws.begin_create_or_update(endpoint).wait()
+        try:
+            deployment = build_deployment(d, endpoint_name=name, model_id=model_id)
+            ctx.say(f"creating deployment {d.deployment_name} ({d.instance_type} x{d.instance_count})")
+            ws.online_deployments.begin_create_or_update(deployment).wait()
+            endpoint.traffic = dict(OmegaConf.to_container(d.traffic))
+            result = ws.begin_create_or_update(endpoint).result()
+        except BaseException:
+            # The endpoint exists but cannot serve: delete it rather than leave it billing.
+            ctx.say(f"deployment failed; deleting endpoint {name}")
+            try:
+                ws.online_endpoints.begin_delete(name=name).wait()
+            except Exception as exc:
+                ctx.say(f"warning: could not delete endpoint {name}: {exc}")
+            raise
+        return {"endpoint_name": name, "deployment_name": d.deployment_name,
+                "scoring_uri": getattr(result, "scoring_uri", None), "traffic": dict(endpoint.traffic)}
+
+    def _endpoint_in_use(self, ctx) -> Optional[str]:
+        return ctx.record.output("deploy", "endpoint_name") or self.cfg.endpoint_name
+
+    def test(self, ctx, request_file) -> Dict[str, Any]:
+        from runner.azureml.scoring import extract_reply
+
+        name = self._endpoint_in_use(ctx)
+        if not name:
+            raise RuntimeError("no endpoint to test: run the deploy step, from_run=<run dir>, or endpoint_name=...")
+        deployment = ctx.record.output("deploy", "deployment_name") or self.cfg.deployment.deployment_name
+        raw = self._ws(ctx).online_endpoints.invoke(endpoint_name=name, deployment_name=deployment,
+                                                   request_file=str(request_file))
+        print(f"    raw response: {raw}", flush=True)
+        reply = extract_reply(raw)
+        return {"endpoint_name": name, "reply": reply, "raw_response": str(raw)[:4000]}
+
+    def cleanup(self, ctx) -> Dict[str, Any]:
+        name = self._endpoint_in_use(ctx)
+        ws = self._ws(ctx)
+        out: Dict[str, Any] = {"deleted": None, "compute_deleted": None}
+        if name:
+            ctx.say(f"deleting endpoint {name}")
+            ws.online_endpoints.begin_delete(name=name).wait()
+            out["deleted"] = name
+        else:
+            ctx.say("no endpoint to delete")
+        if self.cfg.cleanup.delete_compute:
+            ctx.say(f"deleting compute cluster {self.cfg.compute.name}")
+            ws.compute.begin_delete(self.cfg.compute.name).wait()
+            out["compute_deleted"] = self.cfg.compute.name
+        else:
+            ctx.say(f"compute cluster {self.cfg.compute.name} kept (cleanup.delete_compute=true deletes it)")
+        return out
+
+    def plan(self, ctx) -> Dict[str, Any]:
+        from runner.azureml.plan import write_azure_plan
+
+        return write_azure_plan(ctx, self)
