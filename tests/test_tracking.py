@@ -117,3 +117,13 @@ def test_global_tracking_uri_is_left_alone(store, monkeypatch):
     tracking.end_run(store["uri"], run_id)
     assert mlflow.get_tracking_uri() == before
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_existing_experiment_keeps_its_location_and_says_so(store, tmp_path, caplog):
+    new_run(store, experiment="fixed-location")
+    other = tmp_path / "elsewhere"
+    run_id = new_run(store, experiment="fixed-location", artifact_location=str(other))
+    tracking.log_artifact(store["uri"], run_id, __file__)
+    assert (Path(store["artifacts"]) / run_id / "artifacts" / Path(__file__).name).is_file()
+    assert not other.exists()
+    assert "already stores its artifacts" in caplog.text

@@ -76,6 +76,10 @@ def ensure_experiment(client, experiment_name: str, artifact_location: Optional[
             exp = client.get_experiment_by_name(experiment_name)
             if exp is None:
                 raise err
+    if artifact_location and exp.artifact_location != _artifact_uri(artifact_location):
+        log.warning("MLflow experiment %r already stores its artifacts in %s (not %s): an experiment's artifact "
+                    "location is fixed when it is created", experiment_name, exp.artifact_location,
+                    _artifact_uri(artifact_location))
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
     return exp.experiment_id
