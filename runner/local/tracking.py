@@ -88,7 +88,7 @@ def ensure_experiment(client, experiment_name: str, artifact_location: Optional[
 def start_run(*, tracking_uri: str, experiment_name: str, artifact_location: Optional[str], run_name: str,
               params: Mapping[str, Any], tags: Mapping[str, Any]) -> str:
     """A new RUNNING run with the params (flattened, stringified, truncated to MLflow's limits) and tags."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
     client = _client(tracking_uri)
     exp_id = ensure_experiment(client, experiment_name, artifact_location)
