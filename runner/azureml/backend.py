@@ -285,9 +285,10 @@ class AzureMLBackend(Backend):
         from runner.metrics_report import report
 
         title = ctx.record.output("finetune", "display_name") or job_name
-        out = report(history, ctx.run_dir, title=title) or {}
-        out = dict(out) if isinstance(out, dict) else {"report": out}
-        out.setdefault("metrics", sorted(history))
+        out = dict(report(history, ctx.run_dir, title=title))
+        print(out["table"], flush=True)
+        ctx.say(f"loss curve: {out['plot']}")
+        out["metrics"] = sorted(history)
         out["job_name"] = job_name
         return out
 
