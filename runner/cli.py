@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from runner.schema import ConfigError
+    from runner.errors import RunnerError
     from runner.workflow import run
 
     hc = HydraConfig.get()
@@ -37,8 +37,8 @@ def main(cfg: DictConfig) -> float | None:
         sweep = job_sweep_context(hc)
     try:
         record = run(cfg, run_dir=run_dir, task_overrides=list(hc.overrides.task), sweep=sweep)
-    except ConfigError as exc:
-        # A config problem is the user's to fix: say what and where, without a traceback.
+    except RunnerError as exc:
+        # A problem the user must fix (config, compute, data, credentials): say what and where, no traceback.
         print(f"ftrun: {exc}", file=sys.stderr)
         if not multirun:
             sys.exit(2)

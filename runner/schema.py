@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from runner.errors import RunnerError
+
 STEPS = ["connect", "model", "compute", "data", "finetune", "metrics", "register", "deploy", "test", "cleanup"]
 
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -282,7 +284,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(RunnerError):
     """A resolved config that cannot run; the message names the key and what would be right."""
 
 

@@ -81,6 +81,8 @@ class LocalBackend(Backend):
             params=params,
             model_dir=self._model_dir(ctx),
             memory_headroom=self.cfg.compute.memory_headroom,
+            lora_target_modules=list(self.cfg.finetune.local.lora_target_modules),
+            lora_modules_to_save=list(self.cfg.finetune.local.lora_modules_to_save),
         )
         ctx.say(
             f"device {out['device']} ({out['cuda_devices']} CUDA device(s)); {out['mode']} fine-tuning needs "

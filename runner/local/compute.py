@@ -13,6 +13,8 @@ import struct
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from runner.errors import RunnerError
+
 GB = 1e9  # decimal GB: what nvidia-smi/free-style figures and the estimates in messages use
 
 # Architectures whose MLP is a plain up/down pair (no gate); every other model type is assumed gated (SwiGLU-style,
@@ -22,7 +24,7 @@ _UNGATED_TYPES = {"gpt2", "gpt_neox", "gptj", "opt", "phi", "falcon", "bloom", "
 _NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "embed_out", "word_embeddings", "position_embeddings")
 
 
-class ComputeError(ValueError):
+class ComputeError(RunnerError):
     """A compute setting that cannot work on this machine (message: what, why, what would be right, which key)."""
 
 

@@ -9,8 +9,10 @@ from typing import Any, Dict
 
 from omegaconf import OmegaConf
 
+from runner.errors import RunnerError
 
-class ModelSourceError(ValueError):
+
+class ModelSourceError(RunnerError):
     pass
 
 
