@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from runner.azureml.backend import AzureMLBackend
+from runner.azureml.checks import AzureStepError
 from runner.azureml.clients import MANAGEMENT_SCOPE, AzureLoginError, WorkspaceNotConfigured
 from runner.finetune_params import explicit_finetune_keys
 from runner.record import RunRecord
@@ -253,7 +254,7 @@ def test_no_cluster_can_be_created(tmp_path):
     world.failing_tiers = {"Dedicated", "LowPriority"}
     cfg = notebook_cfg(tmp_path, "steps=[connect,model,compute]")
     backend = AzureMLBackend(cfg, clients=world.clients())
-    with pytest.raises(RuntimeError, match="could not create compute cluster gpu-cluster-big.*LowPriority|low_priority"):
+    with pytest.raises(AzureStepError, match="could not create compute cluster gpu-cluster-big.*LowPriority|low_priority"):
         run_steps(backend, make_ctx(cfg, tmp_path), {}, steps=("connect", "model", "compute"))
 
 
@@ -267,7 +268,7 @@ def test_wait_false_returns_after_submission(tmp_path):
     assert "workspace.jobs.stream" not in world.names()
     assert record.output("finetune", "status") == "submitted"
     assert record.output("finetune", "studio_url") == "https://ml.azure.com/runs/sincere_kettle_42"
-    with pytest.raises(RuntimeError, match="is Running, not Completed"):
+    with pytest.raises(AzureStepError, match="is Running, not Completed"):
         backend.register(ctx)
     assert "workspace.models.create_or_update" not in world.names()
 

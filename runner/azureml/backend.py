@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional
 from omegaconf import OmegaConf
 
 from runner.azureml.checks import (
+    AzureStepError,
     check_endpoint_name,
     check_finetune_size,
     check_inference_size,
@@ -188,7 +189,7 @@ class AzureMLBackend(Backend):
                 return tier
             except Exception as exc:  # quota or capacity: the notebook retries as low priority
                 errors.append(f"{tier}: {type(exc).__name__}: {str(exc)[:300]}")
-        raise RuntimeError(f"could not create compute cluster {c.name} of size {c.size} in the workspace: "
+        raise AzureStepError(f"could not create compute cluster {c.name} of size {c.size} in the workspace: "
                            + "; ".join(errors))
 
     def data(self, ctx, data: Dict[str, Any]) -> Dict[str, Any]:
@@ -209,11 +210,11 @@ class AzureMLBackend(Backend):
         facts = self._facts(ctx)
         gpus = ctx.record.output("compute", "gpus_per_node") or cfg.compute.gpus_per_node
         if not gpus:
-            raise RuntimeError("GPUs per node unknown: run the compute step (steps=[compute,...]) or set "
+            raise AzureStepError("GPUs per node unknown: run the compute step (steps=[compute,...]) or set "
                                "compute.gpus_per_node")
         data = ctx.record.output("data")
         if not data.get("train_file") or not data.get("test_file"):
-            raise RuntimeError("the finetune step needs the data step's files: run steps=[data,finetune,...] or "
+            raise AzureStepError("the finetune step needs the data step's files: run steps=[data,finetune,...] or "
                                "from_run=<an earlier run dir>")
         registry = self._registry(ctx)
         if b.component_version:
@@ -245,7 +246,7 @@ class AzureMLBackend(Backend):
         try:
             ws.jobs.stream(job_name)
         except Exception as exc:
-            raise RuntimeError(f"pipeline job {job_name} did not complete: {exc} (studio: {url})") from exc
+            raise AzureStepError(f"pipeline job {job_name} did not complete: {exc} (studio: {url})") from exc
         out["status"] = "Completed"
         return out
 
@@ -259,7 +260,7 @@ class AzureMLBackend(Backend):
     def _job_name(self, ctx) -> str:
         job_name = ctx.record.output("finetune", "job_name")
         if not job_name:
-            raise RuntimeError("no pipeline job in this run's record: run the finetune step, or from_run=<run dir "
+            raise AzureStepError("no pipeline job in this run's record: run the finetune step, or from_run=<run dir "
                                "of the run that submitted it>")
         return job_name
 
@@ -268,7 +269,7 @@ class AzureMLBackend(Backend):
             return
         status = getattr(self._ws(ctx).jobs.get(job_name), "status", None)
         if status != "Completed":
-            raise RuntimeError(f"pipeline job {job_name} is {status}, not Completed: wait for it (studio: "
+            raise AzureStepError(f"pipeline job {job_name} is {status}, not Completed: wait for it (studio: "
                                f"{ctx.record.output('finetune', 'studio_url')}) and rerun these steps with "
                                f"from_run={ctx.record.data.get('from_run') or ctx.run_dir}")
 
@@ -281,7 +282,7 @@ class AzureMLBackend(Backend):
         tracking_uri = ws.workspaces.get(ws.workspace_name).mlflow_tracking_uri
         history = read_job_metrics(tracking_uri, job_name, credential=ctx.live.get("credential"))
         if not history:
-            raise RuntimeError(f"pipeline job {job_name} logged no metrics to {tracking_uri.split('/mlflow')[0]}")
+            raise AzureStepError(f"pipeline job {job_name} logged no metrics to {tracking_uri.split('/mlflow')[0]}")
         from runner.metrics_report import report
 
         title = ctx.record.output("finetune", "display_name") or job_name
@@ -313,7 +314,7 @@ class AzureMLBackend(Backend):
         model_id = ctx.record.output("register", "model_id")
         model_name = ctx.record.output("register", "name")
         if not model_id:
-            raise RuntimeError("no registered model: run the register step, or from_run=<run dir that registered one>")
+            raise AzureStepError("no registered model: run the register step, or from_run=<run dir that registered one>")
         name = self.endpoint_name(ctx)
         check_endpoint_name(name)
         ws = self._ws(ctx)
@@ -345,7 +346,7 @@ class AzureMLBackend(Backend):
 
         name = self._endpoint_in_use(ctx)
         if not name:
-            raise RuntimeError("no endpoint to test: run the deploy step, from_run=<run dir>, or endpoint_name=...")
+            raise AzureStepError("no endpoint to test: run the deploy step, from_run=<run dir>, or endpoint_name=...")
         deployment = ctx.record.output("deploy", "deployment_name") or self.cfg.deployment.deployment_name
         raw = self._ws(ctx).online_endpoints.invoke(endpoint_name=name, deployment_name=deployment,
                                                    request_file=str(request_file))

@@ -6,7 +6,14 @@ Every failure is a ConfigError that says what was wrong, which key sets it and w
 import re
 from typing import Any, Iterable, List, Optional
 
+from runner.errors import RunnerError
 from runner.schema import ConfigError
+
+
+class AzureStepError(RunnerError):
+    """A step that cannot go on for a reason the user can act on (an earlier step missing, a job not completed,
+    no capacity for the cluster): printed by ftrun as a message, without a traceback."""
+
 
 # The notebook's list of GPU sizes the fine-tune components cannot use (K80), checked when a model has no allow list.
 UNSUPPORTED_GPU_SIZES = ["standard_nc6", "standard_nc12", "standard_nc24", "standard_nc24r"]

@@ -1,0 +1,112 @@
+"""The Azure backend driven by the real workflow (runner.workflow.run): step order, the run record, from_run, the
+explicit-override set taken from the task overrides, and the endpoint released when a later step fails."""
+
+import json
+
+import pytest
+
+from runner.azureml.backend import AzureMLBackend
+from runner.record import RECORD_FILE, load_record
+from runner.schema import ConfigError
+from runner.workflow import run
+from tests.azureml_double import AzureWorld
+from tests.conftest import compose_cfg
+from tests.test_azureml_backend import DISPLAY_NAME, TIMESTAMP, WS_IDS, write_data
+
+NO_DATA_STEPS = "steps=[connect,model,compute,finetune,metrics,register,deploy,cleanup]"
+
+
+def earlier_run_with_data(tmp_path):
+    """A run dir whose record holds a finished data step, as `ftrun steps=[data]` leaves it."""
+    run_dir = tmp_path / "data_run"
+    run_dir.mkdir()
+    data = write_data(tmp_path)
+    record = {"run_dir": str(run_dir), "backend": "azureml", "status": "ok",
+              "steps": {"data": {"status": "ok", "outputs": data}}}
+    (run_dir / RECORD_FILE).write_text(json.dumps(record))
+    return run_dir, data
+
+
+def compose(tmp_path, *overrides):
+    overrides = ["experiment=phi3_ultrachat", "model.allow_archived=true",
+                 f"backend.config_path={tmp_path / 'none.json'}", *WS_IDS, *overrides]
+    return compose_cfg(overrides), overrides
+
+
+def test_workflow_runs_the_azure_steps_in_order_and_records_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.create_run(client.create_experiment("e"))
+    client.log_batch(parent.info.run_id, metrics=[Metric("loss", 1.0, 0, 1), Metric("eval_loss", 0.9, 0, 1)])
+
+    data_run, data = earlier_run_with_data(tmp_path)
+    world = AzureWorld(job_name=parent.info.run_id, tracking_uri=uri)
+    cfg, overrides = compose(tmp_path, NO_DATA_STEPS, f"from_run={data_run}", "finetune.num_train_epochs=2")
+    backend = AzureMLBackend(cfg, clients=world.clients(), clock=lambda: TIMESTAMP)
+    record = run(cfg, run_dir=tmp_path / "run", task_overrides=overrides, backend=backend)
+
+    saved = load_record(tmp_path / "run")
+    assert saved["status"] == "ok" and saved["backend"] == "azureml"
+    assert list(saved["steps"]) == ["connect", "model", "compute", "finetune", "metrics", "register", "deploy",
+                                    "cleanup"]
+    job = world.find("workspace.jobs.create_or_update")[0].args[0]
+    inputs = job._to_dict()["jobs"]["chat_completion_pipeline"]["inputs"]
+    assert inputs["num_train_epochs"] == 2  # explicit on the command line: wins over the model's default 1
+    assert inputs["train_file_path"]["path"].endswith(data["train_file"])  # picked up from the earlier run
+    assert job.display_name == DISPLAY_NAME
+    assert record.output("deploy", "endpoint_name") == f"ultrachat-completion-{TIMESTAMP}"
+    assert record.output("metrics", "final")["eval_loss"] == pytest.approx(0.9)
+    assert world.names()[-2:] == ["workspace.online_endpoints.begin_delete",
+                                  "workspace.online_endpoints.begin_delete.wait"]
+
+
+def test_a_later_step_can_pick_up_the_job_from_an_earlier_run(tmp_path):
+    """`steps=[register] from_run=<run that submitted>`: connects on demand and registers the recorded job."""
+    earlier = tmp_path / "submitted"
+    earlier.mkdir()
+    (earlier / RECORD_FILE).write_text(json.dumps({"run_dir": str(earlier), "status": "ok", "steps": {
+        "finetune": {"status": "ok", "outputs": {"job_name": "quiet_river_7", "status": "submitted"}}}}))
+    world = AzureWorld()
+    cfg, overrides = compose(tmp_path, "steps=[register]", f"from_run={earlier}")
+    record = run(cfg, run_dir=tmp_path / "run", task_overrides=overrides,
+                 backend=AzureMLBackend(cfg, clients=world.clients(), clock=lambda: TIMESTAMP))
+    assert world.find("workspace.jobs.get")[0].args == ("quiet_river_7",)  # still running? asked first
+    model = world.find("workspace.models.create_or_update")[0].args[0]
+    assert model.path == "azureml://jobs/quiet_river_7/outputs/trained_model"
+    assert record.output("register", "version") == str(TIMESTAMP)
+
+
+def test_refusal_is_recorded_and_nothing_is_spent(tmp_path):
+    world = AzureWorld()
+    cfg, overrides = compose(tmp_path, "compute=nd40rs_v2", "model.allow_archived=true")
+    with pytest.raises(ConfigError, match="not in Phi-3-mini-4k-instruct's fine-tune compute allow list"):
+        run(cfg, run_dir=tmp_path / "run", task_overrides=overrides,
+            backend=AzureMLBackend(cfg, clients=world.clients()))
+    saved = load_record(tmp_path / "run")
+    assert saved["status"] == "failed" and saved["error"]["step"] == "model"
+    assert world.spending() == []
+
+
+def test_full_workflow_with_the_shared_data_and_test_steps(tmp_path):
+    """The whole notebook through the workflow, including the shared data step (dataset=sample, made offline) and
+    the sample request; a reply the runner cannot read fails the test step, and the endpoint is still deleted."""
+    pytest.importorskip("runner.data.step")
+    pytest.importorskip("runner.data.sample_request")
+    world = AzureWorld()
+    world.response = '{"error": "model not loaded"}'
+    cfg, overrides = compose(tmp_path, "dataset=sample", "steps=[connect,model,compute,data,finetune,register,"
+                                                          "deploy,test,cleanup]")
+    with pytest.raises(Exception, match="no 'output' or '0' key"):
+        run(cfg, run_dir=tmp_path / "run", task_overrides=overrides,
+            backend=AzureMLBackend(cfg, clients=world.clients(), clock=lambda: TIMESTAMP))
+    invoke = world.find("workspace.online_endpoints.invoke")[0]
+    request = json.loads(open(invoke.kwargs["request_file"]).read())
+    assert request["input_data"]["input_string"]
+    assert world.names()[-2:] == ["workspace.online_endpoints.begin_delete",
+                                  "workspace.online_endpoints.begin_delete.wait"]
+    saved = load_record(tmp_path / "run")
+    assert saved["steps"]["test"]["status"] == "failed" and saved["steps"]["cleanup"]["status"] == "ok"
