@@ -1,16 +1,24 @@
 """Dynamic batching: concurrent requests wait a few milliseconds for company, then share one generate call.
 
 A single worker thread owns the model. While it is busy with one batch, new jobs queue up; when it is free it
-takes up to `max_batch_size` of them, waiting at most `window_ms` after the oldest queued job arrived (jobs that
-already waited through the previous batch go at once). Results are delivered per job through the job's callbacks.
+takes up to `max_batch_size` of them, waiting while newcomers keep arriving less than `window_ms` apart (at most
+MAX_WINDOWS windows after the oldest one arrived; jobs that already waited through the previous batch go at once).
+Results are delivered per job through the job's callbacks.
 """
 
 import collections
+import logging
 import threading
 import time
 from typing import Callable, Deque, List, Optional, Sequence, Tuple
 
 from runner.local.endpoint.generation import GenerationJob, GenerationResult, _deliver
+
+
+log = logging.getLogger("runner.endpoint.batching")
+
+MAX_WINDOWS = 4  # the longest a job waits for company, in batch windows ...
+WAIT_SHARE = 0.25  # ... or this share of the last batch's run time, if longer
 
 
 class BatcherClosed(RuntimeError):
@@ -31,6 +39,9 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self._running: List[GenerationJob] = []
+        self._free_since = 0.0  # when the worker last finished a batch
+        self._last_run_s = 0.0  # how long that batch ran
+        self._expected = 0  # jobs likely to come back soon: that batch's clients and those who queued meanwhile
         self.batches = 0
         self.jobs_done = 0
         self.largest_batch = 0
@@ -60,9 +71,21 @@ class DynamicBatcher:
                 self._cond.wait()
             if not self._queue:
                 return None  # closed and drained
-            # wait for company: until the batch is full or the oldest job has waited a whole window
+            # Wait for company until the batch is full, or no one joined for a whole window, or the longest wait
+            # passed (MAX_WINDOWS windows, or WAIT_SHARE of the last batch's run time if longer). Under load, the
+            # clients the last batch answered come back spread over tens of ms: until as many jobs wait as took
+            # part in the last round, keep waiting for them (up to the longest wait after the worker got free),
+            # or a few stragglers leave alone and the clients stay split into a big and a tiny batch for good.
+            longest = max(MAX_WINDOWS * self.window_s, WAIT_SHARE * self._last_run_s)
             while len(self._queue) < self.max_batch_size and not self._closed:
-                left = self._queue[0][0] + self.window_s - time.monotonic()
+                now = time.monotonic()
+                oldest = max(self._queue[0][0], self._free_since)
+                newest = max(self._queue[-1][0], self._free_since)
+                if len(self._queue) < self._expected and now < self._free_since + longest:
+                    deadline = self._free_since + longest
+                else:
+                    deadline = min(newest + self.window_s, oldest + longest)
+                left = deadline - now
                 if left <= 0:
                     break
                 self._cond.wait(left)
@@ -72,9 +95,11 @@ class DynamicBatcher:
 
     def _loop(self) -> None:
         while True:
+            prev_free = self._free_since
             batch = self._take_batch()
             if batch is None:
                 return
+            t0 = time.monotonic()
             try:
                 self._run_batch(batch)
             except Exception as exc:  # the generator failed outside a row: fail those rows, keep the worker alive
@@ -82,6 +107,11 @@ class DynamicBatcher:
                     _deliver(job, GenerationResult("", "error", len(job.prompt_ids), 0, f"{type(exc).__name__}: {exc}"))
             with self._cond:
                 self._running = []
+                self._free_since = time.monotonic()
+                self._last_run_s = self._free_since - t0
+                self._expected = min(self.max_batch_size, len(batch) + len(self._queue))
+                log.debug("batch of %d: waited %.1f ms after the worker got free, ran %.1f ms; %d queued now",
+                          len(batch), (t0 - prev_free) * 1000, (self._free_since - t0) * 1000, len(self._queue))
                 self.batches += 1
                 self.jobs_done += len(batch)
                 self.largest_batch = max(self.largest_batch, len(batch))
