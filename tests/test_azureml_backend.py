@@ -488,3 +488,14 @@ def test_unexpected_reply_shape_is_an_error():
 
     with pytest.raises(UnexpectedResponse, match="no 'output' or '0' key"):
         extract_reply('{"error": "bad input"}')
+
+
+def test_pinned_model_and_component_versions(tmp_path):
+    world = AzureWorld()
+    cfg = notebook_cfg(tmp_path, "model.version=15", "backend.component_version=0.0.82")
+    backend = AzureMLBackend(cfg, clients=world.clients())
+    run_steps(backend, make_ctx(cfg, tmp_path), write_data(tmp_path),
+              steps=("connect", "model", "compute", "data", "finetune"))
+    assert world.find("registry.models.get")[0][1:] == (("Phi-3-mini-4k-instruct",), {"version": "15"})
+    assert world.find("registry.components.get")[0].kwargs == {"name": "chat_completion_pipeline",
+                                                               "version": "0.0.82"}
