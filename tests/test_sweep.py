@@ -55,8 +55,11 @@ def test_local_2x2_sweep_registers_only_the_best_job(tmp_path, ftrun_home):
     swept = [r for r in runs if "sweep_id" in r.data.tags]
     assert len(swept) == 4
     assert len({r.data.tags["sweep_id"] for r in swept}) == 1
-    assert {r.data.tags["sweep_overrides"] for r in swept} == {
-        f"finetune.learning_rate={lr} finetune.lora_r={r}" for lr in ("3e-4", "3e-3") for r in (4, 8)}
+    combos = set()
+    for r in swept:
+        lr, rank = (kv.split("=")[1] for kv in r.data.tags["sweep_overrides"].split())
+        combos.add((float(lr), int(rank)))
+    assert combos == {(lr, r) for lr in (3e-4, 3e-3) for r in (4, 8)}
     versions = client.search_model_versions("name='tiny-phi3-ultrachat-200k'")
     assert len(versions) == 1
     best_run = [r for r in swept if r.data.tags["sweep_job"] == str(best[0])][0]
@@ -100,5 +103,5 @@ def test_azure_dry_run_sweep_plans_differ_only_in_the_swept_value(tmp_path, ftru
     assert differences, "the two plans are identical"
     assert all("learning_rate" in d or "display_name" in d for d in differences), differences
     assert any("learning_rate" in d for d in differences) and any("display_name" in d for d in differences)
-    assert jobs[0]["display_name"].endswith("learning_rate=1e-5")
-    assert jobs[1]["display_name"].endswith("learning_rate=2e-5")
+    assert jobs[0]["display_name"].endswith("-learning_rate=1e-05")
+    assert jobs[1]["display_name"].endswith("-learning_rate=2e-05")
