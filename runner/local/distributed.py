@@ -1,0 +1,153 @@
+"""Several GPUs and DeepSpeed: the generated DeepSpeed config and the torchrun launch of the trainer.
+
+`train()` runs in-process on one device. With several GPUs (or DeepSpeed, whose engine expects a launcher even on
+one GPU) it writes a launch spec (its own keyword arguments) and starts
+`python -m torch.distributed.run --standalone --nproc_per_node=N -m runner.local.distributed <spec>`; every worker
+calls `train()` again with the same arguments (the torchrun environment tells it not to launch), the Trainer
+picks up the process group from that environment, and rank 0 writes the result JSON that the launcher returns.
+
+The DeepSpeed config leaves batch sizes, accumulation, clipping and precision to the Trainer ("auto"), so the
+finetune keys stay the single source of truth. `finetune.deepspeed=<file>` uses that JSON instead.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from runner.errors import RunnerError
+
+RESULT_FILE = "result.json"
+SPEC_FILE = "launch_spec.json"
+DEEPSPEED_FILE = "deepspeed_config.json"
+
+
+def deepspeed_config(stage: int) -> Dict[str, Any]:
+    """A ZeRO stage 2 or 3 config for transformers' Trainer integration."""
+    if stage not in (2, 3):
+        raise RunnerError(f"finetune.deepspeed_stage={stage!r} is not supported; use 2 or 3")
+    zero: Dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    }
+    if stage == 2:
+        zero.update(allgather_partitions=True, allgather_bucket_size=2e8, reduce_scatter=True)
+    else:
+        zero.update(
+            sub_group_size=1e9,
+            stage3_prefetch_bucket_size="auto",
+            stage3_param_persistence_threshold="auto",
+            stage3_max_live_parameters=1e9,
+            stage3_max_reuse_distance=1e9,
+            # the final save must hold whole weights, not ZeRO shards, so the model reloads with transformers
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def write_deepspeed_config(out_dir, params: Dict[str, Any]) -> Optional[str]:
+    """The DeepSpeed JSON for this run (None without apply_deepspeed): the user's file when `deepspeed` names one,
+    else one generated for `deepspeed_stage`. Written atomically into out_dir."""
+    if not params.get("apply_deepspeed"):
+        return None
+    user_file = params.get("deepspeed")
+    if user_file:
+        path = Path(user_file)
+        if not path.is_file():
+            raise RunnerError(f"finetune.deepspeed={user_file!r}: no such file (give a DeepSpeed JSON config, or "
+                              f"leave it empty to generate one for finetune.deepspeed_stage)")
+        try:
+            config = json.loads(path.read_text())
+        except ValueError as exc:
+            raise RunnerError(f"finetune.deepspeed={user_file!r} is not valid JSON: {exc}") from None
+    else:
+        config = deepspeed_config(int(params.get("deepspeed_stage", 2)))
+    from runner.local.checkpoints import write_atomic
+
+    out = Path(out_dir) / DEEPSPEED_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps(config, indent=1))
+    return str(out)
+
+
+def inside_launch() -> bool:
+    """True in a torchrun worker (the launcher sets these)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def processes_needed(params: Dict[str, Any], local: Dict[str, Any], device: str, cuda_count: int) -> int:
+    """How many worker processes to launch; 0 = train in this process."""
+    if device != "cuda" or inside_launch():
+        return 0
+    n = int(local.get("num_gpus") or 0) or cuda_count
+    if n > cuda_count:
+        raise RunnerError(f"finetune.local.num_gpus={n} but only {cuda_count} CUDA device(s) are visible")
+    if n > 1 or params.get("apply_deepspeed"):
+        return max(n, 1)
+    return 0
+
+
+def launch_command(nproc: int, spec_path, *, python: str = sys.executable) -> List[str]:
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "runner.local.distributed", str(spec_path)]
+
+
+def write_launch_spec(out_dir, train_kwargs: Dict[str, Any]) -> Path:
+    from runner.local.checkpoints import write_atomic
+
+    path = Path(out_dir) / SPEC_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(train_kwargs, indent=1, default=str))
+    return path
+
+
+def launch(nproc: int, out_dir, train_kwargs: Dict[str, Any], log_fn=None) -> Dict[str, Any]:
+    """Run train(**train_kwargs) in nproc torchrun workers; returns rank 0's result. Metrics reach log_fn
+    afterwards from metrics.jsonl (a callback cannot cross process boundaries)."""
+    spec = write_launch_spec(out_dir, train_kwargs)
+    result_path = Path(out_dir) / RESULT_FILE
+    if result_path.exists():
+        result_path.unlink()
+    cmd = launch_command(nproc, spec)
+    print("launching: " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed training failed (exit {proc.returncode}): {' '.join(cmd)}")
+    result = json.loads(result_path.read_text())
+    if log_fn is not None and result.get("metrics_file"):
+        for line in Path(result["metrics_file"]).read_text().splitlines():
+            event = json.loads(line)
+            step = event.pop("step", 0)
+            event.pop("kind", None)
+            event.pop("time", None)
+            if event:
+                log_fn(event, step)
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """torchrun worker entry: train with the spec's arguments (rank 0 writes the result)."""
+    from runner.local.train import train
+
+    argv = sys.argv[1:] if argv is None else argv
+    kwargs = json.loads(Path(argv[0]).read_text())
+    train(**kwargs)
+
+
+if __name__ == "__main__":
+    main()

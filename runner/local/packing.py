@@ -1,0 +1,176 @@
+"""Padding-free batches: a micro-batch is its conversations laid end to end in one row, with no pad token.
+
+Conversations must not see each other. Three things keep them apart:
+- position_ids restart at 0 for every conversation (rotary embeddings see each one from its own start);
+- the first token of every conversation gets label -100, so no token is predicted from the previous conversation;
+- attention is causal *within* each conversation. Stock `sdpa` does this from the restarting position_ids
+  (transformers builds a block-diagonal mask when attention_mask is None and no cache is used), but building that
+  T x T mask and attending over all of it costs O(T^2) for the whole row. The `packed_sdpa` attention registered
+  here runs causal SDPA per conversation, bounded by `cu_seq_lens_q` (the keyword flash-attention's varlen path
+  reads too), and the matching mask function skips the T x T mask while a packed batch is running. Outside a
+  packed batch both fall back to stock sdpa, so generation and padded batches behave as usual.
+
+Batching: TokenBudgetBatchSampler groups per_device_train_batch_size conversations per micro-batch (capped by a
+token budget when one is set), reshuffled every epoch from (seed, epoch) alone, so a resumed run sees the same
+batches as an uninterrupted one.
+"""
+
+import contextlib
+import contextvars
+import random
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+PACKED_ATTENTION = "packed_sdpa"
+
+_in_packed_batch = contextvars.ContextVar("in_packed_batch", default=False)
+
+
+@contextlib.contextmanager
+def packed_batch():
+    """While active, the packed_sdpa mask function builds no T x T mask (attention uses cu_seq_lens instead)."""
+    token = _in_packed_batch.set(True)
+    try:
+        yield
+    finally:
+        _in_packed_batch.reset(token)
+
+
+def _packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if cu_seq_lens is None or query.shape[0] != 1 or not _in_packed_batch.get():
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    bounds = cu_seq_lens.tolist()
+    parts = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+            is_causal=True, dropout_p=dropout, scale=scaling,
+        )
+        for start, end in zip(bounds[:-1], bounds[1:])
+        if end > start
+    ]
+    out = torch.cat(parts, dim=2)  # (1, heads, T, head_dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_sdpa_mask(*args, **kwargs):
+    from transformers.masking_utils import sdpa_mask
+
+    if _in_packed_batch.get():
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_packed_attention() -> str:
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_sdpa_mask)
+    return PACKED_ATTENTION
+
+
+# ---- collators -----------------------------------------------------------------------------------------------
+
+def pack_conversations(features: Sequence[Dict[str, List[int]]]) -> Dict[str, torch.Tensor]:
+    """One row: concatenated input_ids/labels, position_ids reset per conversation, cu_seq_lens bounds."""
+    input_ids: List[int] = []
+    labels: List[int] = []
+    positions: List[int] = []
+    bounds = [0]
+    for f in features:
+        ids = list(f["input_ids"])
+        lab = list(f["labels"])
+        lab[0] = IGNORE_INDEX  # never predicted from the previous conversation's last token
+        input_ids += ids
+        labels += lab
+        positions += range(len(ids))
+        bounds.append(len(input_ids))
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+
+
+class PaddedCollator:
+    """The classic layout (packing off): right-padded rows with an attention mask."""
+
+    def __init__(self, pad_token_id: int, pad_to: Optional[int] = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to = pad_to
+
+    def __call__(self, features):
+        width = self.pad_to or max(len(f["input_ids"]) for f in features)
+        ids, labels, mask = [], [], []
+        for f in features:
+            n = len(f["input_ids"])
+            ids.append(list(f["input_ids"]) + [self.pad_token_id] * (width - n))
+            labels.append(list(f["labels"]) + [IGNORE_INDEX] * (width - n))
+            mask.append([1] * n + [0] * (width - n))
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+def batch_token_counts(batch: Dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(real tokens, tokens computed on) of a collated batch: the difference is padding."""
+    total = int(batch["input_ids"].numel())
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum()), total
+    return total, total
+
+
+# ---- batching ------------------------------------------------------------------------------------------------
+
+class TokenBudgetBatchSampler(torch.utils.data.Sampler):
+    """Micro-batches of at most `batch_size` conversations and (if > 0) `max_tokens` tokens.
+
+    Order comes from (seed, epoch) only: the same on every run and after a resume.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, max_tokens: int = 0, seed: int = 0,
+                 shuffle: bool = True):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self, epoch: Optional[int] = None) -> List[List[int]]:
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch if epoch is None else epoch}").shuffle(order)
+        out: List[List[int]] = []
+        current: List[int] = []
+        tokens = 0
+        for i in order:
+            n = self.lengths[i]
+            if current and (len(current) >= self.batch_size or (self.max_tokens > 0 and tokens + n > self.max_tokens)):
+                out.append(current)
+                current, tokens = [], 0
+            current.append(i)
+            tokens += n
+        if current:
+            out.append(current)
+        return out
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
