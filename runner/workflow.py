@@ -190,7 +190,14 @@ def run(
     try:
         for i, name in enumerate(steps, 1):
             print(f"==> [{i}/{len(steps)}] {name}", flush=True)
-            _run_one(ctx, name, lambda c, n=name: STEP_FUNCTIONS[n](c, backend))
+            outputs = _run_one(ctx, name, lambda c, n=name: STEP_FUNCTIONS[n](c, backend))
+            if name == "finetune" and outputs.get("status") == "submitted" and name != steps[-1]:
+                # backend.wait=false: the job runs on; the later steps need its result, so they wait for a
+                # later run (`from_run=` this run dir) or, in a sweep, for the summary to collect every job.
+                record.data["deferred_steps"] = steps[i:]
+                print(f"    job submitted without waiting; deferred: {steps[i:]} (run them later with "
+                      f"from_run={run_dir})", flush=True)
+                break
     except BaseException:
         _release_after_failure(ctx, backend)
         raise

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from tests.conftest import REPO
 
@@ -105,3 +106,63 @@ def test_azure_dry_run_sweep_plans_differ_only_in_the_swept_value(tmp_path, ftru
     assert any("learning_rate" in d for d in differences) and any("display_name" in d for d in differences)
     assert jobs[0]["display_name"].endswith("-learning_rate=1e-05")
     assert jobs[1]["display_name"].endswith("-learning_rate=2e-05")
+
+
+def test_azure_sweep_without_waiting_submits_every_job_before_awaiting_any(tmp_path, monkeypatch):
+    """backend.wait=false: each job submits and returns; the summary then waits for all of them and reads their
+    metrics, so the jobs ran side by side instead of one after another."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from runner.azureml.backend import AzureMLBackend
+    from runner.schema import SweepConfig
+    from runner.sweep.summary import summarize_sweep
+    from runner.workflow import run
+    from tests.azureml_double import AzureWorld
+    from tests.test_azureml_workflow import compose, earlier_run_with_data
+
+    uri = (tmp_path / "mlruns").as_uri()
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("workspace")
+    job_names = []
+    for final_eval in (0.9, 0.6):  # the Azure pipeline jobs, as the workspace's MLflow shows them
+        parent = client.create_run(experiment)
+        client.log_batch(parent.info.run_id, metrics=[Metric("loss", 1.0, 0, 1), Metric("eval_loss", 1.2, 0, 1),
+                                                      Metric("eval_loss", final_eval, 0, 2)])
+        job_names.append(parent.info.run_id)
+
+    class World(AzureWorld):
+        def answer(self, name, args, kwargs):
+            if name == "workspace.jobs.create_or_update":
+                self.job_name = job_names[len(self.find("workspace.jobs.create_or_update"))]
+            result = super().answer(name, args, kwargs)
+            if name == "workspace.jobs.stream":
+                self.job_status = "Completed"
+            return result
+
+    world = World(tracking_uri=uri)
+    world.job_status = "Running"
+    data_run, _ = earlier_run_with_data(tmp_path)
+    sweep_dir = tmp_path / "sweep"
+    for num, lr in enumerate(("1e-05", "2e-05")):
+        cfg, overrides = compose(tmp_path, "steps=[connect,model,compute,finetune,metrics]", "backend.wait=false",
+                                 f"from_run={data_run}", f"finetune.learning_rate={lr}")
+        sweep = {"id": "s1", "dir": str(sweep_dir), "job_num": num, "swept": {"finetune.learning_rate": lr}}
+        record = run(cfg, run_dir=sweep_dir / str(num), task_overrides=overrides, sweep=sweep,
+                     backend=AzureMLBackend(cfg, clients=world.clients()))
+        assert record.data["deferred_steps"] == ["metrics"]
+    names = world.names()
+    assert names.count("workspace.jobs.create_or_update") == 2 and "workspace.jobs.stream" not in names
+
+    summary = summarize_sweep(sweep_dir, OmegaConf.structured(SweepConfig), finish_best=False,
+                              backend_factory=lambda cfg: AzureMLBackend(cfg, clients=world.clients()))
+    names = world.names()
+    assert names.count("workspace.jobs.stream") == 1  # the second job had completed by the time it was checked
+    assert max(i for i, n in enumerate(names) if n == "workspace.jobs.create_or_update") < names.index(
+        "workspace.jobs.stream")
+    rows = {int(r["job"]): r for r in read_summary(sweep_dir)}
+    assert [r["status"] for r in rows.values()] == ["ok", "ok"]
+    assert float(rows[0]["eval_loss"]) == 0.9 and float(rows[1]["eval_loss"]) == 0.6
+    assert summary["best_job"] == 1 and rows[1]["best"] == "*"
+    assert (sweep_dir / "sweep_eval_loss.png").exists()

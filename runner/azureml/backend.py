@@ -268,6 +268,11 @@ class AzureMLBackend(Backend):
         if ctx.record.output("finetune", "status") == "Completed":
             return
         status = getattr(self._ws(ctx).jobs.get(job_name), "status", None)
+        if status not in ("Completed", "Failed", "Canceled") and self.cfg.backend.wait:
+            # A job submitted earlier with backend.wait=false (e.g. by a sweep): wait for it now.
+            ctx.say(f"waiting for pipeline job {job_name} ({status})")
+            self._ws(ctx).jobs.stream(job_name)
+            status = getattr(self._ws(ctx).jobs.get(job_name), "status", None)
         if status != "Completed":
             raise AzureStepError(f"pipeline job {job_name} is {status}, not Completed: wait for it (studio: "
                                f"{ctx.record.output('finetune', 'studio_url')}) and rerun these steps with "

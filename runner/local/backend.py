@@ -168,7 +168,7 @@ class LocalBackend(Backend):
         print(out["table"], flush=True)
         ctx.say(f"loss curve: {out['plot']}")
         ctx.say(f"browse: mlflow ui --backend-store-uri {self.tracking_uri}")
-        return {"final": out["final"], "plot": out["plot"], "mlflow_run_id": run_id}
+        return {"final": out["final"], "plot": out["plot"], "json": out["json"], "mlflow_run_id": run_id}
 
     def register(self, ctx) -> Dict[str, Any]:
         from runner.local.registry import register_model

@@ -42,13 +42,62 @@ def _figure(record: Dict[str, Any], name: str) -> Optional[float]:
     return None
 
 
+def job_config(job_dir: Path, **changes):
+    """A job's resolved config back as a typed config, with `changes` applied (e.g. other steps)."""
+    from runner.schema import RunConfig
+
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(Path(job_dir) / "resolved_config.yaml"))
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def complete_deferred_jobs(sweep_dir, backend_factory=None) -> List[int]:
+    """Jobs that submitted their training without waiting (Azure, backend.wait=false) deferred their later steps.
+    All of them were submitted before any is awaited, so they ran side by side; now each is waited for and its
+    metrics are read, in a run of its own under `<job>/collected/`."""
+    from runner.workflow import run
+
+    done = []
+    for job_dir in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()),
+                          key=lambda p: int(p.name)):
+        path = job_dir / RECORD_FILE
+        record = json.loads(path.read_text()) if path.exists() else {}
+        deferred = record.get("deferred_steps")
+        if not deferred or (job_dir / "collected" / RECORD_FILE).exists():
+            continue
+        cfg = job_config(job_dir, steps=[s for s in deferred if s == "metrics"], from_run=str(job_dir),
+                         dry_run=False, **{"backend.wait": True})
+        print(f"\ncollecting job {job_dir.name} ({record['steps']['finetune']['outputs'].get('job_name')})")
+        try:
+            run(cfg, run_dir=job_dir / "collected", backend=backend_factory(cfg) if backend_factory else None)
+        except Exception as exc:  # reported in the summary as that job's failure
+            print(f"job {job_dir.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        done.append(int(job_dir.name))
+    return done
+
+
+def _merged_record(job_dir: Path) -> Dict[str, Any]:
+    """The job's record, completed by what was collected after the sweep (if anything was deferred)."""
+    path = job_dir / RECORD_FILE
+    if not path.exists():
+        return {"status": "failed", "steps": {}, "error": {"message": "no run record"}}
+    record = json.loads(path.read_text())
+    collected = job_dir / "collected" / RECORD_FILE
+    if record.get("deferred_steps") and collected.exists():
+        later = json.loads(collected.read_text())
+        record["steps"] = {**record["steps"], **later.get("steps", {})}
+        record["status"] = later.get("status", record["status"])
+        if later.get("error"):
+            record["error"] = later["error"]
+    return record
+
+
 def collect_jobs(sweep_dir) -> List[Dict[str, Any]]:
     jobs = []
     for job_dir in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()),
                           key=lambda p: int(p.name)):
-        path = job_dir / RECORD_FILE
-        record = json.loads(path.read_text()) if path.exists() else {"status": "failed", "steps": {},
-                                                                      "error": {"message": "no run record"}}
+        record = _merged_record(job_dir)
         resolved = job_dir / "resolved_config.yaml"
         tracking_uri = OmegaConf.load(resolved).mlflow.tracking_uri if resolved.exists() else None
         finetune = (record.get("steps", {}).get("finetune") or {}).get("outputs") or {}
@@ -99,13 +148,12 @@ def tables(jobs: List[Dict[str, Any]], best: Optional[Dict[str, Any]]) -> tuple[
 
 
 def plot_eval_curves(jobs: List[Dict[str, Any]], best: Optional[Dict[str, Any]], path: Path) -> Optional[Path]:
-    """Every job's eval-loss curve on one set of axes (from MLflow), the best one drawn bold."""
+    """Every job's eval-loss curve on one set of axes (from each job's metrics step), the best one drawn bold."""
     curves = {}
     for job in jobs:
-        if job["mlflow_run_id"] and job["tracking_uri"]:
-            from runner.local.tracking import metric_history
-
-            history = metric_history(job["tracking_uri"], job["mlflow_run_id"]).get("eval_loss") or []
+        metrics = (job["record"].get("steps", {}).get("metrics") or {}).get("outputs") or {}
+        if metrics.get("json") and Path(metrics["json"]).exists():
+            history = json.loads(Path(metrics["json"]).read_text()).get("history", {}).get("eval_loss") or []
             if history:
                 curves[job["job"]] = (job["overrides"], history)
     if not curves:
@@ -140,25 +188,24 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def finish_best_job(best: Dict[str, Any], sweep_cfg, sweep_dir: Path) -> Optional[Dict[str, Any]]:
+def finish_best_job(best: Dict[str, Any], sweep_cfg, sweep_dir: Path, backend_factory=None) -> Optional[Dict[str, Any]]:
     """Register (and optionally deploy, test, clean up) the best job's model, as a run of its own."""
-    from runner.schema import RunConfig
     from runner.workflow import run
 
     steps = ["register"] + (["deploy", "test", "cleanup"] if sweep_cfg.deploy_best else [])
     job_dir = Path(best["dir"])
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(job_dir / "resolved_config.yaml"))
-    cfg.steps = steps
-    cfg.from_run = str(job_dir)
-    cfg.dry_run = False
+    cfg = job_config(job_dir, steps=steps, from_run=str(job_dir), dry_run=False)
     print(f"\nbest job {best['job']} ({best['overrides']}): running {steps}", flush=True)
-    record = run(cfg, run_dir=sweep_dir / "best", task_overrides=best["record"].get("overrides", []))
+    record = run(cfg, run_dir=sweep_dir / "best", task_overrides=best["record"].get("overrides", []),
+                 backend=backend_factory(cfg) if backend_factory else None)
     return {"run_dir": str(sweep_dir / "best"), "model_uri": record.output("register", "model_uri"),
             "reply": record.output("test", "reply")}
 
 
-def summarize_sweep(sweep_dir, sweep_cfg, *, finish_best: bool = True) -> Dict[str, Any]:
+def summarize_sweep(sweep_dir, sweep_cfg, *, finish_best: bool = True, backend_factory=None) -> Dict[str, Any]:
+    """`backend_factory(cfg)` replaces the backend of the follow-up runs (tests pass a test double)."""
     sweep_dir = Path(sweep_dir)
+    complete_deferred_jobs(sweep_dir, backend_factory)
     jobs = collect_jobs(sweep_dir)
     best = pick_best(jobs, sweep_cfg.metric, sweep_cfg.direction)
     md, csv_text = tables(jobs, best)
@@ -173,7 +220,7 @@ def summarize_sweep(sweep_dir, sweep_cfg, *, finish_best: bool = True) -> Dict[s
     finished = None
     trained = best is not None and best["record"].get("steps", {}).get("finetune", {}).get("status") == "ok"
     if finish_best and trained and sweep_cfg.register_best:
-        finished = finish_best_job(best, sweep_cfg, sweep_dir)
+        finished = finish_best_job(best, sweep_cfg, sweep_dir, backend_factory)
     summary = {
         "jobs": [{k: v for k, v in j.items() if k != "record"} for j in jobs],
         "best_job": best["job"] if best else None,
