@@ -3,6 +3,7 @@ case, traffic routing, readiness, batching under concurrency, the key's secrecy,
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -211,9 +212,20 @@ def test_readiness_is_503_while_loading_then_200_and_timeouts_are_408(tiny_model
         assert httpx.get(state["url"] + "/health/ready").status_code == 200
         late = post(state, "/score", score_body([CHAT], max_new_tokens=50))
         assert late.status_code == 408 and "1 ms" in late.json()["error"]["message"]
+        # deployment.keep_alive=true: serve until Ctrl-C, then delete (here in a child process that gets SIGINT)
+        keeper = subprocess.Popen(
+            [sys.executable, "-c", "import json, sys; from runner.local.endpoint.manager import serve_until_interrupted; "
+             "print(json.dumps(serve_until_interrupted(json.loads(sys.argv[1]))))", json.dumps(state)],
+            stdout=subprocess.PIPE, text=True, bufsize=1)
+        assert "Ctrl-C to delete" in keeper.stdout.readline()
+        assert manager._listening("127.0.0.1", state["port"])  # still serving while kept alive
+        keeper.send_signal(signal.SIGINT)
+        out = json.loads(keeper.communicate(timeout=60)[0].strip().splitlines()[-1])
+        assert out["deleted"] is True and out["how"] == "terminated"
     finally:
-        out = stop_endpoint(state, state_dir=tmp_path)
-    assert out["deleted"] and not manager._listening("127.0.0.1", state["port"])
+        stop_endpoint(state, state_dir=tmp_path)
+    assert not manager._listening("127.0.0.1", state["port"])
+    assert not manager._is_our_server(state["pid"], "slow-loader")
 
 
 def test_startup_failure_is_reported_and_cleaned_up(tmp_path):

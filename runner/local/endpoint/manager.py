@@ -318,12 +318,12 @@ def stop_endpoint(name_or_state: Union[str, Dict[str, Any]], *, state_dir) -> Di
 def serve_until_interrupted(state: Dict[str, Any], *, state_dir=None, poll_s: float = 1.0) -> Dict[str, Any]:
     """deployment.keep_alive=true: keep serving until Ctrl-C (or the server exits), then delete the endpoint."""
     state_dir = state_dir or Path(state["key_file"]).parent
-    print(f"endpoint {state['name']} serving at {state['url']} (OpenAI base URL {state['url']}/v1); "
-          f"key in {state['key_file']}. Ctrl-C to delete it.", flush=True)
-    try:
+    try:  # the notice is inside the try: a Ctrl-C right after it must still delete the endpoint
+        print(f"endpoint {state['name']} serving at {state['url']} (OpenAI base URL {state['url']}/v1); "
+              f"key in {state['key_file']}. Ctrl-C to delete it.", flush=True)
         while _is_our_server(int(state["pid"]), state["name"]):
             time.sleep(poll_s)
         print(f"endpoint {state['name']}: the server exited on its own", flush=True)
     except KeyboardInterrupt:
         print(f"\nCtrl-C: deleting endpoint {state['name']}", flush=True)
-    return stop_endpoint(state["name"], state_dir=state_dir)
+    return stop_endpoint(state, state_dir=state_dir)
