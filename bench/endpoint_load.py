@@ -10,7 +10,7 @@ count, so they do the same work; the token totals are printed to show it.
 """
 
 import argparse
-import statistics
+import shutil
 import sys
 import tempfile
 import threading
@@ -91,6 +91,7 @@ def run_endpoint(model_dir, chats, args):
         after = httpx.get(state["url"] + "/health/ready").json()["batching"][0]
     finally:
         stop_endpoint(state["name"], state_dir=state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)  # only the server log is left there
     batches = after["batches"] - before["batches"]
     served = after["requests"] - before["requests"]
     return {"wall": wall, "latencies": latencies, "errors": errors, "tokens": sum(tokens),
