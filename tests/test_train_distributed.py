@@ -1,0 +1,83 @@
+"""DeepSpeed config generation and the multi-GPU launch (generated here; run where GPUs are)."""
+
+import json
+import sys
+
+import pytest
+
+from runner.errors import RunnerError
+from runner.local import distributed
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_config_for_each_stage(stage, tmp_path):
+    path = distributed.write_deepspeed_config(tmp_path, {"apply_deepspeed": True, "deepspeed_stage": stage})
+    config = json.loads(open(path).read())
+    assert path.endswith("deepspeed_config.json")
+    assert config["zero_optimization"]["stage"] == stage
+    # the Trainer fills these from the finetune keys, so they cannot disagree with them
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert config[key] == "auto"
+    assert config["bf16"]["enabled"] == "auto" and config["fp16"]["enabled"] == "auto"
+    zero = config["zero_optimization"]
+    if stage == 3:
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+        assert zero["stage3_prefetch_bucket_size"] == "auto"
+    else:
+        assert "stage3_prefetch_bucket_size" not in zero and zero["reduce_scatter"] is True
+
+
+def test_deepspeed_config_from_the_users_file_or_none(tmp_path):
+    assert distributed.write_deepspeed_config(tmp_path, {"apply_deepspeed": False}) is None
+    user = tmp_path / "mine.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    path = distributed.write_deepspeed_config(tmp_path / "out", {"apply_deepspeed": True, "deepspeed": str(user)})
+    assert json.loads(open(path).read()) == {"zero_optimization": {"stage": 1}}
+    with pytest.raises(RunnerError, match="finetune.deepspeed=.*no such file"):
+        distributed.write_deepspeed_config(tmp_path, {"apply_deepspeed": True, "deepspeed": str(tmp_path / "x")})
+    with pytest.raises(RunnerError, match="deepspeed_stage=1"):
+        distributed.deepspeed_config(1)
+
+
+def test_launch_command_and_when_to_launch(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cmd = distributed.launch_command(4, tmp_path / "launch_spec.json")
+    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                   "-m", "runner.local.distributed", str(tmp_path / "launch_spec.json")]
+    off = {"apply_deepspeed": False}
+    assert distributed.processes_needed(off, {"num_gpus": 0}, "cpu", 0) == 0
+    assert distributed.processes_needed(off, {"num_gpus": 0}, "cuda", 1) == 0  # one GPU: in-process
+    assert distributed.processes_needed(off, {"num_gpus": 0}, "cuda", 4) == 4  # 0 = all visible
+    assert distributed.processes_needed(off, {"num_gpus": 2}, "cuda", 4) == 2
+    assert distributed.processes_needed({"apply_deepspeed": True}, {"num_gpus": 0}, "cuda", 1) == 1
+    with pytest.raises(RunnerError, match="num_gpus=8 but only 4"):
+        distributed.processes_needed(off, {"num_gpus": 8}, "cuda", 4)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert distributed.processes_needed(off, {"num_gpus": 0}, "cuda", 4) == 0  # a worker never relaunches
+
+    spec = distributed.write_launch_spec(tmp_path, {"model_dir": "m", "params": {"seed": 1}})
+    assert json.loads(spec.read_text()) == {"model_dir": "m", "params": {"seed": 1}}
+
+
+def test_launch_runs_the_command_and_returns_rank0_result(tmp_path, monkeypatch):
+    """The launcher's plumbing with torchrun replaced by a stand-in that writes what rank 0 would."""
+    calls = []
+
+    def fake_run(cmd):
+        calls.append(cmd)
+        metrics = tmp_path / "metrics.jsonl"
+        metrics.write_text(json.dumps({"step": 3, "kind": "train", "time": 1.0, "train_loss": 2.5}) + "\n")
+        (tmp_path / "result.json").write_text(json.dumps({"global_step": 3, "metrics_file": str(metrics)}))
+
+        class Done:
+            returncode = 0
+        return Done()
+
+    monkeypatch.setattr(distributed.subprocess, "run", fake_run)
+    logged = []
+    result = distributed.launch(2, tmp_path, {"out_dir": str(tmp_path)}, log_fn=lambda m, s: logged.append((m, s)))
+    assert result["global_step"] == 3
+    assert calls[0][4] == "--nproc_per_node=2" and calls[0][-1].endswith("launch_spec.json")
+    assert logged == [({"train_loss": 2.5}, 3)]  # metrics replayed to log_fn after the workers finish
