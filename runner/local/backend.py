@@ -262,8 +262,9 @@ class LocalBackend(Backend):
         state = self._endpoint_state(ctx)
         if self.cfg.deployment.keep_alive and not self.cfg.endpoint_name:
             ctx.say(f"keep_alive: {state['name']} keeps serving at {state['url']} until Ctrl-C")
-            serve_until_interrupted(state)
-        out = stop_endpoint(state["name"], state_dir=self.cfg.paths.endpoints_dir)
+            out = serve_until_interrupted(state, state_dir=self.cfg.paths.endpoints_dir)  # deletes it on Ctrl-C
+        else:
+            out = stop_endpoint(state["name"], state_dir=self.cfg.paths.endpoints_dir)
         ctx.live.pop("endpoint", None)
         ctx.say(f"endpoint {state['name']} deleted")
         return out
