@@ -577,6 +577,10 @@ def train(*, model_dir, train_file, eval_file, params: dict, local: dict, out_di
 
     # -- train --
     signal_cb.install()
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" at every checkpoint would break our bar
     try:
         if signal_cb.received:
             raise TrainingInterrupted(f"stopped by {signal_cb.received} before training started")
@@ -587,6 +591,8 @@ def train(*, model_dir, train_file, eval_file, params: dict, local: dict, out_di
         train_runtime = time.perf_counter() - train_started
     finally:
         signal_cb.restore()
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     step = trainer.state.global_step
     if signal_cb.received:
         latest = ckpt.latest_complete(ckpt_dir)
