@@ -1,0 +1,74 @@
+"""The data step, the same on both backends: get the splits (hub/local download, or the offline sample), validate
+every row, explore, and say where everything is."""
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import OmegaConf
+
+from runner.data.download import MANIFEST, cached_manifest, check_split_percent, download_splits
+from runner.data.jsonl import sha256_file
+
+
+def _files(dataset_cfg) -> Dict[str, str]:
+    return {s: str(Path(dataset_cfg.download_dir) / f"{s}.jsonl") for s in dataset_cfg.splits}
+
+
+def _role_files(dataset_cfg, files: Dict[str, str]) -> Dict[str, str]:
+    for role in ("train_split", "test_split", "sample_split"):
+        split = dataset_cfg[role]
+        if split not in files:
+            raise ValueError(f"dataset.{role}={split!r} is not one of dataset.splits={list(dataset_cfg.splits)}")
+    return {"train_file": files[dataset_cfg.train_split], "test_file": files[dataset_cfg.test_split],
+            "sample_file": files[dataset_cfg.sample_split]}
+
+
+def get_splits(dataset_cfg) -> Dict[str, Any]:
+    """The manifest for the configured request, from the cache when it matches (unless dataset.force)."""
+    if dataset_cfg.source == "sample":
+        from runner.data.sample import write_sample_dataset
+
+        sample_rows = {s: int(dataset_cfg.sample_rows.get(s, 0)) for s in dataset_cfg.splits}
+        missing = [s for s, n in sample_rows.items() if n <= 0]
+        if missing:
+            raise ValueError(f"dataset.sample_rows has no row count for split(s) {missing}")
+        request = {"source": "sample", "seed": int(dataset_cfg.seed), "sample_rows": sample_rows,
+                   "split_percent": 100.0}
+        cached = None if dataset_cfg.force else cached_manifest(dataset_cfg.download_dir, request)
+        if cached:
+            return {**cached, "cached": True}
+        return {**write_sample_dataset(dataset_cfg.download_dir, sample_rows, int(dataset_cfg.seed)), "cached": False}
+    return download_splits(dataset_cfg.name, list(dataset_cfg.splits), dataset_cfg.split_percent,
+                           dataset_cfg.download_dir, subset=dataset_cfg.subset, force=dataset_cfg.force)
+
+
+def run_data_step(dataset_cfg, *, run_dir, max_seq_length: Optional[int] = None, tokenizer_dir: Optional[str] = None,
+                  dry_run: bool = False) -> Dict[str, Any]:
+    from runner.data.explore import explore
+    from runner.data.validate import validate_file
+
+    check_split_percent(dataset_cfg.split_percent)
+    files = _files(dataset_cfg)
+    roles = _role_files(dataset_cfg, files)
+    base = {"download_dir": str(Path(dataset_cfg.download_dir).resolve()), "files": files, **roles,
+            "manifest": str(Path(dataset_cfg.download_dir) / MANIFEST)}
+    if dry_run:
+        return {**base, "planned": True}
+
+    manifest = get_splits(dataset_cfg)
+    cached = manifest.pop("cached", False)
+    print(f"    {'cached' if cached else 'written'}: {base['download_dir']}", flush=True)
+    validation = {split: validate_file(path, split, on_invalid=dataset_cfg.on_invalid).to_dict()
+                  for split, path in files.items()}
+    exploration = explore(files, Path(run_dir) / "data", tokenizer_dir=tokenizer_dir, max_seq_length=max_seq_length)
+    return {
+        **base,
+        "manifest_sha256": sha256_file(base["manifest"]),
+        "files_sha256": {s: sha256_file(p) for s, p in files.items()},
+        "rows": {s: v["valid"] for s, v in validation.items()},
+        "rejected": {s: v["rejected"] for s, v in validation.items()},
+        "rejects_files": {s: v["rejects_file"] for s, v in validation.items() if v["rejects_file"]},
+        "exploration": {k: exploration[k] for k in ("summary_json", "summary_md", "plot")},
+        "cached": cached,
+        "request": OmegaConf.to_container(dataset_cfg, resolve=True),
+    }
