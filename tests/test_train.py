@@ -3,7 +3,6 @@ what cannot run here."""
 
 import dataclasses
 import json
-import random
 
 import pytest
 
@@ -29,33 +28,16 @@ def default_settings(**overrides):
     return params, local
 
 
-def _rows(n, seed):
-    """Ultrachat-shaped rows (with prompt/prompt_id) whose answers follow patterns a tiny model can pick up."""
-    rng = random.Random(seed)
-    topics = ["rivers", "tea", "bicycles", "volcanoes", "chess", "bread"]
-    for i in range(n):
-        topic = rng.choice(topics)
-        messages = [{"role": "system", "content": "You are a helpful assistant."}] if rng.random() < 0.3 else []
-        for turn in range(rng.randint(1, 2)):
-            messages.append({"role": "user", "content": f"Tell me about {topic}, please. Part {turn + 1}."})
-            messages.append({"role": "assistant",
-                             "content": " ".join([f"Here is a fact about {topic}."] * rng.randint(1, 4))})
-        first_user = next(m["content"] for m in messages if m["role"] == "user")
-        yield {"prompt": first_user, "prompt_id": f"{seed}-{i}", "messages": messages}
-
-
 def write_chat_data(folder, n_train=64, n_eval=16, seed=0):
-    """train_sft.jsonl and test_sft.jsonl in folder: the sample generator's rows when it is there."""
-    try:
-        from runner.data.sample import generate_rows
-    except ImportError:
-        generate_rows = None
+    """train_sft.jsonl and test_sft.jsonl in folder, from the offline sample generator (ultrachat schema)."""
+    from runner.data.sample import generate_rows
+
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, n, split_seed in (("train_sft", n_train, seed), ("test_sft", n_eval, seed + 1)):
-        rows = generate_rows(n, seed, split) if generate_rows else _rows(n, split_seed)
+    for split, n in (("train_sft", n_train), ("test_sft", n_eval)):
         paths[split] = folder / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in generate_rows(n, seed, split)),
+                                encoding="utf-8")
     return paths
 
 
@@ -107,7 +89,7 @@ def test_short_training_lowers_eval_loss_and_saves_a_plain_model(tiny_model_dir,
     model = AutoModelForCausalLM.from_pretrained(result["final_model_dir"])
     tokenizer = AutoTokenizer.from_pretrained(result["final_model_dir"])
     assert model.config._attn_implementation == "sdpa" and model.config.use_cache
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about tea, please. Part 1."}],
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
