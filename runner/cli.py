@@ -3,6 +3,7 @@
 Only hydra/omegaconf are imported at module level: heavy libraries load inside the steps that use them.
 """
 
+import logging
 import math
 import sys
 import traceback
@@ -27,6 +28,8 @@ def main(cfg: DictConfig) -> float | None:
     from runner.errors import RunnerError
     from runner.workflow import run
 
+    # Hydra's job logging is INFO for every library: keep the HTTP client's per-request lines out of the output.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
