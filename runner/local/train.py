@@ -586,9 +586,9 @@ def train(*, model_dir, train_file, eval_file, params: dict, local: dict, out_di
             raise TrainingInterrupted(f"stopped by {signal_cb.received} before training started")
         meter.start = time.perf_counter()
         meter._mark_time = meter.start
-        train_started = time.perf_counter()
+        train_started, cpu_started = time.perf_counter(), time.process_time()
         output = trainer.train(resume_from_checkpoint=resumed_from)
-        train_runtime = time.perf_counter() - train_started
+        train_runtime, train_cpu = time.perf_counter() - train_started, time.process_time() - cpu_started
     finally:
         signal_cb.restore()
         if bars_were_on:
@@ -633,6 +633,7 @@ def train(*, model_dir, train_file, eval_file, params: dict, local: dict, out_di
         "train_tokens": meter.real,
         "padding_fraction": meter.padding_fraction(),
         "train_runtime_s": train_runtime,
+        "train_cpu_s": train_cpu,  # CPU seconds of this process: a load-independent cost figure
         "wall_time_s": None,
         "resumed_from": resumed_from,
         "ignored_incomplete_checkpoints": removed,
