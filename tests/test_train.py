@@ -170,3 +170,30 @@ def test_early_stopping_stops_and_keeps_the_best_checkpoint(tiny_model_dir, chat
     assert (result["best_step"], result["global_step"]) == (2, 4)
     assert result["loaded_best_checkpoint"].endswith(f"checkpoint-{result['best_step']}")
     assert result["eval_loss"] == pytest.approx(result["best_eval_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides, steps, eval_at", [
+    # 64 rows, 8 per micro-batch: 8 micro-batches per epoch
+    ({"gradient_accumulation_steps": 2, "num_train_epochs": 2}, 8, [4, 8]),  # epoch evals at 4 and 8
+    ({"optim": "adafactor", "logging_strategy": "epoch", "lr_scheduler_type": "linear"}, 8, [8]),
+    ({"packing": False, "pad_to_max_length": True, "evaluation_strategy": "steps",
+      "evaluation_steps_interval": 0.5}, 8, [4, 8]),  # half an epoch between evaluations
+    ({"max_tokens_per_batch": 200}, None, None),  # a token budget splits batches: more, smaller steps
+])
+def test_finetune_keys_are_honoured(tiny_model_dir, chat_data, tmp_path, overrides, steps, eval_at):
+    events = []
+    settings = dict(per_device_train_batch_size=8, per_device_eval_batch_size=8, max_seq_length=128,
+                    learning_rate=2e-3, evaluation_strategy="epoch", eval_before_training=False, logging_steps=2)
+    settings.update(overrides)
+    result = run_train(tiny_model_dir, chat_data, tmp_path / "run", log_fn=lambda m, s: events.append((s, m)),
+                       **settings)
+    if steps is not None:
+        assert result["global_step"] == steps
+        assert [s for s, m in events if "eval_loss" in m] == eval_at
+    else:
+        assert result["global_step"] > 8 and result["steps_per_epoch"] == result["global_step"]
+    if overrides.get("packing") is False:
+        assert result["packing"] is False and 0.0 < result["padding_fraction"] < 1.0
+    if overrides.get("logging_strategy") == "epoch":
+        assert [s for s, m in events if "train_loss" in m] == [1, 8]  # first step, then the epoch's end
+    assert result["eval_loss"] is not None and result["eval_loss"] == result["eval_loss"]  # not NaN
