@@ -249,6 +249,8 @@ def _make_callbacks(params, events: _Events, meter: _TokenMeter, progress: bool)
         def on_step_end(self, args, state, control, **kwargs):
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
+            if state.global_step >= state.max_steps or control.should_training_stop:
+                control.should_log = True  # the last steps' loss is logged too, whatever logging_steps says
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
