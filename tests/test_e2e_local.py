@@ -47,3 +47,34 @@ def test_whole_workflow_on_the_local_defaults(tmp_path, ftrun_home):
         assert s.connect_ex(("127.0.0.1", deploy["port"])) != 0
     assert not os.path.exists(deploy["key_file"])
     assert "Summary" in proc.stdout and "sample reply" in proc.stdout
+
+
+def test_an_endpoint_left_running_is_deleted_by_name_from_a_later_run(tmp_path, ftrun_home):
+    """`steps=[deploy] from_run=...` serves an earlier run's registered model and leaves it running;
+    `steps=[cleanup] endpoint_name=...` deletes it from another process."""
+    env = {**os.environ, "FTRUN_HOME": str(ftrun_home)}
+
+    def ftrun(*args):
+        return subprocess.run([sys.executable, "-m", "runner.cli", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=600, env=env)
+
+    first = ftrun("steps=[model,data,finetune,register]", "finetune.max_steps=2",
+                  "finetune.evaluation_strategy=disable", "finetune.local.eval_before_training=false",
+                  f"hydra.run.dir={tmp_path / 'train'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    deploy = ftrun("steps=[deploy]", f"from_run={tmp_path / 'train'}", "endpoint_name=left-running",
+                   f"hydra.run.dir={tmp_path / 'deploy'}")
+    assert deploy.returncode == 0, deploy.stderr[-3000:]
+    state = json.loads((tmp_path / "deploy" / "run_record.json").read_text())["steps"]["deploy"]["outputs"]
+    assert state["name"] == "left-running"
+    try:
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", state["port"])) == 0  # still serving after its run ended
+    finally:
+        cleanup = ftrun("steps=[cleanup]", "endpoint_name=left-running", f"hydra.run.dir={tmp_path / 'cleanup'}")
+    assert cleanup.returncode == 0, cleanup.stderr[-3000:]
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", state["port"])) != 0
+    assert not os.path.exists(state["key_file"])
+    record = json.loads((tmp_path / "cleanup" / "run_record.json").read_text())
+    assert record["steps"]["cleanup"]["outputs"]["deleted"] is True
