@@ -40,6 +40,10 @@ def main(cfg: DictConfig) -> float | None:
         sweep = job_sweep_context(hc)
     try:
         record = run(cfg, run_dir=run_dir, task_overrides=list(hc.overrides.task), sweep=sweep)
+    except KeyboardInterrupt as exc:
+        # Ctrl-C or SIGTERM: training saved a checkpoint first and says how to resume; no traceback needed.
+        print(f"ftrun: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        sys.exit(130)
     except RunnerError as exc:
         # A problem the user must fix (config, compute, data, credentials): say what and where, no traceback.
         print(f"ftrun: {exc}", file=sys.stderr)
