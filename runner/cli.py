@@ -69,12 +69,13 @@ def _worst(cfg: DictConfig) -> float:
 
 
 def _mark_job_failed(run_dir: Path, exc: BaseException, sweep) -> None:
-    from runner.record import RECORD_FILE, write_json_atomic
+    from runner.atomic import write_json
+    from runner.record import RECORD_FILE
 
     path = run_dir / RECORD_FILE
     if path.exists():  # the workflow already recorded which step failed
         return
-    write_json_atomic(path, {"run_dir": str(run_dir.resolve()), "status": "failed", "sweep": sweep, "steps": {},
+    write_json(path, {"run_dir": str(run_dir.resolve()), "status": "failed", "sweep": sweep, "steps": {},
                              "error": {"step": "config", "message": f"{type(exc).__name__}: {exc}"}})
 
 

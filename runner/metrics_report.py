@@ -6,10 +6,10 @@ Azure backend can feed it the job's metrics the same way. A history is {metric: 
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+from runner.atomic import save_figure, write_bytes
 
 # The figures the report knows, in table order, with the names trainers commonly log them under.
 ALIASES: Dict[str, Sequence[str]] = {
@@ -83,18 +83,6 @@ def format_table(final: Dict[str, float], history: Optional[Dict[str, List[Seque
     return "\n".join(rows)
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot_losses(history: Dict[str, List[Sequence[float]]], path: Path, title: str) -> Path:
     """Train and eval loss against the optimizer step (either may be missing) as a PNG."""
     # The object API with an Agg canvas: no pyplot, so no process-wide backend or figure registry is touched.
@@ -122,7 +110,7 @@ def plot_losses(history: Dict[str, List[Sequence[float]]], path: Path, title: st
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    _atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
+    save_figure(fig, path, dpi=110)
     return path
 
 
@@ -134,5 +122,5 @@ def report(history: Dict[str, List[Sequence[float]]], out_dir, *, title: str) ->
     table = format_table(final, history)
     plot = plot_losses(history, out / "loss_curve.png", title)
     data = json.dumps({"title": title, "final": final, "history": history}, indent=1).encode()
-    _atomic_write(out / "metrics.json", lambda fh: fh.write(data))
+    write_bytes(out / "metrics.json", data)
     return {"final": final, "table": table, "plot": str(plot), "json": str(out / "metrics.json")}

@@ -8,7 +8,7 @@ from typing import Any, Dict
 
 from omegaconf import OmegaConf
 
-from runner.record import write_json_atomic
+from runner.atomic import write_json, write_text
 
 # Used for request.json when the sample split is not on disk yet (a dry run downloads nothing).
 EXAMPLE_CONVERSATION = [
@@ -31,7 +31,7 @@ def planned_request(ctx) -> Dict[str, Any]:
 
 def write_request(ctx) -> Path:
     path = ctx.plan_dir / "request.json"
-    write_json_atomic(path, planned_request(ctx))
+    write_json(path, planned_request(ctx))
     return path
 
 
@@ -78,9 +78,7 @@ def write_local_plan(ctx, backend) -> Dict[str, Any]:
     }
     ctx.plan_dir.mkdir(parents=True, exist_ok=True)
     plan_file = ctx.plan_dir / "plan.yaml"
-    tmp = plan_file.with_name(".plan.yaml.tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(plan)), encoding="utf-8")
-    tmp.replace(plan_file)
+    write_text(plan_file, OmegaConf.to_yaml(OmegaConf.create(plan)))
     request = write_request(ctx)
     print(OmegaConf.to_yaml(OmegaConf.create(plan)))
     return {"plan": str(plan_file), "request": str(request), "display_name": plan["display_name"]}

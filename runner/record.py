@@ -6,28 +6,13 @@ model registered by a previous run.
 """
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from runner.atomic import write_json
+
 RECORD_FILE = "run_record.json"
-
-
-def write_json_atomic(path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_record(run_dir) -> Dict[str, Any]:
@@ -93,7 +78,7 @@ class RunRecord:
         self.save()
 
     def save(self) -> None:
-        write_json_atomic(self.path, self.data)
+        write_json(self.path, self.data)
 
     def metric(self, name: str) -> Optional[float]:
         """A final figure of the run: the finetune step's outputs first, then the metrics step's table."""

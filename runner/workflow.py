@@ -18,7 +18,8 @@ from typing import Any, Callable, Dict, Iterable, Optional, Set
 
 from omegaconf import DictConfig, OmegaConf
 
-from runner.record import RunRecord, load_record, write_json_atomic
+from runner.atomic import write_json, write_text
+from runner.record import RunRecord, load_record
 from runner.schema import STEPS, ConfigError, validate
 
 RESOLVED_CONFIG = "resolved_config.yaml"
@@ -63,11 +64,7 @@ def config_sha256(cfg: DictConfig) -> str:
 
 
 def write_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
-    path = run_dir / RESOLVED_CONFIG
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 # ---- steps: shared work, then the backend's part -------------------------------------------------------------
@@ -106,7 +103,7 @@ def write_sample_request(ctx: StepContext, path: Path) -> Dict[str, Any]:
             f"(steps=[data,...]) or point from_run= at a run that did"
         )
     request = build_sample_request(source, ctx.cfg.seed, OmegaConf.to_container(ctx.cfg.deployment.sample_parameters))
-    write_json_atomic(path, request)
+    write_json(path, request)
     return request
 
 

@@ -2,13 +2,11 @@
 case, traffic routing, readiness, batching under concurrency, the key's secrecy, and a clean delete."""
 
 import json
-import os
 import signal
 import stat
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 

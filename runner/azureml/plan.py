@@ -13,13 +13,13 @@ No network and no credentials: the model's tags come from the model config, the 
 refuses any keyword the component does not declare, then the job's own validation).
 """
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
 from omegaconf import OmegaConf
 
+from runner.atomic import write_text
 from runner.schema import ConfigError
 
 # The pipeline job's name is given by the service at submission; the plan refers to it by this placeholder.
@@ -32,10 +32,7 @@ def _write_yaml(path: Path, data: Dict[str, Any]) -> Path:
     import yaml
 
     data = json.loads(json.dumps(data, default=str))  # OrderedDicts and other mappings the SDK returns → plain
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
 
 
 def _dump_entity(entity: Any, path: Path) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from runner.errors import RunnerError
-from runner.record import write_json_atomic
+from runner.atomic import write_json
 
 MANIFEST = "manifest.json"
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -32,7 +32,7 @@ def check_split_percent(split_percent: float) -> float:
 
 def write_manifest(download_dir, request: Dict[str, Any], splits: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     manifest = {"request": request, "splits": splits, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    write_json_atomic(Path(download_dir) / MANIFEST, manifest)
+    write_json(Path(download_dir) / MANIFEST, manifest)
     return manifest
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from runner.record import write_json_atomic
+from runner.atomic import save_figure, write_json, write_text
 
 TOKENIZE_BATCH = 256
 
@@ -92,10 +92,8 @@ def _plot(per_split: Dict[str, Dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel("rows")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -134,11 +132,9 @@ def explore(files: Dict[str, str], out_dir, *, tokenizer_dir: Optional[str] = No
     table = _markdown(per_split)
     public = {split: {k: v for k, v in s.items() if not k.startswith("_")} for split, s in per_split.items()}
     summary_json = out_dir / "data_summary.json"
-    write_json_atomic(summary_json, public)
+    write_json(summary_json, public)
     summary_md = out_dir / "data_summary.md"
-    tmp = summary_md.with_name(".data_summary.md.tmp")
-    tmp.write_text(table, encoding="utf-8")
-    tmp.replace(summary_md)
+    write_text(summary_md, table)
     print(table, flush=True)
     return {"summary": public, "summary_json": str(summary_json), "summary_md": str(summary_md), "plot": str(plot),
             "table": table}

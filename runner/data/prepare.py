@@ -20,20 +20,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from runner.atomic import sha256_file
 from runner.errors import RunnerError
 
 PREPARE_VERSION = 1  # bump when the recipe changes, so stale caches are not reused
 IGNORE_INDEX = -100
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 _UNLIMITED = 10**8  # tokenizers without model_max_length report ~1e30
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _chat_template(tokenizer) -> str:
@@ -186,7 +179,7 @@ def tokenize_file_with_stats(jsonl_path, tokenizer, max_seq_length: int, *, cach
     if not jsonl_path.is_file():
         raise RunnerError(f"data file not found: {jsonl_path}")
     max_length = effective_max_length(tokenizer, max_seq_length)
-    key = cache_key(file_sha256(jsonl_path), tokenizer, max_length)
+    key = cache_key(sha256_file(jsonl_path), tokenizer, max_length)
     final = Path(cache_dir) / key if cache_dir else None
     if final is not None and (final / "meta.json").is_file():
         stats = json.loads((final / "meta.json").read_text())

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from runner.data.jsonl import iter_jsonl
-from runner.record import write_json_atomic
+from runner.atomic import write_json
 
 
 def pick_row(path, seed: int) -> Dict[str, Any]:
@@ -30,5 +30,5 @@ def build_sample_request(sample_file, seed: int, parameters: Dict[str, Any]) -> 
 
 
 def write_sample_request(path, request: Dict[str, Any]) -> Path:
-    write_json_atomic(path, request)
+    write_json(path, request)
     return Path(path)

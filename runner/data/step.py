@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 from omegaconf import OmegaConf
 
 from runner.data.download import MANIFEST, cached_manifest, check_split_percent, download_splits
-from runner.data.jsonl import sha256_file
+from runner.atomic import sha256_file
 
 
 def _files(dataset_cfg) -> Dict[str, str]:

@@ -96,6 +96,7 @@ def is_sft_split(split: str) -> bool:
 
 def validate_file(path, split: str, *, on_invalid: str = "error", sft: Optional[bool] = None) -> ValidationReport:
     """Check every line of `path`. See the module docstring for what `on_invalid` does."""
+    from runner.atomic import atomic_writer
     from runner.data.jsonl import write_jsonl_atomic
 
     if on_invalid not in ("error", "skip"):
@@ -144,25 +145,11 @@ def validate_file(path, split: str, *, on_invalid: str = "error", sft: Optional[
             + "\nFix the data, or set dataset.on_invalid=skip to drop these rows (they go to a rejects file)."
         )
     # skip: the clean rows replace the file, the rejected ones are kept beside it with their reasons
-    _write_lines_atomic(path, clean_lines)
+    with atomic_writer(path, "w", fsync=True) as f:
+        f.writelines(clean_lines)
     rejects_path = path.with_name(f"{split}.rejects.jsonl")
     write_jsonl_atomic(rejects_path, rejects)
     report.rejected_lines = len(rejects)
     report.rejects_file = str(rejects_path)
     print(f"    {split}: dropped {len(rejects)} invalid row(s) of {report.rows}; see {rejects_path}", flush=True)
     return report
-
-
-def _write_lines_atomic(path: Path, lines: List[str]) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -11,26 +11,18 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import List, Optional
+
+from runner.atomic import write_text
 
 MARKER = "COMPLETE.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def write_atomic(path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Checkpoint metadata is made durable (fsync) before it is renamed into place."""
+    write_text(path, text, fsync=True)
 
 
 def mark_complete(checkpoint_dir, step: int) -> None:

@@ -281,7 +281,7 @@ def check_local_compute(
     on_cuda = resolved == "cuda" and cuda_devices > 0
     if params.get("apply_deepspeed") and not on_cuda:
         errors.append("finetune.apply_deepspeed=true needs CUDA GPUs (DeepSpeed ZeRO runs on NCCL/GPUs), but "
-                      f"training would run on the CPU; set finetune.apply_deepspeed=false here")
+                      "training would run on the CPU; set finetune.apply_deepspeed=false here")
     if int(params.get("precision", 32)) == 16 and not on_cuda:
         errors.append("finetune.precision=16 (fp16/bf16 mixed precision) needs a CUDA GPU, but training would run "
                       "on the CPU; set finetune.precision=32 here")

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
+from runner.atomic import save_figure, write_text
 from runner.record import RECORD_FILE
 
 COLUMNS = ["job", "overrides", "status", "train_loss", "eval_loss", "perplexity", "tokens_per_s", "wall_s",
@@ -175,17 +176,9 @@ def plot_eval_curves(jobs: List[Dict[str, Any]], best: Optional[Dict[str, Any]],
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def finish_best_job(best: Dict[str, Any], sweep_cfg, sweep_dir: Path, backend_factory=None) -> Optional[Dict[str, Any]]:
@@ -209,8 +202,8 @@ def summarize_sweep(sweep_dir, sweep_cfg, *, finish_best: bool = True, backend_f
     jobs = collect_jobs(sweep_dir)
     best = pick_best(jobs, sweep_cfg.metric, sweep_cfg.direction)
     md, csv_text = tables(jobs, best)
-    _write(sweep_dir / "sweep_summary.md", md)
-    _write(sweep_dir / "sweep_summary.csv", csv_text)
+    write_text(sweep_dir / "sweep_summary.md", md)
+    write_text(sweep_dir / "sweep_summary.csv", csv_text)
     plot = plot_eval_curves(jobs, best, sweep_dir / "sweep_eval_loss.png")
     failed = [j for j in jobs if j["status"] != "ok"]
     print(f"\nSweep summary ({len(jobs)} jobs, {len(failed)} failed; best by {sweep_cfg.metric}, "
@@ -228,7 +221,7 @@ def summarize_sweep(sweep_dir, sweep_cfg, *, finish_best: bool = True, backend_f
         "plot": str(plot) if plot else None,
         "best_run": finished,
     }
-    _write(sweep_dir / "sweep_summary.json", json.dumps(summary, indent=2, default=str))
+    write_text(sweep_dir / "sweep_summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 

@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+from runner.atomic import write_text
+
 SERVER_MODULE = "runner.local.endpoint.server"
 NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")  # Azure ML: 3-32 chars, letter first
 STOP_GRACE_S = 15.0  # SIGTERM lets in-flight requests finish (the server's own grace is 10 s), then SIGKILL
@@ -35,19 +37,6 @@ class EndpointError(RuntimeError):
 def _paths(name: str, state_dir) -> Dict[str, Path]:
     d = Path(state_dir)
     return {"state": d / f"{name}.json", "key": d / f"{name}.key", "log": d / f"{name}.log", "port": d / f"{name}.port"}
-
-
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask must not loosen (or tighten) what we asked for
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
 
 
 def read_key(state: Dict[str, Any]) -> str:
@@ -166,7 +155,7 @@ def launch_server(*, name: str, deployments: Dict[str, str], traffic: Dict[str, 
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     paths = _paths(name, state_dir)
-    _write_atomic(paths["key"], secrets.token_urlsafe(32), mode=0o600)
+    write_text(paths["key"], secrets.token_urlsafe(32), perms=0o600)  # the secret: owner-only, never logged
     paths["port"].unlink(missing_ok=True)
     cmd = [sys.executable, "-m", SERVER_MODULE, "--name", name, "--host", host, "--port", str(port),
            "--port-file", str(paths["port"]), "--key-file", str(paths["key"]),
@@ -255,7 +244,7 @@ def start_endpoint(*, name: str, deployments: Dict[str, str], traffic: Dict[str,
         _remove_files(name, state_dir)
         raise
     state["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    _write_atomic(_paths(name, state_dir)["state"], json.dumps(state, indent=2))
+    write_text(_paths(name, state_dir)["state"], json.dumps(state, indent=2))
     return state
 
 

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from runner.atomic import write_text
 from runner.local.endpoint.batching import BatcherClosed, DynamicBatcher
 from runner.local.endpoint.generation import ContextLengthError, GenerationJob, GenerationResult
 
@@ -501,12 +502,6 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runner.local.endpoint.server", description=__doc__.split("\n")[0])
     p.add_argument("--name", required=True, help="endpoint name")
@@ -567,7 +562,7 @@ def main(argv=None) -> int:
     server = _Server(config)
     state.on_load_failure = lambda: setattr(server, "should_exit", True)
     if args.port_file:
-        _write_atomic(Path(args.port_file), json.dumps({"port": port, "pid": os.getpid()}))
+        write_text(Path(args.port_file), json.dumps({"port": port, "pid": os.getpid()}))
     log.info("endpoint %s listening on http://%s:%d (deployments %s, traffic %s)", args.name, args.host, port,
              deployments, traffic)
     server.run(sockets=[sock])
