@@ -30,6 +30,8 @@ def main(cfg: DictConfig) -> float | None:
 
     # Hydra's job logging is INFO for every library: keep the HTTP client's per-request lines out of the output.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # The Azure SDK warns "experimental class" for every schema class it loads: noise to a user of this runner.
+    logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
