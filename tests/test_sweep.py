@@ -166,3 +166,22 @@ def test_azure_sweep_without_waiting_submits_every_job_before_awaiting_any(tmp_p
     assert float(rows[0]["eval_loss"]) == 0.9 and float(rows[1]["eval_loss"]) == 0.6
     assert summary["best_job"] == 1 and rows[1]["best"] == "*"
     assert (sweep_dir / "sweep_eval_loss.png").exists()
+
+
+def test_optuna_search_preset_runs_its_trials(tmp_path, ftrun_home):
+    """hparams_search=optuna_lr_rank: a seeded Optuna study over learning rate and LoRA rank (dry run: no metric,
+    so every trial reports +inf, which Optuna accepts, where NaN would abort the study)."""
+    sweep_dir = tmp_path / "sweep"
+    env = {**os.environ, "FTRUN_HOME": str(ftrun_home)}
+    proc = subprocess.run([sys.executable, "-m", "runner.cli", "hparams_search=optuna_lr_rank",
+                           "hydra.sweeper.n_trials=3", "dry_run=true", f"hydra.sweep.dir={sweep_dir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == {"finetune.learning_rate", "finetune.lora_r"}
+    assert 1e-4 <= results["best_params"]["finetune.learning_rate"] <= 1e-2
+    plans = [yaml.safe_load((sweep_dir / str(n) / "plan" / "plan.yaml").read_text()) for n in range(3)]
+    assert all(p["finetune"]["params"]["apply_lora"] is True for p in plans)
+    assert all(p["finetune"]["params"]["lora_r"] in (4, 8, 16) for p in plans)
+    assert all("-learning_rate=" in p["display_name"] and "-lora_r=" in p["display_name"] for p in plans)
+    assert len(read_summary(sweep_dir)) == 3
