@@ -6,7 +6,7 @@ workflow stores in the run record. Shared work that is the same on every backend
 building the sample request) happens in the workflow before the backend's method is called.
 """
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 
 class Backend:
@@ -20,6 +20,10 @@ class Backend:
 
     def compute(self, ctx) -> Dict[str, Any]:
         raise NotImplementedError
+
+    def tokenizer_dir(self, ctx) -> Optional[str]:
+        """A local tokenizer the data step may count tokens with, if one is at hand without downloading."""
+        return None
 
     def data(self, ctx, data: Dict[str, Any]) -> Dict[str, Any]:
         """Called after the shared data step with its outputs; returns extra outputs (e.g. uploaded asset ids)."""

@@ -74,7 +74,7 @@ def step_data(ctx: StepContext, backend) -> Dict[str, Any]:
     from runner.data.step import run_data_step
 
     cfg = ctx.cfg
-    tokenizer_dir = ctx.record.output("model", "tokenizer_dir")
+    tokenizer_dir = ctx.record.output("model", "tokenizer_dir") or backend.tokenizer_dir(ctx)
     outputs = run_data_step(
         cfg.dataset,
         run_dir=ctx.run_dir,

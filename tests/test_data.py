@@ -185,3 +185,20 @@ def test_data_step_on_the_sample_preset_explores_and_caches(tmp_path, ftrun_home
     assert "| train_sft | 40 |" in capsys.readouterr().out
     again = run_data_step(cfg.dataset, run_dir=tmp_path, max_seq_length=32)
     assert again["cached"] is True and again["manifest_sha256"] == out["manifest_sha256"]
+
+
+def test_data_step_alone_counts_tokens_when_the_model_is_already_here(tmp_path, ftrun_home, monkeypatch):
+    """`ftrun steps=[data]` without the model step uses an already-built base model's tokenizer."""
+    from runner.local.backend import LocalBackend
+    from runner.local.models import resolve_base_model
+    from runner.workflow import run
+
+    cfg = compose_cfg(["steps=[data]", "dataset.sample_rows.train_sft=20", "dataset.sample_rows.test_sft=4",
+                       "dataset.sample_rows.train_gen=4", "dataset.sample_rows.test_gen=4"])
+    before = run(cfg, run_dir=tmp_path / "a", backend=LocalBackend(cfg))
+    summary = json.loads(open(before.output("data", "exploration")["summary_json"]).read())
+    assert "tokens" not in summary["train_sft"]  # no model on this machine yet: characters only, nothing built
+    resolve_base_model(cfg.model, models_dir=cfg.paths.models_dir)  # the model step builds it once
+    after = run(cfg, run_dir=tmp_path / "b", backend=LocalBackend(cfg))
+    summary = json.loads(open(after.output("data", "exploration")["summary_json"]).read())
+    assert summary["train_sft"]["tokens"]["p50"] > 0

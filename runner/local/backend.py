@@ -56,6 +56,12 @@ class LocalBackend(Backend):
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def tokenizer_dir(self, ctx):
+        """`steps=[data]` alone still counts tokens when the base model is already on this machine."""
+        from runner.local.models import existing_model_dir
+
+        return existing_model_dir(self.cfg.model, models_dir=self.cfg.paths.models_dir)
+
     # ---- steps ----------------------------------------------------------------------------------------------
     def connect(self, ctx) -> Dict[str, Any]:
         for key in ("root", "data_dir", "models_dir", "endpoints_dir"):

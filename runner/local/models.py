@@ -5,7 +5,7 @@ model from a downloaded one. `trust_remote_code` stays off unless the model conf
 """
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
@@ -48,6 +48,21 @@ def resolve_base_model(model_cfg, *, models_dir) -> Dict[str, Any]:
     info = _check_loadable(Path(path), trust)
     return {"model_dir": str(Path(path).resolve()), "tokenizer_dir": str(Path(path).resolve()), "source": source,
             "built": built, **info}
+
+
+def existing_model_dir(model_cfg, *, models_dir) -> Optional[str]:
+    """The base model's folder if it is already here (no build, no download), else None."""
+    if model_cfg.local_path:
+        path = Path(model_cfg.local_path)
+    elif model_cfg.build_tiny:
+        from runner.local.tiny_model import tiny_model_path
+
+        path = tiny_model_path(models_dir, OmegaConf.to_container(model_cfg.tiny, resolve=True))
+    elif model_cfg.hf_id:
+        path = Path(models_dir) / "hub" / model_cfg.hf_id.replace("/", "--")
+    else:
+        return None
+    return str(path) if (path / "tokenizer_config.json").exists() else None
 
 
 def download_hf_model(hf_id: str, models_dir, trust_remote_code: bool) -> Path:

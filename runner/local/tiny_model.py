@@ -135,9 +135,14 @@ def tiny_model_key(tiny_cfg: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def tiny_model_path(models_dir, tiny_cfg: dict) -> Path:
+    """Where the tiny model with these dimensions is cached (built or not)."""
+    return Path(models_dir) / f"tiny-phi3-{tiny_model_key(tiny_cfg)}"
+
+
 def ensure_tiny_model(models_dir, tiny_cfg: dict) -> tuple[Path, bool]:
     """The cached tiny model for these dimensions; built on first use. Returns (path, built_now)."""
-    path = Path(models_dir) / f"tiny-phi3-{tiny_model_key(tiny_cfg)}"
+    path = tiny_model_path(models_dir, tiny_cfg)
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path, False
     build_tiny_model(path, **tiny_cfg)
