@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from runner.data.download import download_splits
-from runner.data.validate import validate_file
+from runner.data.step import validate_splits
 from runner.errors import RunnerError
 
 SPLITS = ["train_sft", "test_sft", "train_gen", "test_gen"]
@@ -33,9 +33,11 @@ def main(argv=None) -> int:
     try:
         manifest = download_splits(args.dataset, args.splits, args.split_percent, args.download_dir,
                                    subset=args.subset, force=args.force)
-        for split, info in manifest["splits"].items():
-            report = validate_file(info["file"], split, on_invalid=args.on_invalid)
-            print(f"{split}: {report.valid} valid rows" + (" (cached)" if manifest.get("cached") else ""))
+        files = {split: info["file"] for split, info in manifest["splits"].items()}
+        reports = validate_splits(args.download_dir, files, args.on_invalid, manifest)
+        for split, report in reports.items():
+            dropped = f", {report['rejected']} dropped -> {report['rejects_file']}" if report["rejected"] else ""
+            print(f"{split}: {report['valid']} valid rows{dropped}" + (" (cached)" if manifest.get("cached") else ""))
     except RunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,19 +1,25 @@
 """Get the first N percent of every split of a chat dataset as `<download_dir>/<split>.jsonl`, as the notebook's
 download script does (`load_dataset(name, split=f"{split}[0%:{pc}%]")`).
 
-The source is a hub id (HuggingFaceH4/ultrachat_200k) or local files that `datasets` reads: a folder holding
-`<split>.jsonl` / `.json` / `.parquet`, or one file. Each split is written atomically, and a manifest
-(`manifest.json`: the request, rows per split, sha256 of every file) is written last: a later call with the same
-request finds the manifest and skips the work (the cache), `force=True` redoes it.
+The source is a hub id (HuggingFaceH4/ultrachat_200k) or local files: a folder holding `<split>.jsonl` / `.json` /
+`.parquet`, or one file. A local JSONL split is already in the target format, so its first N percent is copied line
+for line in one streaming pass (no Arrow conversion, no re-serialisation, and line numbers stay those of the source,
+so a validation error points at the line to fix there); JSON, Parquet and hub splits go through `datasets`. The row
+count for a percent is the one `datasets` computes for `split[0%:N%]`, whichever path is taken.
+
+Each split is written atomically, and a manifest (`manifest.json`: the request, rows and sha256 of every file) is
+written last: a later call with the same request whose files still hash as recorded skips the work (the cache);
+`force=True` redoes it.
 """
 
+import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+from runner.atomic import atomic_writer, sha256_file, write_json
 from runner.errors import RunnerError
-from runner.atomic import write_json
 
 MANIFEST = "manifest.json"
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -21,6 +27,12 @@ LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 class DatasetRequestError(RunnerError):
     pass
+
+
+def rows_for_percent(total: int, split_percent: float) -> int:
+    """Rows in the first `split_percent` percent of `total`: what `datasets` takes for `split[0%:N%]` (nearest,
+    Python's round), so the local fast path and the `datasets` path agree row for row."""
+    return int(round(split_percent * total / 100.0))
 
 
 def check_split_percent(split_percent: float) -> float:
@@ -47,12 +59,48 @@ def cached_manifest(download_dir, request: Dict[str, Any]) -> Optional[Dict[str,
         return None
     if manifest.get("request") != request:
         return None
-    if not all(Path(s["file"]).exists() for s in manifest.get("splits", {}).values()):
-        return None
+    for entry in manifest.get("splits", {}).values():  # a deleted or edited file is not a cache hit
+        path = Path(entry["file"])
+        if not path.exists() or sha256_file(path) != entry.get("sha256"):
+            return None
     return manifest
 
 
-def _local_source(path: Path, split: str) -> tuple[str, str]:
+def update_manifest(download_dir, changes: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Merge per-split facts (e.g. rows/sha256 after validation dropped rows) into the manifest, so it keeps
+    describing the files on disk and stays a cache hit."""
+    path = Path(download_dir) / MANIFEST
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    for split, facts in changes.items():
+        manifest["splits"].setdefault(split, {}).update(facts)
+    write_json(path, manifest)
+    return manifest
+
+
+def copy_jsonl_percent(src, dst, split_percent: float) -> Tuple[int, str]:
+    """The first `split_percent` percent of the non-empty lines of a JSONL file, copied byte for byte (blank lines
+    between them too, so line numbers match the source). Returns (rows, sha256 of the written file)."""
+    with open(src, "rb") as f:
+        total = sum(1 for line in f if line.strip())
+    keep = rows_for_percent(total, split_percent)
+    digest = hashlib.sha256()
+    rows = 0
+    with open(src, "rb") as f, atomic_writer(dst, "wb", fsync=True) as out:
+        for line in f:
+            if rows >= keep:
+                break
+            if line.strip():
+                rows += 1
+            if not line.endswith(b"\n"):
+                line += b"\n"
+            out.write(line)
+            digest.update(line)
+    return rows, digest.hexdigest()
+
+
+def _local_source(path: Path, split: str) -> Tuple[str, str]:
     """(datasets builder, data file) for one split of a local dataset."""
     if path.is_file():
         builder = LOCAL_FORMATS.get(path.suffix)
@@ -83,6 +131,9 @@ def load_split(dataset: str, split: str, split_percent: float, subset: Optional[
         if "split" in str(exc).lower():
             raise DatasetRequestError(f"{dataset}: {exc}") from exc
         raise
+    except ConnectionError as exc:  # no route to the hub: say what works offline
+        raise DatasetRequestError(f"{dataset}: the dataset hub cannot be reached ({exc}); use dataset=sample, or "
+                                  f"point dataset.name at a local folder of <split>.jsonl/.json/.parquet") from exc
 
 
 def download_splits(
@@ -107,15 +158,22 @@ def download_splits(
         manifest = cached_manifest(download_dir, request)
         if manifest:
             return {**manifest, "cached": True}
+    local = Path(dataset)
+    sources = {split: _local_source(local, split) for split in splits} if local.exists() else {}  # all named first
     written = {}
     for split in splits:
-        data = load_split(dataset, split, split_percent, subset)
-        columns = set(data.column_names)
-        if "messages" not in columns:
-            raise DatasetRequestError(f"{dataset} split {split!r} has no 'messages' column (columns: {sorted(columns)})")
         path = download_dir / f"{split}.jsonl"
-        rows, digest = write_jsonl_atomic(path, ({k: row[k] for k in ("prompt", "prompt_id", "messages") if k in row}
-                                                 for row in data))
+        source = sources.get(split)
+        if source and source[1].endswith(".jsonl"):
+            rows, digest = copy_jsonl_percent(source[1], path, split_percent)
+        else:
+            data = load_split(dataset, split, split_percent, subset)
+            columns = set(data.column_names)
+            if "messages" not in columns:
+                raise DatasetRequestError(f"{dataset} split {split!r} has no 'messages' column "
+                                          f"(columns: {sorted(columns)})")
+            data = data.select_columns([c for c in ("prompt", "prompt_id", "messages") if c in columns])
+            rows, digest = write_jsonl_atomic(path, iter(data))
         written[split] = {"file": str(path), "rows": rows, "sha256": digest}
         print(f"    {split}: {rows} rows ({split_percent:g}%) -> {path}", flush=True)
     return {**write_manifest(download_dir, request, written), "cached": False}

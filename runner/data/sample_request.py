@@ -13,12 +13,13 @@ from typing import Any, Dict
 
 from runner.data.jsonl import iter_jsonl
 from runner.atomic import write_json
+from runner.errors import RunnerError
 
 
 def pick_row(path, seed: int) -> Dict[str, Any]:
     lines = [line for _, line in iter_jsonl(path)]
     if not lines:
-        raise ValueError(f"{path} has no rows to draw a sample request from")
+        raise RunnerError(f"{path} has no rows to draw a sample request from (dataset.sample_split)")
     return json.loads(random.Random(seed).choice(lines))
 
 

@@ -6,8 +6,9 @@ from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
-from runner.data.download import MANIFEST, cached_manifest, check_split_percent, download_splits
 from runner.atomic import sha256_file
+from runner.data.download import (MANIFEST, DatasetRequestError, cached_manifest, check_split_percent,
+                                   download_splits, update_manifest)
 
 
 def _files(dataset_cfg) -> Dict[str, str]:
@@ -18,7 +19,7 @@ def _role_files(dataset_cfg, files: Dict[str, str]) -> Dict[str, str]:
     for role in ("train_split", "test_split", "sample_split"):
         split = dataset_cfg[role]
         if split not in files:
-            raise ValueError(f"dataset.{role}={split!r} is not one of dataset.splits={list(dataset_cfg.splits)}")
+            raise DatasetRequestError(f"dataset.{role}={split!r} is not one of dataset.splits={list(dataset_cfg.splits)}")
     return {"train_file": files[dataset_cfg.train_split], "test_file": files[dataset_cfg.test_split],
             "sample_file": files[dataset_cfg.sample_split]}
 
@@ -31,7 +32,8 @@ def get_splits(dataset_cfg) -> Dict[str, Any]:
         sample_rows = {s: int(dataset_cfg.sample_rows.get(s, 0)) for s in dataset_cfg.splits}
         missing = [s for s, n in sample_rows.items() if n <= 0]
         if missing:
-            raise ValueError(f"dataset.sample_rows has no row count for split(s) {missing}")
+            raise DatasetRequestError(f"dataset.sample_rows has no row count for split(s) {missing} "
+                                      f"(e.g. dataset.sample_rows.{missing[0]}=64)")
         request = {"source": "sample", "seed": int(dataset_cfg.seed), "sample_rows": sample_rows,
                    "split_percent": 100.0}
         cached = None if dataset_cfg.force else cached_manifest(dataset_cfg.download_dir, request)
@@ -42,10 +44,32 @@ def get_splits(dataset_cfg) -> Dict[str, Any]:
                            dataset_cfg.download_dir, subset=dataset_cfg.subset, force=dataset_cfg.force)
 
 
+def validate_splits(download_dir, files: Dict[str, str], on_invalid: str,
+                    manifest: Optional[Dict[str, Any]] = None) -> Dict[str, Dict[str, Any]]:
+    """Validate every split (see runner.data.validate). Rows dropped in skip mode are recorded in the manifest
+    (with the clean file's rows and sha256), so the manifest describes the files on disk, the next run is still a
+    cache hit, and it can still say how many rows were dropped."""
+    from runner.data.validate import validate_file
+
+    recorded = (manifest or {}).get("splits", {})
+    reports, changes = {}, {}
+    for split, path in files.items():
+        report = validate_file(path, split, on_invalid=on_invalid).to_dict()
+        if report["rejected"]:
+            changes[split] = {"rows": report["valid"], "sha256": sha256_file(path), "rejected": report["rejected"],
+                              "rejects_file": report["rejects_file"]}
+        elif recorded.get(split, {}).get("rejected"):  # dropped by an earlier run of this same request
+            report["rejected"] = recorded[split]["rejected"]
+            report["rejects_file"] = recorded[split].get("rejects_file")
+        reports[split] = report
+    if changes:
+        update_manifest(download_dir, changes)
+    return reports
+
+
 def run_data_step(dataset_cfg, *, run_dir, max_seq_length: Optional[int] = None, tokenizer_dir: Optional[str] = None,
                   dry_run: bool = False) -> Dict[str, Any]:
     from runner.data.explore import explore
-    from runner.data.validate import validate_file
 
     check_split_percent(dataset_cfg.split_percent)
     files = _files(dataset_cfg)
@@ -58,8 +82,7 @@ def run_data_step(dataset_cfg, *, run_dir, max_seq_length: Optional[int] = None,
     manifest = get_splits(dataset_cfg)
     cached = manifest.pop("cached", False)
     print(f"    {'cached' if cached else 'written'}: {base['download_dir']}", flush=True)
-    validation = {split: validate_file(path, split, on_invalid=dataset_cfg.on_invalid).to_dict()
-                  for split, path in files.items()}
+    validation = validate_splits(dataset_cfg.download_dir, files, dataset_cfg.on_invalid, manifest)
     exploration = explore(files, Path(run_dir) / "data", tokenizer_dir=tokenizer_dir, max_seq_length=max_seq_length)
     return {
         **base,

@@ -100,7 +100,7 @@ def validate_file(path, split: str, *, on_invalid: str = "error", sft: Optional[
     from runner.data.jsonl import write_jsonl_atomic
 
     if on_invalid not in ("error", "skip"):
-        raise ValueError(f"on_invalid={on_invalid!r}: expected 'error' or 'skip'")
+        raise DataValidationError(f"on_invalid={on_invalid!r}: expected 'error' or 'skip' (dataset.on_invalid)")
     sft = is_sft_split(split) if sft is None else sft
     path = Path(path)
     report = ValidationReport(path=str(path), split=split)
