@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from runner.local.tracking import MAX_TAG_VALUE, _client, _text
+
 ARTIFACT_PATH = "model"
 # What a fresh environment needs to load and run the model. Pinned from the installed versions (an inferred list
 # would need torchvision, which is not installed; FACTS.md).
@@ -31,12 +33,6 @@ def pip_requirements() -> List[str]:
             continue
         reqs.append(f"{package}=={version}")
     return reqs
-
-
-def _client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def _quote(name: str) -> str:
@@ -116,8 +112,6 @@ def register_model(*, tracking_uri: str, run_id: str, model_dir: str, registered
     """{"name", "version", "model_uri", "reused"}: a new version of `registered_name` for this run's model, or the
     one an earlier call already made for the same run (reused=True)."""
     from mlflow.exceptions import MlflowException
-
-    from runner.local.tracking import MAX_TAG_VALUE, _text
 
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved Hugging Face model folder (no config.json): the "
