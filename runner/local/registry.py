@@ -72,11 +72,12 @@ def _save_chat_model(model_dir: str, dest: Path, model_name: str) -> None:
     """mlflow.transformers.save_model of the folder's model + tokenizer with the chat task into `dest`."""
     import mlflow.transformers
     from huggingface_hub import ModelCard
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runner.local.endpoint.generation import load_components
 
     # Transformers 5 breaks MLflow's path-only (no load) save; loading the folder is what works here.
-    components = {"model": AutoModelForCausalLM.from_pretrained(model_dir),
-                  "tokenizer": AutoTokenizer.from_pretrained(model_dir)}
+    model, tokenizer = load_components(model_dir)
+    components = {"model": model, "tokenizer": tokenizer}
     # Our own card, so MLflow does not try to fetch one from the Hugging Face Hub (offline here).
     card = ModelCard(f"---\nlicense: other\n---\n# {model_name}\n\nFine-tuned chat model from {model_dir}.\n")
     mlflow.transformers.save_model(
