@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 from runner.atomic import write_text
+from runner.local.endpoint.generation import is_local_model_dir
 
 SERVER_MODULE = "runner.local.endpoint.server"
 NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")  # Azure ML: 3-32 chars, letter first
@@ -134,7 +135,7 @@ def validate_endpoint_request(name: str, deployments: Dict[str, str], traffic: D
                                 f"starting with a letter")
         if not isinstance(uri, str) or not uri:
             raise EndpointError(f"deployment {dep!r}: model URI must be a non-empty string, got {uri!r}")
-        if "://" not in uri and ":/" not in uri and not (Path(uri) / "config.json").exists():
+        if is_local_model_dir(uri) and not (Path(uri) / "config.json").exists():
             raise EndpointError(f"deployment {dep!r}: {uri!r} is neither a model URI (models:/<name>/<version>) nor a "
                                 f"save_pretrained folder with a config.json")
     unknown = sorted(set(traffic) - set(deployments))
