@@ -105,18 +105,21 @@ def validate_file(path, split: str, *, on_invalid: str = "error", sft: Optional[
     path = Path(path)
     report = ValidationReport(path=str(path), split=split)
     seen_ids: Dict[str, int] = {}
-    clean_lines: List[str] = []
     rejects: List[Dict[str, Any]] = []
     loads = json.loads
-    with open(path, encoding="utf-8") as f:
+    # Binary lines: numbered exactly as `wc -l` and editors count them (text mode would also split on a stray
+    # carriage return), and a line that is not UTF-8 is one invalid row rather than a crash of the whole scan.
+    with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             report.rows += 1
             try:
-                row = loads(line)
-            except ValueError as exc:
+                row = loads(line.decode("utf-8"))  # explicitly: json.loads(bytes) would guess UTF-16/32 too
+            except json.JSONDecodeError as exc:
                 problem = Problem(number, "valid-json", f"not valid JSON ({exc.msg} at column {exc.colno})")
+            except UnicodeDecodeError as exc:
+                problem = Problem(number, "valid-json", f"not UTF-8 text (byte {exc.start + 1})")
             else:
                 broken = check_row(row, sft=sft)
                 if broken is None:
@@ -128,12 +131,11 @@ def validate_file(path, split: str, *, on_invalid: str = "error", sft: Optional[
                 problem = Problem(number, *broken) if broken else None
             if problem is None:
                 report.valid += 1
-                if on_invalid == "skip":
-                    clean_lines.append(line if line.endswith("\n") else line + "\n")
                 continue
             report.problems.append(problem)
             if on_invalid == "skip":
-                rejects.append({"line": number, "rule": problem.rule, "reason": problem.detail, "text": line.rstrip("\n")})
+                rejects.append({"line": number, "rule": problem.rule, "reason": problem.detail,
+                                "text": line.decode("utf-8", "replace").rstrip("\r\n")})
     if not report.problems:
         return report
     if on_invalid == "error":
@@ -144,9 +146,13 @@ def validate_file(path, split: str, *, on_invalid: str = "error", sft: Optional[
             + (f"\n  ... and {more} more" if more > 0 else "")
             + "\nFix the data, or set dataset.on_invalid=skip to drop these rows (they go to a rejects file)."
         )
-    # skip: the clean rows replace the file, the rejected ones are kept beside it with their reasons
-    with atomic_writer(path, "w", fsync=True) as f:
-        f.writelines(clean_lines)
+    # skip: the clean rows replace the file, the rejected ones are kept beside it with their reasons. A second raw
+    # pass (no parsing) instead of holding every clean line in memory: it runs only when something was rejected.
+    rejected = {r["line"] for r in rejects}
+    with open(path, "rb") as src, atomic_writer(path, "wb", fsync=True) as f:
+        for number, line in enumerate(src, 1):
+            if number not in rejected and line.strip():
+                f.write(line if line.endswith(b"\n") else line + b"\n")
     rejects_path = path.with_name(f"{split}.rejects.jsonl")
     write_jsonl_atomic(rejects_path, rejects)
     report.rejected_lines = len(rejects)
