@@ -244,6 +244,19 @@ def _gb(n: float) -> float:
 
 
 # ---- the step ---------------------------------------------------------------------------------------------------
+def cpu_refusals(params: Dict[str, Any]) -> List[str]:
+    """The finetune settings that need a GPU, for a run on the CPU. The compute step refuses them, and train()
+    again since it may be called without that step; one list, so both say the same."""
+    errors = []
+    if params.get("apply_deepspeed"):
+        errors.append("finetune.apply_deepspeed=true needs CUDA GPUs (DeepSpeed ZeRO runs on NCCL/GPUs), but "
+                      "training would run on the CPU; set finetune.apply_deepspeed=false here")
+    if int(params.get("precision", 32)) == 16:
+        errors.append("finetune.precision=16 needs a CUDA GPU (fp16/bf16 mixed precision), but training would run "
+                      "on the CPU; set finetune.precision=32 here")
+    return errors
+
+
 def check_local_compute(
     *,
     device: str,
@@ -279,12 +292,8 @@ def check_local_compute(
                       f"device(s) present; set compute.gpus_per_node to at most {cuda_devices} (0 = all visible)")
     resolved = "cuda" if device == "cuda" or (device == "auto" and cuda_devices > 0) else "cpu"
     on_cuda = resolved == "cuda" and cuda_devices > 0
-    if params.get("apply_deepspeed") and not on_cuda:
-        errors.append("finetune.apply_deepspeed=true needs CUDA GPUs (DeepSpeed ZeRO runs on NCCL/GPUs), but "
-                      "training would run on the CPU; set finetune.apply_deepspeed=false here")
-    if int(params.get("precision", 32)) == 16 and not on_cuda:
-        errors.append("finetune.precision=16 (fp16/bf16 mixed precision) needs a CUDA GPU, but training would run "
-                      "on the CPU; set finetune.precision=32 here")
+    if not on_cuda:
+        errors += cpu_refusals(params)
     if int(params.get("num_nodes_finetune", 1) or 1) > 1:
         errors.append(f"finetune.num_nodes_finetune={params.get('num_nodes_finetune')} but the local backend is "
                       "this one machine; set finetune.num_nodes_finetune=1 (multi-node needs backend=azureml)")

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Optional
 from runner.errors import RunnerError
 from runner.local import checkpoints as ckpt
 from runner.local import distributed
+from runner.local.compute import cpu_refusals
 
 LogFn = Callable[[Dict[str, float], int], None]
 
@@ -42,12 +43,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def _check_settings(params: Dict[str, Any], local: Dict[str, Any], device: str) -> None:
     """Refuse what cannot run here before anything is loaded."""
-    errors = []
-    if params.get("precision", 32) == 16 and device != "cuda":
-        errors.append("finetune.precision=16 needs a CUDA GPU (bf16/fp16 mixed precision); on CPU use "
-                      "finetune.precision=32")
-    if params.get("apply_deepspeed") and device != "cuda":
-        errors.append("finetune.apply_deepspeed=true needs CUDA GPUs; on CPU use finetune.apply_deepspeed=false")
+    errors = cpu_refusals(params) if device != "cuda" else []
     if params.get("metric_for_best_model", "loss") != "loss":
         errors.append(f"finetune.metric_for_best_model={params['metric_for_best_model']!r} has no meaning for "
                       f"chat fine-tuning on this machine; use loss")
