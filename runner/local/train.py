@@ -471,11 +471,11 @@ def train(*, model_dir, train_file, eval_file, params: dict, local: dict, out_di
     counts = count_parameters(model)
 
     bs = int(params["per_device_train_batch_size"])
-    effective_len = train_stats["max_seq_length"] or max(len(x) for x in train_ds["input_ids"])
+    lengths = [len(x) for x in train_ds["input_ids"]]  # reading the column materialises it: once
+    effective_len = train_stats["max_seq_length"] or max(lengths)
     max_tokens = int(local.get("max_tokens_per_batch") or 0) if packing else 0
     collator = pack_conversations if packing else PaddedCollator(
         tokenizer.pad_token_id, pad_to=effective_len if params.get("pad_to_max_length") else None)
-    lengths = [len(x) for x in train_ds["input_ids"]]
     grad_accum = int(params.get("gradient_accumulation_steps", 1))
     steps_per_epoch = _steps_per_epoch(len(TokenBudgetBatchSampler(lengths, bs, max_tokens, seed)), grad_accum)
     eval_batches = (TokenBudgetBatchSampler([len(x) for x in eval_ds["input_ids"]],
