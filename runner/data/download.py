@@ -120,13 +120,20 @@ def load_split(dataset: str, split: str, split_percent: float, subset: Optional[
     """One split's first `split_percent` percent as a `datasets.Dataset` (hub id or local files)."""
     from datasets import load_dataset
 
-    sliced = f"{split}[0%:{split_percent:g}%]" if split_percent < 100 else split
+    # datasets' slice syntax takes whole percents only: a fractional percent loads the split and selects the same
+    # rows that the slice would (rows_for_percent)
+    whole = float(split_percent).is_integer()
+    sliced = f"{split}[0%:{int(split_percent)}%]" if whole and split_percent < 100 else split
+
+    def first_rows(data):
+        return data if whole else data.select(range(rows_for_percent(len(data), split_percent)))
+
     local = Path(dataset)
     if local.exists():
         builder, data_file = _local_source(local, split)
-        return load_dataset(builder, data_files={split: data_file}, split=sliced)
+        return first_rows(load_dataset(builder, data_files={split: data_file}, split=sliced))
     try:
-        return load_dataset(dataset, subset, split=sliced)
+        return first_rows(load_dataset(dataset, subset, split=sliced))
     except ValueError as exc:  # datasets says "Unknown split" with the available ones
         if "split" in str(exc).lower():
             raise DatasetRequestError(f"{dataset}: {exc}") from exc
@@ -174,6 +181,9 @@ def download_splits(
                                           f"(columns: {sorted(columns)})")
             data = data.select_columns([c for c in ("prompt", "prompt_id", "messages") if c in columns])
             rows, digest = write_jsonl_atomic(path, iter(data))
+        if rows == 0:  # an empty training or test split fails much later and less clearly
+            raise DatasetRequestError(f"{dataset} split {split!r}: the first {split_percent:g}% is no rows; "
+                                      f"raise dataset.split_percent")
         written[split] = {"file": str(path), "rows": rows, "sha256": digest}
         print(f"    {split}: {rows} rows ({split_percent:g}%) -> {path}", flush=True)
     return {**write_manifest(download_dir, request, written), "cached": False}

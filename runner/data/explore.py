@@ -2,6 +2,7 @@
 (with the model's tokenizer) tokens per conversation, how many rows `finetune.max_seq_length` would truncate, role
 counts and duplicates. Printed, written as JSON + Markdown, and drawn as length histograms (PNG)."""
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -38,8 +39,9 @@ def explore_split(path, tokenizer=None, max_seq_length: Optional[int] = None, pr
     fingerprints: Counter = Counter()
     conversations = []
     size = Path(path).stat().st_size
+    # `delay`: the bar appears only for a scan that takes a while (a large download), not for the small sample
     with open(path, encoding="utf-8") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"scan {Path(path).name}",
-                                                 disable=not progress, leave=False) as bar:
+                                                 disable=not progress, leave=False, delay=1.0) as bar:
         for line in f:
             bar.update(len(line.encode("utf-8")))
             if not line.strip():
@@ -48,7 +50,8 @@ def explore_split(path, tokenizer=None, max_seq_length: Optional[int] = None, pr
             turns.append(sum(1 for m in messages if m["role"] != "system"))
             chars.append(sum(len(m["content"]) for m in messages))
             roles.update(m["role"] for m in messages)
-            fingerprints[json.dumps(messages, sort_keys=True)] += 1
+            # a 16-byte digest, not the text itself: a large split's fingerprints stay small in memory
+            fingerprints[hashlib.blake2b(json.dumps(messages, sort_keys=True).encode(), digest_size=16).digest()] += 1
             if tokenizer is not None:
                 conversations.append(messages)
     stats: Dict[str, Any] = {
@@ -76,14 +79,22 @@ def _plot(per_split: Dict[str, Dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("_turns", "turns per conversation"), ("_chars", "characters per conversation")]
+    panels = [("_turns", "turns (user + assistant messages)"), ("_chars", "characters per conversation")]
     if any("_tokens" in s for s in per_split.values()):
-        panels.append(("_tokens", "tokens per conversation"))
+        panels.append(("_tokens", "tokens per conversation (chat template)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (key, title) in zip(axes, panels):
+        values = [v for stats in per_split.values() for v in stats.get(key) or []]
+        if not values:
+            continue
+        low, high = min(values), max(values)
+        if key == "_turns":  # one bar per integer count
+            bins = [b - 0.5 for b in range(low, high + 2)]
+        else:  # the same edges for every split, so their bars compare
+            bins = [low + (high - low + 1) * i / 30 for i in range(31)]
         for split, stats in per_split.items():
             if stats.get(key):
-                ax.hist(stats[key], bins=30, alpha=0.5, label=split)
+                ax.hist(stats[key], bins=bins, alpha=0.5, label=split)
         if key == "_tokens":
             limit = next((s["max_seq_length"] for s in per_split.values() if "max_seq_length" in s), None)
             if limit:
@@ -114,6 +125,9 @@ def _markdown(per_split: Dict[str, Dict[str, Any]]) -> str:
         r = s["roles"]
         row += [f"{r.get('system', 0)}/{r.get('user', 0)}/{r.get('assistant', 0)}", str(s["duplicates"])]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "turns per conversation (turns: rows):"]
+    for split, s in per_split.items():
+        lines.append(f"  {split}: " + ", ".join(f"{t}: {n}" for t, n in s["turns"]["histogram"].items()))
     return "\n".join(lines) + "\n"
 
 
