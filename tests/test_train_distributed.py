@@ -68,7 +68,8 @@ def test_launch_runs_the_command_and_returns_rank0_result(tmp_path, monkeypatch)
     def fake_run(cmd):
         calls.append(cmd)
         metrics = tmp_path / "metrics.jsonl"
-        metrics.write_text(json.dumps({"step": 3, "kind": "train", "time": 1.0, "train_loss": 2.5}) + "\n")
+        metrics.write_text(json.dumps({"step": 3, "kind": "train", "time": 1.0, "train_loss": 2.5}) + "\n"
+                           + json.dumps({"step": 3, "kind": "summary", "time": 2.0, "global_step": 3}) + "\n")
         (tmp_path / "result.json").write_text(json.dumps({"global_step": 3, "metrics_file": str(metrics)}))
 
         class Done:
@@ -80,4 +81,5 @@ def test_launch_runs_the_command_and_returns_rank0_result(tmp_path, monkeypatch)
     result = distributed.launch(2, tmp_path, {"out_dir": str(tmp_path)}, log_fn=lambda m, s: logged.append((m, s)))
     assert result["global_step"] == 3
     assert calls[0][4] == "--nproc_per_node=2" and calls[0][-1].endswith("launch_spec.json")
-    assert logged == [({"train_loss": 2.5}, 3)]  # metrics replayed to log_fn after the workers finish
+    # metrics replayed to log_fn after the workers finish; the summary is not, as in a single-process run
+    assert logged == [({"train_loss": 2.5}, 3)]

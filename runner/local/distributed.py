@@ -22,6 +22,9 @@ from runner.errors import RunnerError
 RESULT_FILE = "result.json"
 SPEC_FILE = "launch_spec.json"
 DEEPSPEED_FILE = "deepspeed_config.json"
+# The kinds of metrics.jsonl event that reach log_fn, in-process (train._Events) and replayed after a launch alike;
+# the "summary" event stays in the file.
+LOGGED_KINDS = ("train", "eval")
 
 
 def deepspeed_config(stage: int) -> Dict[str, Any]:
@@ -133,9 +136,9 @@ def launch(nproc: int, out_dir, train_kwargs: Dict[str, Any], log_fn=None) -> Di
         for line in Path(result["metrics_file"]).read_text().splitlines():
             event = json.loads(line)
             step = event.pop("step", 0)
-            event.pop("kind", None)
+            kind = event.pop("kind", None)
             event.pop("time", None)
-            if event:
+            if event and kind in LOGGED_KINDS:
                 log_fn(event, step)
     return result
 

@@ -86,7 +86,7 @@ class _Events:
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": int(step), "kind": kind, "time": round(time.time(), 3), **metrics}) + "\n")
-        if self.log_fn is not None and kind in ("train", "eval"):
+        if self.log_fn is not None and kind in distributed.LOGGED_KINDS:
             self.log_fn(metrics, int(step))
 
 
