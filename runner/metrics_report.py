@@ -4,12 +4,11 @@ Backend-neutral on purpose (no MLflow, no torch, no azure): the local backend fe
 Azure backend can feed it the job's metrics the same way. A history is {metric: [[step, value], ...]}.
 """
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from runner.atomic import save_figure, write_bytes
+from runner.atomic import save_figure, write_json
 
 # The figures the report knows, in table order, with the names trainers commonly log them under.
 ALIASES: Dict[str, Sequence[str]] = {
@@ -121,6 +120,5 @@ def report(history: Dict[str, List[Sequence[float]]], out_dir, *, title: str) ->
     final = final_figures(history)
     table = format_table(final, history)
     plot = plot_losses(history, out / "loss_curve.png", title)
-    data = json.dumps({"title": title, "final": final, "history": history}, indent=1).encode()
-    write_bytes(out / "metrics.json", data)
+    write_json(out / "metrics.json", {"title": title, "final": final, "history": history}, indent=1)
     return {"final": final, "table": table, "plot": str(plot), "json": str(out / "metrics.json")}
