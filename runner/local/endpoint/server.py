@@ -285,10 +285,14 @@ def _check_key(request: Request, key: str) -> None:
                        param="Authorization", kind="authentication_error")
 
 
+def _timeout_error(timeout_ms: int) -> ApiError:
+    """The row hit its deadline (in the batcher) or the handler stopped waiting for it: the same 408 either way."""
+    return ApiError(408, f"generation took longer than the request timeout of {timeout_ms} ms", kind="timeout_error")
+
+
 def _error_for(result: GenerationResult, timeout_ms: int) -> Optional[ApiError]:
     if result.finish_reason == "timeout":
-        return ApiError(408, f"generation took longer than the request timeout of {timeout_ms} ms",
-                        kind="timeout_error")
+        return _timeout_error(timeout_ms)
     if result.finish_reason == "cancelled":
         return ApiError(503, "the endpoint is shutting down; the request was not completed", kind="unavailable_error")
     if result.finish_reason == "error":
@@ -386,8 +390,7 @@ def create_app(settings: EndpointSettings) -> FastAPI:
         try:
             results = await asyncio.wait_for(asyncio.gather(*futures), max(deadline - time.monotonic(), 0.0))
         except asyncio.TimeoutError:
-            raise ApiError(408, f"generation took longer than the request timeout of {settings.request_timeout_ms} ms",
-                           kind="timeout_error") from None
+            raise _timeout_error(settings.request_timeout_ms) from None
         finally:
             for job in jobs:  # nothing left to do for these rows (no-op when they finished)
                 job.cancelled.set()
@@ -458,8 +461,7 @@ def create_app(settings: EndpointSettings) -> FastAPI:
                     try:
                         kind, i, payload = await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0))
                     except asyncio.TimeoutError:
-                        yield error_event(ApiError(408, f"generation took longer than the request timeout of "
-                                                        f"{settings.request_timeout_ms} ms", kind="timeout_error"))
+                        yield error_event(_timeout_error(settings.request_timeout_ms))
                         return
                     if kind == "delta":
                         yield chunk([{"index": i, "delta": {"content": payload}, "finish_reason": None}])
