@@ -189,6 +189,7 @@ class DeploymentConfig:
     max_batch_size: int = 16  # dynamic batching: most requests in one generate call
     batch_window_ms: float = 10.0  # dynamic batching: how long the first request waits for company
     startup_timeout_s: float = 300.0
+    device: str = choice("auto", ["auto", "cpu", "cuda"])  # where the local endpoint runs the model; auto = a GPU if seen
     # the notebook's sample request parameters
     sample_parameters: Dict[str, Any] = field(
         default_factory=lambda: {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 200}

@@ -4,6 +4,7 @@ Memory and CUDA device counts are injected, so every refusal (GPU ones included)
 """
 
 import json
+import math
 
 import pytest
 
@@ -124,7 +125,8 @@ def test_lora_rank_and_targets_change_the_trainable_count(phi3_dir):
 
 
 def test_deepspeed_shards_state_across_gpus(phi3_dir):
-    one = check(phi3_dir, device="cuda", cuda=1, memory=80 * GiB, precision=16)
+    one = check(phi3_dir, device="cuda", cuda=1, memory=80 * GiB, precision=16, apply_deepspeed=True,
+                deepspeed_stage=3)
     four = check(phi3_dir, device="cuda", cuda=4, memory=80 * GiB, precision=16, apply_deepspeed=True,
                  deepspeed_stage=3)
     assert four["gpus_used"] == 4
@@ -167,3 +169,32 @@ def test_detected_memory_on_this_machine(tiny_model_dir):
     assert out["device"] == "cpu" and out["gpus_used"] == 0
     assert out["memory_available_gb"] > 0.1
     assert out["estimate_gb"]["total"] < out["memory_budget_gb"]
+
+
+def test_weights_counted_in_the_dtype_the_trainer_holds(phi3_dir):
+    """A frozen LoRA base loads 16-bit (train.base_weights_dtype), full fine-tuning under plain AMP keeps fp32
+    weights and grads, DeepSpeed casts to 16-bit and keeps an fp32 master copy: both full cases are 16 bytes/param."""
+    from runner.local.train import base_weights_dtype
+
+    shapes, cfg, _ = parameter_inventory(phi3_dir)
+    total = sum(math.prod(s) for s in shapes.values())
+    bf16 = {"bf16": True, "fp16": False}
+    lora = {"precision": 16, "apply_lora": True, "lora_r": 8}
+    assert base_weights_dtype(lora, {}, bf16) == "bfloat16"
+    assert base_weights_dtype(lora, {}, {"bf16": False, "fp16": True}) == "float16"
+    assert base_weights_dtype(lora, {"lora_modules_to_save": ["lm_head"]}, bf16) == "float32"
+    assert base_weights_dtype({**lora, "apply_deepspeed": True}, {}, bf16) == "float32"  # DeepSpeed casts it
+    assert base_weights_dtype({"precision": 16}, {}, bf16) == "float32"
+    assert base_weights_dtype(lora, {}, {"bf16": False, "fp16": False}) == "float32"  # CPU / precision 32
+
+    half_lora = estimate_memory(shapes, cfg, lora, apply_lora=True)["bytes"]
+    fp32_lora = estimate_memory(shapes, cfg, {**lora, "precision": 32}, apply_lora=True)["bytes"]
+    saved_lora = estimate_memory(shapes, cfg, lora, apply_lora=True, lora_modules_to_save=["lm_head"])["bytes"]
+    assert 2 * total < half_lora["weights"] < 2.05 * total  # + fp32 adapters
+    assert 4 * total < fp32_lora["weights"] < 4.05 * total
+    assert saved_lora["weights"] > 4 * total  # the saved module keeps the base fp32
+    amp = estimate_memory(shapes, cfg, {"precision": 16}, apply_lora=False)["bytes"]
+    ds = estimate_memory(shapes, cfg, {"precision": 16, "apply_deepspeed": True}, apply_lora=False)["bytes"]
+    assert amp["weights"] == 4 * total and amp["gradients"] == 4 * total
+    assert ds["weights"] == 2 * total and ds["gradients"] == 2 * total
+    assert amp["state"] == ds["state"] == 16 * total

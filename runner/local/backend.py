@@ -155,6 +155,10 @@ class LocalBackend(Backend):
         finally:
             tracking.end_run(self.tracking_uri, run_id, status=status)
         result.update(mlflow_run_id=run_id, display_name=display_name, training_key=key, param_notes=notes)
+        if result.get("peak_gpu_memory_gb") is not None:
+            estimate = (ctx.record.output("compute", "estimate_gb") or {}).get("total")
+            ctx.say(f"peak GPU memory {result['peak_gpu_memory_gb']:.2f} GB"
+                    + (f" (the compute step estimated {estimate:.2f} GB)" if estimate is not None else ""))
         ctx.say(
             f"eval loss {result.get('eval_loss_before')} -> {result.get('eval_loss')} "
             f"in {result.get('global_step')} steps, {result.get('tokens_per_s', 0):.0f} tokens/s"
@@ -231,6 +235,7 @@ class LocalBackend(Backend):
             max_batch_size=dep.max_batch_size,
             batch_window_ms=dep.batch_window_ms,
             startup_timeout_s=dep.startup_timeout_s,
+            device=dep.device,
             env={"MLFLOW_TRACKING_URI": self.tracking_uri},
         )
         ctx.live["endpoint"] = state

@@ -138,9 +138,12 @@ def estimate_memory(
 ) -> Dict[str, Any]:
     """Bytes of weights, gradients and optimizer state (per device) for full or LoRA fine-tuning, plus a rough
     activation figure. Mixed-precision accounting as in the ZeRO paper: full fine-tuning costs 16 bytes per
-    parameter (weights + grads + fp32 master copy + two fp32 AdamW moments) whatever the precision."""
+    parameter (weights + grads + fp32 master copy + two fp32 AdamW moments) whatever the precision.
+    Weights are counted in the dtype the trainer holds them in (train.base_weights_dtype): 16-bit for a frozen LoRA
+    base and under DeepSpeed (which casts the module), fp32 for full fine-tuning under plain AMP."""
     half = int(params.get("precision", 32)) == 16
-    wbytes = 2 if half else 4
+    deepspeed = bool(params.get("apply_deepspeed"))
+    abytes = 2 if half else 4  # activations follow autocast
     total = sum(_numel(s) for s in shapes.values())
     linears = {n[: -len(".weight")]: s for n, s in shapes.items()
                if n.endswith(".weight") and len(s) == 2 and not any(k in n for k in _NOT_LINEAR)}
@@ -158,13 +161,16 @@ def estimate_memory(
                     if lora_modules_to_save and _matches(n.rsplit(".", 1)[0], list(lora_modules_to_save)))
         trainable = adapters + saved
         # frozen base in the load dtype; adapters are fp32 (PEFT upcasts them); modules_to_save are trained copies
+        # (their presence keeps a plain-AMP base in fp32)
+        wbytes = 2 if half and (deepspeed or not saved) else 4
         weights = total * wbytes + adapters * 4 + saved * wbytes
         gradients = adapters * 4 + saved * wbytes
-        master = saved * 4 if half else 0
+        master = saved * 4 if wbytes == 2 else 0
     else:
         trainable = total
+        wbytes = 2 if half and deepspeed else 4  # plain AMP keeps fp32 weights and grads: no separate master copy
         weights, gradients = total * wbytes, total * wbytes
-        master = total * 4 if half else 0
+        master = total * 4 if wbytes == 2 else 0
 
     if str(params.get("optim", "adamw_torch")) == "adafactor":
         # factored second moment: one row and one column vector per matrix, no first moment (HF defaults)
@@ -194,7 +200,7 @@ def estimate_memory(
     tokens = int(params.get("per_device_train_batch_size", 1) or 1) * seq
     # Rough, without gradient checkpointing, fused (SDPA) attention: ~18 saved values per hidden unit per layer,
     # plus the fp32 logits and their gradient.
-    activations = tokens * (layers * hidden * 18 * wbytes + vocab * 8)
+    activations = tokens * (layers * hidden * 18 * abytes + vocab * 8)
 
     state = weights + gradients + optimizer
     return {

@@ -335,13 +335,26 @@ def _make_callbacks(params, events: _Events, meter: _TokenMeter, progress: bool)
 
 # ---- model ---------------------------------------------------------------------------------------------------
 
-def _load_model(model_dir, *, packing: bool, trust_remote_code: bool, ignore_mismatched_sizes: bool):
+def base_weights_dtype(params: Dict[str, Any], local: Dict[str, Any], precision: Dict[str, bool]) -> str:
+    """The dtype the base model loads in. LoRA in 16-bit mixed precision without DeepSpeed: the frozen base in that
+    16-bit type (half its memory; PEFT keeps the adapters in fp32 and autocast does the rest). Everything else
+    loads fp32: full fine-tuning under AMP needs fp32 weights to update, DeepSpeed casts the module itself, and
+    modules_to_save become trainable copies of base modules, which must not be 16-bit under AdamW."""
+    half = precision.get("bf16") or precision.get("fp16")
+    if (half and params.get("apply_lora") and not params.get("apply_deepspeed")
+            and not list(local.get("lora_modules_to_save") or [])):
+        return "bfloat16" if precision.get("bf16") else "float16"
+    return "float32"
+
+
+def _load_model(model_dir, *, packing: bool, trust_remote_code: bool, ignore_mismatched_sizes: bool,
+                dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
     from runner.local.packing import register_packed_attention
 
-    kwargs = dict(dtype=torch.float32, trust_remote_code=trust_remote_code,
+    kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
                   ignore_mismatched_sizes=ignore_mismatched_sizes)
     if packing:
         try:
@@ -462,9 +475,11 @@ def train(*, model_dir, train_file, eval_file, params: dict, local: dict, out_di
         raise RunnerError(f"{train_file}: no conversation with an assistant turn left to train on")
 
     # -- model --
+    precision = _mixed_precision(params, device)
     model, packing = _load_model(model_dir, packing=bool(local.get("packing", True)),
                                  trust_remote_code=trust_remote_code,
-                                 ignore_mismatched_sizes=bool(params.get("ignore_mismatched_sizes")))
+                                 ignore_mismatched_sizes=bool(params.get("ignore_mismatched_sizes")),
+                                 dtype=base_weights_dtype(params, local, precision))
     model.config.use_cache = False
     if params.get("apply_lora"):
         model = _apply_lora(model, params, local)
@@ -508,7 +523,6 @@ def train(*, model_dir, train_file, eval_file, params: dict, local: dict, out_di
         eval_steps = max(1, round(interval * steps_per_epoch)) if interval > 0 else int(params.get("eval_steps", 500))
     else:
         eval_strategy, eval_steps = "epoch", None
-    precision = _mixed_precision(params, device)
     autocast_dtype = (torch.bfloat16 if precision["bf16"] else torch.float16) if any(precision.values()) else None
 
     args = TrainingArguments(
@@ -645,6 +659,8 @@ def train(*, model_dir, train_file, eval_file, params: dict, local: dict, out_di
         "tokenized_cache_hit": train_stats["cache_hit"],
         "precision": "bf16" if precision["bf16"] else ("fp16" if precision["fp16"] else "fp32"),
         "device": device,
+        # measured, to set against the compute step's estimate (this process's GPU; every rank holds as much)
+        "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated() / 1e9) if device == "cuda" else None,
         **counts,
     }
     if is_main:

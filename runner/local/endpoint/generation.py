@@ -57,6 +57,17 @@ def is_local_model_dir(uri: str) -> bool:
     return "://" not in uri and ":/" not in uri
 
 
+def serving_device(device: str) -> str:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; "cuda" without a GPU is an error, not a silent CPU run."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("deployment.device=cuda but no CUDA GPU is visible to the endpoint process")
+    return device
+
+
 def load_components(uri: str):
     """(model, tokenizer) from a save_pretrained folder or an MLflow model URI (models:/name/version, runs:/...)."""
     if is_local_model_dir(uri):
@@ -200,8 +211,11 @@ class ChatGenerator:
         self.context_length = self._context_length()
 
     @classmethod
-    def from_uri(cls, uri: str) -> "ChatGenerator":
+    def from_uri(cls, uri: str, device: str = "cpu") -> "ChatGenerator":
         model, tokenizer = load_components(uri)
+        target = serving_device(device)
+        if target != "cpu":
+            model.to(target)
         return cls(model, tokenizer)
 
     def _context_length(self) -> int:

@@ -222,7 +222,7 @@ def wait_ready(state: Dict[str, Any], *, timeout_s: float = 300, progress: bool 
 
 def start_endpoint(*, name: str, deployments: Dict[str, str], traffic: Dict[str, int], host: str = "127.0.0.1",
                    port: int = 0, state_dir, request_timeout_ms: int = 90000, max_batch_size: int = 16,
-                   batch_window_ms: float = 10.0, startup_timeout_s: float = 300,
+                   batch_window_ms: float = 10.0, startup_timeout_s: float = 300, device: str = "auto",
                    env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Start a local endpoint, wait until it is ready and write its state file. Returns the state (JSON-able)."""
     deployments, traffic = dict(deployments), {k: int(v) for k, v in dict(traffic).items()}
@@ -236,7 +236,7 @@ def start_endpoint(*, name: str, deployments: Dict[str, str], traffic: Dict[str,
     print(f"  starting endpoint {name} ({', '.join(f'{d}={u}' for d, u in deployments.items())})", flush=True)
     state = launch_server(name=name, deployments=deployments, traffic=traffic, host=host, port=port,
                           state_dir=state_dir, request_timeout_ms=request_timeout_ms, max_batch_size=max_batch_size,
-                          batch_window_ms=batch_window_ms, env=env)
+                          batch_window_ms=batch_window_ms, env=env, extra_args=("--device", device))
     print(f"  endpoint {name} listening at {state['url']} (pid {state['pid']}); loading the model", flush=True)
     try:
         wait_ready(state, timeout_s=startup_timeout_s)

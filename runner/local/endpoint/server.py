@@ -200,6 +200,7 @@ class EndpointSettings:
     seed: int = 0
     shutdown_grace_s: float = 10.0
     torch_threads: Optional[int] = None
+    device: str = "auto"  # auto = the first CUDA GPU when one is visible, else the CPU
     load_delay_s: float = 0.0  # testing only: hold readiness back to observe the 503 of a loading endpoint
 
 
@@ -241,13 +242,13 @@ class EndpointState:
                 if dep.uri not in by_uri:
                     started = time.monotonic()
                     log.info("loading %s for deployment %s", dep.uri, dep.name)
-                    generator = ChatGenerator.from_uri(dep.uri)
+                    generator = ChatGenerator.from_uri(dep.uri, device=self.settings.device)
                     threads = set_torch_threads(self.settings.torch_threads, generator.model)
                     batcher = DynamicBatcher(generator.run_batch, max_batch_size=self.settings.max_batch_size,
                                              window_ms=self.settings.batch_window_ms, name=f"batcher-{dep.name}")
                     by_uri[dep.uri] = (generator, batcher)
-                    log.info("loaded %s in %.1fs (context %d tokens, %d torch threads)", dep.uri,
-                             time.monotonic() - started, generator.context_length, threads)
+                    log.info("loaded %s in %.1fs on %s (context %d tokens, %d torch threads)", dep.uri,
+                             time.monotonic() - started, generator.model.device, generator.context_length, threads)
                 dep.generator, dep.batcher = by_uri[dep.uri]  # deployments of one model share its batcher
             self.ready.set()
             log.info("endpoint %s ready", self.settings.name)
@@ -519,6 +520,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shutdown-grace-s", type=float, default=10.0)
     p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model runs (auto = a CUDA GPU when one is visible)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--test-load-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -539,7 +542,7 @@ def main(argv=None) -> int:
         name=args.name, deployments=deployments, traffic=traffic, key=key,
         request_timeout_ms=args.request_timeout_ms, max_batch_size=args.max_batch_size,
         batch_window_ms=args.batch_window_ms, seed=args.seed, shutdown_grace_s=args.shutdown_grace_s,
-        torch_threads=args.torch_threads, load_delay_s=args.test_load_delay_s,
+        torch_threads=args.torch_threads, device=args.device, load_delay_s=args.test_load_delay_s,
     )
     app = create_app(settings)
     state: EndpointState = app.state.endpoint
