@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]            # checks 1-4, a few minutes
 #   FULL_SIZE=1 bash scripts/gpu_check.sh [OUT]    # + check 5 (about 15 GB of disk, 5-10 minutes)
 #   CHECKS="lora_bf16 phi3_mini_full_size" FULL_SIZE=1 bash scripts/gpu_check.sh   # only the named checks
+#   CHECK_ARGS="finetune.num_train_epochs=1" bash scripts/gpu_check.sh              # extra overrides for each
 #
 #   1. the defaults (full fine-tuning) in bf16 mixed precision, the whole workflow: train, register, an endpoint
 #      that serves from the GPU, the sample request, cleanup
@@ -28,7 +29,8 @@ check() {  # name, then ftrun arguments; CHECKS="name ..." runs only those
   [[ -z "${CHECKS:-}" || " $CHECKS " == *" $name "* ]] || return 0
   echo "=== $name: ftrun $*"
   local started=$SECONDS
-  if ftrun compute=local_gpu hydra.run.dir="$out/$name" "$@" 2>&1 | tee "$out/$name.log" | grep -v "it/s]$"; then
+  # shellcheck disable=SC2086  # CHECK_ARGS: extra overrides for every check, split on spaces
+  if ftrun compute=local_gpu hydra.run.dir="$out/$name" "$@" ${CHECK_ARGS:-} 2>&1 | tee "$out/$name.log" | grep -v "it/s]$"; then
     echo "=== $name: passed in $((SECONDS - started)) s"
   else
     echo "=== $name: FAILED after $((SECONDS - started)) s (log: $out/$name.log)"; status=1
