@@ -448,6 +448,11 @@ def train(*, model_dir, train_file, eval_file, params: dict, local: dict, out_di
     from transformers import AutoTokenizer, TrainingArguments, enable_full_determinism, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from runner.local.packing import avoid_per_shape_attention_plans
+
+    if device == "cuda":
+        avoid_per_shape_attention_plans()
+
     from runner.data.prepare import tokenize_file_with_stats
     from runner.local.packing import PaddedCollator, TokenBudgetBatchSampler, pack_conversations
 

@@ -215,6 +215,9 @@ class ChatGenerator:
         model, tokenizer = load_components(uri)
         target = serving_device(device)
         if target != "cpu":
+            from runner.local.packing import avoid_per_shape_attention_plans
+
+            avoid_per_shape_attention_plans()  # every decoding step is a new key length
             model.to(target)
         return cls(model, tokenizer)
 
