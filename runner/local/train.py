@@ -49,6 +49,11 @@ def _check_settings(params: Dict[str, Any], local: Dict[str, Any], device: str) 
                       f"chat fine-tuning on this machine; use loss")
     if params.get("apply_lora") and not local.get("lora_target_modules"):
         errors.append("finetune.apply_lora=true needs finetune.local.lora_target_modules (e.g. [qkv_proj, o_proj])")
+    if params.get("apply_lora") and params.get("apply_deepspeed") and int(params.get("deepspeed_stage", 2)) == 3:
+        # ZeRO-3 shards the frozen base too; merging adapters into gathered shards is not implemented here. A LoRA
+        # run's frozen base needs no optimizer state, so stage 2 already keeps it small.
+        errors.append("finetune.apply_lora=true with finetune.deepspeed_stage=3 is not supported by the local "
+                      "trainer; use deepspeed_stage=2 (finetune=lora_deepspeed2) or full fine-tuning with stage 3")
     if int(local.get("save_steps", 1)) < 1:
         errors.append(f"finetune.local.save_steps={local.get('save_steps')} must be >= 1")
     if errors:
@@ -390,7 +395,16 @@ def count_parameters(model) -> Dict[str, int]:
     return {"trainable_params": int(trainable), "total_params": int(total)}
 
 
-def _save_final(model, tokenizer, out: Path, params) -> Dict[str, Any]:
+def _zero3_state_dict(trainer) -> Optional[Dict[str, Any]]:
+    """Under DeepSpeed ZeRO-3 each rank holds only a shard of every weight (the module's own tensors are empty
+    placeholders), so the final save needs the whole 16-bit weights gathered from all ranks; None otherwise."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
+    if plugin is None or int(plugin.zero_stage or 0) != 3:
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
+def _save_final(model, tokenizer, out: Path, params, state_dict=None) -> Dict[str, Any]:
     """A plain transformers model + tokenizer in out/final_model, written to a temp folder and renamed; with LoRA
     not merged by request, the adapter is kept in out/adapter too (the final model is still a merged copy, since
     only a plain model registers and serves faithfully)."""
@@ -413,7 +427,7 @@ def _save_final(model, tokenizer, out: Path, params) -> Dict[str, Any]:
         model.set_attn_implementation("sdpa")  # the saved model must load without this module
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=out))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)  # state_dict: ZeRO-3's gathered weights, else None
         tokenizer.save_pretrained(tmp)
         ckpt.replace_dir_atomically(tmp, out / "final_model")
     finally:
@@ -668,8 +682,9 @@ def train(*, model_dir, train_file, eval_file, params: dict, local: dict, out_di
         "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated() / 1e9) if device == "cuda" else None,
         **counts,
     }
+    gathered = _zero3_state_dict(trainer)  # a collective: every rank takes part, rank 0 gets the weights
     if is_main:
-        result.update(_save_final(trainer.model, tokenizer, out, params))
+        result.update(_save_final(trainer.model, tokenizer, out, params, state_dict=gathered))
         result["wall_time_s"] = time.time() - started
         events.emit("summary", {k: v for k, v in result.items() if isinstance(v, (int, float))}, step)
         ckpt.write_atomic(out / distributed.RESULT_FILE, json.dumps(result, indent=1, default=str))
