@@ -155,3 +155,25 @@ def test_batcher_close_cancels_what_it_cannot_finish():
     batcher.close(timeout=0.2)
     reasons = sorted(r.finish_reason for r in results)
     assert reasons == ["cancelled", "cancelled"]  # the queued one failed at once, the running one was told to stop
+
+
+def test_serving_device_auto_is_the_cpu_without_a_gpu_and_cuda_is_refused():
+    import torch
+
+    from runner.local.endpoint.generation import serving_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert serving_device("auto") == "cpu" and serving_device("cpu") == "cpu"
+    with pytest.raises(RuntimeError, match="deployment.device=cuda but no CUDA GPU"):
+        serving_device("cuda")
+
+
+def test_cudnn_attention_switch_leaves_a_cpu_machine_alone():
+    import torch
+
+    from runner.local.packing import avoid_per_shape_attention_plans
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    avoid_per_shape_attention_plans()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == (before if not torch.cuda.is_available() else False)

@@ -152,6 +152,7 @@ def os_listdir(path):
     ({"precision": 16}, "precision=16 needs a CUDA GPU"),
     ({"apply_deepspeed": True}, "apply_deepspeed=true needs CUDA"),
     ({"metric_for_best_model": "f1"}, "metric_for_best_model='f1'"),
+    ({"apply_lora": True, "apply_deepspeed": True, "deepspeed_stage": 3}, "apply_lora=true with .*deepspeed_stage=3"),
 ])
 def test_impossible_settings_are_refused_before_loading(overrides, message, tmp_path):
     # No model folder and no data exist: the refusal must come before anything is read.
