@@ -126,6 +126,18 @@ def parameter_inventory(model_dir: str) -> Tuple[Dict[str, Tuple[int, ...]], Dic
 
 
 # ---- memory estimate ----------------------------------------------------------------------------------------------
+def base_weights_dtype(params: Dict[str, Any], local: Dict[str, Any], precision: Dict[str, bool]) -> str:
+    """The dtype the base model loads in. LoRA in 16-bit mixed precision without DeepSpeed: the frozen base in that
+    16-bit type (half its memory; PEFT keeps the adapters in fp32 and autocast does the rest). Everything else
+    loads fp32: full fine-tuning under AMP needs fp32 weights to update, DeepSpeed casts the module itself, and
+    modules_to_save become trainable copies of base modules, which must not be 16-bit under AdamW."""
+    half = precision.get("bf16") or precision.get("fp16")
+    if (half and params.get("apply_lora") and not params.get("apply_deepspeed")
+            and not list(local.get("lora_modules_to_save") or [])):
+        return "bfloat16" if precision.get("bf16") else "float16"
+    return "float32"
+
+
 def estimate_memory(
     shapes: Dict[str, Tuple[int, ...]],
     cfg: Dict[str, Any],
@@ -139,8 +151,8 @@ def estimate_memory(
     """Bytes of weights, gradients and optimizer state (per device) for full or LoRA fine-tuning, plus a rough
     activation figure. Mixed-precision accounting as in the ZeRO paper: full fine-tuning costs 16 bytes per
     parameter (weights + grads + fp32 master copy + two fp32 AdamW moments) whatever the precision.
-    Weights are counted in the dtype the trainer holds them in (train.base_weights_dtype): 16-bit for a frozen LoRA
-    base and under DeepSpeed (which casts the module), fp32 for full fine-tuning under plain AMP."""
+    Weights are counted in the dtype the trainer holds them in: the load dtype (base_weights_dtype), or 16-bit
+    under DeepSpeed, which casts the module."""
     half = int(params.get("precision", 32)) == 16
     deepspeed = bool(params.get("apply_deepspeed"))
     abytes = 2 if half else 4  # activations follow autocast
@@ -161,8 +173,9 @@ def estimate_memory(
                     if lora_modules_to_save and _matches(n.rsplit(".", 1)[0], list(lora_modules_to_save)))
         trainable = adapters + saved
         # frozen base in the load dtype; adapters are fp32 (PEFT upcasts them); modules_to_save are trained copies
-        # (their presence keeps a plain-AMP base in fp32)
-        wbytes = 2 if half and (deepspeed or not saved) else 4
+        loads_16bit = base_weights_dtype({**params, "apply_lora": True}, {"lora_modules_to_save": lora_modules_to_save},
+                                         {"bf16": half, "fp16": False}) != "float32"
+        wbytes = 2 if half and (deepspeed or loads_16bit) else 4
         weights = total * wbytes + adapters * 4 + saved * wbytes
         gradients = adapters * 4 + saved * wbytes
         master = saved * 4 if wbytes == 2 else 0

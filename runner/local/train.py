@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Optional
 from runner.errors import RunnerError
 from runner.local import checkpoints as ckpt
 from runner.local import distributed
-from runner.local.compute import cpu_refusals
+from runner.local.compute import base_weights_dtype, cpu_refusals
 
 LogFn = Callable[[Dict[str, float], int], None]
 
@@ -340,18 +340,6 @@ def _make_callbacks(params, events: _Events, meter: _TokenMeter, progress: bool)
 
 # ---- model ---------------------------------------------------------------------------------------------------
 
-def base_weights_dtype(params: Dict[str, Any], local: Dict[str, Any], precision: Dict[str, bool]) -> str:
-    """The dtype the base model loads in. LoRA in 16-bit mixed precision without DeepSpeed: the frozen base in that
-    16-bit type (half its memory; PEFT keeps the adapters in fp32 and autocast does the rest). Everything else
-    loads fp32: full fine-tuning under AMP needs fp32 weights to update, DeepSpeed casts the module itself, and
-    modules_to_save become trainable copies of base modules, which must not be 16-bit under AdamW."""
-    half = precision.get("bf16") or precision.get("fp16")
-    if (half and params.get("apply_lora") and not params.get("apply_deepspeed")
-            and not list(local.get("lora_modules_to_save") or [])):
-        return "bfloat16" if precision.get("bf16") else "float16"
-    return "float32"
-
-
 def _load_model(model_dir, *, packing: bool, trust_remote_code: bool, ignore_mismatched_sizes: bool,
                 dtype: str = "float32"):
     import torch
@@ -462,13 +450,12 @@ def train(*, model_dir, train_file, eval_file, params: dict, local: dict, out_di
     from transformers import AutoTokenizer, TrainingArguments, enable_full_determinism, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from runner.local.packing import avoid_per_shape_attention_plans
+    from runner.data.prepare import tokenize_file_with_stats
+    from runner.local.packing import (PaddedCollator, TokenBudgetBatchSampler, avoid_per_shape_attention_plans,
+                                      pack_conversations)
 
     if device == "cuda":
         avoid_per_shape_attention_plans()
-
-    from runner.data.prepare import tokenize_file_with_stats
-    from runner.local.packing import PaddedCollator, TokenBudgetBatchSampler, pack_conversations
 
     seed = int(params.get("seed", 42))
     (enable_full_determinism if params.get("enable_full_determinism") else set_seed)(seed)
