@@ -5,7 +5,7 @@ time, naming the key). Value sets that OmegaConf cannot express for us (string e
 integer enum `deepspeed_stage`) are declared as `choices` in the field metadata and checked by `validate()` before
 any step runs, so every bad value is refused before money, GPU time or data is spent.
 
-Finetune keys carry the `chat_completion_pipeline` component's input names (see ../shared/reference/azureml/), so a
+Finetune keys carry the `chat_completion_pipeline` component's input names (recorded in runner/azureml/components/), so a
 user of the Azure notebook recognises every key. Keys that only mean something on this machine live under
 `finetune.local` and never reach the component.
 """
@@ -213,7 +213,7 @@ class BackendConfig:
     component_name: str = "chat_completion_pipeline"
     component_label: str = "latest"
     component_version: Optional[str] = None
-    component_spec: Optional[str] = None  # a local spec YAML used by dry_run validation
+    component_spec: Optional[str] = None  # a spec YAML for dry_run validation; None = the recorded contract
 
 
 @dataclass

@@ -12,9 +12,13 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "azureml"
-PIPELINE_SPEC = REFERENCE / "chat_completion_pipeline.spec.yaml"
-PHI3_SPEC = REFERENCE / "models" / "phi-3-mini-4k-instruct.spec.yaml"
+from runner.azureml.spec import DEFAULT_SPEC
+
+# Everything the stand-in serves is the repository's own: the component contract the runner ships, and the registry
+# model's facts recorded under tests/fixtures/azureml/.
+PIPELINE_SPEC = DEFAULT_SPEC
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "azureml"
+PHI3_SPEC = FIXTURES / "phi-3-mini-4k-instruct.model.yaml"
 
 # The subset of calls that create, submit or delete something (cost money or change the workspace).
 SPENDING = (

@@ -10,7 +10,7 @@ from runner.azureml.spec import coerce_input, load_spec, prepare_inputs, spec_fr
 from runner.azureml.tags import facts_from_config
 from runner.finetune_params import merge_finetune_params
 from runner.schema import ConfigError
-from tests.azureml_double import PIPELINE_SPEC
+from tests.azureml_double import PHI3_SPEC, PIPELINE_SPEC
 from tests.conftest import compose_cfg
 
 PRESETS = ["default", "lora", "lora_deepspeed2", "full_deepspeed3"]
@@ -70,7 +70,7 @@ def test_passing_the_model_tags_raw_hits_the_seed_hazard(component):
     """What the notebook does with Phi-3's model_specific_defaults: learning_rate_min/max are not inputs."""
     from azure.ai.ml.exceptions import UnexpectedKeywordError
 
-    tags = yaml.safe_load((PIPELINE_SPEC.parent / "models" / "phi-3-mini-4k-instruct.spec.yaml").read_text())
+    tags = yaml.safe_load(PHI3_SPEC.read_text())
     with pytest.raises(UnexpectedKeywordError):
         component(**tags["tags"]["model_specific_defaults"])
 

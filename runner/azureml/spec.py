@@ -6,8 +6,9 @@ the Python way (bools, ints), and the model's tags mix both; this module turns t
 what the component accepts, drops what it does not declare, and refuses a key the user set explicitly that the
 component does not have (naming the nearest input), before anything is created or submitted.
 
-A spec is read from the YAML in azureml-assets (../shared/reference/azureml/chat_completion_pipeline.spec.yaml),
-from one exported from a registry (`az ml component show ... -o json` / yaml: the same `inputs` at the top level,
+By default the spec is the project's own recorded contract of chat_completion_pipeline 0.0.82
+(runner/azureml/components/, written by scripts/record_component.py). `backend.component_spec=` may name the spec
+YAML from azureml-assets, one exported from a registry (`az ml component show ... -o json` / yaml: the same `inputs` at the top level,
 plus `id`, `creation_context`, ...), or from a component entity's `_to_dict()`.
 """
 
@@ -110,10 +111,16 @@ def load_spec(path: str) -> ComponentSpec:
     return spec_from_dict(data, str(p))
 
 
-def resolve_spec_path(path: Optional[str], repo_root: Path) -> Optional[Path]:
-    """backend.component_spec: as given if it exists from the current directory, else relative to the repo root."""
+# The contract shipped with the runner: what dry runs and the pre-submission checks use unless told otherwise.
+COMPONENTS_DIR = Path(__file__).resolve().parent / "components"
+DEFAULT_SPEC = COMPONENTS_DIR / "chat_completion_pipeline-0.0.82.yaml"
+
+
+def resolve_spec_path(path: Optional[str], repo_root: Path) -> Path:
+    """backend.component_spec: unset = the recorded contract shipped with the runner; otherwise as given if it
+    exists from the current directory, else relative to the repo root."""
     if not path:
-        return None
+        return DEFAULT_SPEC
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists():
         return p
