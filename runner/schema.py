@@ -300,9 +300,46 @@ def _check_choices(node: Any, schema: type, prefix: str, errors: List[str]) -> N
             _check_choices(value, f.type, key + ".", errors)
 
 
+def open_dicts(schema: type = None, prefix: str = "") -> List[str]:
+    """The keys whose values are free-form dicts (Dict-typed fields): the only places a `+key=...` may add keys."""
+    schema = schema or RunConfig
+    found: List[str] = []
+    for f in dataclasses.fields(schema):
+        if isinstance(f.type, type) and dataclasses.is_dataclass(f.type):
+            found += open_dicts(f.type, f"{prefix}{f.name}.")
+        elif getattr(f.type, "__origin__", None) is dict:
+            found.append(prefix + f.name)
+    return found
+
+
+def _check_unknown_keys(node: Any, schema: type, prefix: str, errors: List[str]) -> None:
+    """Every key must be one the schema defines. OmegaConf refuses `key=value` for an unknown key, but Hydra's
+    `+key=value` adds keys to a structured node without complaint: without this check a typo such as
+    `+finetune.learnign_rate=1e-5` would run the whole workflow with the setting silently ignored."""
+    import difflib
+
+    from omegaconf import DictConfig
+
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(sorted(known))}"
+            errors.append(f"{prefix}{key} is not a config key ({hint}); only these dicts take new keys: "
+                          f"{', '.join(open_dicts())}")
+    for name, f in known.items():
+        if isinstance(f.type, type) and dataclasses.is_dataclass(f.type) and name in node:
+            child = node._get_node(name) if hasattr(node, "_get_node") else node[name]
+            if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+                _check_unknown_keys(child, f.type, f"{prefix}{name}.", errors)
+
+
 def validate(cfg: Any) -> None:
     """Check everything the types alone cannot; raise ConfigError listing every problem."""
     errors: List[str] = []
+    _check_unknown_keys(cfg, RunConfig, "", errors)
+    if errors:  # the other checks read keys by name: report unknown ones alone first
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     for group, schema in GROUP_SCHEMAS.items():
         _check_choices(cfg[group], schema, f"{group}.", errors)
     _check_choices(cfg.sweep, SweepConfig, "sweep.", errors)

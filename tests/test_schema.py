@@ -25,6 +25,10 @@ def ftrun(*args, timeout=60):
         ("dataset.on_invalid=drop", ["dataset.on_invalid", "error, skip"]),
         ("steps=[data,train]", ["train", "connect"]),
         ("dataset.split_percent=0", ["dataset.split_percent", "(0, 100]"]),
+        # `+` adds a key to a structured node without complaint from Hydra: the schema refuses it all the same
+        ("+finetune.learnign_rate=1e-5", ["finetune.learnign_rate is not a config key", "finetune.learning_rate"]),
+        ("+finetune.local.pakcing=false", ["finetune.local.pakcing", "finetune.local.packing"]),
+        ("+seeed=3", ["seeed is not a config key", "did you mean seed"]),
     ],
 )
 def test_bad_override_exits_nonzero_naming_the_key(override, must_say, tmp_path):
@@ -67,3 +71,15 @@ def test_traffic_must_add_up_and_include_the_deployment():
     cfg = compose_cfg(["+deployment.traffic.blue=100", "deployment.traffic.demo=0", "deployment.deployment_name=green"])
     with pytest.raises(ConfigError, match="deployment_name='green'"):
         validate(cfg)
+
+
+def test_open_dicts_take_new_keys_and_nothing_else_does():
+    from runner.schema import open_dicts
+
+    assert {"deployment.traffic", "deployment.sample_parameters", "model.model_specific_defaults"} <= set(open_dicts())
+    validate(compose_cfg(["+deployment.traffic.blue=0", "+deployment.sample_parameters.top_k=5",
+                          "+model.model_specific_defaults.warmup_steps=3"]))
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(["+model.tiny.hidden=32", "+backend.wiat=false"]))
+    assert "model.tiny.hidden is not a config key" in str(info.value)
+    assert "backend.wiat is not a config key (did you mean backend.wait?)" in str(info.value)
