@@ -11,7 +11,9 @@ user of the Azure notebook recognises every key. Keys that only mean something o
 """
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
@@ -218,7 +220,7 @@ class BackendConfig:
 
 @dataclass
 class PathsConfig:
-    root: str = "${oc.env:FTRUN_HOME,.ftrun}"  # the project's state folder
+    root: str = "${ftrun_home:}"  # the state folder: $FTRUN_HOME, else <checkout>/.ftrun (see state_root())
     data_dir: str = "${paths.root}/data"
     models_dir: str = "${paths.root}/models"
     endpoints_dir: str = "${paths.root}/endpoints"
@@ -277,8 +279,26 @@ GROUP_SCHEMAS = {
 }
 
 
+# The checkout that holds runner/ and conf/ (the install is editable: conf/ lives beside the package).
+CHECKOUT = Path(__file__).resolve().parent.parent
+STATE_ENV = "FTRUN_HOME"
+
+
+def state_root() -> str:
+    """Where all state lives (MLflow store, models, data, endpoints): $FTRUN_HOME if set, else `.ftrun/` in the
+    checkout. Always absolute, so `ftrun` started from another directory (or `from_run=` pointing back) finds the
+    same store, models and data instead of starting a second `.ftrun/` wherever it happens to be run."""
+    value = os.environ.get(STATE_ENV)
+    root = Path(value).expanduser() if value else CHECKOUT / ".ftrun"
+    return str(root.resolve())
+
+
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("ftrun_home"):
+        OmegaConf.register_new_resolver("ftrun_home", state_root)
 
     # The root schema types every group: a group preset merged into `model`, `finetune`, ... is checked against
     # its dataclass, so presets need no schema entry of their own.
