@@ -87,21 +87,36 @@ class ComputeConfig:
     memory_headroom: float = 0.9  # fraction of free memory the weights + optimizer state may use
 
 
+# `${ftrun_slug:...}` and `${ftrun_model_name:...}`: the dataset's slug names its folder and the registered model
+from runner.data.names import register_name_resolvers  # noqa: E402  (light: re and pathlib only)
+
+register_name_resolvers()
+
+
 @dataclass
 class DatasetConfig:
-    name: str = "HuggingFaceH4/ultrachat_200k"  # hub id, or a local folder/file for `datasets`
-    source: str = choice("hub", ["hub", "sample"])
+    name: str = "HuggingFaceH4/ultrachat_200k"  # hub id, or a local folder/file for `datasets`; dataset=local: a label
+    source: str = choice("hub", ["hub", "sample", "local"])
     subset: Optional[str] = None
     split_percent: float = 5.0  # first N percent of every split, as the notebook
     splits: List[str] = list_field("train_sft", "test_sft", "train_gen", "test_gen")
     train_split: str = "train_sft"
     test_split: str = "test_sft"
     sample_split: str = "test_gen"  # one seeded random row of it becomes the endpoint's sample request
-    download_dir: str = "${paths.data_dir}/ultrachat_200k"
+    # names the data folder and the registered model (runner/data/names.py): ultrachat_200k, sample, a file's stem
+    slug: str = "${ftrun_slug:${dataset.name}}"
+    download_dir: str = "${paths.data_dir}/${dataset.slug}"
     force: bool = False
     on_invalid: str = choice("error", ["error", "skip"])
     seed: int = 42
     sample_rows: Dict[str, int] = field(default_factory=dict)  # source=sample: rows per split
+    # the rows' format (runner/data/formats.py); auto: the first row's, and every row must share it
+    format: str = choice("auto", ["auto", "messages", "sharegpt", "alpaca"])
+    columns: Dict[str, str] = field(default_factory=dict)  # our field -> the source's column, e.g. messages: conversation
+    # source=local (dataset=local): the user's files; without eval_file, eval_percent of the train rows are held out
+    train_file: Optional[str] = None
+    eval_file: Optional[str] = None
+    eval_percent: float = 5.0
 
 
 @dataclass
@@ -231,7 +246,7 @@ class MlflowConfig:
     tracking_uri: str = "sqlite:///${paths.root}/mlflow.db"
     artifact_location: str = "${paths.root}/mlartifacts"
     experiment_name: str = "${backend.experiment_name}"
-    registered_model_name: str = "${model.name}-ultrachat-200k"
+    registered_model_name: str = "${ftrun_model_name:${model.name},${dataset.slug}}"  # e.g. tiny-phi3-sample
 
 
 @dataclass

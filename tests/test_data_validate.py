@@ -53,11 +53,12 @@ def test_message_level_rules(messages, rule):
     assert check_row({"prompt": "a", "prompt_id": "p", "messages": messages}, sft=False)[0] == rule
 
 
-def test_missing_prompt_id_and_system_first_are_fine_or_named():
+def test_prompt_and_prompt_id_are_optional_but_checked_when_present():
     system_first = {**row(0), "messages": [{"role": "system", "content": "Be brief."}, *row(0)["messages"]]}
     assert check_row(system_first, sft=True) is None
-    no_id = {k: v for k, v in row(0).items() if k != "prompt_id"}
-    assert check_row(no_id, sft=True)[0] == "prompt-id-present"
+    assert check_row({"messages": row(0)["messages"]}, sft=True) is None  # the OpenAI format: messages only
+    assert check_row({**row(0), "prompt_id": 7}, sft=True)[0] == "prompt-id-present"
+    assert check_row({**row(0), "prompt": "other"}, sft=True)[0] == "prompt-equals-first-user"
 
 
 def test_the_report_is_json_ready(tmp_path):

@@ -193,14 +193,23 @@ class AzureMLBackend(Backend):
                            + "; ".join(errors))
 
     def data(self, ctx, data: Dict[str, Any]) -> Dict[str, Any]:
-        inputs = {}
+        """The train/test files the pipeline job uploads: messages rows, as the component documents them. Rows
+        with other keys (a user's own columns) are uploaded from a messages-only copy in the run dir; ultrachat's
+        prompt/prompt_id ride along as they always have."""
+        from runner.data.upload import messages_only
+
+        inputs, out = {}, {}
         for key, field in (("train_file_path", "train_file"), ("test_file_path", "test_file")):
             path = data.get(field)
             if not path or not Path(path).is_file():
                 raise FileNotFoundError(f"the data step did not produce its {field} ({path!r})")
-            inputs[key] = {"type": "uri_file", "path": str(Path(path).resolve())}
+            upload = messages_only(path, Path(ctx.run_dir) / "data" / "upload" / Path(path).name)
+            if upload != Path(path):
+                out[field], out[f"data_{field}"] = str(upload), str(path)  # finetune uploads the copy
+                ctx.say(f"{field}: uploading a messages-only copy, {upload}")
+            inputs[key] = {"type": "uri_file", "path": str(Path(upload).resolve())}
         ctx.say("train/test files are uploaded by the pipeline job submission as uri_file inputs")
-        return {"azure_inputs": inputs}
+        return {**out, "azure_inputs": inputs}
 
     def finetune(self, ctx) -> Dict[str, Any]:
         from runner.azureml.spec import check_required, prepare_inputs

@@ -2,10 +2,11 @@
 download script does (`load_dataset(name, split=f"{split}[0%:{pc}%]")`).
 
 The source is a hub id (HuggingFaceH4/ultrachat_200k) or local files: a folder holding `<split>.jsonl` / `.json` /
-`.parquet`, or one file. A local JSONL split is already in the target format, so its first N percent is copied line
-for line in one streaming pass (no Arrow conversion, no re-serialisation, and line numbers stay those of the source,
-so a validation error points at the line to fix there); JSON, Parquet and hub splits go through `datasets`. The row
-count for a percent is the one `datasets` computes for `split[0%:N%]`, whichever path is taken.
+`.parquet`, or one file. A local JSONL split's first N percent is copied line for line in one streaming pass (no
+Arrow conversion, no re-serialisation, and line numbers stay those of the source, so a validation error points at
+the line to fix there); JSON, Parquet and hub splits go through `datasets` (row N is line N of the written file).
+The row count for a percent is the one `datasets` computes for `split[0%:N%]`, whichever path is taken. Rows keep
+their format here: validation (runner/data/validate.py) converts ShareGPT/Alpaca rows to messages rows.
 
 Each split is written atomically, and a manifest (`manifest.json`: the request, rows and sha256 of every file) is
 written last: a later call with the same request whose files still hash as recorded skips the work (the cache);
@@ -42,8 +43,9 @@ def check_split_percent(split_percent: float) -> float:
     return value
 
 
-def write_manifest(download_dir, request: Dict[str, Any], splits: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    manifest = {"request": request, "splits": splits, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+def write_manifest(download_dir, request: Dict[str, Any], splits: Dict[str, Dict[str, Any]],
+                   **extra: Any) -> Dict[str, Any]:
+    manifest = {"request": request, "splits": splits, **extra, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(Path(download_dir) / MANIFEST, manifest)
     return manifest
 
@@ -116,6 +118,21 @@ def _local_source(path: Path, split: str) -> Tuple[str, str]:
                               f"(found: {', '.join(available) or 'nothing'})")
 
 
+def chat_columns(dataset: str, split: str, names, columns: Optional[Dict[str, str]] = None) -> List[str]:
+    """The columns of a `datasets` split that chat rows are made of (any format's fields, or the source's own
+    names for them in `columns`), in the source's order; an error naming the columns there are when none is."""
+    from runner.data.formats import FIELDS, KEY_FIELDS
+
+    wanted = set(FIELDS) | set((columns or {}).values())
+    keep = [c for c in names if c in wanted]
+    keys = set(KEY_FIELDS.values()) | {(columns or {}).get(k) for k in KEY_FIELDS.values()}
+    if not keys & set(keep):
+        raise DatasetRequestError(f"{dataset} split {split!r} has no chat column: none of 'messages', 'conversations' "
+                                  f"(ShareGPT) or 'instruction' (Alpaca) among {sorted(names)}; map yours with "
+                                  f"dataset.columns, e.g. dataset.columns.messages={sorted(names)[0]}")
+    return keep
+
+
 def load_split(dataset: str, split: str, split_percent: float, subset: Optional[str] = None):
     """One split's first `split_percent` percent as a `datasets.Dataset` (hub id or local files)."""
     from datasets import load_dataset
@@ -151,8 +168,11 @@ def download_splits(
     *,
     subset: Optional[str] = None,
     force: bool = False,
+    columns: Optional[Dict[str, str]] = None,
 ) -> Dict[str, Any]:
-    """Write every split's JSONL and the manifest; returns the manifest (with `"cached": True` on a cache hit)."""
+    """Write every split's JSONL and the manifest; returns the manifest (with `"cached": True` on a cache hit).
+    Rows keep the source's column names (`columns` names the ones to keep besides ours); validation converts
+    them to messages rows (runner/data/validate.py)."""
     from runner.data.jsonl import write_jsonl_atomic
 
     split_percent = check_split_percent(split_percent)
@@ -161,6 +181,8 @@ def download_splits(
     download_dir = Path(download_dir)
     request = {"source": "hub" if not Path(dataset).exists() else "local", "dataset": dataset, "subset": subset,
                "splits": list(splits), "split_percent": split_percent}
+    if columns:  # a different mapping is a different request (older manifests, without the key, stay valid)
+        request["columns"] = dict(columns)
     if not force:
         manifest = cached_manifest(download_dir, request)
         if manifest:
@@ -175,11 +197,7 @@ def download_splits(
             rows, digest = copy_jsonl_percent(source[1], path, split_percent)
         else:
             data = load_split(dataset, split, split_percent, subset)
-            columns = set(data.column_names)
-            if "messages" not in columns:
-                raise DatasetRequestError(f"{dataset} split {split!r} has no 'messages' column "
-                                          f"(columns: {sorted(columns)})")
-            data = data.select_columns([c for c in ("prompt", "prompt_id", "messages") if c in columns])
+            data = data.select_columns(chat_columns(dataset, split, data.column_names, columns))
             rows, digest = write_jsonl_atomic(path, iter(data))
         if rows == 0:  # an empty training or test split fails much later and less clearly
             raise DatasetRequestError(f"{dataset} split {split!r}: the first {split_percent:g}% is no rows; "

@@ -1,5 +1,6 @@
-"""The data step, the same on both backends: get the splits (hub/local download, or the offline sample), validate
-every row, explore, and say where everything is."""
+"""The data step, the same on both backends: get the splits (hub/local download, the user's own file with
+dataset=local, or the offline sample), convert them to messages rows and validate every row, explore, and say where
+everything is."""
 
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -40,25 +41,37 @@ def get_splits(dataset_cfg) -> Dict[str, Any]:
         if cached:
             return {**cached, "cached": True}
         return {**write_sample_dataset(dataset_cfg.download_dir, sample_rows, int(dataset_cfg.seed)), "cached": False}
+    if dataset_cfg.source == "local":
+        from runner.data.local import write_local_dataset
+
+        return write_local_dataset(dataset_cfg, force=bool(dataset_cfg.force))
     return download_splits(dataset_cfg.name, list(dataset_cfg.splits), dataset_cfg.split_percent,
-                           dataset_cfg.download_dir, subset=dataset_cfg.subset, force=dataset_cfg.force)
+                           dataset_cfg.download_dir, subset=dataset_cfg.subset, force=dataset_cfg.force,
+                           columns=dict(dataset_cfg.columns or {}))
 
 
 def validate_splits(download_dir, files: Dict[str, str], on_invalid: str,
-                    manifest: Optional[Dict[str, Any]] = None) -> Dict[str, Dict[str, Any]]:
-    """Validate every split (see runner.data.validate). Rows dropped in skip mode are recorded in the manifest
-    (with the clean file's rows and sha256), so the manifest describes the files on disk, the next run is still a
-    cache hit, and it can still say how many rows were dropped."""
+                    manifest: Optional[Dict[str, Any]] = None, *, fmt: str = "messages",
+                    columns: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, Any]]:
+    """Validate every split (see runner.data.validate), converting rows of another format to messages rows.
+    Rows dropped in skip mode and splits rewritten as messages rows are recorded in the manifest (with the file's
+    new rows and sha256), so the manifest describes the files on disk, the next run is still a cache hit (and reads
+    the converted file as messages rows), and it can still say how many rows were dropped."""
     from runner.data.validate import validate_file
 
     recorded = (manifest or {}).get("splits", {})
     reports, changes = {}, {}
     for split, path in files.items():
-        report = validate_file(path, split, on_invalid=on_invalid).to_dict()
-        if report["rejected"]:
-            changes[split] = {"rows": report["valid"], "sha256": sha256_file(path), "rejected": report["rejected"],
-                              "rejects_file": report["rejects_file"]}
-        elif recorded.get(split, {}).get("rejected"):  # dropped by an earlier run of this same request
+        converted_before = recorded.get(split, {}).get("converted", False)
+        report = validate_file(path, split, on_invalid=on_invalid, fmt="messages" if converted_before else fmt,
+                               columns=None if converted_before else columns).to_dict()
+        if report["rejected"] or report["converted"]:
+            changes[split] = {"rows": report["valid"], "sha256": sha256_file(path)}
+            if report["converted"]:
+                changes[split]["converted"] = True
+            if report["rejected"]:
+                changes[split].update(rejected=report["rejected"], rejects_file=report["rejects_file"])
+        if not report["rejected"] and recorded.get(split, {}).get("rejected"):  # dropped by an earlier run
             report["rejected"] = recorded[split]["rejected"]
             report["rejects_file"] = recorded[split].get("rejects_file")
         reports[split] = report
@@ -82,7 +95,8 @@ def run_data_step(dataset_cfg, *, run_dir, max_seq_length: Optional[int] = None,
     manifest = get_splits(dataset_cfg)
     cached = manifest.pop("cached", False)
     print(f"    {'cached' if cached else 'written'}: {base['download_dir']}", flush=True)
-    validation = validate_splits(dataset_cfg.download_dir, files, dataset_cfg.on_invalid, manifest)
+    validation = validate_splits(dataset_cfg.download_dir, files, dataset_cfg.on_invalid, manifest,
+                                 fmt=dataset_cfg.format, columns=dict(dataset_cfg.columns or {}))
     exploration = explore(files, Path(run_dir) / "data", tokenizer_dir=tokenizer_dir, max_seq_length=max_seq_length)
     return {
         **base,
@@ -93,5 +107,6 @@ def run_data_step(dataset_cfg, *, run_dir, max_seq_length: Optional[int] = None,
         "rejects_files": {s: v["rejects_file"] for s, v in validation.items() if v["rejects_file"]},
         "exploration": {k: exploration[k] for k in ("summary_json", "summary_md", "plot")},
         "cached": cached,
+        **({"sources": manifest["sources"]} if manifest.get("sources") else {}),
         "request": OmegaConf.to_container(dataset_cfg, resolve=True),
     }
