@@ -5,6 +5,7 @@ Only hydra/omegaconf are imported at module level: heavy libraries load inside t
 
 import logging
 import math
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -22,11 +23,9 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    _stop_like_ctrl_c()
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-
-    from runner.errors import RunnerError
-    from runner.workflow import run
 
     # Hydra's job logging is INFO for every library: keep the HTTP client's per-request lines out of the output.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -40,8 +39,18 @@ def main(cfg: DictConfig) -> float | None:
         from runner.sweep.context import job_sweep_context
 
         sweep = job_sweep_context(hc)
+    from runner.console_log import LOG_NAME, ConsoleLog
+
+    with ConsoleLog(run_dir / LOG_NAME) as console:
+        return _run_job(cfg, run_dir, list(hc.overrides.task), multirun, sweep, console)
+
+
+def _run_job(cfg: DictConfig, run_dir: Path, overrides: list, multirun: bool, sweep, console) -> float | None:
+    from runner.errors import RunnerError
+    from runner.workflow import run
+
     try:
-        record = run(cfg, run_dir=run_dir, task_overrides=list(hc.overrides.task), sweep=sweep)
+        record = run(cfg, run_dir=run_dir, task_overrides=overrides, sweep=sweep)
     except KeyboardInterrupt as exc:
         # Ctrl-C or SIGTERM: training saved a checkpoint first and says how to resume; no traceback needed.
         print(f"ftrun: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
@@ -55,6 +64,7 @@ def main(cfg: DictConfig) -> float | None:
         return _worst(cfg)
     except Exception as exc:
         if not multirun:
+            console.file_only(traceback.format_exc())  # Hydra prints it to the console after main() returns
             raise
         # One failed job must not stop the sweep: it is marked failed and the summary reports it.
         traceback.print_exc()
@@ -79,6 +89,30 @@ def _mark_job_failed(run_dir: Path, exc: BaseException, sweep) -> None:
         return
     write_json(path, {"run_dir": str(run_dir.resolve()), "status": "failed", "sweep": sweep, "steps": {},
                              "error": {"step": "config", "message": f"{type(exc).__name__}: {exc}"}})
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop_like_ctrl_c() -> None:
+    """SIGTERM and SIGHUP end ftrun the way Ctrl-C does: KeyboardInterrupt("SIGTERM") in the main thread, so the
+    run record marks the step, a failed run releases its endpoint and a kept-alive endpoint is deleted. (Their
+    default action ended ftrun on the spot and left its endpoint serving.) Training swaps in its own handler while
+    it runs, to save a checkpoint first."""
+
+    def again(signum, frame):  # a repeated signal must not cut short the cleanup the first one started
+        print(f"ftrun: {signal.Signals(signum).name} again: still cleaning up", file=sys.stderr, flush=True)
+
+    def stop(signum, frame):
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, again)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in STOP_SIGNALS:
+        try:
+            signal.signal(sig, stop)
+        except ValueError:  # not the main thread (a launcher's worker): signals stay with whoever owns them
+            return
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Set
 from omegaconf import DictConfig, OmegaConf
 
 from runner.atomic import write_json, write_text
+from runner.figures import figure
 from runner.record import RunRecord, load_record
 from runner.schema import STEPS, ConfigError, validate
 
@@ -249,7 +250,7 @@ def _print_summary(record: RunRecord) -> None:
             if value is not None and value != {}:
                 if isinstance(value, dict):
                     value = value.get("plot") or value.get("summary_md") or json.dumps(value)
-                text = str(value)
+                text = figure(value) if isinstance(value, float) else str(value)
                 lines.append(f"  {label:<18} {text if len(text) < 300 else text[:297] + '...'}")
     lines.append(f"  {'run record':<18} {record.path}")
     print("\nSummary\n" + "\n".join(lines), flush=True)

@@ -14,6 +14,7 @@ from typing import Any, Dict
 from omegaconf import OmegaConf
 
 from runner.backends import Backend
+from runner.figures import figure
 from runner.finetune_params import merge_finetune_params, pipeline_display_name
 
 
@@ -160,8 +161,8 @@ class LocalBackend(Backend):
             ctx.say(f"peak GPU memory {result['peak_gpu_memory_gb']:.2f} GB"
                     + (f" (the compute step estimated {estimate:.2f} GB)" if estimate is not None else ""))
         ctx.say(
-            f"eval loss {result.get('eval_loss_before')} -> {result.get('eval_loss')} "
-            f"in {result.get('global_step')} steps, {result.get('tokens_per_s', 0):.0f} tokens/s"
+            f"eval loss {figure(result.get('eval_loss_before'))} -> {figure(result.get('eval_loss'))} "
+            f"in {result.get('global_step')} steps, {result.get('tokens_per_s', 0):,.0f} tokens/s"
         )
         return result
 
@@ -237,6 +238,9 @@ class LocalBackend(Backend):
             startup_timeout_s=dep.startup_timeout_s,
             device=dep.device,
             env={"MLFLOW_TRACKING_URI": self.tracking_uri},
+            # tied to this ftrun unless asked, or unless this run has no cleanup step to delete it (steps=[deploy])
+            detach=bool(dep.detach) or "cleanup" not in self.cfg.steps,
+            max_request_bytes=dep.max_request_bytes,
         )
         ctx.live["endpoint"] = state
         ctx.say(f"endpoint {state['name']} serving {model_uri} at {state['scoring_uri']}")

@@ -74,7 +74,9 @@ def _save_chat_model(model_dir: str, dest: Path, model_name: str) -> None:
     from huggingface_hub import ModelCard
 
     from runner.local.endpoint.generation import load_components
+    from runner.quiet import quiet_mlflow
 
+    quiet_mlflow()
     # Transformers 5 breaks MLflow's path-only (no load) save; loading the folder is what works here.
     model, tokenizer = load_components(model_dir)
     components = {"model": model, "tokenizer": tokenizer}

@@ -26,6 +26,10 @@ _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")  # MLflow keys: alphanumerics, _ - . 
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
+    from runner.quiet import quiet_mlflow
+
+    quiet_mlflow()
+
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 

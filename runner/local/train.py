@@ -361,6 +361,10 @@ def _load_model(model_dir, *, packing: bool, trust_remote_code: bool, ignore_mis
 def _apply_lora(model, params, local):
     from peft import LoraConfig, get_peft_model
 
+    from runner.quiet import quiet_lora
+
+    quiet_lora()
+
     config = LoraConfig(
         r=int(params["lora_r"]),
         lora_alpha=int(params["lora_alpha"]),
