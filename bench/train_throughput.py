@@ -1,5 +1,6 @@
 """Training throughput: the runner's trainer against TRL's SFTTrainer with its default settings, side by side.
 
+    pip install -e .[bench]   (TRL, the baseline; not a dependency of the runner)
     python bench/train_throughput.py [--steps 40] [--rounds 3] [--batch-size 8] [--max-seq-length 512]
 
 Same tiny model (fresh from the same weights each run), same data (the offline sample generator's train_sft rows),
@@ -103,6 +104,10 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rows", type=int, default=480, help="train_sft rows from the sample generator")
     args = parser.parse_args(argv)
+    try:  # the baseline: TRL is an extra of this project, installed for this benchmark only
+        import trl  # noqa: F401
+    except ImportError:
+        sys.exit("bench/train_throughput.py compares against TRL's SFTTrainer: pip install -e .[bench]")
 
     import torch
     import transformers
