@@ -94,6 +94,21 @@ register_name_resolvers()
 
 
 @dataclass
+class DatasetColumnsConfig:
+    """A source's own column names for the chat fields (runner/data/formats.py), e.g. messages: conversation."""
+
+    messages: Optional[str] = None
+    conversations: Optional[str] = None  # ShareGPT
+    instruction: Optional[str] = None  # Alpaca
+    input: Optional[str] = None
+    output: Optional[str] = None
+    system: Optional[str] = None
+    history: Optional[str] = None
+    prompt: Optional[str] = None
+    prompt_id: Optional[str] = None
+
+
+@dataclass
 class DatasetConfig:
     name: str = "HuggingFaceH4/ultrachat_200k"  # hub id, or a local folder/file for `datasets`; dataset=local: a label
     source: str = choice("hub", ["hub", "sample", "local"])
@@ -112,7 +127,7 @@ class DatasetConfig:
     sample_rows: Dict[str, int] = field(default_factory=dict)  # source=sample: rows per split
     # the rows' format (runner/data/formats.py); auto: the first row's, and every row must share it
     format: str = choice("auto", ["auto", "messages", "sharegpt", "alpaca"])
-    columns: Dict[str, str] = field(default_factory=dict)  # our field -> the source's column, e.g. messages: conversation
+    columns: DatasetColumnsConfig = field(default_factory=DatasetColumnsConfig)  # our field -> the source's column
     # source=local (dataset=local): the user's files; without eval_file, eval_percent of the train rows are held out
     train_file: Optional[str] = None
     eval_file: Optional[str] = None

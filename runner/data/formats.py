@@ -33,6 +33,14 @@ class ConversionProblem(Exception):
         self.rule, self.detail = rule, detail
 
 
+def column_map(columns: Any) -> Dict[str, str]:
+    """dataset.columns (a config node or a dict) as {our field: the source's column}, unset fields left out."""
+    if not columns:
+        return {}
+    items = columns.items() if hasattr(columns, "items") else vars(columns).items()
+    return {str(k): str(v) for k, v in items if v}
+
+
 def apply_columns(row: Dict[str, Any], columns: Optional[Mapping[str, str]]) -> Dict[str, Any]:
     """The row with the source's column names mapped to ours (columns: our field -> the source's column)."""
     if not columns:
@@ -119,7 +127,7 @@ class Converter:
             raise ValueError(f"format {fmt!r}: expected auto, {', '.join(FORMATS)} (dataset.format)")
         self.fmt = None if fmt == "auto" else fmt
         self.auto = fmt == "auto"
-        self.columns = dict(columns or {})
+        self.columns = column_map(columns)
         self.decided_at: Optional[str] = None
         self.changed = False  # True once a row was reshaped or renamed (the file on disk is not messages rows)
 

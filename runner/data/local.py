@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from runner.atomic import sha256_file
 from runner.data.download import DatasetRequestError, cached_manifest, write_manifest
-from runner.data.formats import row_id
+from runner.data.formats import column_map, row_id
 
 
 def _file(value: Optional[str], key: str, required: bool) -> Optional[Path]:
@@ -54,7 +54,7 @@ def _read(path: Path, role: str, dataset_cfg, download_dir: Path) -> Tuple[List[
 
     unit, items = read_rows(path)
     rows, report = validate_rows(str(path), items, split=role, unit=unit, on_invalid=dataset_cfg.on_invalid,
-                                 sft=True, fmt=dataset_cfg.format, columns=dict(dataset_cfg.columns or {}),
+                                 sft=True, fmt=dataset_cfg.format, columns=column_map(dataset_cfg.columns),
                                  rejects_path=download_dir / f"{role}.rejects.jsonl")
     print(f"    {path}: {report.valid} of {report.rows} rows valid", flush=True)
     return rows, {"file": str(path.resolve()), "rows": report.rows, "valid": report.valid,
@@ -68,7 +68,7 @@ def request_for(dataset_cfg) -> Dict[str, Any]:
     return {"source": "local", "train_file": str(train.resolve()), "train_sha256": sha256_file(train),
             "eval_file": str(eval_.resolve()) if eval_ else None, "eval_sha256": sha256_file(eval_) if eval_ else None,
             "eval_percent": None if eval_ else float(dataset_cfg.eval_percent), "seed": int(dataset_cfg.seed),
-            "format": dataset_cfg.format, "columns": dict(dataset_cfg.columns or {}),
+            "format": dataset_cfg.format, "columns": column_map(dataset_cfg.columns),
             "on_invalid": dataset_cfg.on_invalid, "splits": list(dataset_cfg.splits),
             "train_split": dataset_cfg.train_split}
 

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 from omegaconf import OmegaConf
 
 from runner.atomic import sha256_file
+from runner.data.formats import column_map
 from runner.data.download import (MANIFEST, DatasetRequestError, cached_manifest, check_split_percent,
                                    download_splits, update_manifest)
 
@@ -47,7 +48,7 @@ def get_splits(dataset_cfg) -> Dict[str, Any]:
         return write_local_dataset(dataset_cfg, force=bool(dataset_cfg.force))
     return download_splits(dataset_cfg.name, list(dataset_cfg.splits), dataset_cfg.split_percent,
                            dataset_cfg.download_dir, subset=dataset_cfg.subset, force=dataset_cfg.force,
-                           columns=dict(dataset_cfg.columns or {}))
+                           columns=column_map(dataset_cfg.columns))
 
 
 def validate_splits(download_dir, files: Dict[str, str], on_invalid: str,
@@ -96,7 +97,7 @@ def run_data_step(dataset_cfg, *, run_dir, max_seq_length: Optional[int] = None,
     cached = manifest.pop("cached", False)
     print(f"    {'cached' if cached else 'written'}: {base['download_dir']}", flush=True)
     validation = validate_splits(dataset_cfg.download_dir, files, dataset_cfg.on_invalid, manifest,
-                                 fmt=dataset_cfg.format, columns=dict(dataset_cfg.columns or {}))
+                                 fmt=dataset_cfg.format, columns=column_map(dataset_cfg.columns))
     exploration = explore(files, Path(run_dir) / "data", tokenizer_dir=tokenizer_dir, max_seq_length=max_seq_length)
     return {
         **base,
