@@ -34,10 +34,10 @@ class AzureMLBackend(Backend):
     name = "azureml"
 
     def __init__(self, cfg, clients=None, clock=time.time):
-        from runner.azureml.clients import AzureClients
-
         self.cfg = cfg
-        self.clients = clients if clients is not None else AzureClients()
+        # None: AzureClients for a real run, or for dry_run=true the planning clients, which record every call and
+        # object instead of sending it (runner/azureml/planning.py): a dry run is these same steps.
+        self.clients = clients
         self.clock = clock  # the notebook's timestamp (model version, endpoint name); tests pin it
 
     # ---- helpers ------------------------------------------------------------------------------------------------
@@ -48,6 +48,15 @@ class AzureMLBackend(Backend):
 
     def _connect_clients(self, ctx) -> None:
         b = self.cfg.backend
+        if self.clients is None:
+            if self.cfg.dry_run:
+                from runner.azureml.planning import planning_clients
+
+                self.clients = planning_clients(self.cfg, ctx.plan_dir, self.spec_path())
+            else:
+                from runner.azureml.clients import AzureClients
+
+                self.clients = AzureClients()
         credential = self.clients.credential(b)
         workspace = self.clients.workspace(credential, b)
         registry = self.clients.registry(credential, b.registry_name)
@@ -142,7 +151,10 @@ class AzureMLBackend(Backend):
         else:
             foundation_model = registry.models.get(m.name, label=m.label)
         facts = facts_from_registry(foundation_model, m)
-        warnings = self.model_checks(ctx, facts)
+        from runner.azureml.tags import allow_list_message
+
+        ctx.say(allow_list_message(facts))  # where the lists came from, before the checks that use them
+        warnings = self.model_checks(ctx, facts, refuse_archived=not self.cfg.dry_run)
         for w in warnings:
             ctx.say(f"warning: {w}")
         ctx.live.update(foundation_model=foundation_model, facts=facts)

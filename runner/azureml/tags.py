@@ -2,9 +2,14 @@
 
 Registry tags are strings: lists and dicts arrive as Python or JSON literals (`"['Standard_NC24ads_A100_v4', ...]"`,
 `"{'apply_lora': 'true', ...}"`), sometimes as `OrderedDict([...])`. They are parsed with json / ast.literal_eval
-only (never eval). Newer models carry the allow lists in `system_metadata.supportedComputes` and their deprecation
-dates in `system_metadata.deprecation`; the model config (conf/model/*.yaml) holds the same facts for offline
-planning.
+only (never eval).
+
+Where a registry model keeps its SKU allow lists depends on its age: the oldest in tags
+(`finetune_compute_allow_list`), older ones in properties (`finetune-recommended-sku`, a comma-separated string),
+current ones in the system metadata (`SKU.finetuneRecommendedSkus`, `supportedComputes.finetuneComputes`), with the
+deprecation dates (`deprecation.finetuneRetirementDate`). azure-ai-ml (1.35) builds a registry Model without its
+system metadata, so for current models the lists and dates come from the model preset (conf/model/*.yaml), which
+holds the same facts for offline planning; `ModelFacts.allow_list_source` says where each list came from.
 """
 
 import ast
@@ -34,6 +39,10 @@ class ModelFacts:
     finetune_retirement_date: Optional[str] = None
     inference_retirement_date: Optional[str] = None
     source: str = "registry"  # "registry" or "config"
+    # where each allow list came from: {"finetune": ..., "inference": ...}, e.g. "registry tags
+    # (finetune_compute_allow_list)", "registry properties (finetune-recommended-sku)", "registry system metadata
+    # (SKU.finetuneRecommendedSkus)", "model preset (model.finetune_compute_allow_list)" or "none"
+    allow_list_source: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -125,21 +134,51 @@ def registry_asset_id(registry: str, name: str, version: Optional[str], label: O
     return f"azureml://registries/{registry}/models/{name}/labels/{label or 'latest'}"
 
 
-def facts_from_registry(model: Any, model_cfg: Any, today: Optional[dt.date] = None) -> ModelFacts:
-    """Facts from a registry Model entity (tags, stage, system metadata); the config's archived flag counts too."""
-    today = today or dt.date.today()
-    tags = dict(getattr(model, "tags", None) or {})
+# Where a registry model may keep each allow list, in the order they are read: (where, key path).
+_LIST_PLACES = {
+    "finetune": (("tags", "finetune_compute_allow_list"), ("properties", "finetune-recommended-sku"),
+                 ("system metadata", "SKU.finetuneRecommendedSkus"),
+                 ("system metadata", "supportedComputes.finetuneComputes")),
+    "inference": (("tags", "inference_compute_allow_list"), ("properties", "inference-recommended-sku"),
+                  ("system metadata", "SKU.inferenceRecommendedSkus"),
+                  ("system metadata", "supportedComputes.inferenceComputes")),
+}
+_PRESET_KEYS = {"finetune": "finetune_compute_allow_list", "inference": "inference_compute_allow_list"}
+
+
+def _system_metadata(model: Any) -> Dict[str, Any]:
+    """The model's system metadata if the entity kept it (azure-ai-ml 1.35 does not for registry models)."""
     meta = getattr(model, "_system_metadata", None) or getattr(model, "system_metadata", None) or {}
     if isinstance(meta, str):
         meta = parse_dict_tag(meta, "system_metadata")
-    supported = _get(meta, "supportedComputes") or {}
+    return dict(meta) if isinstance(meta, Mapping) else {}
 
-    finetune = parse_list_tag(tags.get("finetune_compute_allow_list"), "finetune_compute_allow_list")
-    if not finetune:
-        finetune = parse_list_tag(supported.get("finetuneComputes"), "system_metadata.supportedComputes")
-    inference = parse_list_tag(tags.get("inference_compute_allow_list"), "inference_compute_allow_list")
-    if not inference:
-        inference = parse_list_tag(supported.get("inferenceComputes"), "system_metadata.supportedComputes")
+
+def _allow_list(kind: str, places: Dict[str, Mapping], model_cfg: Any) -> tuple[List[str], str]:
+    """The first non-empty list among the registry's places, else the model preset's; with where it came from."""
+    for where, key in _LIST_PLACES[kind]:
+        value = _get(places[where], *key.split(".")) if where == "system metadata" else places[where].get(key)
+        found = parse_list_tag(value, f"{where} {key}") if value is not None else []
+        if found:
+            return found, f"registry {where} ({key})"
+    preset_key = _PRESET_KEYS[kind]
+    preset = [str(s) for s in (getattr(model_cfg, preset_key, None) or [])]
+    if preset:
+        return preset, f"model preset (model.{preset_key})"
+    return [], "none"
+
+
+def facts_from_registry(model: Any, model_cfg: Any, today: Optional[dt.date] = None) -> ModelFacts:
+    """Facts from a registry Model entity (tags, properties, stage, system metadata if kept); what the registry does
+    not show (the allow lists and dates of current models, whose system metadata the SDK drops) from the model
+    preset. The config's archived flag counts too."""
+    today = today or dt.date.today()
+    tags = dict(getattr(model, "tags", None) or {})
+    properties = dict(getattr(model, "properties", None) or {})
+    meta = _system_metadata(model)
+    places = {"tags": tags, "properties": properties, "system metadata": meta}
+    finetune, finetune_source = _allow_list("finetune", places, model_cfg)
+    inference, inference_source = _allow_list("inference", places, model_cfg)
 
     deprecation = _get(meta, "deprecation") or {}
     ft_retire = _date(deprecation.get("finetuneRetirementDate")) or model_cfg.finetune_retirement_date
@@ -168,6 +207,7 @@ def facts_from_registry(model: Any, model_cfg: Any, today: Optional[dt.date] = N
         finetune_retirement_date=ft_retire,
         inference_retirement_date=inf_retire,
         source="registry",
+        allow_list_source={"finetune": finetune_source, "inference": inference_source},
     )
 
 
@@ -195,7 +235,27 @@ def facts_from_config(model_cfg: Any, today: Optional[dt.date] = None) -> ModelF
         finetune_retirement_date=model_cfg.finetune_retirement_date,
         inference_retirement_date=model_cfg.inference_retirement_date,
         source="config",
+        allow_list_source={"finetune": "model preset (model.finetune_compute_allow_list)",
+                           "inference": "model preset (model.inference_compute_allow_list)"},
     )
+
+
+def allow_list_message(facts: ModelFacts) -> str:
+    """One line saying where the allow lists were read from, and what a fallback to the preset means."""
+    sources = facts.allow_list_source or {}
+    parts = []
+    for kind, label in (("finetune", "fine-tune"), ("inference", "inference")):
+        source = sources.get(kind, "unknown")
+        count = len(facts.finetune_allow_list if kind == "finetune" else facts.inference_allow_list)
+        parts.append(f"{label} from {source}" + (f", {count} sizes" if count else ""))
+    text = f"allow lists of {facts.name}: " + "; ".join(parts)
+    fallback = [s for s in sources.values() if s.startswith("model preset") or s == "none"]
+    if facts.source == "registry" and fallback:
+        text += (" (the registry model shows no list in its tags or properties, and azure-ai-ml drops its system "
+                 "metadata: "
+                 + ("the model preset's list is used" if any(s.startswith("model preset") for s in fallback)
+                    else "only K80 sizes are refused") + ")")
+    return text
 
 
 def archived_message(facts: ModelFacts, model_cfg: Any) -> str:
