@@ -217,7 +217,11 @@ class DeploymentConfig:
     # local endpoint
     host: str = "127.0.0.1"
     port: int = 0  # 0 = a free port
-    keep_alive: bool = False  # leave the endpoint serving after the test step (until Ctrl-C)
+    keep_alive: bool = False  # leave the endpoint serving after the test step (until Ctrl-C, SIGTERM or SIGHUP)
+    # the server ends by itself when the ftrun that started it dies (SIGKILL, crash); true lets it outlive ftrun.
+    # A run without the cleanup step (steps=[deploy]) always leaves its endpoint detached, to be used and deleted later
+    detach: bool = False
+    max_request_bytes: int = 4194304  # larger request bodies get 413 (by Content-Length, or while reading a chunked one)
     max_batch_size: int = 16  # dynamic batching: most requests in one generate call
     batch_window_ms: float = 10.0  # dynamic batching: how long the first request waits for company
     startup_timeout_s: float = 300.0

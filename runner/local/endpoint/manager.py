@@ -4,6 +4,9 @@ An endpoint is a server process (`python -m runner.local.endpoint.server`) in it
 user's terminal reaches ftrun, which then decides what to stop. What other processes need to find it again lives in
 `<state_dir>/<name>.json` (url, pid, port, key file, deployments, traffic); the key itself only in a 0600 file next
 to it. `stop_endpoint` works from any process that can read the state folder.
+
+Unless started with `detach=True`, the server watches the process that started it (`--owner-pid`) and, should that
+process die without stopping it (SIGKILL, a crash), stops by itself and removes its key and state files.
 """
 
 import json
@@ -151,8 +154,11 @@ def validate_endpoint_request(name: str, deployments: Dict[str, str], traffic: D
 
 def launch_server(*, name: str, deployments: Dict[str, str], traffic: Dict[str, int], host: str, port: int,
                   state_dir, request_timeout_ms: int, max_batch_size: int, batch_window_ms: float,
-                  env: Optional[Dict[str, str]] = None, extra_args=()) -> Dict[str, Any]:
-    """Write the key, start the server process and wait until its socket is bound. Not yet ready to serve."""
+                  env: Optional[Dict[str, str]] = None, extra_args=(), detach: bool = False,
+                  max_request_bytes: Optional[int] = None) -> Dict[str, Any]:
+    """Write the key, start the server process and wait until its socket is bound. Not yet ready to serve.
+
+    detach=False ties the server to this process: it ends by itself once this process is gone."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     paths = _paths(name, state_dir)
@@ -163,6 +169,10 @@ def launch_server(*, name: str, deployments: Dict[str, str], traffic: Dict[str, 
            "--deployments", json.dumps(deployments), "--traffic", json.dumps(traffic),
            "--request-timeout-ms", str(int(request_timeout_ms)), "--max-batch-size", str(int(max_batch_size)),
            "--batch-window-ms", str(float(batch_window_ms)), *extra_args]
+    if max_request_bytes is not None:
+        cmd += ["--max-request-bytes", str(int(max_request_bytes))]
+    if not detach:
+        cmd += ["--owner-pid", str(os.getpid()), "--state-file", str(paths["state"])]
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     with open(paths["log"], "ab") as log_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
@@ -223,8 +233,11 @@ def wait_ready(state: Dict[str, Any], *, timeout_s: float = 300, progress: bool 
 def start_endpoint(*, name: str, deployments: Dict[str, str], traffic: Dict[str, int], host: str = "127.0.0.1",
                    port: int = 0, state_dir, request_timeout_ms: int = 90000, max_batch_size: int = 16,
                    batch_window_ms: float = 10.0, startup_timeout_s: float = 300, device: str = "auto",
-                   env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-    """Start a local endpoint, wait until it is ready and write its state file. Returns the state (JSON-able)."""
+                   env: Optional[Dict[str, str]] = None, detach: bool = False,
+                   max_request_bytes: Optional[int] = None) -> Dict[str, Any]:
+    """Start a local endpoint, wait until it is ready and write its state file. Returns the state (JSON-able).
+
+    detach=True lets it outlive this process; otherwise it stops by itself when this process is gone."""
     deployments, traffic = dict(deployments), {k: int(v) for k, v in dict(traffic).items()}
     validate_endpoint_request(name, deployments, traffic)
     existing = find_endpoint(name, state_dir=state_dir)
@@ -236,7 +249,8 @@ def start_endpoint(*, name: str, deployments: Dict[str, str], traffic: Dict[str,
     print(f"  starting endpoint {name} ({', '.join(f'{d}={u}' for d, u in deployments.items())})", flush=True)
     state = launch_server(name=name, deployments=deployments, traffic=traffic, host=host, port=port,
                           state_dir=state_dir, request_timeout_ms=request_timeout_ms, max_batch_size=max_batch_size,
-                          batch_window_ms=batch_window_ms, env=env, extra_args=("--device", device))
+                          batch_window_ms=batch_window_ms, env=env, extra_args=("--device", device), detach=detach,
+                          max_request_bytes=max_request_bytes)
     print(f"  endpoint {name} listening at {state['url']} (pid {state['pid']}); loading the model", flush=True)
     try:
         wait_ready(state, timeout_s=startup_timeout_s)
@@ -245,6 +259,7 @@ def start_endpoint(*, name: str, deployments: Dict[str, str], traffic: Dict[str,
         _remove_files(name, state_dir)
         raise
     state["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    state["detached"] = detach
     write_text(_paths(name, state_dir)["state"], json.dumps(state, indent=2))
     return state
 
@@ -306,14 +321,19 @@ def stop_endpoint(name_or_state: Union[str, Dict[str, Any]], *, state_dir) -> Di
 
 
 def serve_until_interrupted(state: Dict[str, Any], *, state_dir=None, poll_s: float = 1.0) -> Dict[str, Any]:
-    """deployment.keep_alive=true: keep serving until Ctrl-C (or the server exits), then delete the endpoint."""
+    """deployment.keep_alive=true: keep serving until Ctrl-C (or the server exits), then delete the endpoint.
+
+    ftrun turns SIGTERM and SIGHUP into KeyboardInterrupt("SIGTERM"/"SIGHUP") (runner/cli.py), so they end here
+    the same way."""
     state_dir = state_dir or Path(state["key_file"]).parent
     try:  # the notice is inside the try: a Ctrl-C right after it must still delete the endpoint
         print(f"endpoint {state['name']} serving at {state['url']} (OpenAI base URL {state['url']}/v1); "
               f"key in {state['key_file']}. Ctrl-C to delete it.", flush=True)
         while _is_our_server(int(state["pid"]), state["name"]):
             time.sleep(poll_s)
+        ended_by = "server exited"
         print(f"endpoint {state['name']}: the server exited on its own", flush=True)
-    except KeyboardInterrupt:
-        print(f"\nCtrl-C: deleting endpoint {state['name']}", flush=True)
-    return stop_endpoint(state, state_dir=state_dir)
+    except KeyboardInterrupt as exc:
+        ended_by = str(exc) or "Ctrl-C"
+        print(f"\n{ended_by}: deleting endpoint {state['name']}", flush=True)
+    return {**stop_endpoint(state, state_dir=state_dir), "ended_by": ended_by}

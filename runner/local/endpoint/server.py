@@ -8,6 +8,11 @@ percentages choose one. Errors are JSON (`{"error": {"message", "type", "param",
 Run as its own process: `python -m runner.local.endpoint.server --name ... --key-file ... --deployments '{...}'`
 (runner/local/endpoint/manager.py does this). The socket is bound before the model loads, so liveness answers at
 once and readiness turns 200 when every deployment's model is loaded (in a background thread).
+
+Request bodies are capped (`--max-request-bytes`): a larger Content-Length is refused with 413 before the body is
+read, a body without one (chunked) is read only up to the cap, and a response sent before the body was read closes
+the connection, so the rest is never read. With `--owner-pid` the server also ends, removing its key and state
+files, when that process (ftrun) is gone without having stopped it.
 """
 
 import argparse
@@ -17,6 +22,7 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
 import sys
 import threading
@@ -40,6 +46,9 @@ DEPLOYMENT_HEADER = "azureml-model-deployment"
 ROLES = ("system", "user", "assistant")
 SCORE_PARAMETERS = ("temperature", "top_p", "top_k", "do_sample", "max_new_tokens", "return_full_text", "stop")
 MAX_CHOICES = 8
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # deployment.max_request_bytes: a few MB is far beyond any model's context
+INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed in a worker thread, never on the event loop
+OWNER_POLL_S = 0.5
 
 
 class ApiError(Exception):
@@ -202,6 +211,7 @@ class EndpointSettings:
     torch_threads: Optional[int] = None
     device: str = "auto"  # auto = the first CUDA GPU when one is visible, else the CPU
     load_delay_s: float = 0.0  # testing only: hold readiness back to observe the 503 of a loading endpoint
+    max_request_bytes: int = MAX_REQUEST_BYTES
 
 
 @dataclass
@@ -301,6 +311,72 @@ def _error_for(result: GenerationResult, timeout_ms: int) -> Optional[ApiError]:
     return None
 
 
+def _too_large(limit: int, what: str) -> ApiError:
+    return ApiError(413, f"the request body is {what}; this endpoint accepts at most {limit} bytes "
+                         f"(deployment.max_request_bytes)", param="body", kind="request_too_large")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) by its Content-Length before any of it is read, or once more than `limit` bytes
+    arrived when it has none (chunked): what is beyond the cap is never read or held."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise ApiError(400, f"Content-Length must be a number of bytes, got {declared!r}", param="Content-Length")
+        if int(declared) > limit:
+            raise _too_large(limit, f"{int(declared)} bytes (Content-Length)")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(limit, f"more than {limit} bytes")
+    return bytes(body)
+
+
+def _body_expected(scope) -> bool:
+    for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
+class CloseUnreadBodies:
+    """ASGI middleware: a response that starts before the request body was read to its end (401, 413, ...) says
+    `Connection: close`. Otherwise uvicorn would go on reading, and discarding, whatever the client still sends."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        unread = _body_expected(scope)
+
+        async def receive_tracked():
+            nonlocal unread
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                unread = False
+            return message
+
+        async def send_closing(message):
+            if message["type"] == "http.response.start" and unread:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": headers + [(b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive_tracked, send_closing)
+
+
+def _max_token_chars(generator) -> int:
+    """The most characters one token of this tokenizer stands for (at least 1), computed once per model."""
+    cached = getattr(generator, "_max_token_chars", None)
+    if cached is None:
+        cached = max((len(piece) for piece in generator.tokenizer.get_vocab()), default=1) or 1
+        generator._max_token_chars = cached
+    return cached
+
+
 def create_app(settings: EndpointSettings) -> FastAPI:
     from contextlib import asynccontextmanager
 
@@ -318,6 +394,7 @@ def create_app(settings: EndpointSettings) -> FastAPI:
 
     app = FastAPI(title=f"local endpoint {settings.name}", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.endpoint = state
+    app.add_middleware(CloseUnreadBodies)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -346,7 +423,11 @@ def create_app(settings: EndpointSettings) -> FastAPI:
     async def _prepare(request: Request, parse):
         """Auth, body, routing and readiness, in the order a client would want the errors reported."""
         _check_key(request, settings.key)
-        parsed = parse(parse_json(await request.body()))
+        raw = await read_body(request, settings.max_request_bytes)
+        if len(raw) > INLINE_PARSE_BYTES:  # a big body's parse must not hold up the other clients
+            parsed = await asyncio.to_thread(lambda: parse(parse_json(raw)))
+        else:
+            parsed = parse(parse_json(raw))
         deployment = state.choose(request.headers.get(DEPLOYMENT_HEADER) or None)
         if state.draining:
             raise ApiError(503, "the endpoint is shutting down", kind="unavailable_error")
@@ -356,7 +437,15 @@ def create_app(settings: EndpointSettings) -> FastAPI:
         return parsed, deployment
 
     def _jobs(deployment: _Deployment, messages, sampling, count: int, deadline: float) -> List[GenerationJob]:
+        """Tokenize and check the prompt. Runs in a worker thread (`_make_jobs`): tokenizing waits for the
+        tokenizer lock, which generation holds while decoding, and a long prompt takes seconds."""
         generator = deployment.generator
+        chars = sum(len(m["content"]) for m in messages)
+        per_token = _max_token_chars(generator)
+        if chars > generator.context_length * per_token:  # certainly too long: refused without tokenizing it
+            raise ApiError(413, f"the messages hold {chars} characters, more than the model's context of "
+                                f"{generator.context_length} tokens can hold (a token covers at most {per_token} "
+                                f"characters)", param="messages", kind="context_length_exceeded")
         prompt = generator.encode_chat(messages)
         try:
             max_new = generator.check_fits(len(prompt), sampling["max_new_tokens"])
@@ -366,6 +455,9 @@ def create_app(settings: EndpointSettings) -> FastAPI:
         return [GenerationJob(prompt, max_new, do_sample=sampling["do_sample"], temperature=sampling["temperature"],
                               top_p=sampling["top_p"], top_k=sampling["top_k"], stop=sampling["stop"],
                               deadline=deadline) for _ in range(count)]
+
+    async def _make_jobs(deployment: _Deployment, messages, sampling, count: int, deadline: float):
+        return await asyncio.to_thread(_jobs, deployment, messages, sampling, count, deadline)
 
     def _submit(deployment: _Deployment, jobs: List[GenerationJob]):
         loop = asyncio.get_running_loop()
@@ -405,7 +497,7 @@ def create_app(settings: EndpointSettings) -> FastAPI:
     async def score(request: Request):
         deadline = time.monotonic() + timeout_s
         (messages, sampling), deployment = await _prepare(request, parse_score_request)
-        jobs = _jobs(deployment, messages, sampling, 1, deadline)
+        jobs = await _make_jobs(deployment, messages, sampling, 1, deadline)
         [result] = await _complete(deployment, jobs, deadline)
         return JSONResponse({"output": result.text}, headers={DEPLOYMENT_HEADER: deployment.name})
 
@@ -416,7 +508,7 @@ def create_app(settings: EndpointSettings) -> FastAPI:
         (messages, sampling, options), deployment = await _prepare(request, parse_chat_request)
         if not pinned and options["model"] in state.deployments:  # the OpenAI "model" may name a deployment
             deployment = state.deployments[options["model"]]
-        jobs = _jobs(deployment, messages, sampling, options["n"], deadline)
+        jobs = await _make_jobs(deployment, messages, sampling, options["n"], deadline)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         headers = {DEPLOYMENT_HEADER: deployment.name}
         if options["stream"]:
@@ -522,9 +614,83 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the model runs (auto = a CUDA GPU when one is visible)")
+    p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                   help="larger request bodies are refused with 413 (Content-Length first, else while reading)")
+    p.add_argument("--owner-pid", type=int, default=None,
+                   help="end (and remove --key-file and --state-file) when this process is gone; unset = detached")
+    p.add_argument("--state-file", default=None, help="the manager's state file, removed with the key by --owner-pid")
     p.add_argument("--log-level", default="info")
     p.add_argument("--test-load-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+class OwnerWatch:
+    """Ends the server when the process that started it (ftrun) is gone without stopping it (SIGKILL, a crash).
+
+    A thread polls; on Linux the kernel also signals at once (PR_SET_PDEATHSIG, SIGUSR1) when the owner is our
+    parent. Either way the owner is checked again, since the signal also fires when only the parent's thread ends.
+    """
+
+    def __init__(self, owner_pid: int, on_gone):
+        self.owner_pid, self.on_gone = owner_pid, on_gone
+        self.parent_at_start = os.getppid()
+        self.gone = threading.Event()
+        self._stopped = threading.Event()
+
+    def owner_alive(self) -> bool:
+        if self.parent_at_start == self.owner_pid:  # orphans are re-parented: immune to a recycled pid
+            return os.getppid() == self.owner_pid
+        try:
+            os.kill(self.owner_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        try:  # a zombie owner has exited, only its parent has not reaped it yet
+            return Path(f"/proc/{self.owner_pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True
+
+    def check(self) -> None:
+        if not self.gone.is_set() and not self.owner_alive():
+            self.gone.set()
+            log.warning("the owner process %d is gone without stopping this endpoint: shutting down", self.owner_pid)
+            self.on_gone()
+
+    def start(self) -> None:
+        if sys.platform.startswith("linux") and self.parent_at_start == self.owner_pid:
+            try:
+                import ctypes
+
+                signal.signal(signal.SIGUSR1, lambda signum, frame: self.check())
+                ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGUSR1), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+            except (OSError, AttributeError, ValueError) as exc:
+                log.info("PR_SET_PDEATHSIG unavailable (%s); polling the owner only", exc)
+
+        def poll():
+            while not self._stopped.wait(OWNER_POLL_S) and not self.gone.is_set():
+                self.check()
+
+        threading.Thread(target=poll, name="owner-watch", daemon=True).start()
+        self.check()  # the owner may have died before the signal was armed
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def _remove_own_files(key_file: Path, key: str, state_file: Optional[Path]) -> None:
+    """The key and state files, if they are still this server's (a newer endpoint of that name has its own)."""
+    try:
+        if key_file.read_text(encoding="utf-8").strip() == key:
+            key_file.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+    if state_file is not None:
+        try:
+            if json.loads(state_file.read_text(encoding="utf-8")).get("pid") == os.getpid():
+                state_file.unlink(missing_ok=True)
+        except (FileNotFoundError, ValueError, AttributeError):
+            pass
 
 
 def main(argv=None) -> int:
@@ -543,23 +709,27 @@ def main(argv=None) -> int:
         request_timeout_ms=args.request_timeout_ms, max_batch_size=args.max_batch_size,
         batch_window_ms=args.batch_window_ms, seed=args.seed, shutdown_grace_s=args.shutdown_grace_s,
         torch_threads=args.torch_threads, device=args.device, load_delay_s=args.test_load_delay_s,
+        max_request_bytes=args.max_request_bytes,
     )
     app = create_app(settings)
     state: EndpointState = app.state.endpoint
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
 
+    def drain(why: str) -> None:
+        # drain: no new work; what is running gets until shortly before uvicorn's own grace ends, then it is
+        # cancelled so its client still gets a JSON 503 instead of a dropped connection
+        if not state.draining:
+            state.draining = True
+            log.info("%s: draining (grace %.0fs)", why, settings.shutdown_grace_s)
+            timer = threading.Timer(max(settings.shutdown_grace_s - 1.0, 0.0),
+                                    lambda: [b.cancel_pending() for b in state.batchers()])
+            timer.daemon = True
+            timer.start()
+
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            # drain: no new work; what is running gets until shortly before uvicorn's own grace ends, then it is
-            # cancelled so its client still gets a JSON 503 instead of a dropped connection
-            if not state.draining:
-                state.draining = True
-                log.info("signal %s: draining (grace %.0fs)", sig, settings.shutdown_grace_s)
-                timer = threading.Timer(max(settings.shutdown_grace_s - 1.0, 0.0),
-                                        lambda: [b.cancel_pending() for b in state.batchers()])
-                timer.daemon = True
-                timer.start()
+            drain(f"signal {sig}")
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
@@ -570,7 +740,22 @@ def main(argv=None) -> int:
         write_text(Path(args.port_file), json.dumps({"port": port, "pid": os.getpid()}))
     log.info("endpoint %s listening on http://%s:%d (deployments %s, traffic %s)", args.name, args.host, port,
              deployments, traffic)
-    server.run(sockets=[sock])
+    watch = None
+    if args.owner_pid is not None:
+        def owner_gone():
+            drain(f"owner {args.owner_pid} gone")
+            server.should_exit = True
+
+        watch = OwnerWatch(args.owner_pid, owner_gone)
+        watch.start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if watch is not None:
+            watch.stop()
+            if watch.gone.is_set():  # nobody is left to delete the endpoint: its files go with it
+                _remove_own_files(Path(args.key_file), key, Path(args.state_file) if args.state_file else None)
+                log.info("endpoint %s stopped after its owner was gone; key and state files removed", args.name)
     return 1 if state.load_error else 0
 
 

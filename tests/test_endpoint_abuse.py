@@ -1,0 +1,106 @@
+"""The local endpoint under an oversized request body: refused with 413 by its Content-Length before it is read, or
+at the cap while a chunked one streams in, and meanwhile the other clients keep getting their answers."""
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from runner.local.endpoint.manager import read_key, start_endpoint, stop_endpoint
+
+pytestmark = pytest.mark.slow
+
+CAP = 1024 * 1024  # deployment.max_request_bytes for this endpoint
+BIG = 30 * 1024 * 1024  # the body of the report: 30 MB, authenticated
+CHUNK = b"a" * (1024 * 1024)
+NORMAL = {"input_data": {"input_string": [{"role": "user", "content": "What is a set?"}],
+                         "parameters": {"max_new_tokens": 4}}}
+
+
+@pytest.fixture(scope="module")
+def endpoint(tiny_model_dir, tmp_path_factory):
+    state_dir = tmp_path_factory.mktemp("endpoints")
+    state = start_endpoint(name="abused-endpoint", deployments={"demo": str(tiny_model_dir)}, traffic={"demo": 100},
+                           state_dir=state_dir, max_request_bytes=CAP)
+    yield state
+    stop_endpoint(state["name"], state_dir=state_dir)
+
+
+def big_score_body(total: int, sending: threading.Event):
+    """A valid /score request of exactly `total` bytes, produced 1 MiB at a time (never held whole)."""
+    prefix = b'{"input_data": {"input_string": [{"role": "user", "content": "'
+    suffix = b'"}], "parameters": {"max_new_tokens": 2}}}'
+    left = total - len(prefix) - len(suffix)
+    yield prefix
+    while left > 0:  # total / 1 MiB rounds at most
+        piece = CHUNK[:left]
+        left -= len(piece)
+        yield piece
+        sending.set()
+    yield suffix
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_30mb_body_gets_413_while_other_requests_are_answered(endpoint, framing):
+    headers = {"Authorization": f"Bearer {read_key(endpoint)}", "Content-Type": "application/json"}
+    big_headers = dict(headers, **({"Content-Length": str(BIG)} if framing == "content-length" else {}))
+    sending, outcome = threading.Event(), {}
+
+    def send_big():
+        try:
+            r = httpx.post(endpoint["scoring_uri"], content=big_score_body(BIG, sending), headers=big_headers,
+                           timeout=120)
+            outcome["status"], outcome["body"] = r.status_code, r.json()
+            outcome["request_headers"] = r.request.headers
+        except Exception as exc:  # reported by the assertions below
+            outcome["error"] = repr(exc)
+        finally:
+            sending.set()
+
+    big = threading.Thread(target=send_big, name="big-body")
+    big.start()
+    assert sending.wait(60), "the big body never started"
+    latencies = []
+    try:
+        # normal requests for as long as the big one lasts (at least one): each is answered, and in under 2 s
+        deadline = time.monotonic() + 120
+        while len(latencies) < 50 and time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                r = httpx.post(endpoint["scoring_uri"], json=NORMAL, headers=headers, timeout=10)
+            except httpx.TimeoutException:
+                pytest.fail(f"a normal request got no answer within 10 s while the {framing} 30 MB body was "
+                            f"sent (answered before: {len(latencies)})")
+            latencies.append(time.monotonic() - started)
+            assert r.status_code == 200, r.text
+            assert latencies[-1] < 2.0, f"a normal request took {latencies[-1]:.1f}s while the big body was sent"
+            if not big.is_alive():
+                break
+    finally:
+        big.join(120)
+    print(f"{framing}: {len(latencies)} normal requests during the big one, slowest {max(latencies):.2f}s")
+    assert not big.is_alive(), "the big request got no answer within 120 s"
+    assert "error" not in outcome, outcome.get("error")
+    if framing == "chunked":
+        assert "content-length" not in outcome["request_headers"]
+        assert outcome["request_headers"]["transfer-encoding"] == "chunked"
+    assert outcome["status"] == 413, outcome["body"]
+    error = outcome["body"]["error"]
+    assert error["type"] == "request_too_large" and error["param"] == "body"
+    assert str(CAP) in error["message"] and "max_request_bytes" in error["message"]
+    # the server is unharmed: a normal request still works
+    assert httpx.post(endpoint["scoring_uri"], json=NORMAL, headers=headers, timeout=30).status_code == 200
+
+
+def test_a_body_within_the_cap_is_still_read_and_served(endpoint):
+    headers = {"Authorization": f"Bearer {read_key(endpoint)}"}
+    filler = "word " * 20000  # 100 kB: parsed off the event loop, refused as beyond the context, not by size
+    body = {"input_data": {"input_string": [{"role": "user", "content": filler}], "parameters": {"max_new_tokens": 2}}}
+    r = httpx.post(endpoint["scoring_uri"], json=body, headers=headers, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "context_length_exceeded", r.text
+    chunked = httpx.post(endpoint["scoring_uri"], content=iter([b'{"input_data": {"input_string": ',
+                                                                b'[{"role": "user", "content": "Hi"}], ',
+                                                                b'"parameters": {"max_new_tokens": 2}}}']),
+                         headers=headers, timeout=60)
+    assert chunked.status_code == 200 and isinstance(chunked.json()["output"], str), chunked.text
