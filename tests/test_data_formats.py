@@ -232,13 +232,14 @@ def test_the_held_out_split_is_stable_across_runs_and_follows_the_seed(tmp_path)
     assert cached["cached"] is True and cached["files_sha256"] == first["files_sha256"]
 
 
-def test_an_eval_file_is_used_instead_of_holding_rows_out(tmp_path):
+def test_an_eval_file_is_used_instead_of_holding_rows_out(tmp_path, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", [sharegpt_row(i) for i in range(10)])
-    evals = write_file(tmp_path / "eval.parquet", [alpaca_row(i) for i in range(100, 103)])
+    evals = write_file(tmp_path / "eval.parquet", [alpaca_row(i) for i in range(100, 103)] + [alpaca_row(4)])
     out = run_data_step(local_cfg(tmp_path, train, f"dataset.eval_file={evals}", "dataset.name=support-bot"),
                         run_dir=tmp_path / "run")
-    assert out["rows"] == {"train_sft": 10, "test_sft": 3, "train_gen": 10, "test_gen": 3}
-    assert read_jsonl(out["test_file"]) == [messages_row(i) for i in range(100, 103)]
+    assert out["rows"] == {"train_sft": 10, "test_sft": 4, "train_gen": 10, "test_gen": 4}
+    assert read_jsonl(out["test_file"]) == [messages_row(i) for i in (100, 101, 102, 4)]
+    assert out["sources"]["eval"]["also_in_train"] == 1 and "1 of 4 eval row(s) are also in" in capsys.readouterr().out
     assert out["download_dir"].endswith("support-bot")
 
 

@@ -89,6 +89,11 @@ def write_local_dataset(dataset_cfg, *, force: bool = False) -> Dict[str, Any]:
         eval_rows, sources["eval"] = _read(Path(request["eval_file"]), "eval", dataset_cfg, download_dir)
         if not eval_rows:
             raise DatasetRequestError(f"dataset.eval_file={request['eval_file']}: no valid rows to evaluate on")
+        train_ids = {row_id(r) for r in train_rows}
+        shared = sum(1 for r in eval_rows if row_id(r) in train_ids)
+        if shared:  # eval loss on conversations trained on says little; worth knowing, not worth refusing
+            print(f"    warning: {shared} of {len(eval_rows)} eval row(s) are also in dataset.train_file", flush=True)
+        sources["eval"]["also_in_train"] = shared
     else:
         train_rows, eval_rows = hold_out(train_rows, float(dataset_cfg.eval_percent), int(dataset_cfg.seed))
     if not train_rows:

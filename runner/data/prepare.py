@@ -7,7 +7,7 @@ since it would only cost compute.
 
 Tokenizing is paid once: the result is stored under cache_dir keyed by (data sha256, tokenizer fingerprint,
 chat template, max_seq_length), so a second run with the same inputs loads it instead of tokenizing again.
-Only `messages` is read: the ultrachat `prompt`/`prompt_id` columns never reach a trainer (TRL would take a string
+Only `messages` is read: other columns (ultrachat's `prompt`/`prompt_id`, a user's own) never reach a trainer (TRL would take a string
 `prompt` column for prompt-completion data and fail).
 """
 
@@ -124,7 +124,7 @@ def _read_conversations(jsonl_path: Path) -> List[Tuple[int, List[Dict[str, str]
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise RunnerError(f"{jsonl_path}:{lineno}: not valid JSON ({exc.msg}); each line must be one "
-                                  f"ultrachat row") from None
+                                  f"messages row (the data step writes them)") from None
             messages = row.get("messages") if isinstance(row, dict) else None
             if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
