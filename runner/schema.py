@@ -77,6 +77,9 @@ class ComputeConfig:
     kind: str = choice("azure", ["azure", "local"])
     size: str = MISSING  # VM SKU, e.g. Standard_NC24ads_A100_v4; "cpu"/"cuda" locally
     gpus_per_node: int = 0
+    # GPU memory of one GPU of the VM size, in GB (A100 80GB -> 80); 0 = unknown (local: measured at run time).
+    # Informational: what a model + optimizer state must fit in, per GPU, when choosing a size.
+    gpu_memory_gb: int = 0
     min_instances: int = 0
     max_instances: int = 2
     idle_time_before_scale_down: int = 120  # seconds
@@ -418,5 +421,8 @@ def validate(cfg: Any) -> None:
             f"deployment.deployment_name={cfg.deployment.deployment_name!r} has no entry in deployment.traffic "
             f"{dict(cfg.deployment.traffic)}"
         )
+    from runner.presets import kind_errors  # compute/deployment presets of the backend's kind (reads conf/)
+
+    errors += kind_errors(cfg)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -29,19 +29,40 @@ def test_every_group_has_real_presets():
             "nc24rs_v3", "nc12s_v3"} <= set(presets("compute"))
 
 
+def kind(group, preset):
+    """A compute/deployment preset's kind (conf/<group>/<preset>.yaml), else None."""
+    if group not in ("compute", "deployment"):
+        return None
+    return OmegaConf.load(Path(CONF_DIR) / group / f"{preset}.yaml").get("kind")
+
+
+# What each preset needs around it to be a valid run: an Azure cluster or endpoint needs the azureml backend (and a
+# registry model whose allow lists hold the preset's size), every other preset composes on the bare `ftrun`.
+AZURE = ["backend=azureml", "model=phi4", "compute=nd96asr_v4", "deployment=azure",
+         "deployment.instance_type=Standard_NC24ads_A100_v4"]
+
+
+def base_for(group, preset):
+    if group in ("compute", "deployment") and kind(group, preset) == "azure":
+        return AZURE
+    if group == "backend" and preset == "azureml":
+        return AZURE
+    return []
+
+
 @pytest.mark.parametrize("group, preset", ALL, ids=[f"{g}={p}" for g, p in ALL])
 def test_preset_composes_resolves_and_validates(group, preset):
-    cfg = compose_cfg([f"{group}={preset}"])
+    cfg = compose_cfg(base_for(group, preset) + [f"{group}={preset}"])
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 
-def test_command_line_group_choice_wins_over_the_default_experiment():
+def test_command_line_group_choice_brings_no_other_presets_settings():
     cfg = compose_cfg(["model=phi35_mini_instruct", "finetune=lora"])
     assert cfg.model.name == "Phi-3.5-mini-instruct"
     assert cfg.finetune.apply_lora is True
-    # the experiment's sizes still apply on top of the chosen preset
-    assert cfg.finetune.per_device_train_batch_size == 8
+    # the tiny model's training recipe stays with the tiny model
+    assert cfg.finetune.per_device_train_batch_size == 1 and cfg.finetune.learning_rate == 2e-5
 
 
 def test_compute_presets_know_their_gpus():
