@@ -11,6 +11,8 @@ from typing import Any, Dict, Optional
 
 class Backend:
     name = "base"
+    # True: dry_run runs the steps themselves against clients that record instead of send, then finish_plan()
+    plans_by_running_steps = False
 
     def connect(self, ctx) -> Dict[str, Any]:
         raise NotImplementedError
@@ -45,6 +47,10 @@ class Backend:
         raise NotImplementedError
 
     def cleanup(self, ctx) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def finish_plan(self, ctx) -> Dict[str, Any]:
+        """After a dry run of the steps: write the plan's summary (plans_by_running_steps backends)."""
         raise NotImplementedError
 
     def plan(self, ctx) -> Dict[str, Any]:

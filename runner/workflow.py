@@ -4,7 +4,8 @@
 
 `steps=[...]` selects which run (always in this order). Each step reads the config and earlier steps' outputs
 (from this run's record, or an earlier run's with `from_run=`), asks the backend to do its part, and its outputs go
-into `<run dir>/run_record.json`. `dry_run=true` runs no step: the backend writes its plan into `<run dir>/plan/`.
+into `<run dir>/run_record.json`. `dry_run=true` on azureml runs the same steps with clients that record what they
+would send (runner/azureml/planning.py) and writes it into `<run dir>/plan/`; on local the backend writes its plan.
 """
 
 import hashlib
@@ -24,6 +25,10 @@ from runner.record import RunRecord, load_record
 from runner.schema import STEPS, ConfigError, validate
 
 RESOLVED_CONFIG = "resolved_config.yaml"
+# The sample request of a dry run when the sample split is not on disk (a dry run downloads nothing).
+EXAMPLE_CONVERSATION = [
+    {"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."},
+]
 
 
 @dataclass
@@ -81,7 +86,13 @@ def step_data(ctx: StepContext, backend) -> Dict[str, Any]:
         run_dir=ctx.run_dir,
         max_seq_length=cfg.finetune.max_seq_length,
         tokenizer_dir=tokenizer_dir,
+        dry_run=bool(cfg.dry_run),  # a plan names the files; nothing is downloaded
     )
+    # Recorded absolute: a later run (from_run=) started from another directory must find the same files.
+    for key in ("train_file", "test_file", "sample_file", "download_dir"):
+        if outputs.get(key):
+            outputs[key] = str(Path(outputs[key]).resolve())
+    outputs["files"] = {k: str(Path(v).resolve()) for k, v in (outputs.get("files") or {}).items()}
     outputs.update(backend.data(ctx, outputs) or {})
     return outputs
 
@@ -98,6 +109,12 @@ def write_sample_request(ctx: StepContext, path: Path) -> Dict[str, Any]:
     from runner.data.sample_request import build_sample_request
 
     source = sample_file(ctx)
+    if not source.exists() and ctx.cfg.dry_run:  # a plan downloads nothing: an example conversation stands in
+        request = {"input_data": {"input_string": [EXAMPLE_CONVERSATION],
+                                  "parameters": OmegaConf.to_container(ctx.cfg.deployment.sample_parameters)},
+                   "params": {}}
+        write_json(path, request)
+        return request
     if not source.exists():
         raise FileNotFoundError(
             f"the sample request is drawn from {source}, which does not exist: run the data step first "
@@ -176,7 +193,7 @@ def run(
         record.data["sweep"] = sweep
     record.save()
 
-    if cfg.dry_run:
+    if cfg.dry_run and not backend.plans_by_running_steps:
         _run_one(ctx, "plan", lambda c: backend.plan(c))
         record.close()
         print(f"dry run: plan written to {ctx.plan_dir}")
@@ -199,6 +216,11 @@ def run(
     except BaseException:
         _release_after_failure(ctx, backend)
         raise
+    if cfg.dry_run:  # the same steps ran against recording clients: their record becomes the plan's summary
+        _run_one(ctx, "plan", lambda c: backend.finish_plan(c))
+        record.close()
+        print(f"dry run: plan written to {ctx.plan_dir}")
+        return record
     record.close()
     _print_summary(record)
     return record

@@ -72,7 +72,7 @@ def test_notebook_plan_loads_back_with_the_sdk(tmp_path):
 
     summary = yaml.safe_load((plan / "plan.yaml").read_text())
     assert summary["display_name"] == DISPLAY_NAME
-    assert any("archived" in w and "2025-08-30" in w and "model=phi35_mini_instruct" in w
+    assert any("archived" in w and "2025-08-30" in w and "model=phi4" in w
                for w in summary["warnings"])
     assert "model_specific_defaults.learning_rate_min=5e-07 dropped: not an input of the component" in \
         summary["finetune"]["merge_notes"]

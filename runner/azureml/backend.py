@@ -32,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 class AzureMLBackend(Backend):
     name = "azureml"
+    plans_by_running_steps = True  # dry_run: these steps, with the planning clients
 
     def __init__(self, cfg, clients=None, clock=time.time):
         self.cfg = cfg
@@ -213,9 +214,12 @@ class AzureMLBackend(Backend):
         inputs, out = {}, {}
         for key, field in (("train_file_path", "train_file"), ("test_file_path", "test_file")):
             path = data.get(field)
+            if path and self.cfg.dry_run and not Path(path).is_file():  # planned, not downloaded: upload as is
+                inputs[key] = {"type": "uri_file", "path": str(Path(path).resolve())}
+                continue
             if not path or not Path(path).is_file():
                 raise FileNotFoundError(f"the data step did not produce its {field} ({path!r})")
-            upload = messages_only(path, Path(ctx.run_dir) / "data" / "upload" / Path(path).name)
+            upload = messages_only(path, Path(ctx.run_dir).resolve() / "data" / "upload" / Path(path).name)
             if upload != Path(path):
                 out[field], out[f"data_{field}"] = str(upload), str(path)  # finetune uploads the copy
                 ctx.say(f"{field}: uploading a messages-only copy, {upload}")
@@ -224,7 +228,7 @@ class AzureMLBackend(Backend):
         return {**out, "azure_inputs": inputs}
 
     def finetune(self, ctx) -> Dict[str, Any]:
-        from runner.azureml.spec import check_required, prepare_inputs
+        from runner.azureml.spec import check_live_component, check_required, compare_specs, prepare_inputs
         from runner.azureml.translate import build_pipeline_job, pipeline_inputs
 
         cfg, b = self.cfg, self.cfg.backend
@@ -243,22 +247,42 @@ class AzureMLBackend(Backend):
         else:
             component = registry.components.get(name=b.component_name, label=b.component_label)
         spec = self._component_spec(component)
+        # The registry serves `latest`; the runner was checked against a pinned contract. Say what changed, and
+        # refuse to send an input the live component no longer has.
+        diff = compare_specs(self.local_spec(required=True), spec)
+        for line in diff.lines():
+            ctx.say(f"component: {line}")
         params, notes = self.effective_params(ctx, facts)
         inputs, dropped = prepare_inputs(params, spec, ctx.explicit_finetune_keys)
         display_name = ctx.display_name(self.display_name(params, gpus))
-        kwargs = pipeline_inputs(model_id=facts.asset_id, cluster=cfg.compute.name, train_file=data["train_file"],
-                                 test_file=data["test_file"], gpus_per_node=gpus, finetune_inputs=inputs, spec=spec)
+        # Absolute paths: a run picked up later (from_run=) from another directory uploads the same files.
+        kwargs = pipeline_inputs(model_id=facts.asset_id, cluster=cfg.compute.name,
+                                 train_file=str(Path(data["train_file"]).resolve()),
+                                 test_file=str(Path(data["test_file"]).resolve()),
+                                 gpus_per_node=gpus, finetune_inputs=inputs, spec=spec)
         check_required(kwargs, spec)
+        check_live_component(diff, kwargs)
         for note in notes + dropped:
             ctx.say(note)
-        job = build_pipeline_job(component, kwargs, display_name=display_name, force_rerun=b.force_rerun,
-                                 continue_on_step_failure=b.continue_on_step_failure)
+        try:
+            job = build_pipeline_job(component, kwargs, display_name=display_name, force_rerun=b.force_rerun,
+                                     continue_on_step_failure=b.continue_on_step_failure,
+                                     experiment_name=b.experiment_name)
+        except Exception as exc:  # UnexpectedKeywordError and friends: the inputs do not fit the component
+            raise ConfigError(f"the pipeline inputs do not fit {spec.name} {spec.version} ({spec.source}): "
+                              f"{exc}") from exc
+        validation = job._validate()  # the SDK's own checks, before anything is uploaded or submitted
+        if not validation.passed:
+            raise ConfigError(f"the pipeline job does not validate against {spec.name} {spec.version}:\n"
+                              f"{validation}")
         ws = self._ws(ctx)
         submitted = ws.jobs.create_or_update(job, experiment_name=b.experiment_name)
         job_name, url = submitted.name, getattr(submitted, "studio_url", None)
         ctx.say(f"submitted pipeline job {job_name} ({display_name}); studio: {url}")
         out = {"job_name": job_name, "studio_url": url, "display_name": display_name,
                "experiment_name": b.experiment_name, "component": f"{spec.name}:{spec.version}",
+               "component_version": spec.version, "component_diff": diff.to_dict(),
+               "effective_params": params, "explicit_overrides": sorted(ctx.explicit_finetune_keys),
                "inputs": {k: v for k, v in inputs.items()}, "merge_notes": notes + dropped,
                "gpus_per_node": gpus, "status": "submitted"}
         if not b.wait:
@@ -302,6 +326,9 @@ class AzureMLBackend(Backend):
     def metrics(self, ctx) -> Dict[str, Any]:
         from runner.azureml.metrics import read_job_metrics
 
+        if self.cfg.dry_run:  # nothing is sent here: the job's metrics are read from the workspace's MLflow
+            ctx.say("metrics: read from the workspace's MLflow once the job has run")
+            return {"planned": "read from the workspace's MLflow (the pipeline job's child runs)"}
         job_name = self._job_name(ctx)
         self._require_completed(ctx, job_name)
         ws = self._ws(ctx)
@@ -398,7 +425,7 @@ class AzureMLBackend(Backend):
             ctx.say(f"compute cluster {self.cfg.compute.name} kept (cleanup.delete_compute=true deletes it)")
         return out
 
-    def plan(self, ctx) -> Dict[str, Any]:
-        from runner.azureml.plan import write_azure_plan
+    def finish_plan(self, ctx) -> Dict[str, Any]:
+        from runner.azureml.planning import write_plan_summary
 
-        return write_azure_plan(ctx, self)
+        return write_plan_summary(ctx, self.clients.world)

@@ -240,3 +240,62 @@ def check_required(inputs: Mapping[str, Any], spec: ComponentSpec) -> None:
     missing = [n for n, d in spec.inputs.items() if not d.optional and d.default is None and n not in inputs]
     if missing:
         raise ConfigError(f"{spec.name} requires input(s) {missing} that the runner does not set")
+
+
+# ---- the live component against the pinned contract --------------------------------------------------------
+
+
+@dataclass
+class SpecDiff:
+    """How the component the registry serves now differs from the contract the runner was checked against."""
+
+    pinned: str
+    live: str
+    added: List[str] = field(default_factory=list)
+    removed: List[str] = field(default_factory=list)
+    retyped: List[str] = field(default_factory=list)  # "name: pinned type -> live type"
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.retyped)
+
+    def lines(self) -> List[str]:
+        out = []
+        if self.added:
+            out.append(f"inputs added in {self.live}: {', '.join(self.added)}")
+        if self.removed:
+            out.append(f"inputs removed in {self.live}: {', '.join(self.removed)}")
+        if self.retyped:
+            out.append(f"inputs retyped in {self.live}: {'; '.join(self.retyped)}")
+        return out
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"pinned": self.pinned, "live": self.live, "added": self.added, "removed": self.removed,
+                "retyped": self.retyped}
+
+
+def _shape(decl: InputSpec) -> str:
+    return decl.type + (f" {sorted(decl.enum)}" if decl.enum is not None else "")
+
+
+def compare_specs(pinned: ComponentSpec, live: ComponentSpec) -> SpecDiff:
+    diff = SpecDiff(pinned=f"{pinned.name} {pinned.version} ({pinned.source})",
+                    live=f"{live.name} {live.version} ({live.source})")
+    diff.added = sorted(set(live.inputs) - set(pinned.inputs))
+    diff.removed = sorted(set(pinned.inputs) - set(live.inputs))
+    for name in sorted(set(pinned.inputs) & set(live.inputs)):
+        before, after = _shape(pinned.inputs[name]), _shape(live.inputs[name])
+        if before != after:
+            diff.retyped.append(f"{name}: {before} -> {after}")
+    return diff
+
+
+def check_live_component(diff: SpecDiff, sent: Iterable[str]) -> None:
+    """Inputs this run sends that the live component no longer declares: refused before submission."""
+    gone = sorted(set(diff.removed) & set(sent))
+    if gone:
+        raise ConfigError(
+            f"the registry's component no longer declares input(s) {gone} that this run sends: the runner was "
+            f"checked against {diff.pinned}, the registry serves {diff.live}. Pin the checked version with "
+            f"backend.component_version=<version>, or record the new contract with scripts/record_component.py "
+            f"and drop the settings"
+        )

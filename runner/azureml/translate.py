@@ -9,7 +9,8 @@ from typing import Any, Dict, Mapping, Optional
 from runner.azureml.spec import ASSET_TYPES, ComponentSpec
 
 NODE_NAME = "chat_completion_pipeline"  # the notebook's variable name, which the DSL makes the node's name
-TIERS = {"dedicated": "Dedicated", "low_priority": "LowPriority"}
+# compute.tier takes the SDK's own values ("dedicated", "low_priority"): AmlCompute serialises "LowPriority" to
+# vm_priority "Lowpriority" and its schema refuses it.
 
 
 def build_compute(compute_cfg: Any, tier: str):
@@ -18,7 +19,7 @@ def build_compute(compute_cfg: Any, tier: str):
     return AmlCompute(
         name=compute_cfg.name,
         size=compute_cfg.size,
-        tier=TIERS.get(tier, tier),
+        tier=tier,
         min_instances=compute_cfg.min_instances,
         max_instances=compute_cfg.max_instances,
         idle_time_before_scale_down=compute_cfg.idle_time_before_scale_down,

@@ -1,0 +1,439 @@
+"""dry_run on azureml: the real steps, handed clients that record what would be sent instead of sending it.
+
+`PlanningClients` stands where `AzureClients` stands in a real run. The Azure steps (runner/azureml/backend.py)
+run unchanged: they log in, look up the model and the component, check, build the entities and call the same
+MLClient methods. The workspace client here records each call (checked against the real azure-ai-ml method's
+signature, so a call that would fail for real fails here too) and writes the object it was handed as azure-ai-ml
+YAML, loadable with the SDK's own `load_*`:
+
+    compute.yaml       AmlCompute                          MLClient.begin_create_or_update
+    pipeline_job.yaml  the chat_completion_pipeline job    jobs.create_or_update
+    model.yaml         the Model registered from its output models.create_or_update
+    endpoint.yaml      ManagedOnlineEndpoint (with traffic) MLClient.begin_create_or_update
+    deployment.yaml    ManagedOnlineDeployment             online_deployments.begin_create_or_update
+    request.json       the scoring request                 online_endpoints.invoke
+    plan.yaml          every call in order, the steps' outputs, warnings
+
+So the plan is what a real run sends, by construction. What the planner answers in place of Azure: the foundation
+model from the model preset (a real run reads the registry), the component from the recorded contract
+(backend.component_spec), a cluster that does not exist yet, GPUs per node from the compute preset, and a job that
+completes. No network, no credentials.
+"""
+
+import copy
+import inspect
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from runner.atomic import write_text
+
+# The pipeline job's name is given by the service at submission; the plan refers to it by this placeholder.
+JOB_NAME_PLACEHOLDER = "PIPELINE_JOB_NAME"
+PLAN_FILES = ("compute", "pipeline_job", "model", "endpoint", "deployment")
+
+
+# ---- serialisation: one function per kind, used for the plan files and by the tests for the real run's objects --
+
+
+def plain(data: Any) -> Any:
+    """OrderedDicts and other mappings the SDK returns → plain JSON-able data."""
+    return json.loads(json.dumps(data, default=str))
+
+
+def entity_yaml(entity: Any) -> Dict[str, Any]:
+    """entity._to_dict() without empty keys (some entities' dump() writes nothing: ManagedOnlineEndpoint)."""
+    return plain({k: v for k, v in entity._to_dict().items() if v is not None})
+
+
+def component_reference(component: Any, cfg: Any) -> str:
+    """What the submitted job points at: the registry component's own id, a pinned version, or the label."""
+    asset_id = getattr(component, "id", None)
+    if asset_id and str(asset_id).startswith("azureml://"):
+        return str(asset_id)
+    b = cfg.backend
+    if b.component_version:
+        return f"azureml://registries/{b.registry_name}/components/{b.component_name}/versions/{b.component_version}"
+    return f"azureml://registries/{b.registry_name}/components/{b.component_name}/labels/{b.component_label}"
+
+
+def pipeline_job_yaml(job: Any, *, component_ref: str, experiment_name: Optional[str]) -> Dict[str, Any]:
+    from runner.azureml.translate import NODE_NAME
+
+    data = plain(job._to_dict())
+    node = data["jobs"][NODE_NAME]
+    # The dump inlines the component, which load_job refuses; the job references the registry component.
+    node["component"] = component_ref
+    # The DSL dump writes local file inputs as `azureml:<path>` (an asset reference); they are local files that
+    # the submission uploads, so they are written as the plain paths the job holds.
+    for key, value in job.jobs[NODE_NAME].inputs.items():
+        data_input = getattr(value, "_data", None)
+        if getattr(data_input, "type", None) == "uri_file":
+            node["inputs"][key] = {"type": "uri_file", "path": str(data_input.path)}
+    ordered = {"$schema": "https://azuremlschemas.azureedge.net/latest/pipelineJob.schema.json",
+               "experiment_name": experiment_name}
+    ordered.update({k: v for k, v in data.items() if k not in ("$schema", "experiment_name")})
+    return ordered
+
+
+def write_yaml(path: Path, data: Dict[str, Any]) -> Path:
+    import yaml
+
+    return write_text(path, yaml.safe_dump(plain(data), sort_keys=False, default_flow_style=False))
+
+
+def load_component_file(path: Path):
+    """azure.ai.ml's component entity from a spec file (an exported spec is trimmed to the component keys)."""
+    import yaml
+    from azure.ai.ml import load_component
+
+    from runner.azureml.spec import load_spec
+
+    spec = load_spec(str(path))
+    if set(spec.raw) <= set(spec.component_dict()):
+        return load_component(source=str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        trimmed = Path(tmp) / "component.yaml"
+        trimmed.write_text(yaml.safe_dump(spec.component_dict(), sort_keys=False), encoding="utf-8")
+        return load_component(source=str(trimmed))
+
+
+# ---- the recorder ---------------------------------------------------------------------------------------------
+
+
+def _check_call(real_method: Any, args: tuple, kwargs: dict) -> None:
+    """Bind the call to the real SDK method's signature: a wrong name or argument fails here as it would for real."""
+    inspect.signature(real_method).bind(None, *args, **kwargs)
+
+
+class PlanRecorder:
+    def __init__(self, cfg: Any, plan_dir: Path):
+        self.cfg = cfg
+        self.plan_dir = Path(plan_dir)
+        self.calls: List[Dict[str, Any]] = []
+        self.files: Dict[str, str] = {}
+
+    def call(self, name: str, real_method: Any, args: tuple = (), kwargs: Optional[dict] = None,
+             file: Optional[str] = None) -> None:
+        kwargs = kwargs or {}
+        _check_call(real_method, args, kwargs)
+        entry: Dict[str, Any] = {"call": name}
+        if file:
+            entry["file"] = file
+        shown = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
+        if shown:
+            entry["kwargs"] = shown
+        self.calls.append(entry)
+
+    def write(self, kind: str, data: Dict[str, Any]) -> str:
+        path = write_yaml(self.plan_dir / f"{kind}.yaml", data)
+        self.files[kind] = str(path)
+        return str(path)
+
+
+class _Poller:
+    """What an LROPoller offers the steps: wait(), result(), done()."""
+
+    def __init__(self, result: Any = None):
+        self._result = result
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        return None
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        return self._result
+
+    def done(self) -> bool:
+        return True
+
+
+class _Ops:
+    """An operations group whose methods record; `real` is the azure-ai-ml class it stands for."""
+
+    real: Any = None
+    prefix = ""
+
+    def __init__(self, recorder: PlanRecorder, world: "PlanningWorld"):
+        self.recorder, self.world = recorder, world
+
+    def _record(self, method: str, args: tuple, kwargs: dict, file: Optional[str] = None) -> None:
+        self.recorder.call(f"{self.prefix}.{method}", getattr(self.real, method), args, kwargs, file)
+
+
+def _operations():
+    from azure.ai.ml.operations import (
+        ComponentOperations,
+        ComputeOperations,
+        JobOperations,
+        ModelOperations,
+        OnlineDeploymentOperations,
+        OnlineEndpointOperations,
+        WorkspaceOperations,
+    )
+
+    return {"components": ComponentOperations, "compute": ComputeOperations, "jobs": JobOperations,
+            "models": ModelOperations, "online_deployments": OnlineDeploymentOperations,
+            "online_endpoints": OnlineEndpointOperations, "workspaces": WorkspaceOperations}
+
+
+class PlanningWorld:
+    """The answers a dry run gives in place of Azure, and the objects it has been handed so far."""
+
+    def __init__(self, cfg: Any, recorder: PlanRecorder, component_spec_path: Path):
+        self.cfg, self.recorder = cfg, recorder
+        self.component_spec_path = component_spec_path
+        self.computes: Dict[str, Any] = {}
+        self.warnings: List[str] = []
+
+    # the registry's answers
+    def foundation_model(self, name: str, version: Optional[str], label: Optional[str]):
+        """The model preset as a registry Model entity: its defaults as the registry's string tag. The allow lists
+        are left to the preset (the model step says that is where they came from)."""
+        from azure.ai.ml.entities import Model
+        from omegaconf import OmegaConf
+
+        m = self.cfg.model
+        defaults = OmegaConf.to_container(m.model_specific_defaults, resolve=True)
+        model = Model(name=name, version=version, tags={"model_specific_defaults": repr(defaults)},
+                      stage="Archived" if m.archived else None)
+        return model
+
+    def component(self, name: str, version: Optional[str], label: Optional[str]):
+        """The recorded contract as the registry's component entity; an exported spec keeps its registry id."""
+        from runner.azureml.spec import load_spec
+
+        component = load_component_file(self.component_spec_path)
+        asset_id = load_spec(str(self.component_spec_path)).asset_id
+        if asset_id:
+            component._id = str(asset_id)  # what a registry's entity carries (the entity has no setter)
+        return component
+
+    def vm_sizes(self):
+        from azure.ai.ml.entities import VmSize
+
+        c = self.cfg.compute
+        gpus = int(c.gpus_per_node or 0)
+        if not gpus:
+            self.warnings.append(f"compute.gpus_per_node=0: a real run takes it from compute.list_sizes() for "
+                                 f"{c.size}; this plan assumes 1")
+            gpus = 1
+        return [VmSize(name=c.size, gpus=gpus)]
+
+
+def _make_ops(world: PlanningWorld):
+    """The operations groups of the planning MLClients, each method mirroring the real one's signature."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    ops = _operations()
+    rec = world.recorder
+    cfg = world.cfg
+
+    class Models(_Ops):
+        real, prefix = ops["models"], "models"
+
+        def get(self, *args, **kwargs):
+            self._record("get", args, kwargs)
+            bound = inspect.signature(self.real.get).bind(None, *args, **kwargs).arguments
+            return world.foundation_model(bound["name"], bound.get("version"), bound.get("label"))
+
+        def create_or_update(self, *args, **kwargs):
+            model = inspect.signature(self.real.create_or_update).bind(None, *args, **kwargs).arguments["model"]
+            self._record("create_or_update", args, kwargs, rec.write("model", entity_yaml(model)))
+            registered = copy.copy(model)
+            registered._id = f"azureml:{model.name}:{model.version}"  # what a deployment may reference
+            return registered
+
+    class Components(_Ops):
+        real, prefix = ops["components"], "components"
+
+        def get(self, *args, **kwargs):
+            self._record("get", args, kwargs)
+            bound = inspect.signature(self.real.get).bind(None, *args, **kwargs).arguments
+            return world.component(bound["name"], bound.get("version"), bound.get("label"))
+
+    class Compute(_Ops):
+        real, prefix = ops["compute"], "compute"
+
+        def get(self, *args, **kwargs):
+            self._record("get", args, kwargs)
+            name = inspect.signature(self.real.get).bind(None, *args, **kwargs).arguments["name"]
+            if name not in world.computes:
+                raise ResourceNotFoundError(f"(dry run) compute {name} is planned as new")
+            return world.computes[name]
+
+        def list_sizes(self, *args, **kwargs):
+            self._record("list_sizes", args, kwargs)
+            return world.vm_sizes()
+
+        def begin_delete(self, *args, **kwargs):
+            self._record("begin_delete", args, kwargs)
+            return _Poller()
+
+    class Jobs(_Ops):
+        real, prefix = ops["jobs"], "jobs"
+
+        def create_or_update(self, *args, **kwargs):
+            bound = inspect.signature(self.real.create_or_update).bind(None, *args, **kwargs).arguments
+            job = bound["job"]
+            from runner.azureml.translate import NODE_NAME
+
+            data = pipeline_job_yaml(job, component_ref=component_reference(job.jobs[NODE_NAME].component, cfg),
+                                     experiment_name=bound.get("experiment_name") or job.experiment_name)
+            self._record("create_or_update", args, kwargs, rec.write("pipeline_job", data))
+            submitted = copy.copy(job)
+            submitted.name = JOB_NAME_PLACEHOLDER
+            return submitted
+
+        def stream(self, *args, **kwargs):
+            self._record("stream", args, kwargs)
+
+        def get(self, *args, **kwargs):
+            self._record("get", args, kwargs)
+            from types import SimpleNamespace
+
+            return SimpleNamespace(name=JOB_NAME_PLACEHOLDER, status="Completed")  # a plan assumes success
+
+    class OnlineDeployments(_Ops):
+        real, prefix = ops["online_deployments"], "online_deployments"
+
+        def begin_create_or_update(self, *args, **kwargs):
+            deployment = inspect.signature(self.real.begin_create_or_update).bind(
+                None, *args, **kwargs).arguments["deployment"]
+            self._record("begin_create_or_update", args, kwargs, rec.write("deployment", entity_yaml(deployment)))
+            return _Poller(deployment)
+
+    class OnlineEndpoints(_Ops):
+        real, prefix = ops["online_endpoints"], "online_endpoints"
+
+        def invoke(self, *args, **kwargs):
+            bound = inspect.signature(self.real.invoke).bind(None, *args, **kwargs).arguments
+            request = Path(bound.get("request_file") or "")
+            target = rec.plan_dir / "request.json"
+            if request.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(request, target)
+                rec.files["request"] = str(target)
+            self._record("invoke", args, kwargs, str(target))
+            return json.dumps({"output": "(dry run: the endpoint's reply comes here)"})
+
+        def begin_delete(self, *args, **kwargs):
+            self._record("begin_delete", args, kwargs)
+            return _Poller()
+
+    class Workspaces(_Ops):
+        real, prefix = ops["workspaces"], "workspaces"
+
+    return {"models": Models, "components": Components, "compute": Compute, "jobs": Jobs,
+            "online_deployments": OnlineDeployments, "online_endpoints": OnlineEndpoints, "workspaces": Workspaces}
+
+
+class PlanningMLClient:
+    """Stands for azure.ai.ml.MLClient (a workspace or a registry) in a dry run."""
+
+    def __init__(self, world: PlanningWorld, *, prefix: str, workspace_name: Optional[str] = None,
+                 resource_group_name: Optional[str] = None):
+        self._world = world
+        self.workspace_name, self.resource_group_name = workspace_name, resource_group_name
+        for name, cls in _make_ops(world).items():
+            ops = cls(world.recorder, world)
+            ops.prefix = f"{prefix}.{name}"
+            setattr(self, name, ops)
+
+    def begin_create_or_update(self, *args, **kwargs):
+        from azure.ai.ml import MLClient
+        from azure.ai.ml.entities import AmlCompute, OnlineEndpoint
+
+        entity = inspect.signature(MLClient.begin_create_or_update).bind(None, *args, **kwargs).arguments["entity"]
+        if isinstance(entity, AmlCompute):
+            file = self._world.recorder.write("compute", entity_yaml(entity))
+            self._world.computes[entity.name] = entity
+        elif isinstance(entity, OnlineEndpoint):
+            file = self._world.recorder.write("endpoint", entity_yaml(entity))  # the last call (with traffic) stays
+        else:
+            raise TypeError(f"dry run: begin_create_or_update of an unexpected {type(entity).__name__}")
+        self._world.recorder.call("workspace.begin_create_or_update", MLClient.begin_create_or_update, args, kwargs,
+                                  file)
+        return _Poller(entity)
+
+
+class DryRunCredential:
+    """No credential: a dry run never asks for a token."""
+
+
+class PlanningClients:
+    """AzureClients for a dry run: the same three methods, answered by the planning world."""
+
+    def __init__(self, world: PlanningWorld):
+        self.world = world
+
+    def credential(self, backend_cfg: Any) -> Any:
+        return DryRunCredential()
+
+    def workspace(self, credential: Any, backend_cfg: Any) -> Any:
+        b = backend_cfg
+        return PlanningMLClient(self.world, prefix="workspace",
+                                workspace_name=b.workspace_name or f"(from {b.config_path})",
+                                resource_group_name=b.resource_group)
+
+    def registry(self, credential: Any, registry_name: str) -> Any:
+        return PlanningMLClient(self.world, prefix="registry")
+
+
+def planning_clients(cfg: Any, plan_dir: Path, component_spec_path: Path) -> PlanningClients:
+    recorder = PlanRecorder(cfg, plan_dir)
+    return PlanningClients(PlanningWorld(cfg, recorder, component_spec_path))
+
+
+def write_plan_summary(ctx: Any, world: PlanningWorld) -> Dict[str, Any]:
+    """plan.yaml: what the steps recorded (their outputs, as in a real run's record) and every call in order."""
+    cfg, record = ctx.cfg, ctx.record
+    finetune = record.output("finetune") or {}
+    model = record.output("model") or {}
+    deploy = record.output("deploy") or {}
+    warnings = list(model.get("warnings") or []) + world.warnings
+    b = cfg.backend
+    summary = {
+        "backend": "azureml",
+        "steps": [s for s in record.data.get("steps", {}) if s != "plan"],
+        "display_name": finetune.get("display_name"),
+        "experiment_name": finetune.get("experiment_name", b.experiment_name),
+        "workspace": {"config_path": b.config_path, "subscription_id": "set" if b.subscription_id else "unset",
+                      "resource_group": b.resource_group, "workspace_name": b.workspace_name,
+                      "registry_name": b.registry_name},
+        "model": {**(model.get("facts") or {}),
+                  "answered_by": "the model preset (a real run asks the registry)"},
+        "compute": {**(record.output("compute") or {}), "tier": cfg.compute.tier,
+                    "low_priority_fallback": cfg.compute.low_priority_fallback},
+        "component": {"reference": None, "version": finetune.get("component_version"),
+                      "spec": str(world.component_spec_path)},
+        "finetune": {
+            "merge_order": "config -> model_specific_defaults -> explicit finetune.* overrides",
+            "explicit_overrides": finetune.get("explicit_overrides", []),
+            "merge_notes": finetune.get("merge_notes", []),
+            "effective_params": finetune.get("effective_params", {}),
+            "component_inputs": finetune.get("inputs", {}),
+        },
+        "register": record.output("register") or {},
+        "endpoint": {**deploy, "instance_type": cfg.deployment.instance_type,
+                     "instance_count": cfg.deployment.instance_count},
+        "cleanup": record.output("cleanup") or {},
+        "warnings": warnings,
+        "calls": world.recorder.calls,
+        "files": dict(world.recorder.files),
+    }
+    job_file = world.recorder.files.get("pipeline_job")
+    if job_file:
+        import yaml
+
+        from runner.azureml.translate import NODE_NAME
+
+        summary["component"]["reference"] = yaml.safe_load(Path(job_file).read_text())["jobs"][NODE_NAME]["component"]
+    plan_file = write_yaml(ctx.plan_dir / "plan.yaml", summary)
+    for w in warnings:
+        print(f"  WARNING: {w}")
+    for kind, path in world.recorder.files.items():
+        print(f"  {kind:<13} {path}")
+    return {"plan": str(plan_file), "display_name": summary["display_name"], "warnings": warnings,
+            **world.recorder.files}
