@@ -1,30 +1,65 @@
-"""A call-recording stand-in for Azure: MLClient (workspace and registry), the credentials, and the answers.
+"""A call-recording stand-in for Azure, held to the real azure-ai-ml shapes: MLClient (workspace and registry), the
+credentials, and the answers.
 
-`AzureWorld` holds what the service would answer (the registry's Phi-3 model with its real tags as strings, the
-chat_completion_pipeline component loaded from the real spec, clusters, VM sizes, the job, the endpoint's reply)
-and records every call as (name, args, kwargs) in `world.calls`. `world.clients()` is an AzureClients whose
-MLClient and credential classes are these stand-ins, so the runner's real login/workspace logic runs in between.
+- Every operations group of MLClient (models, components, compute, jobs, online_endpoints, ...) and MLClient's own
+  methods are `unittest.mock.create_autospec` of azure-ai-ml's classes: a method the SDK does not have, or an
+  argument its signature does not take, fails the test as it would fail against Azure. Constructing the client and
+  `MLClient.from_config` are checked against the real signatures too.
+- Long-running operations answer with autospecs of azure-core's `LROPoller` (wait / result / done / status).
+- The registry's foundation model is built by the SDK's own deserializer from a REST body shaped like the registry's
+  (tests/fixtures/azureml/*.rest.json): `Model._from_rest_object(ModelVersion._deserialize(body))`, exactly what
+  `ModelOperations.get` does for a registry. That drops the system metadata, as the real SDK does.
+- A failed pipeline job makes `jobs.stream` raise the SDK's `JobException`, as JobOperations.stream does.
+- The other answers are the SDK's entities (AmlCompute, VmSize, PipelineJob, Workspace, Model, ManagedOnlineEndpoint).
+
+`AzureWorld` holds what the service would answer and records every call as (name, args, kwargs) in `world.calls`,
+in order, with args as the runner passed them; `world.answer(name, args, kwargs)` is the one place calls are
+recorded and answered (a test may wrap or override it). `world.clients()` is an AzureClients whose MLClient and
+credential classes are these stand-ins, so the runner's real login/workspace logic runs in between.
 """
 
+import copy
+import inspect
+import json
+import typing
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
+from unittest import mock
 
 import yaml
 
 from runner.azureml.spec import DEFAULT_SPEC
 
 # Everything the stand-in serves is the repository's own: the component contract the runner ships, and the registry
-# model's facts recorded under tests/fixtures/azureml/.
+# models' REST bodies recorded under tests/fixtures/azureml/.
 PIPELINE_SPEC = DEFAULT_SPEC
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "azureml"
-PHI3_SPEC = FIXTURES / "phi-3-mini-4k-instruct.model.yaml"
+PHI3_SPEC = FIXTURES / "phi-3-mini-4k-instruct.model.yaml"  # the registry spec's facts, as YAML (tags as dicts)
+
+# The registry's GET .../models/<name>/versions/<version> bodies, recorded from the models' registry specs:
+#   Phi-3-mini-4k-instruct 15: archived; allow lists in tags (the oldest form) and in properties; system metadata.
+#   Phi-3.5-mini-instruct 6:   archived; allow lists in properties (finetune-recommended-sku) and system metadata.
+#   Phi-4 8:                   current; allow lists only in system metadata (SKU.*RecommendedSkus), which the SDK drops.
+REST_BODIES = {
+    "Phi-3-mini-4k-instruct": FIXTURES / "phi-3-mini-4k-instruct.rest.json",
+    "Phi-3.5-mini-instruct": FIXTURES / "phi-3.5-mini-instruct.rest.json",
+    "Phi-4": FIXTURES / "phi-4.rest.json",
+}
+
+# Where a registry body may keep the allow lists (see runner/azureml/tags.py).
+LIST_TAGS = ("finetune_compute_allow_list", "inference_compute_allow_list")
+LIST_PROPERTIES = ("finetune-recommended-sku", "inference-recommended-sku")
+LIST_SYSTEM_METADATA = ("SKU", "supportedComputes")
 
 # The subset of calls that create, submit or delete something (cost money or change the workspace).
 SPENDING = (
     "workspace.begin_create_or_update",
+    "workspace.create_or_update",
     "workspace.jobs.create_or_update",
     "workspace.models.create_or_update",
+    "workspace.compute.begin_create_or_update",
+    "workspace.online_endpoints.begin_create_or_update",
     "workspace.online_deployments.begin_create_or_update",
     "workspace.online_endpoints.begin_delete",
     "workspace.compute.begin_delete",
@@ -45,75 +80,155 @@ class Call(tuple):
         return self[2]
 
 
-def registry_phi3_model(archived_stage: bool = False):
-    """Phi-3-mini-4k-instruct as the registry returns it: tags are strings (Python literals), as the notebook
-    parses them with ast.literal_eval; allow lists and deprecation dates also in the system metadata."""
-    spec = yaml.safe_load(PHI3_SPEC.read_text())
-    meta = spec["system_metadata"]
-    tags = {
-        "finetune_compute_allow_list": repr(meta["supportedComputes"]["finetuneComputes"]),
-        "inference_compute_allow_list": repr(meta["supportedComputes"]["inferenceComputes"]),
-        "model_specific_defaults": repr(spec["tags"]["model_specific_defaults"]),
-    }
-    return SimpleNamespace(
-        id=f"azureml://registries/azureml/models/{spec['name']}/versions/{spec['version']}",
-        name=spec["name"],
-        version=str(spec["version"]),
-        tags=tags,
-        stage="Archived" if archived_stage else None,
-        _system_metadata=meta,
-    )
+# ---- registry models, as the SDK builds them -------------------------------------------------------------------
 
 
-class Poller:
-    def __init__(self, world: "AzureWorld", name: str, result: Any = None, error: Optional[Exception] = None):
-        self.world, self.name, self._result, self.error = world, name, result, error
-
-    def wait(self):
-        self.world.calls.append(Call((f"{self.name}.wait", (), {})))
-        if self.error:
-            raise self.error
-
-    def result(self):
-        self.world.calls.append(Call((f"{self.name}.result", (), {})))
-        if self.error:
-            raise self.error
-        return self._result
+def rest_body(name: str = "Phi-3-mini-4k-instruct") -> Dict[str, Any]:
+    """A fresh copy of the registry's REST body for model `name` (tests/fixtures/azureml/*.rest.json)."""
+    return json.loads(REST_BODIES[name].read_text())
 
 
-class Ops:
-    """An operations group (client.compute, client.jobs, ...): every method call is recorded and answered."""
+def keep_lists_only_in(body: Dict[str, Any], *places: str) -> Dict[str, Any]:
+    """The body with its allow lists removed from every place but `places` ("tags", "properties",
+    "system_metadata"): how registry models of different ages carry them."""
+    props = body["properties"]
+    if "tags" not in places:
+        for key in LIST_TAGS:
+            props.get("tags", {}).pop(key, None)
+    if "properties" not in places:
+        for key in LIST_PROPERTIES:
+            props.get("properties", {}).pop(key, None)
+    if "system_metadata" not in places:
+        for key in LIST_SYSTEM_METADATA:
+            (props.get("systemMetadata") or {}).pop(key, None)
+    return body
 
-    def __init__(self, world: "AzureWorld", prefix: str):
-        self._world, self._prefix = world, prefix
 
-    def __getattr__(self, method: str):
-        if method.startswith("_"):
-            raise AttributeError(method)
-        return lambda *args, **kwargs: self._world.answer(f"{self._prefix}.{method}", args, kwargs)
+def model_from_rest(body: Dict[str, Any]):
+    """The azure.ai.ml Model entity that `MLClient(registry_name=...).models.get` returns for this REST body: the
+    registry path of ModelOperations deserializes the arm ModelVersion and hands it to Model._from_rest_object."""
+    from azure.ai.ml._restclient.arm_ml_service.models import ModelVersion
+    from azure.ai.ml.entities import Model
+
+    return Model._from_rest_object(ModelVersion._deserialize(copy.deepcopy(body), []))
+
+
+def registry_model(name: str = "Phi-3-mini-4k-instruct", *, lists_in: Optional[Iterable[str]] = None):
+    body = rest_body(name)
+    if lists_in is not None:
+        keep_lists_only_in(body, *lists_in)
+    return model_from_rest(body)
+
+
+def registry_phi3_model():
+    """Phi-3-mini-4k-instruct 15 as azure-ai-ml returns it from the registry."""
+    return registry_model("Phi-3-mini-4k-instruct")
+
+
+def job_failed_error(job_name: str, message: str):
+    """What JobOperations.stream raises when the job ends Failed (azure/ai/ml/operations/_job_ops_helper.py)."""
+    from azure.ai.ml.exceptions import ErrorCategory, ErrorTarget, JobException
+
+    error = {"error": {"code": "UserError", "message": message}}
+    return JobException(message="Exception : \n {} ".format(json.dumps(error, indent=4)), target=ErrorTarget.JOB,
+                        no_personal_data_message="Exception raised on failed job.",
+                        error_category=ErrorCategory.SYSTEM_ERROR)
+
+
+def _public_methods(cls) -> List[str]:
+    return [name for name, member in inspect.getmembers(cls)
+            if not name.startswith("_") and callable(member)
+            and not isinstance(inspect.getattr_static(cls, name), property)]
+
+
+def _operation_groups() -> Dict[str, type]:
+    """MLClient's operations groups (property name → its operations class), from the SDK's own type hints."""
+    from azure.ai.ml import MLClient
+
+    groups = {}
+    for name, member in inspect.getmembers(MLClient):
+        if isinstance(member, property) and not name.startswith("_"):
+            ret = typing.get_type_hints(member.fget).get("return")
+            if inspect.isclass(ret) and ret.__name__.endswith("Operations"):
+                groups[name] = ret
+    return groups
 
 
 class AzureWorld:
     def __init__(self, *, job_name: str = "sincere_kettle_42", tracking_uri: str = "file:///nonexistent"):
         from azure.ai.ml import load_component
+        from azure.ai.ml.entities import VmSize
 
         self.calls: List[Call] = []
-        self.model = registry_phi3_model()
+        self.model_body = rest_body("Phi-3-mini-4k-instruct")  # what the registry serves for the foundation model
         self.component = load_component(source=str(PIPELINE_SPEC))
         self.computes: Dict[str, Any] = {}
-        self.sizes = [SimpleNamespace(name="Standard_ND96asr_v4", gpus=8),
-                      SimpleNamespace(name="Standard_NC24ads_A100_v4", gpus=1),
-                      SimpleNamespace(name="Standard_ND40rs_v2", gpus=8)]
+        self.sizes = [VmSize(name="Standard_ND96asr_v4", gpus=8), VmSize(name="Standard_NC24ads_A100_v4", gpus=1),
+                      VmSize(name="Standard_ND40rs_v2", gpus=8)]
         self.failing_tiers: set = set()
+        self.poller_errors: Dict[str, Exception] = {}  # call name → what its poller's wait()/result() raises
         self.job_name = job_name
-        self.job_status = "Completed"
+        self.job_status = "Completed"  # "Failed": jobs.stream raises the SDK's JobException, jobs.get says Failed
+        self.job_error = "Out of memory on node 0 (CUDA error)"
         self.tracking_uri = tracking_uri
         self.response: Any = '[{"0": "Hello from the endpoint"}]'
         self.token_error: Optional[Exception] = None
         self.created: List[Any] = []
 
+    @property
+    def model(self):
+        """The foundation model as the SDK would build it from `model_body` (a fresh entity each time)."""
+        return model_from_rest(self.model_body)
+
     # ---- the classes handed to AzureClients ---------------------------------------------------------------
+    def poller(self, name: str, result: Any = None, error: Optional[Exception] = None):
+        """An autospec of azure-core's LROPoller whose wait()/result() are recorded as `<name>.wait` / `.result`."""
+        from azure.core.polling import LROPoller
+
+        poller = mock.create_autospec(LROPoller, instance=True)
+        world = self
+
+        def finish(method):
+            def run(timeout=None):
+                world.calls.append(Call((f"{name}.{method}", (), {})))
+                failure = error or world.poller_errors.get(name)
+                if failure:
+                    raise failure
+                return result if method == "result" else None
+            return run
+
+        poller.wait.side_effect = finish("wait")
+        poller.result.side_effect = finish("result")
+        poller.done.return_value = True
+        poller.status.return_value = "Failed" if (error or self.poller_errors.get(name)) else "Succeeded"
+        return poller
+
+    def _operations(self, cls, prefix: str):
+        ops = mock.create_autospec(cls, instance=True)
+        for method in _public_methods(cls):
+            call_name = f"{prefix}.{method}"
+            getattr(ops, method).side_effect = (lambda n: lambda *args, **kwargs: self.answer(n, args, kwargs))(
+                call_name)
+        return ops
+
+    def _mlclient(self, workspace_name=None, resource_group_name=None, registry_name=None):
+        from azure.ai.ml import MLClient
+
+        prefix = "registry" if registry_name else "workspace"
+        client = mock.create_autospec(MLClient, instance=True)
+        for method in _public_methods(MLClient):
+            if not inspect.ismethod(getattr(MLClient, method)):  # classmethods (from_config) are not the instance's
+                getattr(client, method).side_effect = (lambda n: lambda *a, **k: self.answer(n, a, k))(
+                    f"{prefix}.{method}")
+        for group, cls in _operation_groups().items():
+            setattr(client, group, self._operations(cls, f"{prefix}.{group}"))
+        client.workspace_name = workspace_name
+        client.resource_group_name = resource_group_name
+        return client
+
     def clients(self, **kwargs):
+        from azure.ai.ml import MLClient
+
         from runner.azureml.clients import AzureClients
 
         world = self
@@ -122,7 +237,7 @@ class AzureWorld:
             def __init__(self):
                 world.calls.append(Call(("DefaultAzureCredential", (), {})))
 
-            def get_token(self, *scopes):
+            def get_token(self, *scopes, claims=None, tenant_id=None, enable_cae=False, **kwargs):
                 world.calls.append(Call(("DefaultAzureCredential.get_token", scopes, {})))
                 if world.token_error:
                     raise world.token_error
@@ -132,43 +247,44 @@ class AzureWorld:
             def __init__(self):
                 world.calls.append(Call(("InteractiveBrowserCredential", (), {})))
 
-        class FakeMLClient:
-            def __init__(self, credential, subscription_id=None, resource_group_name=None, workspace_name=None,
-                         registry_name=None):
-                world.calls.append(Call(("MLClient", (type(credential).__name__,), dict(
-                    subscription_id=subscription_id, resource_group_name=resource_group_name,
-                    workspace_name=workspace_name, registry_name=registry_name))))
-                self.workspace_name = workspace_name
-                self.resource_group_name = resource_group_name
-                prefix = "registry" if registry_name else "workspace"
-                for group in ("models", "components", "compute", "jobs", "online_endpoints",
-                              "online_deployments", "workspaces"):
-                    setattr(self, group, Ops(world, f"{prefix}.{group}"))
-                self._prefix = prefix
+        client_cls = mock.create_autospec(MLClient)  # the constructor's and from_config's real signatures
+        init = inspect.signature(MLClient)
 
-            @classmethod
-            def from_config(cls, credential=None, path=None):
-                world.calls.append(Call(("MLClient.from_config", (), {"path": path})))
-                data = yaml.safe_load(Path(path).read_text())
-                client = cls.__new__(cls)
-                cls.__init__(client, credential, data["subscription_id"], data["resource_group"],
-                             data["workspace_name"])
-                return client
+        def construct(*args, **kwargs):
+            bound = init.bind(*args, **kwargs).arguments
+            ids = {key: bound.get(key) for key in ("subscription_id", "resource_group_name", "workspace_name",
+                                                   "registry_name")}
+            world.calls.append(Call(("MLClient", (type(bound["credential"]).__name__,), ids)))
+            return world._mlclient(ids["workspace_name"], ids["resource_group_name"], ids["registry_name"])
 
-            def begin_create_or_update(self, entity):
-                return world.answer(f"{self._prefix}.begin_create_or_update", (entity,), {})
+        def from_config(credential, *, path=None, file_name=None, **kwargs):
+            world.calls.append(Call(("MLClient.from_config", (), {"path": path})))
+            data = yaml.safe_load(Path(path).read_text())
+            return client_cls(credential, subscription_id=data["subscription_id"],
+                              resource_group_name=data["resource_group"], workspace_name=data["workspace_name"])
+
+        client_cls.side_effect = construct
+        client_cls.from_config.side_effect = from_config
 
         kwargs.setdefault("environ", {})
-        return AzureClients(mlclient_cls=FakeMLClient, default_credential_cls=FakeCredential,
+        return AzureClients(mlclient_cls=client_cls, default_credential_cls=FakeCredential,
                             interactive_credential_cls=FakeInteractive, **kwargs)
 
     # ---- answers ------------------------------------------------------------------------------------------
     def answer(self, name: str, args: tuple, kwargs: dict) -> Any:
+        """Record the call (as the runner made it) and answer it as the service would."""
+        from azure.ai.ml.entities import Model, PipelineJob, Workspace
+        from azure.ai.ml.entities._job.job_service import JobService
         from azure.core.exceptions import ResourceNotFoundError
 
         self.calls.append(Call((name, args, kwargs)))
         if name == "registry.models.get":
-            return self.model
+            model = self.model
+            requested = args[0] if args else kwargs.get("name")
+            version = args[1] if len(args) > 1 else kwargs.get("version")
+            if requested != model.name or (version and str(version) != str(model.version)):
+                raise ResourceNotFoundError(f"model {requested}:{version} not found in the registry")
+            return model
         if name == "registry.components.get":
             return self.component
         if name == "workspace.compute.get":
@@ -179,36 +295,47 @@ class AzureWorld:
         if name == "workspace.compute.list_sizes":
             return list(self.sizes)
         if name == "workspace.begin_create_or_update":
-            entity = args[0]
-            kind = type(entity).__name__
-            if kind == "AmlCompute":
+            from azure.ai.ml.entities import AmlCompute, ManagedOnlineEndpoint
+
+            entity = args[0] if args else kwargs["entity"]
+            if isinstance(entity, AmlCompute):
                 if entity.tier in self.failing_tiers:
-                    return Poller(self, name, error=RuntimeError(f"no quota for tier {entity.tier}"))
-                self.computes[entity.name] = SimpleNamespace(name=entity.name, size=entity.size,
-                                                             provisioning_state="Succeeded")
+                    return self.poller(name, error=RuntimeError(f"no quota for tier {entity.tier}"))
+                self.computes[entity.name] = AmlCompute(name=entity.name, size=entity.size, tier=entity.tier,
+                                                        provisioning_state="Succeeded")
+                result = self.computes[entity.name]
+            elif isinstance(entity, ManagedOnlineEndpoint):
+                result = ManagedOnlineEndpoint(
+                    name=entity.name, auth_mode=entity.auth_mode, traffic=dict(entity.traffic or {}),
+                    scoring_uri=f"https://{entity.name}.eastus.inference.ml.azure.com/score")
+            else:
+                result = entity
             self.created.append(entity)
-            return Poller(self, name, result=SimpleNamespace(
-                name=entity.name, scoring_uri=f"https://{entity.name}.eastus.inference.ml.azure.com/score"))
+            return self.poller(name, result=result)
         if name == "workspace.jobs.create_or_update":
-            return SimpleNamespace(name=self.job_name, status="Running",
-                                   studio_url=f"https://ml.azure.com/runs/{self.job_name}")
+            url = f"https://ml.azure.com/runs/{self.job_name}"
+            return PipelineJob(name=self.job_name, status="Running", services={"Studio": JobService(endpoint=url)})
         if name == "workspace.jobs.stream":
+            if self.job_status == "Failed":
+                raise job_failed_error(args[0] if args else kwargs["name"], self.job_error)
             return None
         if name == "workspace.jobs.get":
-            return SimpleNamespace(name=args[0], status=self.job_status)
+            return PipelineJob(name=args[0] if args else kwargs["name"], status=self.job_status)
         if name == "workspace.workspaces.get":
-            return SimpleNamespace(name=args[0] if args else None, mlflow_tracking_uri=self.tracking_uri)
+            return Workspace(name=(args[0] if args else kwargs.get("name")) or "ws",
+                             mlflow_tracking_uri=self.tracking_uri)
         if name == "workspace.models.create_or_update":
-            model = args[0]
-            return SimpleNamespace(id=f"azureml:/subscriptions/sub/resourceGroups/rg/providers/"
-                                      f"Microsoft.MachineLearningServices/workspaces/ws/models/{model.name}/versions/"
-                                      f"{model.version}", name=model.name, version=model.version)
+            model = args[0] if args else kwargs["model"]
+            return Model(id=f"azureml:/subscriptions/sub/resourceGroups/rg/providers/"
+                            f"Microsoft.MachineLearningServices/workspaces/ws/models/{model.name}/versions/"
+                            f"{model.version}", name=model.name, version=model.version, path=model.path,
+                         type=model.type)
         if name == "workspace.online_deployments.begin_create_or_update":
-            return Poller(self, name, result=args[0])
+            return self.poller(name, result=args[0] if args else kwargs["deployment"])
         if name == "workspace.online_endpoints.invoke":
             return self.response
         if name in ("workspace.online_endpoints.begin_delete", "workspace.compute.begin_delete"):
-            return Poller(self, name)
+            return self.poller(name)
         raise AssertionError(f"the test double has no answer for {name}")
 
     # ---- reading the log ----------------------------------------------------------------------------------

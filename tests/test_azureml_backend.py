@@ -19,7 +19,7 @@ from runner.finetune_params import explicit_finetune_keys
 from runner.record import RunRecord
 from runner.schema import ConfigError
 from runner.workflow import StepContext
-from tests.azureml_double import PIPELINE_SPEC, AzureWorld
+from tests.azureml_double import PIPELINE_SPEC, AzureWorld, keep_lists_only_in
 from tests.conftest import compose_cfg
 
 TIMESTAMP = 1767225600  # pinned clock: model version and endpoint name
@@ -280,15 +280,8 @@ def test_failed_deployment_deletes_the_endpoint(tmp_path):
     ctx = make_ctx(cfg, tmp_path)
     ctx.record.start("register")
     ctx.record.finish("register", {"model_id": "azureml:m:1", "name": "m"})
-    original = world.answer
-
-    def answer(name, args, kwargs):
-        result = original(name, args, kwargs)
-        if name == "workspace.online_deployments.begin_create_or_update":
-            result.error = RuntimeError("quota exceeded for Standard_NC6s_v3")
-        return result
-
-    world.answer = answer
+    world.poller_errors["workspace.online_deployments.begin_create_or_update"] = RuntimeError(
+        "quota exceeded for Standard_NC6s_v3")
     with pytest.raises(RuntimeError, match="quota exceeded"):
         backend.deploy(ctx)
     assert world.find("workspace.online_endpoints.begin_delete")[0].kwargs == {"name": f"ultrachat-completion-{TIMESTAMP}"}
@@ -335,12 +328,14 @@ def test_existing_cluster_of_a_disallowed_size_is_refused(tmp_path):
     _run_until_failure(notebook_cfg(tmp_path), world, tmp_path, match="existing cluster gpu-cluster-big's size")
 
 
-def test_k80_size_refused_when_the_model_has_no_allow_list(tmp_path):
+def test_k80_size_refused_when_the_model_has_no_allow_list(tmp_path, capsys):
+    """No list in the registry model (tags, properties; the SDK drops system metadata) nor in the model preset."""
     world = AzureWorld()
-    world.model.tags = {}
-    world.model._system_metadata = {}
-    _run_until_failure(notebook_cfg(tmp_path, "compute.size=Standard_NC24", "compute.gpus_per_node=0"), world,
-                       tmp_path, match="K80")
+    keep_lists_only_in(world.model_body)
+    _run_until_failure(notebook_cfg(tmp_path, "compute.size=Standard_NC24", "compute.gpus_per_node=0",
+                                    "model.finetune_compute_allow_list=[]", "model.inference_compute_allow_list=[]"),
+                       world, tmp_path, match="K80")
+    assert "fine-tune from none" in capsys.readouterr().out
 
 
 def test_inference_size_outside_the_allow_list_is_refused(tmp_path):
@@ -353,15 +348,14 @@ def test_archived_model_is_refused_with_date_and_replacement(tmp_path):
     world = AzureWorld()
     cfg = compose_cfg(["experiment=phi3_ultrachat", f"backend.config_path={tmp_path / 'none.json'}"] + WS_IDS)
     err = _run_until_failure(cfg, world, tmp_path, match="archived")
-    assert "2025-08-30" in str(err) and "`model=phi35_mini_instruct`" in str(err)
+    assert "2025-08-30" in str(err) and "`model=phi4`" in str(err)
     assert "model.allow_archived=true" in str(err)
     assert world.names()[-1] == "registry.models.get"  # nothing after the model was looked at
 
 
 def test_registry_stage_archived_is_recognised_without_the_config_flag(tmp_path):
     world = AzureWorld()
-    world.model.stage = "Archived"
-    world.model._system_metadata = {}
+    world.model_body["properties"]["stage"] = "Archived"
     cfg = compose_cfg(["experiment=phi3_ultrachat", "model.archived=false", "model.finetune_retirement_date=null",
                        f"backend.config_path={tmp_path / 'none.json'}"] + WS_IDS)
     _run_until_failure(cfg, world, tmp_path, match="registry stage Archived")

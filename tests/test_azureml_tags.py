@@ -54,7 +54,7 @@ def test_registry_facts_for_phi3():
     assert float(facts.model_specific_defaults["learning_rate_min"]) == 5e-7  # parsed; the merge drops it
     assert facts.archived and facts.finetune_retirement_date == "2025-08-30"
     msg = archived_message(facts, m)
-    assert "retired 2025-08-30" in msg and "`model=phi35_mini_instruct`" in msg
+    assert "retired 2025-08-30" in msg and "`model=phi4`" in msg
 
 
 def test_allow_lists_from_system_metadata_when_tags_lack_them():
