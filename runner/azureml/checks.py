@@ -22,6 +22,17 @@ UNSUPPORTED_GPU_SIZES = ["standard_nc6", "standard_nc12", "standard_nc24", "stan
 _ENDPOINT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{2,31}$")
 
 
+def allowed_compute_hint(allow_list: List[str]) -> str:
+    """Only presets whose size is in the list (a fixed example such as compute=nd96asr_v4 is wrong for models that
+    do not list it, e.g. Phi-3.5-mini-instruct)."""
+    from runner.presets import compute_presets_for
+
+    presets = compute_presets_for(allow_list)
+    if presets:
+        return "Pick an allowed size: compute=" + " | ".join(presets)
+    return f"Pick an allowed size: compute.size={allow_list[0]} (no compute preset in conf/compute/ has one)"
+
+
 def check_finetune_size(size: str, allow_list: List[str], *, model_name: str, where: str = "compute.size") -> None:
     """Case-insensitive, as the notebook compares sizes."""
     allowed = [s.lower() for s in allow_list]
@@ -29,7 +40,7 @@ def check_finetune_size(size: str, allow_list: List[str], *, model_name: str, wh
         if size.lower() not in allowed:
             raise ConfigError(
                 f"{where}={size} is not in {model_name}'s fine-tune compute allow list: "
-                f"{', '.join(allow_list)}. Pick an allowed size (e.g. compute=nd96asr_v4, compute=nc24ads_a100_v4)"
+                f"{', '.join(allow_list)}. {allowed_compute_hint(allow_list)}"
             )
     elif size.lower() in UNSUPPORTED_GPU_SIZES:
         raise ConfigError(

@@ -258,10 +258,35 @@ def allow_list_message(facts: ModelFacts) -> str:
     return text
 
 
-def archived_message(facts: ModelFacts, model_cfg: Any) -> str:
+def archived_message(facts: ModelFacts, model_cfg: Any, *, cfg: Any = None, registry_models: Any = None,
+                     today: Optional[dt.date] = None) -> str:
+    """The refusal of an archived/retired model, with the current models to switch to.
+
+    Each suggestion is a model preset plus what to add to the command line so that the run passes the model
+    step's checks (runner/azureml/suggest.py): not archived, the cluster and endpoint sizes in its allow lists.
+    cfg: the run's config (its cluster and endpoint sizes; without it a compute preset and an endpoint size are
+    always named). registry_models: the registry's ModelOperations (a real run): only models the registry lists as
+    current and declaring chat-completion fine-tuning are suggested, with the registry's allow lists."""
+    from runner.azureml.suggest import TASK, preset_suggestions, registry_finetune_models, registry_preset_names
+
     when = f", fine-tuning retired {facts.finetune_retirement_date}" if facts.finetune_retirement_date else ""
     why = "; ".join(facts.archived_because)
-    switch = (f" Switch to a current model with `model={model_cfg.replacement_config}`"
-              if model_cfg.replacement_config else " Choose a current model with `model=<preset>`")
-    return (f"model {facts.name} is archived{when} ({why}).{switch}, or set model.allow_archived=true to "
+    live = None
+    if registry_models is not None:
+        live = registry_finetune_models(registry_models, names=registry_preset_names())
+    suggestions = preset_suggestions(
+        compute_size=str(cfg.compute.size) if cfg is not None else None,
+        gpus_per_node=cfg.compute.gpus_per_node if cfg is not None else None,
+        instance_type=str(cfg.deployment.instance_type) if cfg is not None else None,
+        registry=model_cfg.registry, exclude=[facts.name, model_cfg.name], live=live,
+        first=model_cfg.replacement_config, today=today)
+    where = f"registry {model_cfg.registry}" if live is not None else "the model presets"
+    if suggestions:
+        listed = "; ".join(f"{s.model_name}: `{s.command}`" for s in suggestions)
+        switch = (f" Current models for {TASK} fine-tuning in {where} (add to your command line; each passes "
+                  f"the checks): {listed}")
+    else:
+        switch = (f" No model preset in conf/model/ is current for {TASK} fine-tuning in {where}: add one for a "
+                  f"current model and choose it with model=<preset>")
+    return (f"model {facts.name} is archived{when} ({why}).{switch}; or set model.allow_archived=true to "
             f"go ahead anyway.")
