@@ -154,6 +154,11 @@ def _operation_groups() -> Dict[str, type]:
     return groups
 
 
+def _tier(tier: Any) -> str:
+    """'Dedicated' / 'dedicated', 'LowPriority' / 'low_priority': one name for a tier."""
+    return str(tier).lower().replace("_", "")
+
+
 class AzureWorld:
     def __init__(self, *, job_name: str = "sincere_kettle_42", tracking_uri: str = "file:///nonexistent"):
         from azure.ai.ml import load_component
@@ -165,7 +170,7 @@ class AzureWorld:
         self.computes: Dict[str, Any] = {}
         self.sizes = [VmSize(name="Standard_ND96asr_v4", gpus=8), VmSize(name="Standard_NC24ads_A100_v4", gpus=1),
                       VmSize(name="Standard_ND40rs_v2", gpus=8)]
-        self.failing_tiers: set = set()
+        self.failing_tiers: set = set()  # tiers whose cluster creation fails (e.g. {"dedicated"}: no quota)
         self.poller_errors: Dict[str, Exception] = {}  # call name → what its poller's wait()/result() raises
         self.job_name = job_name
         self.job_status = "Completed"  # "Failed": jobs.stream raises the SDK's JobException, jobs.get says Failed
@@ -299,7 +304,14 @@ class AzureWorld:
 
             entity = args[0] if args else kwargs["entity"]
             if isinstance(entity, AmlCompute):
-                if entity.tier in self.failing_tiers:
+                from azure.ai.ml._restclient.arm_ml_service.models import VmPriority
+                from azure.core.exceptions import HttpResponseError
+
+                priority = entity._to_rest_object().properties.properties.vm_priority  # what goes on the wire
+                if priority not in [p.value for p in VmPriority]:
+                    raise HttpResponseError(message=f"(BadRequest) vmPriority {priority!r} is not one of "
+                                                    f"{[p.value for p in VmPriority]}")
+                if _tier(entity.tier) in {_tier(t) for t in self.failing_tiers}:
                     return self.poller(name, error=RuntimeError(f"no quota for tier {entity.tier}"))
                 self.computes[entity.name] = AmlCompute(name=entity.name, size=entity.size, tier=entity.tier,
                                                         provisioning_state="Succeeded")

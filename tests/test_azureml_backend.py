@@ -19,7 +19,7 @@ from runner.finetune_params import explicit_finetune_keys
 from runner.record import RunRecord
 from runner.schema import ConfigError
 from runner.workflow import StepContext
-from tests.azureml_double import PIPELINE_SPEC, AzureWorld, keep_lists_only_in
+from tests.azureml_double import PIPELINE_SPEC, AzureWorld, keep_lists_only_in, rest_body
 from tests.conftest import compose_cfg
 
 TIMESTAMP = 1767225600  # pinned clock: model version and endpoint name
@@ -142,7 +142,7 @@ def test_notebook_run_makes_the_notebooks_calls_in_order(tmp_path, mlflow_job, c
     compute = world.created[0]
     assert type(compute).__name__ == "AmlCompute"
     assert (compute.name, compute.size, compute.tier, compute.max_instances) == (
-        "gpu-cluster-big", "Standard_ND96asr_v4", "Dedicated", 2)
+        "gpu-cluster-big", "Standard_ND96asr_v4", "dedicated", 2)
     assert world.find("registry.components.get")[0].kwargs == {"name": "chat_completion_pipeline", "label": "latest"}
 
     submit = world.find("workspace.jobs.create_or_update")[0]
@@ -240,21 +240,21 @@ def test_existing_cluster_is_reused_and_gpus_filled_in(tmp_path):
 
 def test_low_priority_fallback_when_dedicated_fails(tmp_path):
     world = AzureWorld()
-    world.failing_tiers = {"Dedicated"}
+    world.failing_tiers = {"dedicated"}
     cfg = notebook_cfg(tmp_path, "steps=[connect,model,compute]")
     backend = AzureMLBackend(cfg, clients=world.clients())
     record = run_steps(backend, make_ctx(cfg, tmp_path), {}, steps=("connect", "model", "compute"))
-    assert [c.tier for c in world.created] == ["LowPriority"]
+    assert [c.tier for c in world.created] == ["low_priority"]
     assert world.names().count("workspace.begin_create_or_update") == 2
     assert record.output("compute", "created_tier") == "low_priority"
 
 
 def test_no_cluster_can_be_created(tmp_path):
     world = AzureWorld()
-    world.failing_tiers = {"Dedicated", "LowPriority"}
+    world.failing_tiers = {"dedicated", "low_priority"}
     cfg = notebook_cfg(tmp_path, "steps=[connect,model,compute]")
     backend = AzureMLBackend(cfg, clients=world.clients())
-    with pytest.raises(AzureStepError, match="could not create compute cluster gpu-cluster-big.*LowPriority|low_priority"):
+    with pytest.raises(AzureStepError, match="could not create compute cluster gpu-cluster-big.*low_priority"):
         run_steps(backend, make_ctx(cfg, tmp_path), {}, steps=("connect", "model", "compute"))
 
 
@@ -348,7 +348,7 @@ def test_archived_model_is_refused_with_date_and_replacement(tmp_path):
     world = AzureWorld()
     cfg = compose_cfg(["experiment=phi3_ultrachat", f"backend.config_path={tmp_path / 'none.json'}"] + WS_IDS)
     err = _run_until_failure(cfg, world, tmp_path, match="archived")
-    assert "2025-08-30" in str(err) and "`model=phi4`" in str(err)
+    assert "2025-08-30" in str(err) and "model=phi4" in str(err)
     assert "model.allow_archived=true" in str(err)
     assert world.names()[-1] == "registry.models.get"  # nothing after the model was looked at
 
@@ -493,3 +493,139 @@ def test_pinned_model_and_component_versions(tmp_path):
     assert world.find("registry.models.get")[0][1:] == (("Phi-3-mini-4k-instruct",), {"version": "15"})
     assert world.find("registry.components.get")[0].kwargs == {"name": "chat_completion_pipeline",
                                                                "version": "0.0.82"}
+
+
+# ---- the allow lists where the real registry keeps them (models deserialized by azure-ai-ml) ----------------------
+
+
+def test_lists_only_in_system_metadata_are_refused_from_the_preset_before_any_compute_call(tmp_path, capsys):
+    """A current registry model keeps its SKU lists only in system metadata, which azure-ai-ml drops: the runner
+    falls back to the model preset's lists, says so, and still refuses compute=nd40rs_v2 before any compute call."""
+    world = AzureWorld()
+    world.model_body = keep_lists_only_in(rest_body("Phi-3-mini-4k-instruct"), "system_metadata")
+    assert world.model.tags.get("finetune_compute_allow_list") is None and not world.model._system_metadata
+    err = _run_until_failure(notebook_cfg(tmp_path, "compute=nd40rs_v2"), world, tmp_path,
+                             match="compute.size=Standard_ND40rs_v2 is not in Phi-3-mini-4k-instruct's fine-tune")
+    assert "Standard_ND96asr_v4" in str(err)
+    assert world.names()[-1] == "registry.models.get"
+    assert not [n for n in world.names() if n.startswith("workspace.compute")]
+    out = capsys.readouterr().out
+    assert "fine-tune from model preset (model.finetune_compute_allow_list)" in out
+    assert "azure-ai-ml drops its system metadata" in out
+
+
+@pytest.mark.parametrize("override, match", [
+    ("compute=nd40rs_v2", "compute.size=Standard_ND40rs_v2 is not in Phi-4's fine-tune compute allow list"),
+    ("deployment.instance_type=Standard_D2as_v4",
+     "deployment.instance_type=Standard_D2as_v4 is not in Phi-4's inference compute allow list"),
+])
+def test_phi4_sizes_outside_its_lists_are_refused_in_a_real_run(tmp_path, override, match):
+    """Phi-4's registry body holds its lists only in system metadata: before the fix, both sizes went through to
+    cluster creation and deployment."""
+    world = AzureWorld()
+    world.model_body = rest_body("Phi-4")
+    cfg = compose_cfg(["experiment=phi4_ultrachat", f"backend.config_path={tmp_path / 'none.json'}", *WS_IDS,
+                       override])
+    _run_until_failure(cfg, world, tmp_path, match=match)
+    assert world.names()[-1] == "registry.models.get"
+
+
+def test_lists_only_in_properties_are_read(tmp_path, capsys):
+    """Older registry models keep the lists in properties (finetune-recommended-sku, comma-separated); with the
+    preset's lists emptied, only the registry's can refuse the size."""
+    world = AzureWorld()
+    world.model_body = rest_body("Phi-3.5-mini-instruct")
+    cfg = notebook_cfg(tmp_path, "model=phi35_mini_instruct", "compute=nd40rs_v2",
+                       "model.finetune_compute_allow_list=[]", "model.inference_compute_allow_list=[]")
+    _run_until_failure(cfg, world, tmp_path,
+                       match="compute.size=Standard_ND40rs_v2 is not in Phi-3.5-mini-instruct's fine-tune")
+    assert not [n for n in world.names() if n.startswith("workspace.compute")]
+    out = capsys.readouterr().out
+    assert ("allow lists of Phi-3.5-mini-instruct: fine-tune from registry properties (finetune-recommended-sku), "
+            "4 sizes; inference from registry properties (inference-recommended-sku), 4 sizes") in out
+
+
+def test_phi4_run_goes_through_with_the_presets_lists(tmp_path, capsys):
+    """experiment=phi4_ultrachat against Phi-4 as the registry serves it: every step, the registry's asset id in the
+    job, and the source of the lists printed and recorded."""
+    world = AzureWorld()
+    world.model_body = rest_body("Phi-4")
+    cfg = compose_cfg(["experiment=phi4_ultrachat", f"backend.config_path={tmp_path / 'none.json'}", *WS_IDS])
+    backend = AzureMLBackend(cfg, clients=world.clients(), clock=lambda: TIMESTAMP)
+    ctx = make_ctx(cfg, tmp_path)
+    record = run_steps(backend, ctx, write_data(tmp_path), steps=(
+        "connect", "model", "compute", "data", "finetune", "register", "deploy", "test", "cleanup"))
+    job = world.find("workspace.jobs.create_or_update")[0].args[0]
+    assert node_inputs(job)["mlflow_model_path"] == "azureml://registries/azureml/models/Phi-4/versions/8"
+    assert node_inputs(job)["deepspeed_stage"] == "3"  # Phi-4's model_specific_defaults, from its tags
+    facts = record.output("model", "facts")
+    assert facts["allow_list_source"]["finetune"] == "model preset (model.finetune_compute_allow_list)"
+    assert world.find("workspace.online_deployments.begin_create_or_update")[0].args[0].instance_type == (
+        "Standard_NC24ads_A100_v4")
+    assert "fine-tune from model preset" in capsys.readouterr().out
+
+
+# ---- a pipeline job that fails ------------------------------------------------------------------------------
+
+
+def test_failed_job_stops_the_run_naming_the_job_and_the_studio_url(tmp_path):
+    """jobs.stream raises the SDK's JobException for a Failed job: the finetune step ends with an error naming the
+    job and its studio page, and nothing is registered or deployed."""
+    from azure.ai.ml.exceptions import JobException
+
+    world = AzureWorld()
+    world.job_status = "Failed"
+    cfg = notebook_cfg(tmp_path)
+    backend = AzureMLBackend(cfg, clients=world.clients(), clock=lambda: TIMESTAMP)
+    ctx = make_ctx(cfg, tmp_path)
+    with pytest.raises(AzureStepError) as info:
+        run_steps(backend, ctx, write_data(tmp_path))
+    text = str(info.value)
+    assert "pipeline job sincere_kettle_42 did not complete" in text
+    assert "studio: https://ml.azure.com/runs/sincere_kettle_42" in text
+    assert "Out of memory on node 0" in text
+    assert isinstance(info.value.__cause__, JobException)
+    assert world.names()[-1] == "workspace.jobs.stream"
+    assert world.spending() == ["workspace.begin_create_or_update", "workspace.jobs.create_or_update"]
+    assert ctx.record.status("finetune") != "ok" and ctx.record.status("register") is None
+
+
+# ---- the double holds the runner to the SDK's shapes --------------------------------------------------------
+
+
+def test_the_double_refuses_what_the_sdk_would(tmp_path):
+    from azure.ai.ml.entities import Model
+    from azure.core.polling import LROPoller
+
+    world = AzureWorld()
+    clients = world.clients()
+    with pytest.raises(TypeError):
+        clients.mlclient_cls(object(), subscription_id="s", resource_group_name="rg", workspace_name="w", extra=1,
+                             **{"registry_name": None, "subscription_id": "again"})
+    ws = clients.mlclient_cls(object(), subscription_id="s", resource_group_name="rg", workspace_name="w")
+    registry = clients.mlclient_cls(object(), registry_name="azureml")
+    with pytest.raises(AttributeError):
+        ws.jobs.submit  # no such method in JobOperations
+    with pytest.raises(TypeError):
+        ws.compute.list_sizes("eastus")  # keyword-only in ComputeOperations.list_sizes
+    with pytest.raises(TypeError):
+        registry.models.get("Phi-3-mini-4k-instruct", lbl="latest")
+    with pytest.raises(TypeError):
+        ws.online_endpoints.invoke(endpoint="ep")
+    model = registry.models.get("Phi-3-mini-4k-instruct", label="latest")
+    assert isinstance(model, Model) and model.version == "15"
+    poller = ws.online_endpoints.begin_delete(name="ep")
+    assert isinstance(poller, LROPoller) and poller.done()
+    with pytest.raises(TypeError):
+        poller.wait(1, 2)
+    # what the service refuses: AmlCompute(tier="LowPriority") goes on the wire as vmPriority "Lowpriority"
+    from azure.ai.ml.entities import AmlCompute
+    from azure.core.exceptions import HttpResponseError
+
+    with pytest.raises(HttpResponseError, match="Lowpriority"):
+        ws.begin_create_or_update(AmlCompute(name="c", size="Standard_ND96asr_v4", tier="LowPriority"))
+    ws.begin_create_or_update(AmlCompute(name="c", size="Standard_ND96asr_v4", tier="low_priority")).wait()
+    names = world.names()
+    assert names[names.index("registry.models.get"):] == [
+        "registry.models.get", "workspace.online_endpoints.begin_delete", "workspace.begin_create_or_update",
+        "workspace.begin_create_or_update", "workspace.begin_create_or_update.wait"]
