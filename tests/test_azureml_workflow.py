@@ -9,7 +9,7 @@ from runner.azureml.backend import AzureMLBackend
 from runner.record import RECORD_FILE, load_record
 from runner.schema import ConfigError
 from runner.workflow import run
-from tests.azureml_double import AzureWorld
+from tests.azureml_double import AzureWorld, rest_body
 from tests.conftest import compose_cfg
 from tests.test_azureml_backend import DISPLAY_NAME, TIMESTAMP, WS_IDS, write_data
 
@@ -110,3 +110,41 @@ def test_full_workflow_with_the_shared_data_and_test_steps(tmp_path):
                                   "workspace.online_endpoints.begin_delete.wait"]
     saved = load_record(tmp_path / "run")
     assert saved["steps"]["test"]["status"] == "failed" and saved["steps"]["cleanup"]["status"] == "ok"
+
+
+def test_failed_pipeline_job_ends_the_run_at_finetune(tmp_path):
+    """jobs.stream raises the SDK's JobException for a Failed job: the run stops at finetune with the job's name and
+    studio page, the record says so, and no later step runs (nothing registered, nothing deployed)."""
+    data_run, _ = earlier_run_with_data(tmp_path)
+    world = AzureWorld()
+    world.job_status = "Failed"
+    cfg, overrides = compose(tmp_path, NO_DATA_STEPS, f"from_run={data_run}")
+    with pytest.raises(Exception, match="pipeline job sincere_kettle_42 did not complete") as info:
+        run(cfg, run_dir=tmp_path / "run", task_overrides=overrides,
+            backend=AzureMLBackend(cfg, clients=world.clients(), clock=lambda: TIMESTAMP))
+    assert "https://ml.azure.com/runs/sincere_kettle_42" in str(info.value)
+    saved = load_record(tmp_path / "run")
+    assert saved["status"] == "failed" and saved["error"]["step"] == "finetune"
+    assert "https://ml.azure.com/runs/sincere_kettle_42" in json.dumps(saved["error"])
+    assert [s for s in saved["steps"] if saved["steps"][s]["status"] == "ok"] == ["connect", "model", "compute"]
+    assert not {"metrics", "register", "deploy"} & {s for s in saved["steps"] if saved["steps"][s]["status"] == "ok"}
+    assert world.names()[-1] == "workspace.jobs.stream"
+    assert world.spending() == ["workspace.begin_create_or_update", "workspace.jobs.create_or_update"]
+
+
+def test_phi4_as_the_registry_serves_it_is_refused_at_the_model_step(tmp_path, capsys):
+    """Finding 1 through the workflow: Phi-4's lists live only in system metadata, which azure-ai-ml drops;
+    `compute=nd40rs_v2 deployment.instance_type=Standard_D2as_v4` is refused at the model step from the preset's
+    lists (said in the output), before any compute call."""
+    world = AzureWorld()
+    world.model_body = rest_body("Phi-4")
+    overrides = ["experiment=phi4_ultrachat", f"backend.config_path={tmp_path / 'none.json'}", *WS_IDS,
+                 "compute=nd40rs_v2", "deployment.instance_type=Standard_D2as_v4"]
+    cfg = compose_cfg(overrides)
+    with pytest.raises(ConfigError, match="compute.size=Standard_ND40rs_v2 is not in Phi-4's fine-tune"):
+        run(cfg, run_dir=tmp_path / "run", task_overrides=overrides,
+            backend=AzureMLBackend(cfg, clients=world.clients()))
+    saved = load_record(tmp_path / "run")
+    assert saved["status"] == "failed" and saved["error"]["step"] == "model"
+    assert world.names()[-1] == "registry.models.get" and world.spending() == []
+    assert "fine-tune from model preset (model.finetune_compute_allow_list)" in capsys.readouterr().out
