@@ -23,10 +23,11 @@ def test_every_group_has_real_presets():
     for group in GROUPS[:-1]:
         assert len(presets(group)) >= 2, group
     assert presets("hparams_search") == ["optuna_lr_rank"]
-    assert {"phi3_mini_4k_instruct", "phi35_mini_instruct", "tiny_phi3"} <= set(presets("model"))
+    assert {"phi3_mini_4k_instruct", "phi35_mini_instruct", "phi4", "tiny_phi3"} <= set(presets("model"))
+    assert {"local_tiny", "phi3_ultrachat", "phi4_ultrachat"} <= set(presets("experiment"))
     assert {"default", "lora", "lora_deepspeed2", "full_deepspeed3"} <= set(presets("finetune"))
     assert {"local_cpu", "local_gpu", "nc24ads_a100_v4", "nc48ads_a100_v4", "nc96ads_a100_v4", "nd96asr_v4",
-            "nc24rs_v3", "nc12s_v3"} <= set(presets("compute"))
+            "nc24rs_v3", "nc12s_v3", "nc40ads_h100_v5", "nc80adis_h100_v5", "nd96isr_h100_v5"} <= set(presets("compute"))
 
 
 def kind(group, preset):
@@ -66,12 +67,65 @@ def test_command_line_group_choice_brings_no_other_presets_settings():
 
 
 def test_compute_presets_know_their_gpus():
-    expected = {"nc24ads_a100_v4": 1, "nc48ads_a100_v4": 2, "nc96ads_a100_v4": 4, "nd96asr_v4": 8,
-                "nc24rs_v3": 4, "nc12s_v3": 2}
-    for preset, gpus in expected.items():
-        cfg = compose_cfg([f"compute={preset}"])
-        assert cfg.compute.gpus_per_node == gpus, preset
+    expected = {"nc24ads_a100_v4": (1, 80), "nc48ads_a100_v4": (2, 80), "nc96ads_a100_v4": (4, 80),
+                "nd96asr_v4": (8, 40), "nd96amsr_a100_v4": (8, 80), "nc24rs_v3": (4, 16), "nc12s_v3": (2, 16),
+                "nd40rs_v2": (8, 32), "nc40ads_h100_v5": (1, 94), "nc80adis_h100_v5": (2, 94),
+                "nd96isr_h100_v5": (8, 80)}
+    assert set(expected) == {p for p in presets("compute") if kind("compute", p) == "azure"}
+    for preset, (gpus, memory) in expected.items():
+        cfg = compose_cfg(AZURE + [f"compute={preset}"])
+        assert (cfg.compute.gpus_per_node, cfg.compute.gpu_memory_gb) == (gpus, memory), preset
         assert cfg.compute.size.lower() == "standard_" + preset.replace("standard_", "")
+
+
+def registry_models():
+    return [p for p in presets("model") if not compose_cfg([f"model={p}"]).model.build_tiny]
+
+
+def valid_combinations():
+    """Every (model, compute, deployment) that should run: each registry model on each Azure cluster preset in its
+    fine-tune allow list, deployed to an inference size in its list; every model on each local compute."""
+    combos = []
+    for model in presets("model"):
+        for compute in presets("compute"):
+            if kind("compute", compute) == "local":
+                combos.append([f"model={model}", f"compute={compute}"])
+    for model in registry_models():
+        m = compose_cfg([f"model={model}"]).model
+        for compute in presets("compute"):
+            size = OmegaConf.load(Path(CONF_DIR) / "compute" / f"{compute}.yaml").size
+            if kind("compute", compute) == "azure" and size in m.finetune_compute_allow_list:
+                combos.append(["backend=azureml", f"model={model}", f"compute={compute}", "deployment=azure",
+                               f"deployment.instance_type={m.inference_compute_allow_list[0]}"])
+    return combos
+
+
+def test_every_valid_combination_composes_validates_and_passes_the_allow_lists():
+    from runner.azureml.checks import check_finetune_size, check_inference_size
+    from runner.azureml.tags import facts_from_config
+
+    combos = valid_combinations()
+    assert len(combos) == 4 * 2 + 5 + 4 + 8  # local; Phi-3-mini, Phi-3.5-mini (archived: with allow_archived), Phi-4
+    for overrides in combos:
+        cfg = compose_cfg(overrides)
+        validate(cfg)
+        if cfg.backend.name == "azureml":
+            facts = facts_from_config(cfg.model)
+            check_finetune_size(cfg.compute.size, facts.finetune_allow_list, model_name=facts.name)
+            check_inference_size(cfg.deployment.instance_type, facts.inference_allow_list, model_name=facts.name)
+
+
+def test_every_experiment_validates_and_fits_its_models_allow_lists():
+    from runner.azureml.checks import check_finetune_size, check_inference_size
+    from runner.azureml.tags import facts_from_config
+
+    for experiment in presets("experiment"):
+        cfg = compose_cfg([f"experiment={experiment}"])
+        validate(cfg)
+        if cfg.backend.name == "azureml":
+            facts = facts_from_config(cfg.model)
+            check_finetune_size(cfg.compute.size, facts.finetune_allow_list, model_name=facts.name)
+            check_inference_size(cfg.deployment.instance_type, facts.inference_allow_list, model_name=facts.name)
 
 
 def test_default_is_the_local_tiny_run():
@@ -96,3 +150,40 @@ def test_phi3_ultrachat_is_the_notebook_run():
     params, _ = merge_finetune_params(cfg.finetune, OmegaConf.to_container(cfg.model.model_specific_defaults))
     assert pipeline_display_name(cfg.model.name, params, cfg.compute.gpus_per_node) == (
         "Phi-3-mini-4k-instruct-ultrachat-bs8-cosine-ds2-lora-save_limit1-seqlen-1")
+
+
+def test_phi4_ultrachat_is_the_notebook_run_on_a_current_model():
+    from runner.azureml.tags import facts_from_config
+
+    cfg = compose_cfg(["experiment=phi4_ultrachat"])
+    assert cfg.backend.name == "azureml" and cfg.model.name == "Phi-4" and cfg.model.label == "latest"
+    assert not facts_from_config(cfg.model).archived and not cfg.model.allow_archived
+    assert cfg.dataset.name == "HuggingFaceH4/ultrachat_200k" and cfg.dataset.split_percent == 5
+    assert cfg.compute.size in cfg.model.finetune_compute_allow_list
+    assert cfg.deployment.instance_type in cfg.model.inference_compute_allow_list
+    assert {"Standard_NC40ads_H100_v5", "Standard_NC80adis_H100_v5", "Standard_ND96isr_H100_v5"} <= set(
+        cfg.model.finetune_compute_allow_list)
+    params, _ = merge_finetune_params(cfg.finetune, OmegaConf.to_container(cfg.model.model_specific_defaults))
+    assert (params["apply_lora"], params["apply_deepspeed"], params["deepspeed_stage"]) == (True, True, 3)
+    assert pipeline_display_name(cfg.model.name, params, cfg.compute.gpus_per_node) == (
+        "Phi-4-ultrachat-bs8-cosine-ds3-lora-save_limit1-seqlen-1")
+
+
+def test_phi4_ultrachat_dry_run_plans_a_job_that_passes_every_check(tmp_path):
+    import yaml
+
+    from runner.workflow import run
+
+    overrides = ["experiment=phi4_ultrachat", "dry_run=true"]
+    cfg = compose_cfg(overrides)
+    run(cfg, run_dir=tmp_path / "run", task_overrides=overrides)  # raises on any refusal (spec, allow lists)
+    plan = tmp_path / "run" / "plan"
+    summary = yaml.safe_load((plan / "plan.yaml").read_text())
+    assert summary["warnings"] == []  # not archived: no model.allow_archived needed
+    job = yaml.safe_load((plan / "pipeline_job.yaml").read_text())
+    assert job["display_name"] == "Phi-4-ultrachat-bs8-cosine-ds3-lora-save_limit1-seqlen-1"
+    [inputs] = [j["inputs"] for j in job["jobs"].values()]
+    assert inputs["mlflow_model_path"]["path"] == "azureml://registries/azureml/models/Phi-4/labels/latest"
+    assert str(inputs["deepspeed_stage"]) == "3" and float(inputs["learning_rate"]) == 5e-6
+    deployment = yaml.safe_load((plan / "deployment.yaml").read_text())
+    assert deployment["instance_type"] == "Standard_NC24ads_A100_v4"
