@@ -113,6 +113,18 @@ def model_from_rest(body: Dict[str, Any]):
     return Model._from_rest_object(ModelVersion._deserialize(copy.deepcopy(body), []))
 
 
+def container_from_rest(body: Dict[str, Any]):
+    """The entity `models.list()` (no name) yields for a registry model: the SDK's container, name and latest
+    version only (Model._from_container_rest_object of the arm ModelContainer)."""
+    from azure.ai.ml._restclient.arm_ml_service.models import ModelContainer
+    from azure.ai.ml.entities import Model
+
+    name = body["id"].split("/models/")[1].split("/")[0]
+    container = {"id": f"azureml://registries/azureml/models/{name}", "name": name,
+                 "properties": {"latestVersion": body["name"], "isArchived": body["properties"].get("isArchived")}}
+    return Model._from_container_rest_object(ModelContainer._deserialize(container, []))
+
+
 def registry_model(name: str = "Phi-3-mini-4k-instruct", *, lists_in: Optional[Iterable[str]] = None):
     body = rest_body(name)
     if lists_in is not None:
@@ -166,6 +178,9 @@ class AzureWorld:
 
         self.calls: List[Call] = []
         self.model_body = rest_body("Phi-3-mini-4k-instruct")  # what the registry serves for the foundation model
+        # the registry's other models (models.get by name, models.list), the foundation model's entry replaced by
+        # model_body
+        self.registry_bodies: Dict[str, Dict[str, Any]] = {name: rest_body(name) for name in REST_BODIES}
         self.component = load_component(source=str(PIPELINE_SPEC))
         self.computes: Dict[str, Any] = {}
         self.sizes = [VmSize(name="Standard_ND96asr_v4", gpus=8), VmSize(name="Standard_NC24ads_A100_v4", gpus=1),
@@ -284,12 +299,21 @@ class AzureWorld:
 
         self.calls.append(Call((name, args, kwargs)))
         if name == "registry.models.get":
-            model = self.model
             requested = args[0] if args else kwargs.get("name")
             version = args[1] if len(args) > 1 else kwargs.get("version")
-            if requested != model.name or (version and str(version) != str(model.version)):
+            body = self._registry_body(requested)
+            if body is None or (version and str(version) != body["name"]):
                 raise ResourceNotFoundError(f"model {requested}:{version} not found in the registry")
-            return model
+            return model_from_rest(body)
+        if name == "registry.models.list":
+            from azure.ai.ml.constants import ListViewType
+
+            requested = args[0] if args else kwargs.get("name")
+            everything = kwargs.get("list_view_type") == ListViewType.ALL
+            bodies = [b for b in self._registry_bodies() if everything or not b["properties"].get("isArchived")]
+            if requested:  # the versions of one model
+                return [model_from_rest(b) for b in bodies if model_from_rest(b).name == requested]
+            return [container_from_rest(b) for b in bodies]
         if name == "registry.components.get":
             return self.component
         if name == "workspace.compute.get":
@@ -349,6 +373,17 @@ class AzureWorld:
         if name in ("workspace.online_endpoints.begin_delete", "workspace.compute.begin_delete"):
             return self.poller(name)
         raise AssertionError(f"the test double has no answer for {name}")
+
+    def _registry_bodies(self) -> List[Dict[str, Any]]:
+        foundation = model_from_rest(self.model_body).name
+        others = [b for name, b in self.registry_bodies.items() if name != foundation]
+        return [self.model_body] + others
+
+    def _registry_body(self, name: str) -> Optional[Dict[str, Any]]:
+        for body in self._registry_bodies():
+            if body["id"].split("/models/")[1].split("/")[0] == name:
+                return body
+        return None
 
     # ---- reading the log ----------------------------------------------------------------------------------
     def names(self) -> List[str]:

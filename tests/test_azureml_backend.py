@@ -614,6 +614,9 @@ def test_the_double_refuses_what_the_sdk_would(tmp_path):
         ws.online_endpoints.invoke(endpoint="ep")
     model = registry.models.get("Phi-3-mini-4k-instruct", label="latest")
     assert isinstance(model, Model) and model.version == "15"
+    # the registry lists active models only, as containers (name and latest version, no tags)
+    assert [(m.name, m.version, m.latest_version, m.tags) for m in registry.models.list()] == [
+        ("Phi-4", None, "8", {})]
     poller = ws.online_endpoints.begin_delete(name="ep")
     assert isinstance(poller, LROPoller) and poller.done()
     with pytest.raises(TypeError):
@@ -627,5 +630,5 @@ def test_the_double_refuses_what_the_sdk_would(tmp_path):
     ws.begin_create_or_update(AmlCompute(name="c", size="Standard_ND96asr_v4", tier="low_priority")).wait()
     names = world.names()
     assert names[names.index("registry.models.get"):] == [
-        "registry.models.get", "workspace.online_endpoints.begin_delete", "workspace.begin_create_or_update",
+        "registry.models.get", "registry.models.list", "workspace.online_endpoints.begin_delete", "workspace.begin_create_or_update",
         "workspace.begin_create_or_update", "workspace.begin_create_or_update.wait"]
