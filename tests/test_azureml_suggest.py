@@ -204,3 +204,14 @@ def test_the_phi35_size_refusal_names_only_presets_in_its_list():
         fixed = compose_cfg(["backend=azureml", "model=phi35_mini_instruct", f"compute={preset.strip()}",
                              "deployment=azure"])
         check_finetune_size(fixed.compute.size, facts.finetune_allow_list, model_name=facts.name)
+
+
+def test_a_registry_that_cannot_be_listed_falls_back_to_the_presets():
+    from azure.core.exceptions import HttpResponseError
+
+    cfg = compose_cfg(["experiment=phi3_ultrachat"])
+    ops = create_autospec(ModelOperations, instance=True)
+    ops.list.side_effect = HttpResponseError("403 Forbidden")
+    message = archived_message(facts_from_config(cfg.model), cfg.model, cfg=cfg, registry_models=ops)
+    assert "could not be listed: HttpResponseError" in message
+    assert printed_commands(message) == ["model=phi4 deployment.instance_type=Standard_NC24ads_A100_v4"]

@@ -271,16 +271,21 @@ def archived_message(facts: ModelFacts, model_cfg: Any, *, cfg: Any = None, regi
 
     when = f", fine-tuning retired {facts.finetune_retirement_date}" if facts.finetune_retirement_date else ""
     why = "; ".join(facts.archived_because)
-    live = None
+    live, unread = None, ""
     if registry_models is not None:
-        live = registry_finetune_models(registry_models, names=registry_preset_names())
+        from azure.core.exceptions import AzureError
+
+        try:
+            live = registry_finetune_models(registry_models, names=registry_preset_names())
+        except AzureError as exc:  # the refusal must still say something useful
+            unread = f" (registry {model_cfg.registry} could not be listed: {type(exc).__name__})"
     suggestions = preset_suggestions(
         compute_size=str(cfg.compute.size) if cfg is not None else None,
         gpus_per_node=cfg.compute.gpus_per_node if cfg is not None else None,
         instance_type=str(cfg.deployment.instance_type) if cfg is not None else None,
         registry=model_cfg.registry, exclude=[facts.name, model_cfg.name], live=live,
         first=model_cfg.replacement_config, today=today)
-    where = f"registry {model_cfg.registry}" if live is not None else "the model presets"
+    where = f"registry {model_cfg.registry}" if live is not None else f"the model presets{unread}"
     if suggestions:
         listed = "; ".join(f"{s.model_name}: `{s.command}`" for s in suggestions)
         switch = (f" Current models for {TASK} fine-tuning in {where} (add to your command line; each passes "
