@@ -150,6 +150,12 @@ class LocalFinetuneConfig:
     max_train_rows: int = 0  # 0 = all rows
     max_tokens_per_batch: int = 0  # packing: tokens per micro-batch; 0 = batch size * max_seq_length
     num_gpus: int = 0  # 0 = all visible GPUs (multi-GPU runs are launched with torchrun)
+    # auto: on only when the compute step's estimate says the micro-batch does not fit without it
+    # (runner.local.memory.use_gradient_checkpointing); true/false force it
+    gradient_checkpointing: Any = choice("auto", ["auto", True, False])
+    # the micro-batch does not fit: false refuses (printing the largest that fits, with and without checkpointing);
+    # true runs the largest that fits, with the gradient accumulation that keeps the effective batch
+    auto_fit: bool = False
 
 
 @dataclass

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from runner.errors import RunnerError
+from runner.local.memory import (activation_terms, checkpointed_terms, describe_option, fit_micro_batch,
+                                  gpu_memory_bytes, largest_fitting_batch, micro_batch_tokens, model_dims,
+                                  use_gradient_checkpointing)
 
 GB = 1e9  # decimal GB: what nvidia-smi/free-style figures and the estimates in messages use
 
@@ -147,15 +150,16 @@ def estimate_memory(
     lora_target_modules: Optional[List[str]] = None,
     lora_modules_to_save: Optional[List[str]] = None,
     shards: int = 1,
+    max_tokens_per_batch: int = 0,
+    tokens: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """Bytes of weights, gradients and optimizer state (per device) for full or LoRA fine-tuning, plus a rough
-    activation figure. Mixed-precision accounting as in the ZeRO paper: full fine-tuning costs 16 bytes per
+    """Bytes of weights, gradients and optimizer state (per device) for full or LoRA fine-tuning, plus the
+    activations of the worst-case micro-batch (or of `tokens` tokens) with and without gradient checkpointing. Mixed-precision accounting as in the ZeRO paper: full fine-tuning costs 16 bytes per
     parameter (weights + grads + fp32 master copy + two fp32 AdamW moments) whatever the precision.
     Weights are counted in the dtype the trainer holds them in: the load dtype (base_weights_dtype), or 16-bit
     under DeepSpeed, which casts the module."""
     half = int(params.get("precision", 32)) == 16
     deepspeed = bool(params.get("apply_deepspeed"))
-    abytes = 2 if half else 4  # activations follow autocast
     total = sum(_numel(s) for s in shapes.values())
     linears = {n[: -len(".weight")]: s for n, s in shapes.items()
                if n.endswith(".weight") and len(s) == 2 and not any(k in n for k in _NOT_LINEAR)}
@@ -204,24 +208,38 @@ def estimate_memory(
         if stage >= 3:
             weights = weights / shards
 
-    hidden = _first(cfg, "hidden_size", "n_embd", "d_model", default=0) or 0
-    layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers", default=0) or 0
-    vocab = cfg.get("vocab_size", 0) or 0
+    # Activations: per-token terms from the architecture (runner/local/memory.py documents each), at the worst-case
+    # micro-batch (batch size x max_seq_length, capped by max_tokens_per_batch), with and without checkpointing.
+    dims = model_dims(cfg)
     seq = int(params.get("max_seq_length", -1) or -1)
     if seq <= 0:
-        seq = int(_first(cfg, "max_position_embeddings", "n_positions", default=2048))
-    tokens = int(params.get("per_device_train_batch_size", 1) or 1) * seq
-    # Rough, without gradient checkpointing, fused (SDPA) attention: ~18 saved values per hidden unit per layer,
-    # plus the fp32 logits and their gradient.
-    activations = tokens * (layers * hidden * 18 * abytes + vocab * 8)
+        seq = dims["max_positions"]
+    if tokens is None:
+        tokens = micro_batch_tokens(int(params.get("per_device_train_batch_size", 1) or 1), seq, max_tokens_per_batch)
+    if apply_lora:
+        trained = [(m, int(s[1])) for m, s in chosen.items()]
+    else:
+        trained = [(m, int(s[1])) for m, s in linears.items()]
+    weights_16bit = wbytes == 2
+    terms = activation_terms(dims, trained, lora=apply_lora, half=half, lora_r=int(params.get("lora_r", 8) or 8),
+                             lora_dropout=float(params.get("lora_dropout", 0.0) or 0.0) if apply_lora else 0.0,
+                             weights_16bit=weights_16bit)
+    ckpt_terms = checkpointed_terms(terms, dims, weights_16bit=weights_16bit, lora=apply_lora)
+    per_token, per_token_ckpt = sum(terms.values()), sum(ckpt_terms.values())
+    activations = tokens * per_token
+    activations_ckpt = tokens * per_token_ckpt
 
     state = weights + gradients + optimizer
     return {
         "params_total": int(total),
         "params_trainable": int(trainable),
         "bytes": {"weights": weights, "gradients": gradients, "optimizer": optimizer,
-                  "activations": activations, "state": state, "total": state + activations},
-        "tokens_per_micro_batch": tokens,
+                  "activations": activations, "state": state, "total": state + activations,
+                  "activations_checkpointed": activations_ckpt, "total_checkpointed": state + activations_ckpt},
+        "tokens_per_micro_batch": int(tokens),
+        "max_seq_length": int(seq),
+        "bytes_per_token": {"without_checkpointing": per_token, "with_checkpointing": per_token_ckpt,
+                            "terms": terms, "terms_checkpointed": ckpt_terms},
         "notes": notes,
     }
 
@@ -276,6 +294,139 @@ def cpu_refusals(params: Dict[str, Any]) -> List[str]:
     return errors
 
 
+def memory_verdict(est: Dict[str, Any], params: Dict[str, Any], *, budget_bytes: float, where: str,
+                   checkpointing: Any = "auto", max_tokens_per_batch: int = 0) -> Dict[str, Any]:
+    """Whether the configured micro-batch fits `budget_bytes`, what to run, and the message saying so.
+
+    run: the configured batch with the auto rule's checkpointing decision (when it fits; else as configured);
+    auto_fit: the largest micro-batch that fits as the checkpointing setting allows (None: nothing fits);
+    message: for a micro-batch that does not fit, the largest that fits with and without checkpointing, each with
+    the gradient accumulation keeping the effective batch, and the key that applies it."""
+    b = est["bytes"]
+    per = est["bytes_per_token"]
+    seq = est["max_seq_length"]
+    bs = int(params.get("per_device_train_batch_size", 1) or 1)
+    accum = int(params.get("gradient_accumulation_steps", 1) or 1)
+    fit = fit_micro_batch(state_bytes=b["state"], per_token_bytes=per["without_checkpointing"],
+                          per_token_bytes_checkpointed=per["with_checkpointing"], budget_bytes=budget_bytes,
+                          seq_len=seq, batch_size=bs, grad_accum=accum, checkpointing=checkpointing,
+                          max_tokens_per_batch=max_tokens_per_batch)
+    tokens = micro_batch_tokens(bs, seq, max_tokens_per_batch)
+    without_gb, with_gb = _gb(b["state"] + tokens * per["without_checkpointing"]), _gb(
+        b["state"] + tokens * per["with_checkpointing"])
+    summary = {
+        "tokens_per_micro_batch": tokens,
+        "budget_gb": _gb(budget_bytes),
+        "total_gb_without_checkpointing": without_gb,
+        "total_gb_with_checkpointing": with_gb,
+        "fits_without_checkpointing": fit["fits_without_checkpointing"],
+        "fits_with_checkpointing": fit["fits_with_checkpointing"],
+        "largest_without_checkpointing": _option(fit["without_checkpointing"]),
+        "largest_with_checkpointing": _option(fit["with_checkpointing"]),
+    }
+    if fit["configured_fits"]:
+        ckpt = fit["configured"]["gradient_checkpointing"]
+        message = (f"the micro-batch fits: {bs} x {seq} tokens needs ~{with_gb if ckpt else without_gb:.1f} GB "
+                   f"of {_gb(budget_bytes):.1f} GB ({where})"
+                   + (f"; gradient checkpointing on (auto: ~{without_gb:.1f} GB without it)"
+                      if ckpt and str(checkpointing).lower() == "auto" else ""))
+        return {"fits": True, "run": fit["configured"], "auto_fit": None, "message": message, "summary": summary}
+    room_ckpt = budget_bytes - b["state"]
+    longest = int(room_ckpt // per["with_checkpointing"]) if room_ckpt > 0 else 0
+    tail = (f"set finetune.per_device_train_batch_size and finetune.gradient_accumulation_steps to one of these "
+            f"(finetune.local.gradient_checkpointing=true for the second), or finetune.local.auto_fit=true to apply "
+            f"{'it' if fit['choice'] else 'one'}")
+    if not fit["choice"]:
+        tail = (f"not even 1 conversation of max_seq_length={seq} fits: set finetune.max_seq_length to at most "
+                f"{longest} (with gradient checkpointing), or use more memory (a larger GPU, compute.memory_headroom)"
+                if longest > 0 else "the weights and optimizer state leave no room for activations")
+    message = (
+        f"the micro-batch does not fit: per_device_train_batch_size={bs} x max_seq_length={seq} = {tokens} tokens "
+        f"needs ~{without_gb:.1f} GB without gradient checkpointing (~{with_gb:.1f} GB with it; weights + "
+        f"optimizer state {_gb(b['state']):.1f} GB) but {_gb(budget_bytes):.1f} GB may be used ({where}). "
+        f"Largest that fits without checkpointing: {describe_option(fit['without_checkpointing'])}; with "
+        f"checkpointing: {describe_option(fit['with_checkpointing'])}; {tail}"
+    )
+    return {"fits": False, "run": fit["configured"], "auto_fit": fit["choice"], "message": message,
+            "summary": summary}
+
+
+def _option(opt: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    if not opt:
+        return None
+    return {"per_device_train_batch_size": opt["per_device_train_batch_size"],
+            "gradient_accumulation_steps": opt["gradient_accumulation_steps"],
+            "total_gb": _gb(opt["total_bytes"])}
+
+
+def gradient_checkpointing_for(model_dir: str, params: Dict[str, Any], local: Dict[str, Any], *,
+                               available_bytes: float, memory_headroom: float = 0.9, shards: int = 1) -> bool:
+    """The trainer's call when it runs without the compute step's decision: finetune.local.gradient_checkpointing
+    resolved by the `auto` rule against `available_bytes` (torch.cuda.mem_get_info()[0] on the device)."""
+    shapes, cfg, _ = parameter_inventory(model_dir)
+    est = estimate_memory(shapes, cfg, params, apply_lora=bool(params.get("apply_lora")),
+                          lora_target_modules=list(local.get("lora_target_modules") or []),
+                          lora_modules_to_save=list(local.get("lora_modules_to_save") or []), shards=shards,
+                          max_tokens_per_batch=int(local.get("max_tokens_per_batch") or 0)
+                          if local.get("packing", True) else 0)
+    return use_gradient_checkpointing(local.get("gradient_checkpointing", "auto"), est["bytes"]["total"],
+                                      available_bytes * memory_headroom)
+
+
+def memory_plan(model_dir: str, params: Dict[str, Any], local: Dict[str, Any], *, device: str, gpus: int,
+                gpu_memory_gb: float = 0, memory_headroom: float = 0.9) -> Dict[str, Any]:
+    """The estimate a dry run writes (plan.yaml compute.memory_estimate): shapes from the safetensors headers or
+    config.json only (no torch, no weights), against compute.gpu_memory_gb per GPU when set (a what-if, or the
+    Azure SKU's size), the system RAM for compute.device=cpu, else no verdict (the GPU is measured at run time)."""
+    shapes, cfg, source = parameter_inventory(model_dir)
+    apply_lora = bool(params.get("apply_lora", False))
+    max_tokens = int(local.get("max_tokens_per_batch") or 0) if local.get("packing", True) else 0
+    gpus = max(int(gpus or 0), 1)
+    gpu = bool(gpu_memory_gb and gpu_memory_gb > 0)
+    est = estimate_memory(shapes, cfg, params, apply_lora=apply_lora,
+                          lora_target_modules=list(local.get("lora_target_modules") or []),
+                          lora_modules_to_save=list(local.get("lora_modules_to_save") or []),
+                          shards=gpus if gpu or device != "cpu" else 1, max_tokens_per_batch=max_tokens)
+    b = est["bytes"]
+    out: Dict[str, Any] = {
+        "model_dir": str(model_dir),
+        "shapes_from": source,
+        "mode": "lora" if apply_lora else "full",
+        "params_total": est["params_total"],
+        "params_trainable": est["params_trainable"],
+        "tokens_per_micro_batch": est["tokens_per_micro_batch"],
+        "bytes": {k: int(round(v)) for k, v in b.items()},
+        "bytes_per_token": {"without_checkpointing": int(round(est["bytes_per_token"]["without_checkpointing"])),
+                            "with_checkpointing": int(round(est["bytes_per_token"]["with_checkpointing"])),
+                            "terms": {k: int(round(v)) for k, v in est["bytes_per_token"]["terms"].items()}},
+        "total_gb": _gb(b["total"]),
+        "total_gb_with_checkpointing": _gb(b["total_checkpointed"]),
+    }
+    if gpu:
+        capacity, where = gpu_memory_bytes(gpu_memory_gb), f"compute.gpu_memory_gb={gpu_memory_gb} GiB per GPU"
+    elif device == "cpu":
+        capacity, where = system_memory_available(), "system RAM available now"
+    else:
+        out.update(target="the local GPU (measured by the compute step at run time)", fits=None,
+                   note="set compute.gpu_memory_gb=N for a what-if against an N GB GPU")
+        return out
+    budget = capacity * memory_headroom
+    verdict = memory_verdict(est, params, budget_bytes=budget, where=where,
+                             checkpointing=local.get("gradient_checkpointing", "auto"), max_tokens_per_batch=max_tokens)
+    state_fits = b["state"] <= budget
+    out.update(target=where, budget_gb=_gb(budget), fits=bool(verdict["fits"] and state_fits),
+               gradient_checkpointing=bool(verdict["run"]["gradient_checkpointing"]), fit=verdict["summary"],
+               message=verdict["message"] if state_fits else (
+                   f"weights + gradients + optimizer state alone need ~{_gb(b['state']):.1f} GB of "
+                   f"{_gb(budget):.1f} GB ({where})"))
+    if not verdict["fits"] and verdict["auto_fit"]:
+        a = verdict["auto_fit"]
+        out["auto_fit"] = {"per_device_train_batch_size": a["per_device_train_batch_size"],
+                           "gradient_accumulation_steps": a["gradient_accumulation_steps"],
+                           "gradient_checkpointing": a["gradient_checkpointing"], "total_gb": _gb(a["total_bytes"])}
+    return out
+
+
 def check_local_compute(
     *,
     device: str,
@@ -287,9 +438,19 @@ def check_local_compute(
     cuda_devices: Optional[int] = None,
     lora_target_modules: Optional[List[str]] = None,
     lora_modules_to_save: Optional[List[str]] = None,
+    gradient_checkpointing: Any = "auto",
+    auto_fit: bool = False,
+    max_tokens_per_batch: int = 0,
+    gpu_memory_gb: float = 0,
 ) -> Dict[str, Any]:
     """Decide the device and refuse what cannot run here. `available_memory_bytes` / `cuda_devices` override what
-    is detected (tests, or a user who knows better); `lora_*` default to every linear layer / nothing saved."""
+    is detected (tests, or a user who knows better); `lora_*` default to every linear layer / nothing saved.
+    `gpu_memory_gb` (compute.gpu_memory_gb, nominal GiB per GPU) replaces the detected GPU memory: a what-if.
+
+    Then the micro-batch (memory_verdict): gradient checkpointing decided by the `auto` rule, and a micro-batch
+    that does not fit refused on a GPU (a warning on the CPU) naming the largest that fits with and without
+    checkpointing, or, with auto_fit, replaced by it. The outputs carry what the trainer must run:
+    per_device_train_batch_size, gradient_accumulation_steps, gradient_checkpointing."""
     if device not in ("auto", "cpu", "cuda"):
         raise ComputeError(f"compute.device={device!r} is not one of auto, cpu, cuda")
     if not (0.0 < memory_headroom <= 1.0):
@@ -320,7 +481,10 @@ def check_local_compute(
         raise ComputeError("compute check failed:\n  - " + "\n  - ".join(errors))
 
     gpus_used = (gpus_requested or cuda_devices) if on_cuda else 0
-    if available_memory_bytes is None:
+    what_if = bool(on_cuda and gpu_memory_gb and gpu_memory_gb > 0)
+    if what_if:
+        available_memory_bytes = int(gpu_memory_bytes(gpu_memory_gb))
+    elif available_memory_bytes is None:
         available_memory_bytes = cuda_memory_available(gpus_used) if on_cuda else system_memory_available()
     budget = available_memory_bytes * memory_headroom
 
@@ -328,9 +492,12 @@ def check_local_compute(
     apply_lora = bool(params.get("apply_lora", False))
     lora_kw = dict(lora_target_modules=lora_target_modules, lora_modules_to_save=lora_modules_to_save,
                    shards=max(gpus_used, 1))
-    est = estimate_memory(shapes, cfg, params, apply_lora=apply_lora, **lora_kw)
+    est = estimate_memory(shapes, cfg, params, apply_lora=apply_lora, max_tokens_per_batch=max_tokens_per_batch,
+                          **lora_kw)
     b = est["bytes"]
     where = f"{gpus_used} GPU(s), per GPU" if on_cuda else "system RAM"
+    if what_if:
+        where += f", compute.gpu_memory_gb={gpu_memory_gb} GiB"
     if b["state"] > budget:
         mode = "LoRA" if apply_lora else "full"
         hint = []
@@ -351,22 +518,42 @@ def check_local_compute(
             f"try {' or '.join(hint)}"
         )
     warnings = list(est["notes"])
-    if b["total"] > budget:
-        warnings.append(
-            f"activations (~{_gb(b['activations']):.1f} GB for {est['tokens_per_micro_batch']} tokens per "
-            f"micro-batch) may not fit next to the {_gb(b['state']):.1f} GB of weights and optimizer state; lower "
-            "finetune.per_device_train_batch_size or finetune.max_seq_length if training runs out of memory"
-        )
+    verdict = memory_verdict(est, params, budget_bytes=budget, where=where, checkpointing=gradient_checkpointing,
+                             max_tokens_per_batch=max_tokens_per_batch)
+    if not verdict["fits"] and not (auto_fit and verdict["auto_fit"]):
+        if on_cuda:
+            raise ComputeError(verdict["message"])
+        warnings.append(verdict["message"])  # system RAM: swap may carry it; say so, do not refuse
+    run = verdict["auto_fit"] if (auto_fit and not verdict["fits"] and verdict["auto_fit"]) else verdict["run"]
+    chosen = estimate_memory(shapes, cfg, {**params, "per_device_train_batch_size":
+                                           run["per_device_train_batch_size"]},
+                             apply_lora=apply_lora, max_tokens_per_batch=max_tokens_per_batch, **lora_kw)["bytes"]
+    ckpt = bool(run["gradient_checkpointing"])
+    activations = chosen["activations_checkpointed"] if ckpt else chosen["activations"]
+    estimate_gb = {k: _gb(b[k]) for k in ("weights", "gradients", "optimizer")}
+    estimate_gb.update(activations=_gb(activations), total=_gb(chosen["state"] + activations),
+                       total_without_checkpointing=_gb(chosen["total"]),
+                       total_with_checkpointing=_gb(chosen["total_checkpointed"]))
     return {
         "device": resolved,
         "cuda_devices": int(cuda_devices),
         "gpus_used": int(gpus_used),
         "memory_available_gb": _gb(available_memory_bytes),
         "memory_budget_gb": _gb(budget),
-        "estimate_gb": {k: _gb(b[k]) for k in ("weights", "gradients", "optimizer", "activations", "total")},
+        "memory_what_if_gpu_gb": gpu_memory_gb if what_if else None,
+        "estimate_gb": estimate_gb,
+        "tokens_per_micro_batch": micro_batch_tokens(run["per_device_train_batch_size"], est["max_seq_length"],
+                                                     max_tokens_per_batch),
         "mode": "lora" if apply_lora else "full",
         "params_total": est["params_total"],
         "params_trainable": est["params_trainable"],
         "params_source": source,
+        # what the finetune step must run (auto_fit may have changed the first two; the third is the auto rule's)
+        "per_device_train_batch_size": int(run["per_device_train_batch_size"]),
+        "gradient_accumulation_steps": int(run["gradient_accumulation_steps"]),
+        "gradient_checkpointing": ckpt,
+        "auto_fit_applied": bool(auto_fit and not verdict["fits"] and verdict["auto_fit"]),
+        "memory_fit": verdict["summary"],
+        "memory_message": verdict["message"],
         "warnings": warnings,
     }
