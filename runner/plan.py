@@ -4,7 +4,7 @@ No network, credentials, model building or training; imports stay light (no torc
 """
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 from omegaconf import OmegaConf
 
@@ -35,6 +35,48 @@ def write_request(ctx) -> Path:
     return path
 
 
+def _planned_model(cfg) -> Tuple[Optional[str], Optional[Dict[str, Any]], Optional[str]]:
+    """(folder, config, why-not) for the estimate: model.local_path, the tiny model's folder (or its config from
+    model.tiny when not built yet), the hub model's download folder; none of it loaded, built or downloaded."""
+    model = cfg.model
+    if model.local_path:
+        return str(model.local_path), None, None
+    if model.build_tiny:
+        from runner.local.tiny_model import tiny_model_path
+
+        tiny = OmegaConf.to_container(model.tiny, resolve=True)
+        folder = tiny_model_path(cfg.paths.models_dir, tiny)
+        if (folder / "config.json").is_file():
+            return str(folder), None, None
+        config = {"model_type": "phi3", "tie_word_embeddings": False, "num_key_value_heads": tiny["num_attention_heads"],
+                  **{k: tiny[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "vocab_size", "max_position_embeddings")}}
+        return None, config, None
+    if model.hf_id:
+        folder = Path(cfg.paths.models_dir) / "hub" / model.hf_id.replace("/", "--")
+        if (folder / "config.json").is_file():
+            return str(folder), None, None
+        return None, None, (f"{model.hf_id} is not on this machine yet (the model step downloads it); set "
+                            "model.local_path=<a folder with its config.json> to estimate without downloading")
+    return None, None, "no model.local_path, model.build_tiny or model.hf_id"
+
+
+def planned_memory(cfg, params: Dict[str, Any]) -> Dict[str, Any]:
+    """compute.memory_estimate: the compute step's estimate from config.json / safetensors headers only."""
+    from runner.local.compute import ComputeError, memory_plan
+
+    folder, config, why_not = _planned_model(cfg)
+    if why_not:
+        return {"skipped": why_not}
+    try:
+        return memory_plan(folder, params, OmegaConf.to_container(cfg.finetune.local, resolve=True),
+                           device=cfg.compute.device, gpus=cfg.compute.gpus_per_node,
+                           gpu_memory_gb=float(cfg.compute.get("gpu_memory_gb", 0) or 0),
+                           memory_headroom=cfg.compute.memory_headroom, config=config)
+    except ComputeError as exc:
+        return {"error": str(exc)}
+
+
 def write_local_plan(ctx, backend) -> Dict[str, Any]:
     cfg = ctx.cfg
     params, notes = backend.effective_params(ctx)
@@ -46,6 +88,7 @@ def write_local_plan(ctx, backend) -> Dict[str, Any]:
     else:
         source = f"hub {model.hf_id}"
     data_dir = Path(cfg.dataset.download_dir)
+    memory_estimate = planned_memory(cfg, params)
     plan = {
         "backend": "local",
         "steps": [s for s in cfg.steps],
@@ -54,7 +97,9 @@ def write_local_plan(ctx, backend) -> Dict[str, Any]:
         "compute": {
             "device": cfg.compute.device,
             "gpus": cfg.compute.gpus_per_node,
-            "checks": "CUDA for DeepSpeed/16-bit, GPU count, weights + optimizer state vs free memory",
+            "checks": "CUDA for DeepSpeed/16-bit, GPU count, weights + optimizer state vs free memory, the "
+                      "micro-batch's peak (gradient checkpointing auto, finetune.local.auto_fit)",
+            "memory_estimate": memory_estimate,
         },
         "data": {
             "source": cfg.dataset.source,
@@ -81,4 +126,6 @@ def write_local_plan(ctx, backend) -> Dict[str, Any]:
     write_text(plan_file, OmegaConf.to_yaml(OmegaConf.create(plan)))
     request = write_request(ctx)
     print(OmegaConf.to_yaml(OmegaConf.create(plan)))
+    if memory_estimate.get("message"):
+        print(f"memory: {memory_estimate['message']}", flush=True)
     return {"plan": str(plan_file), "request": str(request), "display_name": plan["display_name"]}

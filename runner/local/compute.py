@@ -373,12 +373,18 @@ def gradient_checkpointing_for(model_dir: str, params: Dict[str, Any], local: Di
                                       available_bytes * memory_headroom)
 
 
-def memory_plan(model_dir: str, params: Dict[str, Any], local: Dict[str, Any], *, device: str, gpus: int,
-                gpu_memory_gb: float = 0, memory_headroom: float = 0.9) -> Dict[str, Any]:
+def memory_plan(model_dir: Optional[str], params: Dict[str, Any], local: Dict[str, Any], *, device: str, gpus: int,
+                gpu_memory_gb: float = 0, memory_headroom: float = 0.9,
+                config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The estimate a dry run writes (plan.yaml compute.memory_estimate): shapes from the safetensors headers or
     config.json only (no torch, no weights), against compute.gpu_memory_gb per GPU when set (a what-if, or the
-    Azure SKU's size), the system RAM for compute.device=cpu, else no verdict (the GPU is measured at run time)."""
-    shapes, cfg, source = parameter_inventory(model_dir)
+    Azure SKU's size), the system RAM for compute.device=cpu, else no verdict (the GPU is measured at run time).
+    `config` (a config.json as a dict) stands in for a folder that does not exist yet."""
+    if model_dir is not None:
+        shapes, cfg, source = parameter_inventory(model_dir)
+    else:
+        cfg = dict(config or {})
+        shapes, source = _config_shapes(cfg), "config (the model is not on this machine yet)"
     apply_lora = bool(params.get("apply_lora", False))
     max_tokens = int(local.get("max_tokens_per_batch") or 0) if local.get("packing", True) else 0
     gpus = max(int(gpus or 0), 1)
@@ -389,7 +395,7 @@ def memory_plan(model_dir: str, params: Dict[str, Any], local: Dict[str, Any], *
                           shards=gpus if gpu or device != "cpu" else 1, max_tokens_per_batch=max_tokens)
     b = est["bytes"]
     out: Dict[str, Any] = {
-        "model_dir": str(model_dir),
+        "model_dir": str(model_dir) if model_dir is not None else None,
         "shapes_from": source,
         "mode": "lora" if apply_lora else "full",
         "params_total": est["params_total"],
