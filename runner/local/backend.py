@@ -79,27 +79,58 @@ class LocalBackend(Backend):
         return out
 
     def compute(self, ctx) -> Dict[str, Any]:
+        """Device, refusals, and the memory verdict before anything is loaded: the peak estimate of the configured
+        micro-batch, gradient checkpointing by finetune.local.gradient_checkpointing (auto: on only when needed),
+        and a micro-batch that does not fit refused on a GPU naming the largest that fits with and without
+        checkpointing (finetune.local.auto_fit=true runs that one instead). The finetune step runs the outputs'
+        per_device_train_batch_size, gradient_accumulation_steps and gradient_checkpointing."""
         from runner.local.compute import check_local_compute
 
         params, _ = self.effective_params(ctx)
+        local = self.cfg.finetune.local
         out = check_local_compute(
             device=self.cfg.compute.device,
             gpus_requested=self.cfg.compute.gpus_per_node,
             params=params,
             model_dir=self._model_dir(ctx),
             memory_headroom=self.cfg.compute.memory_headroom,
-            lora_target_modules=list(self.cfg.finetune.local.lora_target_modules),
-            lora_modules_to_save=list(self.cfg.finetune.local.lora_modules_to_save),
+            lora_target_modules=list(local.lora_target_modules),
+            lora_modules_to_save=list(local.lora_modules_to_save),
+            gradient_checkpointing=local.get("gradient_checkpointing", "auto"),
+            auto_fit=bool(local.get("auto_fit", False)),
+            max_tokens_per_batch=int(local.max_tokens_per_batch or 0) if local.packing else 0,
+            gpu_memory_gb=float(self.cfg.compute.get("gpu_memory_gb", 0) or 0),
         )
+        est = out["estimate_gb"]
+        where = (f"{out['memory_budget_gb']:.1f} GB usable of {out['memory_available_gb']:.1f} GB "
+                 + (f"(what-if compute.gpu_memory_gb={out['memory_what_if_gpu_gb']})" if out["memory_what_if_gpu_gb"]
+                    else "available"))
         ctx.say(
-            f"device {out['device']} ({out['cuda_devices']} CUDA device(s)); {out['mode']} fine-tuning needs "
-            f"~{out['estimate_gb']['total']:.2f} GB of {out['memory_available_gb']:.1f} GB available"
+            f"device {out['device']} ({out['cuda_devices']} CUDA device(s)); {out['mode']} fine-tuning peak "
+            f"~{est['total']:.2f} GB estimated (weights {est['weights']:.2f} + gradients {est['gradients']:.2f} + "
+            f"optimizer {est['optimizer']:.2f} + activations {est['activations']:.2f} for "
+            f"{out['tokens_per_micro_batch']} tokens per micro-batch, gradient checkpointing "
+            f"{'on' if out['gradient_checkpointing'] else 'off'}) of {where}"
         )
+        if out["auto_fit_applied"]:
+            ctx.say(
+                f"auto_fit: {out['memory_message']} -> running per_device_train_batch_size="
+                f"{out['per_device_train_batch_size']} x gradient_accumulation_steps="
+                f"{out['gradient_accumulation_steps']} (was {params.get('per_device_train_batch_size')} x "
+                f"{params.get('gradient_accumulation_steps')}), gradient checkpointing "
+                f"{'on' if out['gradient_checkpointing'] else 'off'}"
+            )
+        elif out["gradient_checkpointing"] and str(local.get("gradient_checkpointing", "auto")).lower() == "auto":
+            ctx.say(f"gradient checkpointing on (finetune.local.gradient_checkpointing=auto): {out['memory_message']}")
+        for warning in out["warnings"]:
+            ctx.say(f"warning: {warning}")
         return out
 
     def finetune(self, ctx) -> Dict[str, Any]:
-        from runner.local import tracking
-        from runner.local.train import train
+        from runner.local import distributed, tracking
+        from runner.local.compute import cuda_device_count
+        from runner.local.train import resolve_device, train
+        from runner.local.translate import translate
 
         cfg = self.cfg
         data = ctx.record.output("data")
