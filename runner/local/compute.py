@@ -330,25 +330,33 @@ def memory_verdict(est: Dict[str, Any], params: Dict[str, Any], *, budget_bytes:
                    f"of {_gb(budget_bytes):.1f} GB ({where})"
                    + (f"; gradient checkpointing on (auto: ~{without_gb:.1f} GB without it)"
                       if ckpt and str(checkpointing).lower() == "auto" else ""))
-        return {"fits": True, "run": fit["configured"], "auto_fit": None, "message": message, "summary": summary}
-    room_ckpt = budget_bytes - b["state"]
-    longest = int(room_ckpt // per["with_checkpointing"]) if room_ckpt > 0 else 0
-    tail = (f"set finetune.per_device_train_batch_size and finetune.gradient_accumulation_steps to one of these "
-            f"(finetune.local.gradient_checkpointing=true for the second), or finetune.local.auto_fit=true to apply "
-            f"{'it' if fit['choice'] else 'one'}")
-    if not fit["choice"]:
-        tail = (f"not even 1 conversation of max_seq_length={seq} fits: set finetune.max_seq_length to at most "
-                f"{longest} (with gradient checkpointing), or use more memory (a larger GPU, compute.memory_headroom)"
-                if longest > 0 else "the weights and optimizer state leave no room for activations")
-    message = (
+        return {"fits": True, "run": fit["configured"], "auto_fit": None, "message": message, "head": message,
+                "longest_max_seq_length": None, "summary": summary}
+    room = budget_bytes - b["state"]
+    longest = int(room // per["without_checkpointing"]) if room > 0 else 0
+    longest_ckpt = int(room // per["with_checkpointing"]) if room > 0 else 0
+    head = (
         f"the micro-batch does not fit: per_device_train_batch_size={bs} x max_seq_length={seq} = {tokens} tokens "
         f"needs ~{without_gb:.1f} GB without gradient checkpointing (~{with_gb:.1f} GB with it; weights + "
         f"optimizer state {_gb(b['state']):.1f} GB) but {_gb(budget_bytes):.1f} GB may be used ({where}). "
         f"Largest that fits without checkpointing: {describe_option(fit['without_checkpointing'])}; with "
-        f"checkpointing: {describe_option(fit['with_checkpointing'])}; {tail}"
+        f"checkpointing: {describe_option(fit['with_checkpointing'])}"
     )
+    if fit["choice"]:
+        tail = ("set finetune.per_device_train_batch_size and finetune.gradient_accumulation_steps to one of these "
+                "(finetune.local.gradient_checkpointing=true for the second), or finetune.local.auto_fit=true to "
+                "apply the " + ("first" if fit["choice"]["gradient_checkpointing"] is False else "second"))
+    elif fit["with_checkpointing"]:
+        tail = (f"finetune.local.gradient_checkpointing=false allows none: set it to auto or true "
+                f"(finetune.local.auto_fit=true then applies the second), or finetune.max_seq_length to at most "
+                f"{longest}")
+    else:
+        tail = (f"set finetune.max_seq_length to at most {longest_ckpt} (with gradient checkpointing; {longest} "
+                "without), or use more memory (a larger GPU, compute.memory_headroom)" if longest_ckpt > 0 else
+                "the weights and optimizer state leave no room for activations")
+    message = f"{head}; {tail}"
     return {"fits": False, "run": fit["configured"], "auto_fit": fit["choice"], "message": message,
-            "summary": summary}
+            "head": head, "longest_max_seq_length": longest, "summary": summary}
 
 
 def _option(opt: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:

@@ -46,7 +46,6 @@ Not counted (each well under 1% at the calibrated size): the CUDA context (outsi
 workspaces, flash-attention's per-conversation backward scratch, gradient tensors in flight for one layer.
 """
 
-import math
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 GB = 1e9
@@ -316,6 +315,25 @@ def round_gb(n: float) -> float:
     return round(n / GB, 3)
 
 
-__all__ = ["activation_terms", "checkpointed_terms", "model_dims", "use_gradient_checkpointing", "fit_micro_batch",
-           "largest_fitting_batch", "micro_batch_tokens", "gpu_memory_bytes", "checkpointing_setting", "GB", "GiB",
-           "math"]
+
+
+# config.json numbers of the registry models the presets name (conf/model/), for planning a run whose weights are
+# not on this machine (the Azure compute step): the published Hugging Face configs.
+KNOWN_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "Phi-3-mini-4k-instruct": {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
+                               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                               "vocab_size": 32064, "max_position_embeddings": 4096, "tie_word_embeddings": False},
+    "Phi-3.5-mini-instruct": {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
+                              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                              "vocab_size": 32064, "max_position_embeddings": 131072, "tie_word_embeddings": False},
+    "Phi-4": {"model_type": "phi3", "hidden_size": 5120, "intermediate_size": 17920, "num_hidden_layers": 40,
+              "num_attention_heads": 40, "num_key_value_heads": 10, "vocab_size": 100352,
+              "max_position_embeddings": 16384, "tie_word_embeddings": False},
+}
+
+
+def known_model_config(model_name: str) -> Optional[Dict[str, Any]]:
+    for name, config in KNOWN_CONFIGS.items():
+        if name.lower() == str(model_name).lower():
+            return dict(config)
+    return None
