@@ -4,7 +4,7 @@ Every failure is a ConfigError that says what was wrong, which key sets it and w
 """
 
 import re
-from typing import Any, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 from runner.errors import RunnerError
 from runner.schema import ConfigError
@@ -98,3 +98,89 @@ def check_endpoint_name(name: str) -> None:
             f"endpoint name {name!r} (deployment.endpoint_name_prefix + timestamp) must be 3-32 characters, start "
             f"with a letter and hold only letters, digits and '-': shorten deployment.endpoint_name_prefix"
         )
+
+
+def check_memory_fit(
+    *,
+    model_name: str,
+    params: Dict[str, Any],
+    gpu_memory_gb: float,
+    gpus_per_node: int,
+    size: str = "",
+    model_config: Optional[Dict[str, Any]] = None,
+    lora_target_modules: Optional[List[str]] = None,
+    memory_headroom: float = 0.9,
+    refuse_activations: bool = False,
+) -> Dict[str, Any]:
+    """Before a cluster is created or a job submitted: does the fine-tune fit one GPU of the SKU?
+
+    The estimate is the local trainer's (runner.local.compute.estimate_memory; terms in runner/local/memory.py),
+    per GPU, with these assumptions about the Azure component's training, which the runner cannot see:
+    - GPU memory: compute.gpu_memory_gb (the preset's per-GPU size, nominal GiB) x memory_headroom; 0 = unknown,
+      nothing checked.
+    - Shapes: `model_config` (a config.json) or the published config of a preset model (KNOWN_CONFIGS); another
+      model is not checked.
+    - World size = gpus_per_node x finetune.num_nodes_finetune (gpus_per_node 0, unknown before the workspace
+      answers, counts as 1: the least sharding). DeepSpeed ZeRO stage 2 shards gradients and optimizer state over
+      it, stage 3 the 16-bit weights too; without DeepSpeed every GPU holds everything (DDP).
+    - precision=16: 16-bit weights under DeepSpeed or LoRA, activations in 16-bit; LoRA on the local default
+      targets where the model has them (qkv/o/gate_up/down), else every linear layer.
+    - Activations: the worst-case micro-batch, per_device_train_batch_size x max_seq_length (-1: the model's
+      max_position_embeddings), SDPA attention, no gradient checkpointing (the component takes no such input; if it
+      checkpoints, this is an upper bound).
+    Weights + gradients + optimizer state over the budget: ConfigError (that cannot train). The micro-batch's peak
+    over it: a warning naming the largest micro-batch that fits with the gradient accumulation that keeps the
+    effective batch (ConfigError with refuse_activations=True). Returns the estimate and verdict."""
+    from runner.local.compute import _config_shapes, estimate_memory, memory_verdict
+    from runner.local.memory import GB, gpu_memory_bytes, known_model_config
+
+    config = dict(model_config) if model_config else known_model_config(model_name)
+    if not gpu_memory_gb or gpu_memory_gb <= 0:
+        return {"checked": False, "reason": "compute.gpu_memory_gb is 0 (unknown): memory not checked", "warnings": []}
+    if not config:
+        return {"checked": False, "warnings": [],
+                "reason": f"no config.json numbers for {model_name} (runner.local.memory.KNOWN_CONFIGS): memory not "
+                          "checked"}
+    shapes = _config_shapes(config)
+    world = max(int(gpus_per_node or 0), 1) * max(int(params.get("num_nodes_finetune", 1) or 1), 1)
+    apply_lora = bool(params.get("apply_lora"))
+    targets = list(lora_target_modules or ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    if apply_lora and not any(n.rsplit(".", 2)[-2] in targets for n in shapes if n.endswith(".weight")):
+        targets = []  # every linear layer
+    est = estimate_memory(shapes, config, params, apply_lora=apply_lora, lora_target_modules=targets, shards=world)
+    b = est["bytes"]
+    budget = gpu_memory_bytes(gpu_memory_gb) * memory_headroom
+    where = (f"{size or 'compute.size'}: {gpu_memory_gb} GiB per GPU x compute.memory_headroom={memory_headroom}, "
+             f"{world} GPU(s)")
+    result = {"checked": True, "world_size": world, "budget_gb": round(budget / GB, 3),
+              "estimate_gb": {k: round(b[k] / GB, 3) for k in ("weights", "gradients", "optimizer", "activations",
+                                                               "total")},
+              "tokens_per_micro_batch": est["tokens_per_micro_batch"], "warnings": []}
+    mode = "LoRA" if apply_lora else "full"
+    if b["state"] > budget:
+        hints = []
+        if not apply_lora:
+            hints.append("finetune.apply_lora=true")
+        if not params.get("apply_deepspeed") and world > 1:
+            hints.append("finetune.apply_deepspeed=true (ZeRO shards the optimizer state over the GPUs)")
+        elif params.get("apply_deepspeed") and int(params.get("deepspeed_stage", 2)) < 3 and world > 1:
+            hints.append("finetune.deepspeed_stage=3 (shards the weights too)")
+        hints.append("a compute size with more GPU memory")
+        raise ConfigError(
+            f"{mode} fine-tuning of {model_name} ({est['params_total'] / 1e9:.3g}B parameters) needs "
+            f"~{b['state'] / GB:.1f} GB per GPU for weights + gradients + optimizer state alone, but {where} allows "
+            f"{budget / GB:.1f} GB; try {' or '.join(hints)}"
+        )
+    verdict = memory_verdict(est, params, budget_bytes=budget, where=where, checkpointing=False)
+    result.update(fits=bool(verdict["fits"]), fit=verdict["summary"], message=verdict["message"])
+    if not verdict["fits"]:
+        fix = (f"set finetune.per_device_train_batch_size={without['per_device_train_batch_size']} and "
+               f"finetune.gradient_accumulation_steps={without['gradient_accumulation_steps']}"
+               if (without := verdict["summary"]["largest_without_checkpointing"]) else
+               f"set finetune.max_seq_length to at most {verdict['longest_max_seq_length']}")
+        message = (f"{verdict['head']}; {fix} (an estimate of the local trainer's peak without gradient "
+                   "checkpointing; the component's own may differ)")
+        if refuse_activations:
+            raise ConfigError(message)
+        result["warnings"].append(message)
+    return result
