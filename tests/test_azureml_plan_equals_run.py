@@ -1,0 +1,141 @@
+"""What a dry run writes is what a real run submits.
+
+For each preset combination the same config goes through `dry_run=true` (the steps with the planning clients,
+writing plan/*.yaml) and through a real run against the SDK-faithful double (tests/azureml_double.py). Every object
+the real run hands to Azure is serialised by the same function the plan used and compared with the plan file; a
+config one path refuses, the other refuses with the same message.
+
+The differences allowed are the service's own names: it names the submitted job (the plan says PIPELINE_JOB_NAME
+where the model's path refers to it) and the registered model by its ARM id (the plan: `azureml:name:version`, the
+same model; both are compared as (name, version)).
+"""
+
+import re
+
+import pytest
+import yaml
+
+from runner.azureml.backend import AzureMLBackend
+from runner.azureml.planning import (JOB_NAME_PLACEHOLDER, component_reference, entity_yaml, pipeline_job_yaml,
+                                     plain)
+from runner.azureml.translate import NODE_NAME
+from runner.workflow import run
+from tests.azureml_double import AzureWorld, rest_body
+from tests.conftest import compose_cfg
+
+CLOCK = 1795600000.0
+# Every step but metrics, which reads the workspace's MLflow after the job (nothing is sent).
+STEPS = "steps=[connect,model,compute,data,finetune,register,deploy,test,cleanup]"
+WS = ["backend.subscription_id=sub-0000", "backend.resource_group=rg-demo", "backend.workspace_name=ws-demo"]
+# The registry's name and the version its REST fixture holds, per model preset.
+REGISTRY = {"phi3_mini_4k_instruct": ("Phi-3-mini-4k-instruct", "15"),
+            "phi35_mini_instruct": ("Phi-3.5-mini-instruct", None), "phi4": ("Phi-4", None)}
+AZURE_COMPUTES = ["nc12s_v3", "nc24ads_a100_v4", "nc24rs_v3", "nc40ads_h100_v5", "nc48ads_a100_v4",
+                  "nc80adis_h100_v5", "nc96ads_a100_v4", "nd40rs_v2", "nd96amsr_a100_v4", "nd96asr_v4",
+                  "nd96isr_h100_v5"]
+
+
+def _version(preset):
+    name, version = REGISTRY[preset]
+    return version or rest_body(name)["name"]  # a REST model version's `name` is its version
+
+
+def _model_ref(value):
+    """azureml:<ARM id>/models/NAME/versions/V or azureml:NAME:V → (NAME, V)."""
+    m = re.search(r"models/([^/]+)/versions/([^/]+)$", value) or re.match(r"azureml:([^:]+):(.+)$", value)
+    return m.groups() if m else value
+
+
+def _normalise(kind, data):
+    if kind == "deployment":
+        data["model"] = _model_ref(data["model"])
+    if kind == "model":
+        data["path"] = re.sub(r"^azureml://jobs/[^/]+/", f"azureml://jobs/{JOB_NAME_PLACEHOLDER}/", data["path"])
+    return data
+
+
+def submitted_objects(world, cfg):
+    """The real run's objects, serialised as the plan serialises them: the last of each kind (the endpoint is
+    submitted twice, the second time with its traffic)."""
+    from azure.ai.ml.entities import AmlCompute, OnlineEndpoint
+
+    out = {}
+    for call in world.calls:
+        if call.name == "workspace.begin_create_or_update":
+            entity = call.args[0] if call.args else call.kwargs["entity"]
+            kind = "compute" if isinstance(entity, AmlCompute) else "endpoint" if isinstance(
+                entity, OnlineEndpoint) else None
+            out[kind] = entity_yaml(entity)
+        elif call.name == "workspace.jobs.create_or_update":
+            job = call.args[0] if call.args else call.kwargs["job"]
+            out["pipeline_job"] = plain(pipeline_job_yaml(
+                job, component_ref=component_reference(job.jobs[NODE_NAME].component, cfg),
+                experiment_name=call.kwargs.get("experiment_name")))
+        elif call.name == "workspace.models.create_or_update":
+            out["model"] = entity_yaml(call.args[0] if call.args else call.kwargs["model"])
+        elif call.name == "workspace.online_deployments.begin_create_or_update":
+            out["deployment"] = entity_yaml(call.args[0] if call.args else call.kwargs["deployment"])
+    return {k: _normalise(k, v) for k, v in out.items()}
+
+
+def planned_objects(plan_dir):
+    return {p.stem: _normalise(p.stem, yaml.safe_load(p.read_text()))
+            for p in plan_dir.glob("*.yaml") if p.stem != "plan"}
+
+
+def both_ways(tmp_path, overrides, model_preset):
+    """(outcome of the real run, outcome of the dry run): the objects, or the refusal's message."""
+    overrides = [*overrides, STEPS, "dataset=sample", f"backend.config_path={tmp_path / 'none.json'}", *WS]
+    registry_name, _ = REGISTRY[model_preset]
+    cfg = compose_cfg(overrides)
+
+    world = AzureWorld()
+    world.model_body = rest_body(registry_name)
+    from azure.ai.ml.entities import VmSize
+
+    world.sizes = [VmSize(name=cfg.compute.size, gpus=cfg.compute.gpus_per_node or 1)]
+    real_dir, plan_run_dir = tmp_path / "real", tmp_path / "plan"
+    try:
+        run(cfg, run_dir=real_dir, task_overrides=overrides,
+            backend=AzureMLBackend(cfg, clients=world.clients(), clock=lambda: CLOCK))
+        real = submitted_objects(world, cfg)
+    except Exception as exc:
+        real = f"{type(exc).__name__}: {exc}"
+
+    dry = compose_cfg(overrides + ["dry_run=true"])
+    try:
+        run(dry, run_dir=plan_run_dir, task_overrides=overrides + ["dry_run=true"],
+            backend=AzureMLBackend(dry, clock=lambda: CLOCK))
+        planned = planned_objects(plan_run_dir / "plan")
+    except Exception as exc:
+        planned = f"{type(exc).__name__}: {exc}"
+    return real, planned
+
+
+@pytest.mark.parametrize("finetune", ["default", "lora", "lora_deepspeed2", "full_deepspeed3"])
+@pytest.mark.parametrize("tier", ["dedicated", "low_priority"])
+def test_notebook_presets_plan_what_the_run_submits(tmp_path, finetune, tier):
+    real, planned = both_ways(tmp_path, ["experiment=phi3_ultrachat", f"finetune={finetune}",
+                                         f"compute.tier={tier}", "model.allow_archived=true",
+                                         f"model.version={_version('phi3_mini_4k_instruct')}"],
+                              "phi3_mini_4k_instruct")
+    assert isinstance(real, dict), real
+    assert sorted(real) == ["compute", "deployment", "endpoint", "model", "pipeline_job"]
+    assert planned == real
+
+
+@pytest.mark.parametrize("model", sorted(REGISTRY))
+@pytest.mark.parametrize("compute", AZURE_COMPUTES)
+def test_every_compute_and_model_preset_plans_what_the_run_submits_or_refuses_alike(tmp_path, model, compute):
+    # an endpoint size the model allows, so that each cluster size allowed for fine-tuning plans the whole run
+    instance = compose_cfg([f"model={model}"]).model.inference_compute_allow_list[0]
+    real, planned = both_ways(tmp_path, ["backend=azureml", f"model={model}", f"compute={compute}",
+                                         "deployment=azure", f"deployment.instance_type={instance}",
+                                         "model.allow_archived=true", f"model.version={_version(model)}"], model)
+    assert planned == real
+    allowed = compose_cfg([f"model={model}", f"compute={compute}"])
+    if allowed.compute.size in allowed.model.finetune_compute_allow_list:
+        assert isinstance(real, dict) and sorted(real) == ["compute", "deployment", "endpoint", "model",
+                                                           "pipeline_job"], real
+    else:
+        assert "is not in" in real and "fine-tune compute allow list" in real
