@@ -198,3 +198,34 @@ def test_weights_counted_in_the_dtype_the_trainer_holds(phi3_dir):
     assert amp["weights"] == 4 * total and amp["gradients"] == 4 * total
     assert ds["weights"] == 2 * total and ds["gradients"] == 2 * total
     assert amp["state"] == ds["state"] == 16 * total
+
+
+# ---- the micro-batch verdict in the compute step ---------------------------------------------------------------------
+def test_outputs_carry_what_the_finetune_step_runs(tiny_model_dir):
+    out = check(str(tiny_model_dir), per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    assert (out["per_device_train_batch_size"], out["gradient_accumulation_steps"]) == (4, 2)
+    assert out["gradient_checkpointing"] is False and out["auto_fit_applied"] is False
+    assert out["tokens_per_micro_batch"] == 4 * 512
+    est = out["estimate_gb"]
+    assert est["total"] == est["total_without_checkpointing"] > est["total_with_checkpointing"]
+    assert out["memory_fit"]["fits_without_checkpointing"] is True
+    json.dumps(out)  # the run record stores it
+
+
+def test_micro_batch_too_big_for_ram_is_a_warning_on_cpu_and_refused_on_gpu(phi3_dir):
+    """System RAM: a warning naming the largest micro-batch (swap may carry it); a GPU: refused before loading."""
+    lora = dict(apply_lora=True, per_device_train_batch_size=8, max_seq_length=2048)
+    out = check_local_compute(device="cpu", gpus_requested=0, model_dir=phi3_dir, available_memory_bytes=64 * GiB,
+                              gradient_checkpointing=False, params={"precision": 32, "lora_r": 8, **lora})
+    assert any("does not fit" in w and "finetune.local.auto_fit=true" in w for w in out["warnings"])
+    assert out["per_device_train_batch_size"] == 8  # not applied without auto_fit
+    fitted = check_local_compute(device="cpu", gpus_requested=0, model_dir=phi3_dir,
+                                 available_memory_bytes=64 * GiB, gradient_checkpointing=False, auto_fit=True,
+                                 params={"precision": 32, "lora_r": 8, **lora})
+    assert fitted["auto_fit_applied"] and fitted["per_device_train_batch_size"] < 8
+    assert fitted["per_device_train_batch_size"] * fitted["gradient_accumulation_steps"] == 8
+    assert fitted["estimate_gb"]["total"] <= fitted["memory_budget_gb"]
+    with pytest.raises(ComputeError, match="does not fit"):
+        check_local_compute(device="cuda", gpus_requested=0, model_dir=phi3_dir, available_memory_bytes=64 * GiB,
+                            cuda_devices=1, gradient_checkpointing=False,
+                            params={"precision": 16, "lora_r": 8, **lora})
