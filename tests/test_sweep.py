@@ -61,7 +61,7 @@ def test_local_2x2_sweep_registers_only_the_best_job(tmp_path, ftrun_home):
         lr, rank = (kv.split("=")[1] for kv in r.data.tags["sweep_overrides"].split())
         combos.add((float(lr), int(rank)))
     assert combos == {(lr, r) for lr in (3e-4, 3e-3) for r in (4, 8)}
-    versions = client.search_model_versions("name='tiny-phi3-ultrachat-200k'")
+    versions = client.search_model_versions("name='tiny-phi3-sample'")  # named after the data used
     assert len(versions) == 1
     best_run = [r for r in swept if r.data.tags["sweep_job"] == str(best[0])][0]
     assert versions[0].run_id == best_run.info.run_id

@@ -110,7 +110,11 @@ class AzureMLBackend(Backend):
         cfg = self.cfg
         warnings = []
         if facts.archived:
-            message = archived_message(facts, cfg.model)
+            refusing = refuse_archived and not cfg.model.allow_archived
+            # in a real run that is refused, the suggestions come from what the registry lists as current
+            message = archived_message(facts, cfg.model, cfg=cfg,
+                                       registry_models=self._registry(ctx).models if refusing and not cfg.dry_run
+                                       else None)
             if refuse_archived and not cfg.model.allow_archived:
                 raise ConfigError(message)
             warnings.append(message if not cfg.model.allow_archived else
