@@ -27,6 +27,7 @@ from runner.local.endpoint.generation import is_local_model_dir
 
 SERVER_MODULE = "runner.local.endpoint.server"
 NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")  # Azure ML: 3-32 chars, letter first
+PF_EXITING = 0x4  # /proc/<pid>/stat flags: the process is exiting
 STOP_GRACE_S = 15.0  # SIGTERM lets in-flight requests finish (the server's own grace is 10 s), then SIGKILL
 
 _children: Dict[int, subprocess.Popen] = {}  # servers this process started: waited on so none stays a zombie
@@ -61,11 +62,16 @@ def _is_our_server(pid: int, name: str) -> bool:
         return _children[pid].poll() is None
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status, flags, threads = fields[0], int(fields[6]), int(fields[17])
+    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError, ValueError):
         return False
+    # Mid-exit a process loses its cmdline before it can be reaped: until then it still counts as running, or
+    # a waiter in another process returns while the server's parent cannot yet see it end.
     if status == "Z":
-        return False
+        return threads > 1  # the main thread is done, another is still ending
+    if flags & PF_EXITING and not any(cmdline):
+        return True
     args = [a.decode(errors="replace") for a in cmdline]
     return SERVER_MODULE in args and name in args
 

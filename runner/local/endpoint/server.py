@@ -636,6 +636,7 @@ class OwnerWatch:
         self.parent_at_start = os.getppid()
         self.gone = threading.Event()
         self._stopped = threading.Event()
+        self._thread: Optional[threading.Thread] = None
 
     def owner_alive(self) -> bool:
         if self.parent_at_start == self.owner_pid:  # orphans are re-parented: immune to a recycled pid
@@ -671,11 +672,16 @@ class OwnerWatch:
             while not self._stopped.wait(OWNER_POLL_S) and not self.gone.is_set():
                 self.check()
 
-        threading.Thread(target=poll, name="owner-watch", daemon=True).start()
+        self._thread = threading.Thread(target=poll, name="owner-watch", daemon=True)
+        self._thread.start()
         self.check()  # the owner may have died before the signal was armed
 
     def stop(self) -> None:
+        # joined, not left to die with the process: a thread still alive at exit keeps the exited server
+        # from being reaped for a moment, and whoever waits for it would see it still running
         self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * OWNER_POLL_S)
 
 
 def _remove_own_files(key_file: Path, key: str, state_file: Optional[Path]) -> None:
@@ -716,6 +722,8 @@ def main(argv=None) -> int:
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
 
+    timers: List[threading.Timer] = []
+
     def drain(why: str) -> None:
         # drain: no new work; what is running gets until shortly before uvicorn's own grace ends, then it is
         # cancelled so its client still gets a JSON 503 instead of a dropped connection
@@ -726,6 +734,7 @@ def main(argv=None) -> int:
                                     lambda: [b.cancel_pending() for b in state.batchers()])
             timer.daemon = True
             timer.start()
+            timers.append(timer)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -751,6 +760,9 @@ def main(argv=None) -> int:
     try:
         server.run(sockets=[sock])
     finally:
+        for timer in timers:  # joined for the same reason as the owner watch (OwnerWatch.stop)
+            timer.cancel()
+            timer.join(1.0)
         if watch is not None:
             watch.stop()
             if watch.gone.is_set():  # nobody is left to delete the endpoint: its files go with it
