@@ -414,6 +414,9 @@ def validate(cfg: Any) -> None:
                 "gradient_accumulation_steps", "num_nodes_finetune", "logging_steps", "eval_steps"):
         if ft[key] < 1:
             errors.append(f"finetune.{key}={ft[key]} must be >= 1")
+    if cfg.dataset.source == "local" and not cfg.dataset.train_file:
+        errors.append("dataset=local needs dataset.train_file=PATH (a JSONL, JSON or Parquet file of chats; "
+                      "dataset.eval_file=PATH optional)")
     if not (0 < cfg.dataset.split_percent <= 100):
         errors.append(f"dataset.split_percent={cfg.dataset.split_percent} must be in (0, 100]")
     if ft.learning_rate <= 0:

@@ -83,3 +83,49 @@ def test_the_plan_records_every_call_in_order_and_the_component_version(tmp_path
     assert summary["component"]["version"] == "0.0.82"
     assert summary["finetune"]["component_inputs"]["learning_rate"] == pytest.approx(5e-6)
     assert summary["calls"][6]["file"].endswith("pipeline_job.yaml")
+
+
+def _live_component(tmp_path, change):
+    from azure.ai.ml import load_component
+
+    from runner.azureml.spec import DEFAULT_SPEC
+
+    data = yaml.safe_load(DEFAULT_SPEC.read_text())
+    change(data["inputs"])
+    data["version"] = "0.0.99"
+    path = tmp_path / "live_component.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_component(source=str(path))
+
+
+def test_an_input_the_run_sends_that_the_live_component_dropped_is_refused_before_submission(tmp_path):
+    from runner.azureml.backend import AzureMLBackend
+    from tests.azureml_double import AzureWorld
+    from tests.test_azureml_backend import make_ctx, notebook_cfg, run_steps, write_data
+
+    world = AzureWorld()
+    world.component = _live_component(tmp_path, lambda inputs: inputs.pop("lr_scheduler_type"))
+    cfg = notebook_cfg(tmp_path)
+    with pytest.raises(ConfigError, match=r"no longer declares input\(s\) \['lr_scheduler_type'\]"):
+        run_steps(AzureMLBackend(cfg, clients=world.clients()), make_ctx(cfg, tmp_path), write_data(tmp_path))
+    assert "registry.components.get" in world.names()
+    assert "workspace.jobs.create_or_update" not in world.names()
+
+
+def test_an_added_input_is_reported_and_the_live_version_recorded(tmp_path, capsys):
+    from runner.azureml.backend import AzureMLBackend
+    from tests.azureml_double import AzureWorld
+    from tests.test_azureml_backend import make_ctx, notebook_cfg, run_steps, write_data
+
+    world = AzureWorld()
+    world.component = _live_component(
+        tmp_path, lambda inputs: inputs.update(neftune_noise_alpha={"type": "number", "optional": True}))
+    cfg = notebook_cfg(tmp_path)
+    ctx = make_ctx(cfg, tmp_path)
+    run_steps(AzureMLBackend(cfg, clients=world.clients()), ctx, write_data(tmp_path),
+              steps=("connect", "model", "compute", "data", "finetune"))
+    assert "inputs added in chat_completion_pipeline 0.0.99" in capsys.readouterr().out
+    finetune = ctx.record.output("finetune")
+    assert finetune["component_version"] == "0.0.99"
+    assert finetune["component_diff"]["added"] == ["neftune_noise_alpha"]
+    assert "workspace.jobs.create_or_update" in world.names()

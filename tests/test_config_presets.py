@@ -48,6 +48,8 @@ def base_for(group, preset):
         return AZURE
     if group == "backend" and preset == "azureml":
         return AZURE
+    if group == "dataset" and preset == "local":  # the user's own file is required
+        return ["dataset.train_file=/data/chats.jsonl"]
     return []
 
 

@@ -83,3 +83,9 @@ def test_open_dicts_take_new_keys_and_nothing_else_does():
         validate(compose_cfg(["+model.tiny.hidden=32", "+backend.wiat=false"]))
     assert "model.tiny.hidden is not a config key" in str(info.value)
     assert "backend.wiat is not a config key (did you mean backend.wait?)" in str(info.value)
+
+
+def test_dataset_local_without_its_file_is_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"dataset=local needs dataset.train_file=PATH"):
+        validate(compose_cfg(["dataset=local"]))
+    validate(compose_cfg(["dataset=local", "dataset.train_file=/data/chats.jsonl"]))

@@ -253,10 +253,13 @@ class AzureMLBackend(Backend):
         spec = self._component_spec(component)
         # The registry serves `latest`; the runner was checked against a pinned contract. Say what changed, and
         # refuse to send an input the live component no longer has.
-        diff = compare_specs(self.local_spec(required=True), spec)
+        pinned = self.local_spec(required=True)
+        diff = compare_specs(pinned, spec)
         for line in diff.lines():
             ctx.say(f"component: {line}")
         params, notes = self.effective_params(ctx, facts)
+        if diff:  # what this run sends by the contract it was checked against must still be there
+            check_live_component(diff, prepare_inputs(params, pinned)[0])
         inputs, dropped = prepare_inputs(params, spec, ctx.explicit_finetune_keys)
         display_name = ctx.display_name(self.display_name(params, gpus))
         # Absolute paths: a run picked up later (from_run=) from another directory uploads the same files.
