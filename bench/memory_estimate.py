@@ -52,9 +52,10 @@ def main(argv=None) -> int:
         implied = (measured - b["state"]) / est["bytes_per_token"]["without_checkpointing"]
         ok = ratio_bounds_ok(b["total"], measured)
         outside += not ok
-        print(f"{row['per_device_train_batch_size']:>4} x {row['max_seq_length']:<5} {est['tokens_per_micro_batch']:>7} "
-              f"{b['total'] / GB:>12.2f} {measured / GB:>12.2f} {ratio:>6.3f} "
-              f"{row['previous_estimate'] / row['peak_gb']:>9.3f} {implied:>15,.0f} {b['total_checkpointed'] / GB:>12.2f}"
+        print(f"{row['per_device_train_batch_size']:>4} x {row['max_seq_length']:<5} "
+              f"{est['tokens_per_micro_batch']:>7} {b['total'] / GB:>12.2f} {measured / GB:>12.2f} {ratio:>6.3f} "
+              f"{row['previous_estimate'] / row['peak_gb']:>9.3f} {implied:>15,.0f} "
+              f"{b['total_checkpointed'] / GB:>12.2f}"
               f"  {'ok' if ok else 'OUTSIDE'}")
     terms = estimate_memory(shapes, PHI3_MINI, {**params, "per_device_train_batch_size": 1, "max_seq_length": 1},
                             apply_lora=True, lora_target_modules=TARGETS)["bytes_per_token"]

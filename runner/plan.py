@@ -48,7 +48,8 @@ def _planned_model(cfg) -> Tuple[Optional[str], Optional[Dict[str, Any]], Option
         folder = tiny_model_path(cfg.paths.models_dir, tiny)
         if (folder / "config.json").is_file():
             return str(folder), None, None
-        config = {"model_type": "phi3", "tie_word_embeddings": False, "num_key_value_heads": tiny["num_attention_heads"],
+        config = {"model_type": "phi3", "tie_word_embeddings": False,
+                  "num_key_value_heads": tiny["num_attention_heads"],
                   **{k: tiny[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                           "num_attention_heads", "vocab_size", "max_position_embeddings")}}
         return None, config, None

@@ -283,3 +283,17 @@ def test_azure_memory_fit_per_sku():
     assert check_memory_fit(model_name="Phi-4", params=full, gpu_memory_gb=0, gpus_per_node=1)["checked"] is False
     assert check_memory_fit(model_name="unknown-model", params=full, gpu_memory_gb=80,
                             gpus_per_node=1)["checked"] is False
+
+
+def test_h100_8_x_2048_auto_checkpoints_unless_packing_caps_the_tokens(phi3_dir):
+    """On an 80 GB H100 (~84.9 GB free) the worst case of 8 x 2048 (~90 GB) does not fit, so auto turns
+    checkpointing on and names the token cap that would fit without it; with that cap it stays off."""
+    params = {**MEASURED_PARAMS, "per_device_train_batch_size": 8, "max_seq_length": 2048}
+    kw = dict(device="cuda", gpus_requested=0, params=params, model_dir=phi3_dir, cuda_devices=1,
+              available_memory_bytes=int(84.9e9), lora_target_modules=TARGETS, packing=True)
+    auto = check_local_compute(**kw)
+    assert auto["gradient_checkpointing"] is True
+    assert "finetune.local.max_tokens_per_batch=13592" in auto["memory_message"]
+    capped = check_local_compute(**kw, max_tokens_per_batch=13592)
+    assert capped["gradient_checkpointing"] is False and capped["tokens_per_micro_batch"] == 13592
+    assert capped["estimate_gb"]["total"] <= capped["memory_budget_gb"]

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from runner.errors import RunnerError
 from runner.local.memory import (activation_terms, checkpointed_terms, describe_option, fit_micro_batch,
-                                  gpu_memory_bytes, largest_fitting_batch, micro_batch_tokens, model_dims,
+                                  gpu_memory_bytes, micro_batch_tokens, model_dims,
                                   use_gradient_checkpointing)
 
 GB = 1e9  # decimal GB: what nvidia-smi/free-style figures and the estimates in messages use
@@ -154,7 +154,8 @@ def estimate_memory(
     tokens: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Bytes of weights, gradients and optimizer state (per device) for full or LoRA fine-tuning, plus the
-    activations of the worst-case micro-batch (or of `tokens` tokens) with and without gradient checkpointing. Mixed-precision accounting as in the ZeRO paper: full fine-tuning costs 16 bytes per
+    activations of the worst-case micro-batch (or of `tokens` tokens) with and without gradient checkpointing.
+    Mixed-precision accounting as in the ZeRO paper: full fine-tuning costs 16 bytes per
     parameter (weights + grads + fp32 master copy + two fp32 AdamW moments) whatever the precision.
     Weights are counted in the dtype the trainer holds them in: the load dtype (base_weights_dtype), or 16-bit
     under DeepSpeed, which casts the module."""
@@ -222,8 +223,7 @@ def estimate_memory(
         trained = [(m, int(s[1])) for m, s in linears.items()]
     weights_16bit = wbytes == 2
     terms = activation_terms(dims, trained, lora=apply_lora, half=half, lora_r=int(params.get("lora_r", 8) or 8),
-                             lora_dropout=float(params.get("lora_dropout", 0.0) or 0.0) if apply_lora else 0.0,
-                             weights_16bit=weights_16bit)
+                             lora_dropout=float(params.get("lora_dropout", 0.0) or 0.0) if apply_lora else 0.0)
     ckpt_terms = checkpointed_terms(terms, dims, weights_16bit=weights_16bit, lora=apply_lora)
     per_token, per_token_ckpt = sum(terms.values()), sum(ckpt_terms.values())
     activations = tokens * per_token
@@ -295,13 +295,16 @@ def cpu_refusals(params: Dict[str, Any]) -> List[str]:
 
 
 def memory_verdict(est: Dict[str, Any], params: Dict[str, Any], *, budget_bytes: float, where: str,
-                   checkpointing: Any = "auto", max_tokens_per_batch: int = 0) -> Dict[str, Any]:
+                   checkpointing: Any = "auto", max_tokens_per_batch: int = 0,
+                   packing: bool = False) -> Dict[str, Any]:
     """Whether the configured micro-batch fits `budget_bytes`, what to run, and the message saying so.
 
     run: the configured batch with the auto rule's checkpointing decision (when it fits; else as configured);
     auto_fit: the largest micro-batch that fits as the checkpointing setting allows (None: nothing fits);
     message: for a micro-batch that does not fit, the largest that fits with and without checkpointing, each with
-    the gradient accumulation keeping the effective batch, and the key that applies it."""
+    the gradient accumulation keeping the effective batch, and the key that applies it; with packing, also the
+    token cap (finetune.local.max_tokens_per_batch) that keeps every micro-batch under the budget without
+    checkpointing (the worst case is batch x max_seq_length; most packed micro-batches hold far fewer tokens)."""
     b = est["bytes"]
     per = est["bytes_per_token"]
     seq = est["max_seq_length"]
@@ -324,17 +327,20 @@ def memory_verdict(est: Dict[str, Any], params: Dict[str, Any], *, budget_bytes:
         "largest_without_checkpointing": _option(fit["without_checkpointing"]),
         "largest_with_checkpointing": _option(fit["with_checkpointing"]),
     }
-    if fit["configured_fits"]:
-        ckpt = fit["configured"]["gradient_checkpointing"]
-        message = (f"the micro-batch fits: {bs} x {seq} tokens needs ~{with_gb if ckpt else without_gb:.1f} GB "
-                   f"of {_gb(budget_bytes):.1f} GB ({where})"
-                   + (f"; gradient checkpointing on (auto: ~{without_gb:.1f} GB without it)"
-                      if ckpt and str(checkpointing).lower() == "auto" else ""))
-        return {"fits": True, "run": fit["configured"], "auto_fit": None, "message": message, "head": message,
-                "longest_max_seq_length": None, "summary": summary}
     room = budget_bytes - b["state"]
     longest = int(room // per["without_checkpointing"]) if room > 0 else 0
     longest_ckpt = int(room // per["with_checkpointing"]) if room > 0 else 0
+    cap = (f"; or, packed, finetune.local.max_tokens_per_batch={longest} keeps every micro-batch under the budget "
+           "without checkpointing" if packing and seq <= longest < tokens else "")
+    if fit["configured_fits"]:
+        ckpt = fit["configured"]["gradient_checkpointing"]
+        shape = f"{bs} x {seq}" + (f" capped at {tokens}" if tokens < bs * seq else "")
+        message = (f"the micro-batch fits: {shape} tokens needs ~{with_gb if ckpt else without_gb:.1f} GB "
+                   f"of {_gb(budget_bytes):.1f} GB ({where})"
+                   + (f"; gradient checkpointing on (auto: ~{without_gb:.1f} GB without it{cap})"
+                      if ckpt and str(checkpointing).lower() == "auto" else ""))
+        return {"fits": True, "run": fit["configured"], "auto_fit": None, "message": message, "head": message,
+                "longest_max_seq_length": None, "summary": summary}
     head = (
         f"the micro-batch does not fit: per_device_train_batch_size={bs} x max_seq_length={seq} = {tokens} tokens "
         f"needs ~{without_gb:.1f} GB without gradient checkpointing (~{with_gb:.1f} GB with it; weights + "
@@ -354,7 +360,7 @@ def memory_verdict(est: Dict[str, Any], params: Dict[str, Any], *, budget_bytes:
         tail = (f"set finetune.max_seq_length to at most {longest_ckpt} (with gradient checkpointing; {longest} "
                 "without), or use more memory (a larger GPU, compute.memory_headroom)" if longest_ckpt > 0 else
                 "the weights and optimizer state leave no room for activations")
-    message = f"{head}; {tail}"
+    message = f"{head}; {tail}{cap}"
     return {"fits": False, "run": fit["configured"], "auto_fit": fit["choice"], "message": message,
             "head": head, "longest_max_seq_length": longest, "summary": summary}
 
@@ -426,7 +432,8 @@ def memory_plan(model_dir: Optional[str], params: Dict[str, Any], local: Dict[st
         return out
     budget = capacity * memory_headroom
     verdict = memory_verdict(est, params, budget_bytes=budget, where=where,
-                             checkpointing=local.get("gradient_checkpointing", "auto"), max_tokens_per_batch=max_tokens)
+                             checkpointing=local.get("gradient_checkpointing", "auto"), max_tokens_per_batch=max_tokens,
+                             packing=bool(local.get("packing", True)))
     state_fits = b["state"] <= budget
     out.update(target=where, budget_gb=_gb(budget), fits=bool(verdict["fits"] and state_fits),
                gradient_checkpointing=bool(verdict["run"]["gradient_checkpointing"]), fit=verdict["summary"],
@@ -456,6 +463,7 @@ def check_local_compute(
     auto_fit: bool = False,
     max_tokens_per_batch: int = 0,
     gpu_memory_gb: float = 0,
+    packing: bool = False,
 ) -> Dict[str, Any]:
     """Decide the device and refuse what cannot run here. `available_memory_bytes` / `cuda_devices` override what
     is detected (tests, or a user who knows better); `lora_*` default to every linear layer / nothing saved.
@@ -532,8 +540,11 @@ def check_local_compute(
             f"try {' or '.join(hint)}"
         )
     warnings = list(est["notes"])
+    if gpu_memory_gb and gpu_memory_gb > 0 and not what_if:
+        warnings.append(f"compute.gpu_memory_gb={gpu_memory_gb} is a GPU what-if, but training runs on the CPU here: "
+                        "checked against system RAM")
     verdict = memory_verdict(est, params, budget_bytes=budget, where=where, checkpointing=gradient_checkpointing,
-                             max_tokens_per_batch=max_tokens_per_batch)
+                             max_tokens_per_batch=max_tokens_per_batch, packing=packing)
     if not verdict["fits"] and not (auto_fit and verdict["auto_fit"]):
         if on_cuda:
             raise ComputeError(verdict["message"])

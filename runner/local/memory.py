@@ -46,7 +46,7 @@ Not counted (each well under 1% at the calibrated size): the CUDA context (outsi
 workspaces, flash-attention's per-conversation backward scratch, gradient tensors in flight for one layer.
 """
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 GB = 1e9
 GiB = 1024 ** 3
@@ -110,7 +110,6 @@ def activation_terms(
     half: bool,
     lora_r: int = 8,
     lora_dropout: float = 0.0,
-    weights_16bit: bool = False,
 ) -> Dict[str, float]:
     """Bytes per token of the activations autograd keeps at the peak (the start of the backward), by term, without
     gradient checkpointing. `trained_linears`: (module name, in_features) of every linear layer whose input the
@@ -304,17 +303,6 @@ def gpu_memory_bytes(gpu_memory_gb: float) -> float:
 def ratio_bounds_ok(estimate: float, measured: float, low: float = 0.95, high: float = 1.25) -> bool:
     """The trust bound: never more than 5% below the measured peak, at most 25% above it."""
     return low <= estimate / measured <= high
-
-
-def iter_chosen(linears: Dict[str, Tuple[int, ...]], chosen: Iterable[str]) -> List[Tuple[str, int]]:
-    """(module name, in_features) for linear weights stored (out, in)."""
-    return [(name, int(linears[name][1])) for name in chosen]
-
-
-def round_gb(n: float) -> float:
-    return round(n / GB, 3)
-
-
 
 
 # config.json numbers of the registry models the presets name (conf/model/), for planning a run whose weights are
