@@ -11,7 +11,8 @@ from runner.local import distributed
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_config_for_each_stage(stage, tmp_path):
-    path = distributed.write_deepspeed_config(tmp_path, {"apply_deepspeed": True, "deepspeed_stage": stage})
+    path = distributed.write_deepspeed_config(tmp_path, {"apply_deepspeed": True, "deepspeed_stage": stage,
+                                                         "deepspeed": None})
     config = json.loads(open(path).read())
     assert path.endswith("deepspeed_config.json")
     assert config["zero_optimization"]["stage"] == stage
@@ -83,3 +84,96 @@ def test_launch_runs_the_command_and_returns_rank0_result(tmp_path, monkeypatch)
     assert calls[0][4] == "--nproc_per_node=2" and calls[0][-1].endswith("launch_spec.json")
     # metrics replayed to log_fn after the workers finish; the summary is not, as in a single-process run
     assert logged == [({"train_loss": 2.5}, 3)]
+
+
+# ---- the launch is decided by the local backend's finetune step, not by train() ----------------------------------
+
+class _Record:
+    def __init__(self, outputs):
+        self.outputs = outputs
+        self.data = {"config_sha256": "sha"}
+
+    def output(self, step, key=None):
+        out = self.outputs.get(step, {})
+        return out if key is None else out.get(key)
+
+
+def _finetune_step(tmp_path, monkeypatch, device, cuda_count, overrides=(), calls=None):
+    from types import SimpleNamespace
+
+    from runner.local import compute, tracking
+    from runner.local import train as train_mod
+    from runner.local.backend import LocalBackend
+    from tests.conftest import compose_cfg
+
+    said, calls = [], ({} if calls is None else calls)
+    ctx = SimpleNamespace(
+        record=_Record({"data": {"train_file": str(tmp_path / "train.jsonl"), "test_file": str(tmp_path / "t.jsonl"),
+                                 "manifest_sha256": "m"},
+                        "model": {"model_dir": str(tmp_path / "model")}, "compute": {"device": device}}),
+        say=said.append, display_name=lambda name: name, explicit_finetune_keys=set(), run_dir=tmp_path,
+        task_overrides=[], tracking_tags=lambda: {})
+    monkeypatch.setattr(tracking, "start_run", lambda **kw: calls.setdefault("start_run", kw) and "run-1")
+    monkeypatch.setattr(tracking, "log_artifact", lambda *a, **k: None)
+    monkeypatch.setattr(tracking, "end_run", lambda *a, **k: calls.setdefault("end_run", k))
+    monkeypatch.setattr(tracking, "metric_logger", lambda *a: "LOG_FN")
+    monkeypatch.setattr(compute, "cuda_device_count", lambda: cuda_count)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    figures = {"global_step": 3, "eval_loss_before": 2.0, "eval_loss": 1.0, "tokens_per_s": 10.0}
+
+    def fake_launch(nproc, out_dir, kwargs, log_fn=None):
+        calls["launch"] = (nproc, out_dir, kwargs, log_fn)
+        return dict(figures)
+
+    def fake_train(**kwargs):
+        calls["train"] = kwargs
+        return dict(figures)
+
+    monkeypatch.setattr(distributed, "launch", fake_launch)
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    result = LocalBackend(compose_cfg(list(overrides))).finetune(ctx)
+    return result, calls, said
+
+
+def test_finetune_step_launches_torchrun_for_several_gpus(tmp_path, monkeypatch):
+    result, calls, said = _finetune_step(tmp_path, monkeypatch, "cuda", 2)
+    nproc, out_dir, kwargs, log_fn = calls["launch"]
+    assert nproc == 2 and "train" not in calls and log_fn == "LOG_FN"
+    assert kwargs["device"] == "cuda" and kwargs["out_dir"] == str(out_dir) and "log_fn" not in kwargs
+    json.dumps(kwargs)  # the launch spec: every worker calls train(**kwargs)
+    assert kwargs["params"]["learning_rate"] > 0 and "num_gpus" in kwargs["local"]
+    assert "training in 2 torchrun worker(s)" in said and result["global_step"] == 3
+
+
+def test_finetune_step_trains_in_process_on_one_device(tmp_path, monkeypatch):
+    result, calls, said = _finetune_step(tmp_path, monkeypatch, "cpu", 0, ["finetune.apply_ort=true"])
+    assert "launch" not in calls and calls["train"]["log_fn"] == "LOG_FN" and calls["train"]["device"] == "cpu"
+    assert any("finetune.apply_ort=True is not used by the local trainer" in s for s in said)
+    assert any("apply_ort" in n for n in result["param_notes"])
+
+
+def test_finetune_step_refuses_before_opening_a_run(tmp_path, monkeypatch):
+    calls = {}
+    with pytest.raises(RunnerError, match="precision=16 needs a CUDA GPU"):
+        _finetune_step(tmp_path, monkeypatch, "cpu", 0, ["finetune.precision=16"], calls=calls)
+    assert calls == {}  # no MLflow run opened, nothing trained or launched
+
+
+def test_finetune_step_runs_what_the_compute_step_decided(tmp_path, monkeypatch):
+    original = _Record.output
+
+    def with_decision(self, step, key=None):
+        if step == "compute":
+            out = {"device": "cpu", "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
+                   "gradient_checkpointing": True}
+            return out if key is None else out.get(key)
+        return original(self, step, key)
+
+    monkeypatch.setattr(_Record, "output", with_decision)
+    result, calls, said = _finetune_step(tmp_path, monkeypatch, "cpu", 0)
+    kwargs = calls["train"]
+    assert kwargs["params"]["per_device_train_batch_size"] == 2 and kwargs["params"]["gradient_accumulation_steps"] == 4
+    assert kwargs["local"]["gradient_checkpointing"] is True
+    assert any(n.startswith("per_device_train_batch_size: ") and "-> 2 (compute step" in n
+               for n in result["param_notes"])

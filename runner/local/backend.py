@@ -140,8 +140,24 @@ class LocalBackend(Backend):
                                "or from_run=<an earlier run dir>")
         model_dir = self._model_dir(ctx)
         params, notes = self.effective_params(ctx)
+        local = _plain(cfg.finetune.local)
+        # What the compute step decided the trainer runs: auto_fit's micro-batch and accumulation, and gradient
+        # checkpointing with "auto" resolved (absent from an older run record: the config's values stand).
+        decided = ctx.record.output("compute") or {}
+        for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if decided.get(key) is not None and decided[key] != params[key]:
+                notes.append(f"{key}: {params[key]!r} -> {decided[key]!r} (compute step, finetune.local.auto_fit)")
+                params[key] = decided[key]
+        if decided.get("gradient_checkpointing") is not None:
+            local["gradient_checkpointing"] = bool(decided["gradient_checkpointing"])
+        plan = translate(params, local)  # refuses a missing or unknown key; notes the keys that mean nothing here
+        notes = notes + plan.notes
         for note in notes:
             ctx.say(note)
+        device = resolve_device(ctx.record.output("compute", "device") or "cpu")
+        plan.check(device)  # before a tracking run is opened or a worker launched
+        # One process on one device, or torchrun workers (several GPUs, DeepSpeed) that each run the same train()
+        nproc = distributed.processes_needed(params, local, device, cuda_device_count() if device == "cuda" else 0)
         display_name = ctx.display_name(self.display_name(params))
         key = self.training_key(ctx, params)
         out_dir = Path(cfg.paths.root) / "training" / key
@@ -168,19 +184,25 @@ class LocalBackend(Backend):
         ctx.say(f"MLflow run {run_id} ({display_name})")
         tracking.log_artifact(self.tracking_uri, run_id, str(ctx.run_dir / "resolved_config.yaml"))
         status = "FAILED"
+        train_kwargs = dict(
+            model_dir=str(model_dir),
+            train_file=str(data["train_file"]),
+            eval_file=str(data["test_file"]) if data.get("test_file") else None,
+            params=params,
+            local=local,
+            out_dir=str(out_dir),
+            device=device,
+            trust_remote_code=cfg.model.trust_remote_code,
+            cache_dir=str(Path(cfg.paths.root) / "cache" / "tokenized"),
+            progress=True,
+        )
+        log_fn = tracking.metric_logger(self.tracking_uri, run_id)
         try:
-            result = train(
-                model_dir=model_dir,
-                train_file=data["train_file"],
-                eval_file=data.get("test_file"),
-                params=params,
-                local=_plain(cfg.finetune.local),
-                out_dir=str(out_dir),
-                device=ctx.record.output("compute", "device") or "cpu",
-                trust_remote_code=cfg.model.trust_remote_code,
-                log_fn=tracking.metric_logger(self.tracking_uri, run_id),
-                cache_dir=str(Path(cfg.paths.root) / "cache" / "tokenized"),
-            )
+            if nproc:
+                ctx.say(f"training in {nproc} torchrun worker(s)")
+                result = distributed.launch(nproc, out_dir, train_kwargs, log_fn=log_fn)
+            else:
+                result = train(**train_kwargs, log_fn=log_fn)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"

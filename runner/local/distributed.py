@@ -1,10 +1,11 @@
 """Several GPUs and DeepSpeed: the generated DeepSpeed config and the torchrun launch of the trainer.
 
-`train()` runs in-process on one device. With several GPUs (or DeepSpeed, whose engine expects a launcher even on
-one GPU) it writes a launch spec (its own keyword arguments) and starts
+`train()` runs in-process on one device and never launches. With several GPUs (or DeepSpeed, whose engine expects
+a launcher even on one GPU) its caller (the local backend's finetune step) sees `processes_needed() > 0` and calls
+`launch()`, which writes a launch spec (train()'s keyword arguments) and starts
 `python -m torch.distributed.run --standalone --nproc_per_node=N -m runner.local.distributed <spec>`; every worker
-calls `train()` again with the same arguments (the torchrun environment tells it not to launch), the Trainer
-picks up the process group from that environment, and rank 0 writes the result JSON that the launcher returns.
+calls `train()` with those arguments (inside the launch `processes_needed()` is 0), the Trainer picks up the
+process group from the torchrun environment, and rank 0 writes the result JSON that `launch()` returns.
 
 The DeepSpeed config leaves batch sizes, accumulation, clipping and precision to the Trainer ("auto"), so the
 finetune keys stay the single source of truth. `finetune.deepspeed=<file>` uses that JSON instead.
@@ -66,9 +67,9 @@ def deepspeed_config(stage: int) -> Dict[str, Any]:
 def write_deepspeed_config(out_dir, params: Dict[str, Any]) -> Optional[str]:
     """The DeepSpeed JSON for this run (None without apply_deepspeed): the user's file when `deepspeed` names one,
     else one generated for `deepspeed_stage`. Written atomically into out_dir."""
-    if not params.get("apply_deepspeed"):
+    if not params["apply_deepspeed"]:
         return None
-    user_file = params.get("deepspeed")
+    user_file = params["deepspeed"]
     if user_file:
         path = Path(user_file)
         if not path.is_file():
@@ -79,7 +80,7 @@ def write_deepspeed_config(out_dir, params: Dict[str, Any]) -> Optional[str]:
         except ValueError as exc:
             raise RunnerError(f"finetune.deepspeed={user_file!r} is not valid JSON: {exc}") from None
     else:
-        config = deepspeed_config(int(params.get("deepspeed_stage", 2)))
+        config = deepspeed_config(int(params["deepspeed_stage"]))
     from runner.local.checkpoints import write_atomic
 
     out = Path(out_dir) / DEEPSPEED_FILE
@@ -97,10 +98,10 @@ def processes_needed(params: Dict[str, Any], local: Dict[str, Any], device: str,
     """How many worker processes to launch; 0 = train in this process."""
     if device != "cuda" or inside_launch():
         return 0
-    n = int(local.get("num_gpus") or 0) or cuda_count
+    n = int(local["num_gpus"] or 0) or cuda_count
     if n > cuda_count:
         raise RunnerError(f"finetune.local.num_gpus={n} but only {cuda_count} CUDA device(s) are visible")
-    if n > 1 or params.get("apply_deepspeed"):
+    if n > 1 or params["apply_deepspeed"]:
         return max(n, 1)
     return 0
 

@@ -7,8 +7,9 @@ Conversations must not see each other. Three things keep them apart:
   (transformers builds a block-diagonal mask when attention_mask is None and no cache is used), but building that
   T x T mask and attending over all of it costs O(T^2) for the whole row. The `packed_sdpa` attention registered
   here runs causal SDPA per conversation, bounded by `cu_seq_lens_q` (the keyword flash-attention's varlen path
-  reads too), and the matching mask function skips the T x T mask while a packed batch is running. Outside a
-  packed batch both fall back to stock sdpa, so generation and padded batches behave as usual.
+  reads too), and the matching mask function skips the T x T mask while a packed batch is running. Without those
+  bounds (and, for the mask, outside a packed batch) both fall back to stock sdpa, so generation and padded batches
+  behave as usual.
 
 Batching: TokenBudgetBatchSampler groups per_device_train_batch_size conversations per micro-batch (capped by a
 token budget when one is set), reshuffled every epoch from (seed, epoch) alone, so a resumed run sees the same
@@ -41,8 +42,10 @@ def packed_batch():
 def _packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+    # Packed when the call carries the bounds: gradient checkpointing recomputes this forward during backward,
+    # outside packed_batch() (and on CUDA in autograd's own thread), with the same keyword arguments.
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
-    if cu_seq_lens is None or query.shape[0] != 1 or not _in_packed_batch.get():
+    if cu_seq_lens is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)

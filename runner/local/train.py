@@ -1,5 +1,10 @@
 """The local fine-tune: transformers' Trainer (+ PEFT LoRA) on padding-free packed chat batches.
 
+`train()` is the entry point: the settings are translated into a plan (runner/local/translate.py), checked, and run
+by the recipe's phases (runner/local/recipe.py: setup → train → save, cleanup); this module holds the building
+blocks the recipe uses. It trains in this one process: a multi-GPU or DeepSpeed run is launched with torchrun by
+the caller (runner/local/distributed.launch, from the local backend's finetune step).
+
 Why the Trainer and not TRL's SFTTrainer: the data is already tokenized with assistant-only labels
 (runner/data/prepare.py) and packed by runner/local/packing.py, which is the part of SFT that matters here, and the
 Trainer brings the rest (optimizers, schedulers, accumulation with correct loss normalisation, checkpoint/resume
@@ -19,7 +24,6 @@ What this module adds around it:
 
 import json
 import math
-import os
 import shutil
 import signal
 import tempfile
@@ -30,7 +34,6 @@ from typing import Any, Callable, Dict, Optional
 from runner.errors import RunnerError
 from runner.local import checkpoints as ckpt
 from runner.local import distributed
-from runner.local.compute import base_weights_dtype, cpu_refusals
 
 LogFn = Callable[[Dict[str, float], int], None]
 
@@ -41,27 +44,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 # ---- settings ------------------------------------------------------------------------------------------------
 
-def _check_settings(params: Dict[str, Any], local: Dict[str, Any], device: str) -> None:
-    """Refuse what cannot run here before anything is loaded."""
-    errors = cpu_refusals(params) if device != "cuda" else []
-    if params.get("metric_for_best_model", "loss") != "loss":
-        errors.append(f"finetune.metric_for_best_model={params['metric_for_best_model']!r} has no meaning for "
-                      f"chat fine-tuning on this machine; use loss")
-    if params.get("apply_lora") and not local.get("lora_target_modules"):
-        errors.append("finetune.apply_lora=true needs finetune.local.lora_target_modules (e.g. [qkv_proj, o_proj])")
-    if params.get("apply_lora") and params.get("apply_deepspeed") and int(params.get("deepspeed_stage", 2)) == 3:
-        # ZeRO-3 shards the frozen base too; merging adapters into gathered shards is not implemented here. A LoRA
-        # run's frozen base needs no optimizer state, so stage 2 already keeps it small.
-        errors.append("finetune.apply_lora=true with finetune.deepspeed_stage=3 is not supported by the local "
-                      "trainer; use deepspeed_stage=2 (finetune=lora_deepspeed2) or full fine-tuning with stage 3")
-    if int(local.get("save_steps", 1)) < 1:
-        errors.append(f"finetune.local.save_steps={local.get('save_steps')} must be >= 1")
-    if errors:
-        raise RunnerError("cannot fine-tune with these settings:\n  - " + "\n  - ".join(errors))
-
-
-def _mixed_precision(params: Dict[str, Any], device: str) -> Dict[str, bool]:
-    if params.get("precision", 32) != 16 or device != "cuda":
+def _mixed_precision(precision: int, device: str) -> Dict[str, bool]:
+    """TrainingArguments bf16/fp16 for finetune.precision on this device: 16-bit only on CUDA, bf16 where supported."""
+    if precision != 16 or device != "cuda":
         return {"bf16": False, "fp16": False}
     import torch
 
@@ -231,7 +216,7 @@ def _make_trainer_class():
     return RunnerTrainer
 
 
-def _make_callbacks(params, events: _Events, meter: _TokenMeter, progress: bool):
+def _make_callbacks(plan, events: _Events, meter: _TokenMeter, progress: bool):
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
@@ -282,9 +267,9 @@ def _make_callbacks(params, events: _Events, meter: _TokenMeter, progress: bool)
         evaluations without an improvement larger than `threshold`."""
 
         def __init__(self):
-            self.enabled = bool(params.get("apply_early_stopping"))
-            self.patience = max(1, int(params.get("early_stopping_patience", 1)))
-            self.threshold = float(params.get("early_stopping_threshold", 0.0))
+            self.enabled = plan.early_stopping
+            self.patience = plan.early_stopping_patience
+            self.threshold = plan.early_stopping_threshold
             self.best = None
             self.best_step = None
             self.waited = 0
@@ -358,27 +343,21 @@ def _load_model(model_dir, *, packing: bool, trust_remote_code: bool, ignore_mis
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs), False
 
 
-def _apply_lora(model, params, local):
+def _apply_lora(model, lora: Dict[str, Any]):
+    """PEFT LoRA with the plan's LoraConfig keywords (runner/local/translate.py)."""
     from peft import LoraConfig, get_peft_model
 
     from runner.quiet import quiet_lora
 
     quiet_lora()
 
-    config = LoraConfig(
-        r=int(params["lora_r"]),
-        lora_alpha=int(params["lora_alpha"]),
-        lora_dropout=float(params["lora_dropout"]),
-        target_modules=list(local.get("lora_target_modules") or []),
-        modules_to_save=list(local.get("lora_modules_to_save") or []) or None,
-        task_type="CAUSAL_LM",
-    )
+    config = LoraConfig(**lora)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n})
         raise RunnerError(f"LoRA cannot be applied: {exc}. finetune.local.lora_target_modules="
-                          f"{local.get('lora_target_modules')}; module names in this model: {names}") from None
+                          f"{lora['target_modules']}; module names in this model: {names}") from None
 
 
 def count_parameters(model) -> Dict[str, int]:
@@ -396,15 +375,16 @@ def _zero3_state_dict(trainer) -> Optional[Dict[str, Any]]:
     return trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
 
-def _save_final(model, tokenizer, out: Path, params, state_dict=None) -> Dict[str, Any]:
+def _save_final(model, tokenizer, out: Path, *, apply_lora: bool, merge_lora_weights: bool,
+                state_dict=None) -> Dict[str, Any]:
     """A plain transformers model + tokenizer in out/final_model, written to a temp folder and renamed; with LoRA
     not merged by request, the adapter is kept in out/adapter too (the final model is still a merged copy, since
     only a plain model registers and serves faithfully)."""
     from runner.local.packing import PACKED_ATTENTION
 
     info: Dict[str, Any] = {"lora_merged": None, "adapter_dir": None}
-    if params.get("apply_lora"):
-        if not params.get("merge_lora_weights", True):
+    if apply_lora:
+        if not merge_lora_weights:
             adapter_tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=out))
             model.save_pretrained(adapter_tmp)
             tokenizer.save_pretrained(adapter_tmp)
@@ -413,7 +393,7 @@ def _save_final(model, tokenizer, out: Path, params, state_dict=None) -> Dict[st
             info["note"] = ("merge_lora_weights=false: the LoRA adapter is kept in adapter_dir; final_model_dir "
                             "holds a merged copy so the model can be registered and served as a plain model")
         model = model.merge_and_unload()
-        info["lora_merged"] = bool(params.get("merge_lora_weights", True))
+        info["lora_merged"] = merge_lora_weights
     model.config.use_cache = True
     if getattr(model.config, "_attn_implementation", None) == PACKED_ATTENTION:
         model.set_attn_implementation("sdpa")  # the saved model must load without this module
@@ -430,257 +410,39 @@ def _save_final(model, tokenizer, out: Path, params, state_dict=None) -> Dict[st
 
 # ---- the entry point -----------------------------------------------------------------------------------------
 
+def resolve_device(device: str) -> str:
+    """"auto" → cuda when a CUDA device is visible, else cpu; "cpu"/"cuda" as given."""
+    if device == "auto":
+        return "cuda" if _cuda_count() else "cpu"
+    return device
+
+
 def train(*, model_dir, train_file, eval_file, params: dict, local: dict, out_dir, device="cpu",
           trust_remote_code=False, log_fn: Optional[LogFn] = None, cache_dir=None, progress=True) -> dict:
-    """Fine-tune the model in model_dir on train_file; see the module docstring. Returns JSON-serialisable
-    figures and paths (final_model_dir, checkpoints_dir, global_step, train_loss, eval_loss_before, eval_loss,
-    perplexity, tokens_per_s, train_runtime_s, trainable_params, total_params, resumed_from, metrics_file,
-    padding_fraction, ...)."""
-    started = time.time()
-    device = "cuda" if device == "auto" and _cuda_count() else ("cpu" if device == "auto" else device)
-    _check_settings(params, local, device)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Fine-tune the model in model_dir on train_file in this process; see the module docstring. Returns
+    JSON-serialisable figures and paths (final_model_dir, checkpoints_dir, global_step, train_loss,
+    eval_loss_before, eval_loss, perplexity, tokens_per_s, train_runtime_s, trainable_params, total_params,
+    resumed_from, metrics_file, padding_fraction, ...).
 
-    nproc = distributed.processes_needed(params, local, device, _cuda_count() if device == "cuda" else 0)
+    params are the effective component keys, local is finetune.local (both whole: runner/local/translate.py
+    refuses a missing key). Runs the recipe (runner/local/recipe.py) on one device; several GPUs or DeepSpeed need
+    the torchrun launch, which its caller performs (runner/local/distributed.launch; every worker then calls this
+    with the same arguments) — train() never launches, and refuses to run such settings outside a launch."""
+    from runner.local.recipe import LocalRecipe, run_recipe
+    from runner.local.translate import translate
+
+    device = resolve_device(device)
+    plan = translate(params, local)
+    plan.check(device)  # before anything is loaded
+    nproc = distributed.processes_needed(plan.params, plan.local, device, _cuda_count() if device == "cuda" else 0)
     if nproc:
-        kwargs = dict(model_dir=str(model_dir), train_file=str(train_file),
-                      eval_file=str(eval_file) if eval_file else None, params=params, local=local,
-                      out_dir=str(out), device=device, trust_remote_code=trust_remote_code,
-                      cache_dir=str(cache_dir) if cache_dir else None, progress=progress)
-        return distributed.launch(nproc, out, kwargs, log_fn=log_fn)
-
-    import torch
-    from transformers import AutoTokenizer, TrainingArguments, enable_full_determinism, set_seed
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from runner.data.prepare import tokenize_file_with_stats
-    from runner.local.packing import (PaddedCollator, TokenBudgetBatchSampler, avoid_per_shape_attention_plans,
-                                      pack_conversations)
-
-    if device == "cuda":
-        avoid_per_shape_attention_plans()
-
-    seed = int(params.get("seed", 42))
-    (enable_full_determinism if params.get("enable_full_determinism") else set_seed)(seed)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-
-    # -- data --
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    cache = Path(cache_dir) if cache_dir else out / "tokenized"
-    max_len = int(params.get("max_seq_length", -1))
-    train_ds, train_stats = tokenize_file_with_stats(train_file, tokenizer, max_len, cache_dir=cache,
-                                                     progress=progress and is_main)
-    if int(local.get("max_train_rows") or 0) > 0:
-        train_ds = train_ds.select(range(min(len(train_ds), int(local["max_train_rows"]))))
-    eval_ds = None
-    if eval_file:
-        eval_ds, _ = tokenize_file_with_stats(eval_file, tokenizer, max_len, cache_dir=cache,
-                                              progress=progress and is_main)
-        if int(local.get("max_eval_rows") or 0) > 0:
-            eval_ds = eval_ds.select(range(min(len(eval_ds), int(local["max_eval_rows"]))))
-    if len(train_ds) == 0:
-        raise RunnerError(f"{train_file}: no conversation with an assistant turn left to train on")
-
-    # -- model --
-    precision = _mixed_precision(params, device)
-    model, packing = _load_model(model_dir, packing=bool(local.get("packing", True)),
-                                 trust_remote_code=trust_remote_code,
-                                 ignore_mismatched_sizes=bool(params.get("ignore_mismatched_sizes")),
-                                 dtype=base_weights_dtype(params, local, precision))
-    model.config.use_cache = False
-    if params.get("apply_lora"):
-        model = _apply_lora(model, params, local)
-    counts = count_parameters(model)
-
-    bs = int(params["per_device_train_batch_size"])
-    lengths = [len(x) for x in train_ds["input_ids"]]  # reading the column materialises it: once
-    effective_len = train_stats["max_seq_length"] or max(lengths)
-    max_tokens = int(local.get("max_tokens_per_batch") or 0) if packing else 0
-    collator = pack_conversations if packing else PaddedCollator(
-        tokenizer.pad_token_id, pad_to=effective_len if params.get("pad_to_max_length") else None)
-    grad_accum = int(params.get("gradient_accumulation_steps", 1))
-    steps_per_epoch = _steps_per_epoch(len(TokenBudgetBatchSampler(lengths, bs, max_tokens, seed)), grad_accum)
-    eval_batches = (TokenBudgetBatchSampler([len(x) for x in eval_ds["input_ids"]],
-                                            int(params["per_device_eval_batch_size"]), max_tokens,
-                                            shuffle=False).batches() if eval_ds is not None and len(eval_ds) else [])
-
-    # -- checkpoints: fresh start or resume --
-    ckpt_dir = out / "checkpoints"
-    resumed_from = None
-    removed = []
-    if params.get("resume_from_checkpoint"):
-        removed = ckpt.remove_incomplete(ckpt_dir)
-        latest = ckpt.latest_complete(ckpt_dir)
-        resumed_from = str(latest) if latest else None
-    elif ckpt_dir.exists() and is_main:
-        shutil.rmtree(ckpt_dir)
-    for folder in removed:
-        print(f"ignored incomplete checkpoint {folder}", flush=True)
-    metrics_file = out / "metrics.jsonl"
-    events = _Events(metrics_file, log_fn, enabled=is_main, append=resumed_from is not None)
-    meter = _TokenMeter()
-
-    # -- evaluation settings --
-    strategy = params.get("evaluation_strategy", "epoch")
-    if eval_ds is None or not eval_batches or strategy == "disable":
-        eval_strategy, eval_steps = "no", None
-    elif strategy == "steps":
-        eval_strategy = "steps"
-        interval = float(params.get("evaluation_steps_interval") or 0.0)
-        eval_steps = max(1, round(interval * steps_per_epoch)) if interval > 0 else int(params.get("eval_steps", 500))
-    else:
-        eval_strategy, eval_steps = "epoch", None
-    autocast_dtype = (torch.bfloat16 if precision["bf16"] else torch.float16) if any(precision.values()) else None
-
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir),
-        num_train_epochs=float(params.get("num_train_epochs", 1)),
-        max_steps=int(params.get("max_steps", -1)),
-        per_device_train_batch_size=bs,
-        per_device_eval_batch_size=int(params.get("per_device_eval_batch_size", 1)),
-        gradient_accumulation_steps=grad_accum,
-        learning_rate=float(params["learning_rate"]),
-        lr_scheduler_type=params.get("lr_scheduler_type", "linear"),
-        warmup_steps=int(params.get("warmup_steps", 0)),
-        weight_decay=float(params.get("weight_decay", 0.0)),
-        adam_beta1=float(params.get("adam_beta1", 0.9)),
-        adam_beta2=float(params.get("adam_beta2", 0.999)),
-        adam_epsilon=float(params.get("adam_epsilon", 1e-8)),
-        optim=params.get("optim", "adamw_torch"),
-        max_grad_norm=float(params.get("max_grad_norm", 1.0)),
-        seed=seed,
-        full_determinism=bool(params.get("enable_full_determinism")),
-        eval_strategy=eval_strategy,
-        eval_steps=eval_steps,
-        logging_strategy=params.get("logging_strategy", "steps"),
-        logging_steps=int(params.get("logging_steps", 10)),
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=int(local.get("save_steps", 50)),
-        save_total_limit=None,  # rotation is ours (after the completion marker), see RunnerTrainer
-        eval_accumulation_steps=(int(params["eval_accumulation_steps"])
-                                 if int(params.get("eval_accumulation_steps", -1) or -1) > 0 else None),
-        dataloader_num_workers=int(params.get("dataloader_num_workers", 0)),
-        auto_find_batch_size=bool(params.get("auto_find_batch_size")),
-        deepspeed=distributed.write_deepspeed_config(out, params),
-        use_cpu=device != "cuda",
-        remove_unused_columns=False,
-        report_to="none",
-        disable_tqdm=True,
-        **precision,
-    )
-    keep = int(params.get("save_total_limit", -1))
-    trainer = _make_trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if eval_strategy != "no" else None,
-                                    data_collator=collator,
-                                    processing_class=tokenizer)
-    for noisy in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(noisy)
-    progress_cb, best_cb, signal_cb = _make_callbacks(params, events, meter, progress and is_main)
-    for cb in (progress_cb, best_cb, signal_cb):
-        trainer.add_callback(cb)
-    trainer.setup_runner(lengths=lengths, max_tokens=max_tokens, eval_dataset=eval_ds, eval_batches=eval_batches,
-                         eval_collator=collator, meter=meter, events=events,
-                         keep_checkpoints=keep if keep > 0 else None, autocast_dtype=autocast_dtype)
-
-    # -- eval before training (kept from the first session when resuming) --
-    before_file = out / "eval_before.json"
-    eval_before = None
-    if resumed_from and before_file.exists():
-        eval_before = json.loads(before_file.read_text()).get("eval_loss")
-    elif eval_batches and local.get("eval_before_training", True):
-        eval_before = evaluate_loss(model.to(args.device), eval_ds, eval_batches, collator, args.device,
-                                    autocast_dtype)
-        if is_main:
-            ckpt.write_atomic(before_file, json.dumps({"eval_loss": eval_before}))
-        events.emit("eval", {"eval_loss": eval_before, "perplexity": _perplexity(eval_before)}, 0)
-
-    # -- train --
-    signal_cb.install()
-    from transformers.utils import logging as hf_logging
-
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # "Writing model shards" at every checkpoint would break our bar
-    try:
-        if signal_cb.received:
-            raise TrainingInterrupted(f"stopped by {signal_cb.received} before training started")
-        meter.start = time.perf_counter()
-        meter._mark_time = meter.start
-        train_started, cpu_started = time.perf_counter(), time.process_time()
-        output = trainer.train(resume_from_checkpoint=resumed_from)
-        train_runtime, train_cpu = time.perf_counter() - train_started, time.process_time() - cpu_started
-    finally:
-        signal_cb.restore()
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
-    step = trainer.state.global_step
-    if signal_cb.received:
-        latest = ckpt.latest_complete(ckpt_dir)
-        raise TrainingInterrupted(
-            f"stopped by {signal_cb.received} at step {step}; checkpoint {latest} saved. Run again with "
-            f"finetune.resume_from_checkpoint=true to continue")
-
-    # The final eval: reuse the one made at this very step, else measure now.
-    last_eval = progress_cb.last_eval if progress_cb.last_eval_step == step else {}
-    loaded_best = None
-    if params.get("apply_early_stopping") and best_cb.best_step not in (None, step):
-        best_dir = ckpt_dir / f"checkpoint-{best_cb.best_step}"
-        if ckpt.is_complete(best_dir):
-            trainer._load_from_checkpoint(str(best_dir))
-            loaded_best = str(best_dir)
-            last_eval = {}
-    if not last_eval and eval_batches:
-        loss = evaluate_loss(trainer.model, eval_ds, eval_batches, collator, args.device, autocast_dtype)
-        last_eval = {"eval_loss": loss, "perplexity": _perplexity(loss)}
-        if loaded_best is None:
-            events.emit("eval", last_eval, step)
-
-    result: Dict[str, Any] = {
-        "final_model_dir": None,
-        "checkpoints_dir": str(ckpt_dir),
-        "global_step": int(step),
-        "epochs": float(trainer.state.epoch or 0.0),
-        "train_loss": progress_cb.last_train.get("train_loss", float(output.training_loss)),
-        "train_loss_mean": float(output.training_loss),
-        "eval_loss_before": eval_before,
-        "eval_loss": last_eval.get("eval_loss"),
-        "perplexity": last_eval.get("perplexity"),
-        "best_eval_loss": best_cb.best,
-        "best_step": best_cb.best_step,
-        "stopped_early": best_cb.stopped_early,
-        "loaded_best_checkpoint": loaded_best,
-        "tokens_per_s": meter.overall_rate(),
-        "train_tokens": meter.real,
-        "padding_fraction": meter.padding_fraction(),
-        "train_runtime_s": train_runtime,
-        "train_cpu_s": train_cpu,  # CPU seconds of this process: a load-independent cost figure
-        "wall_time_s": None,
-        "resumed_from": resumed_from,
-        "ignored_incomplete_checkpoints": removed,
-        "metrics_file": str(metrics_file),
-        "packing": packing,
-        "steps_per_epoch": steps_per_epoch,
-        "train_rows": len(train_ds),
-        "eval_rows": len(eval_ds) if eval_ds is not None else 0,
-        "truncated_rows": train_stats["truncated"],
-        "dropped_rows": train_stats["dropped_no_assistant"],
-        "tokenized_cache_hit": train_stats["cache_hit"],
-        "precision": "bf16" if precision["bf16"] else ("fp16" if precision["fp16"] else "fp32"),
-        "device": device,
-        # measured, to set against the compute step's estimate (this process's GPU; every rank holds as much)
-        "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated() / 1e9) if device == "cuda" else None,
-        **counts,
-    }
-    gathered = _zero3_state_dict(trainer)  # a collective: every rank takes part, rank 0 gets the weights
-    if is_main:
-        result.update(_save_final(trainer.model, tokenizer, out, params, state_dict=gathered))
-        result["wall_time_s"] = time.time() - started
-        events.emit("summary", {k: v for k, v in result.items() if isinstance(v, (int, float))}, step)
-        ckpt.write_atomic(out / distributed.RESULT_FILE, json.dumps(result, indent=1, default=str))
-    return result
-
+        raise RunnerError(f"these settings train in {nproc} torchrun worker(s) (several GPUs or DeepSpeed): start "
+                          f"them with runner.local.distributed.launch(), as the local backend's finetune step does; "
+                          f"train() runs in one process and does not launch")
+    recipe = LocalRecipe(plan, model_dir=model_dir, train_file=train_file, eval_file=eval_file, out_dir=out_dir,
+                         device=device, trust_remote_code=trust_remote_code, log_fn=log_fn, cache_dir=cache_dir,
+                         progress=progress)
+    return run_recipe(recipe)
 
 def _cuda_count() -> int:
     try:

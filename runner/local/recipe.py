@@ -1,0 +1,342 @@
+"""The local fine-tune as a recipe, in torchtune's shape: setup → train → save, and cleanup whatever happened.
+
+`LocalRecipe` takes the plan from runner/local/translate.py (what every finetune key means here) and the run's
+paths; the building blocks (the Trainer subclass, callbacks, evaluation, the model loader, the final save) are in
+runner/local/train.py. `run_recipe()` drives the phases. A recipe runs in one process on one device: the torchrun
+launch for several GPUs or DeepSpeed is decided and performed by its caller (runner/local/backend.py finetune(),
+through runner/local/distributed.py), whose workers then each run this same recipe.
+"""
+
+import gc
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from runner.errors import RunnerError
+from runner.local import checkpoints as ckpt
+from runner.local import distributed
+from runner.local.translate import LocalTrainingPlan
+
+
+def run_recipe(recipe) -> Dict[str, Any]:
+    """setup → train → save, then cleanup (also after a failure or an interruption); returns save()'s result."""
+    try:
+        recipe.setup()
+        recipe.train()
+        return recipe.save()
+    finally:
+        recipe.cleanup()
+
+
+class LocalRecipe:
+    """One local fine-tune. setup(): seed, tokenizer, data, model (+ LoRA), batching, checkpoints to resume from,
+    events, TrainingArguments and the Trainer (which builds the optimizer and scheduler). train(): the eval before
+    training, the training loop with SIGTERM/SIGINT checkpointing, the final eval (or the best checkpoint). save():
+    the final model, atomically, and the result. cleanup(): signal handlers and progress bars restored, memory
+    freed."""
+
+    def __init__(self, plan: LocalTrainingPlan, *, model_dir, train_file, eval_file, out_dir, device: str,
+                 trust_remote_code: bool = False, log_fn=None, cache_dir=None, progress: bool = True):
+        self.plan = plan
+        self.model_dir = model_dir
+        self.train_file = train_file
+        self.eval_file = eval_file
+        self.out = Path(out_dir)
+        self.device = device
+        self.trust_remote_code = trust_remote_code
+        self.log_fn = log_fn
+        self.cache_dir = cache_dir
+        self.progress = progress
+        self.started = time.time()
+        self.is_main = int(os.environ.get("RANK", "0")) == 0
+        self.trainer = None
+        self.model = None
+        self.signal_cb = None
+        self.progress_cb = None
+        self._bars_were_on: Optional[bool] = None
+        self.figures: Dict[str, Any] = {}
+
+    # ---- setup --------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        import torch
+        from transformers import AutoTokenizer, TrainingArguments, enable_full_determinism, set_seed
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        from runner.data.prepare import tokenize_file_with_stats
+        from runner.local.compute import base_weights_dtype
+        from runner.local.packing import (PaddedCollator, TokenBudgetBatchSampler, avoid_per_shape_attention_plans,
+                                          pack_conversations)
+        from runner.local.train import (_apply_lora, _Events, _load_model, _make_callbacks, _make_trainer_class,
+                                        _mixed_precision, _steps_per_epoch, _TokenMeter, count_parameters)
+
+        plan, out, device = self.plan, self.out, self.device
+        out.mkdir(parents=True, exist_ok=True)
+        if device == "cuda":
+            avoid_per_shape_attention_plans()
+        (enable_full_determinism if plan.training_args["full_determinism"] else set_seed)(plan.seed)
+
+        # -- data --
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=self.trust_remote_code)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        cache = Path(self.cache_dir) if self.cache_dir else out / "tokenized"
+        show = self.progress and self.is_main
+        train_ds, train_stats = tokenize_file_with_stats(self.train_file, tokenizer, plan.max_seq_length,
+                                                         cache_dir=cache, progress=show)
+        if plan.max_train_rows > 0:
+            train_ds = train_ds.select(range(min(len(train_ds), plan.max_train_rows)))
+        eval_ds = None
+        if self.eval_file:
+            eval_ds, _ = tokenize_file_with_stats(self.eval_file, tokenizer, plan.max_seq_length, cache_dir=cache,
+                                                  progress=show)
+            if plan.max_eval_rows > 0:
+                eval_ds = eval_ds.select(range(min(len(eval_ds), plan.max_eval_rows)))
+        if len(train_ds) == 0:
+            raise RunnerError(f"{self.train_file}: no conversation with an assistant turn left to train on")
+
+        # -- model (+ LoRA) --
+        checkpointing = self._gradient_checkpointing()  # "auto" measured before the weights take memory
+        precision = _mixed_precision(plan.precision, device)
+        model, packing = _load_model(self.model_dir, packing=plan.packing, trust_remote_code=self.trust_remote_code,
+                                     ignore_mismatched_sizes=plan.ignore_mismatched_sizes,
+                                     dtype=base_weights_dtype(plan.params, plan.local, precision))
+        model.config.use_cache = False
+        if plan.apply_lora:
+            model = _apply_lora(model, plan.lora)
+        self.model = model  # held from here on, so cleanup() frees it even when setup() fails later
+        counts = count_parameters(model)
+
+        # -- batching --
+        bs = plan.training_args["per_device_train_batch_size"]
+        lengths = [len(x) for x in train_ds["input_ids"]]  # reading the column materialises it: once
+        effective_len = train_stats["max_seq_length"] or max(lengths)
+        max_tokens = plan.max_tokens_per_batch if packing else 0
+        collator = pack_conversations if packing else PaddedCollator(
+            tokenizer.pad_token_id, pad_to=effective_len if plan.pad_to_max_length else None)
+        steps_per_epoch = _steps_per_epoch(len(TokenBudgetBatchSampler(lengths, bs, max_tokens, plan.seed)),
+                                           plan.training_args["gradient_accumulation_steps"])
+        eval_batches = (TokenBudgetBatchSampler([len(x) for x in eval_ds["input_ids"]],
+                                                plan.training_args["per_device_eval_batch_size"], max_tokens,
+                                                shuffle=False).batches()
+                        if eval_ds is not None and len(eval_ds) else [])
+
+        # -- checkpoints: fresh start or resume --
+        ckpt_dir = out / "checkpoints"
+        resumed_from = None
+        removed = []
+        if plan.resume:
+            removed = ckpt.remove_incomplete(ckpt_dir)
+            latest = ckpt.latest_complete(ckpt_dir)
+            resumed_from = str(latest) if latest else None
+        elif ckpt_dir.exists() and self.is_main:
+            shutil.rmtree(ckpt_dir)
+        for folder in removed:
+            print(f"ignored incomplete checkpoint {folder}", flush=True)
+        metrics_file = out / "metrics.jsonl"
+        events = _Events(metrics_file, self.log_fn, enabled=self.is_main, append=resumed_from is not None)
+        meter = _TokenMeter()
+
+        # -- TrainingArguments, Trainer (optimizer and scheduler are built by it), callbacks --
+        eval_strategy, eval_steps = plan.eval_schedule(steps_per_epoch, bool(eval_ds is not None and eval_batches))
+        autocast_dtype = (torch.bfloat16 if precision["bf16"] else torch.float16) if any(precision.values()) else None
+        args = TrainingArguments(**plan.training_arguments(
+            output_dir=str(ckpt_dir), eval_strategy=eval_strategy, eval_steps=eval_steps,
+            deepspeed=distributed.write_deepspeed_config(out, plan.params), use_cpu=device != "cuda",
+            gradient_checkpointing=checkpointing, **precision))
+        trainer = _make_trainer_class()(model=model, args=args, train_dataset=train_ds,
+                                        eval_dataset=eval_ds if eval_strategy != "no" else None,
+                                        data_collator=collator, processing_class=tokenizer)
+        self.trainer = trainer
+        for noisy in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(noisy)
+        progress_cb, best_cb, signal_cb = _make_callbacks(plan, events, meter, self.progress and self.is_main)
+        for cb in (progress_cb, best_cb, signal_cb):
+            trainer.add_callback(cb)
+        trainer.setup_runner(lengths=lengths, max_tokens=max_tokens, eval_dataset=eval_ds, eval_batches=eval_batches,
+                             eval_collator=collator, meter=meter, events=events,
+                             keep_checkpoints=plan.keep_checkpoints, autocast_dtype=autocast_dtype)
+
+        self.tokenizer, self.model, self.trainer, self.args = tokenizer, model, trainer, args
+        self.train_ds, self.eval_ds, self.train_stats = train_ds, eval_ds, train_stats
+        self.collator, self.eval_batches, self.autocast_dtype = collator, eval_batches, autocast_dtype
+        self.packing, self.counts, self.precision, self.steps_per_epoch = packing, counts, precision, steps_per_epoch
+        self.gradient_checkpointing = checkpointing
+        self.ckpt_dir, self.resumed_from, self.removed = ckpt_dir, resumed_from, removed
+        self.metrics_file, self.events, self.meter = metrics_file, events, meter
+        self.progress_cb, self.best_cb, self.signal_cb = progress_cb, best_cb, signal_cb
+
+    # ---- train --------------------------------------------------------------------------------------------------
+    def train(self) -> Dict[str, Any]:
+        from transformers.utils import logging as hf_logging
+
+        from runner.local.train import TrainingInterrupted, _perplexity, evaluate_loss
+
+        trainer, events, meter, signal_cb = self.trainer, self.events, self.meter, self.signal_cb
+        device = self.args.device
+
+        # -- eval before training (kept from the first session when resuming) --
+        before_file = self.out / "eval_before.json"
+        eval_before = None
+        if self.resumed_from and before_file.exists():
+            eval_before = json.loads(before_file.read_text()).get("eval_loss")
+        elif self.eval_batches and self.plan.eval_before_training:
+            eval_before = evaluate_loss(self.model.to(device), self.eval_ds, self.eval_batches, self.collator,
+                                        device, self.autocast_dtype)
+            if self.is_main:
+                ckpt.write_atomic(before_file, json.dumps({"eval_loss": eval_before}))
+            events.emit("eval", {"eval_loss": eval_before, "perplexity": _perplexity(eval_before)}, 0)
+
+        # -- the loop: the Trainer's, with a checkpoint at the end of the step on SIGTERM/SIGINT --
+        signal_cb.install()
+        self._bars_were_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # "Writing model shards" at every checkpoint would break our bar
+        try:
+            if signal_cb.received:
+                raise TrainingInterrupted(f"stopped by {signal_cb.received} before training started")
+            meter.start = time.perf_counter()
+            meter._mark_time = meter.start
+            train_started, cpu_started = time.perf_counter(), time.process_time()
+            output = trainer.train(resume_from_checkpoint=self.resumed_from)
+            train_runtime, train_cpu = time.perf_counter() - train_started, time.process_time() - cpu_started
+        finally:
+            self._restore_signals_and_bars()
+        step = trainer.state.global_step
+        if signal_cb.received:
+            latest = ckpt.latest_complete(self.ckpt_dir)
+            raise TrainingInterrupted(
+                f"stopped by {signal_cb.received} at step {step}; checkpoint {latest} saved. Run again with "
+                f"finetune.resume_from_checkpoint=true to continue")
+
+        # -- the final eval: reuse the one made at this very step, else measure now --
+        progress_cb, best_cb = self.progress_cb, self.best_cb
+        last_eval = progress_cb.last_eval if progress_cb.last_eval_step == step else {}
+        loaded_best = None
+        if self.plan.early_stopping and best_cb.best_step not in (None, step):
+            best_dir = self.ckpt_dir / f"checkpoint-{best_cb.best_step}"
+            if ckpt.is_complete(best_dir):
+                trainer._load_from_checkpoint(str(best_dir))
+                loaded_best = str(best_dir)
+                last_eval = {}
+        if not last_eval and self.eval_batches:
+            loss = evaluate_loss(trainer.model, self.eval_ds, self.eval_batches, self.collator, device,
+                                 self.autocast_dtype)
+            last_eval = {"eval_loss": loss, "perplexity": _perplexity(loss)}
+            if loaded_best is None:
+                events.emit("eval", last_eval, step)
+
+        precision = self.precision
+        self.figures = {
+            "final_model_dir": None,
+            "checkpoints_dir": str(self.ckpt_dir),
+            "global_step": int(step),
+            "epochs": float(trainer.state.epoch or 0.0),
+            "train_loss": progress_cb.last_train.get("train_loss", float(output.training_loss)),
+            "train_loss_mean": float(output.training_loss),
+            "eval_loss_before": eval_before,
+            "eval_loss": last_eval.get("eval_loss"),
+            "perplexity": last_eval.get("perplexity"),
+            "best_eval_loss": best_cb.best,
+            "best_step": best_cb.best_step,
+            "stopped_early": best_cb.stopped_early,
+            "loaded_best_checkpoint": loaded_best,
+            "tokens_per_s": meter.overall_rate(),
+            "train_tokens": meter.real,
+            "padding_fraction": meter.padding_fraction(),
+            "train_runtime_s": train_runtime,
+            "train_cpu_s": train_cpu,  # CPU seconds of this process: a load-independent cost figure
+            "wall_time_s": None,
+            "resumed_from": self.resumed_from,
+            "ignored_incomplete_checkpoints": self.removed,
+            "metrics_file": str(self.metrics_file),
+            "packing": self.packing,
+            "steps_per_epoch": self.steps_per_epoch,
+            "train_rows": len(self.train_ds),
+            "eval_rows": len(self.eval_ds) if self.eval_ds is not None else 0,
+            "truncated_rows": self.train_stats["truncated"],
+            "dropped_rows": self.train_stats["dropped_no_assistant"],
+            "tokenized_cache_hit": self.train_stats["cache_hit"],
+            "precision": "bf16" if precision["bf16"] else ("fp16" if precision["fp16"] else "fp32"),
+            "device": self.device,
+            # measured, to set against the compute step's estimate (this process's GPU; every rank holds as much)
+            "peak_gpu_memory_gb": self._peak_gpu_memory_gb(),
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "ignored_params": dict(self.plan.ignored),
+            **self.counts,
+        }
+        return self.figures
+
+    # ---- save ---------------------------------------------------------------------------------------------------
+    def save(self) -> Dict[str, Any]:
+        """The final model (LoRA merged) written atomically by rank 0, the summary event and result.json."""
+        from runner.local.train import _save_final, _zero3_state_dict
+
+        result = dict(self.figures)
+        gathered = _zero3_state_dict(self.trainer)  # a collective: every rank takes part, rank 0 gets the weights
+        if self.is_main:
+            result.update(_save_final(self.trainer.model, self.tokenizer, self.out, apply_lora=self.plan.apply_lora,
+                                      merge_lora_weights=self.plan.merge_lora_weights, state_dict=gathered))
+            result["wall_time_s"] = time.time() - self.started
+            self.events.emit("summary", {k: v for k, v in result.items() if isinstance(v, (int, float))},
+                             result["global_step"])
+            ckpt.write_atomic(self.out / distributed.RESULT_FILE, json.dumps(result, indent=1, default=str))
+        return result
+
+    # ---- cleanup ------------------------------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        """Runs after save() and after a failure alike; never raises over the failure it follows."""
+        self._restore_signals_and_bars()
+        if self.progress_cb is not None and getattr(self.progress_cb, "bar", None) is not None:
+            self.progress_cb.bar.close()  # on_train_end did not run when the loop failed
+        if self.trainer is not None:
+            try:
+                self.trainer.accelerator.free_memory()  # the prepared model/optimizer/scheduler/dataloader refs
+            except Exception as exc:  # noqa: BLE001 - cleanup must not hide what happened before it
+                print(f"cleanup: freeing the trainer's memory failed: {type(exc).__name__}: {exc}", flush=True)
+        for name in ("trainer", "model", "tokenizer", "train_ds", "eval_ds", "collator", "args"):
+            setattr(self, name, None)
+        gc.collect()
+        if self.device == "cuda":
+            try:
+                import torch
+
+                torch.cuda.empty_cache()
+            except Exception as exc:  # noqa: BLE001
+                print(f"cleanup: emptying the CUDA cache failed: {type(exc).__name__}: {exc}", flush=True)
+
+    # ---- helpers ------------------------------------------------------------------------------------------------
+    def _gradient_checkpointing(self) -> bool:
+        """finetune.local.gradient_checkpointing: true/false as set (the local backend passes the compute step's
+        decision); "auto" (train() called without that step) by the compute step's rule against this device's free
+        memory now."""
+        setting = self.plan.gradient_checkpointing
+        if setting != "auto":
+            return bool(setting)
+        from runner.local.compute import gradient_checkpointing_for, system_memory_available
+
+        if self.device == "cuda":
+            import torch
+
+            available = torch.cuda.mem_get_info()[0]
+        else:
+            available = system_memory_available()
+        return gradient_checkpointing_for(str(self.model_dir), self.plan.params, self.plan.local,
+                                          available_bytes=available)
+
+    def _restore_signals_and_bars(self) -> None:
+        if self.signal_cb is not None:
+            self.signal_cb.restore()  # idempotent
+        if self._bars_were_on:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
+        self._bars_were_on = None
+
+    def _peak_gpu_memory_gb(self) -> Optional[float]:
+        if self.device != "cuda":
+            return None
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 1e9
