@@ -321,7 +321,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     arrived when it has none (chunked): what is beyond the cap is never read or held."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.strip().isdigit():
+        if not (declared.strip().isascii() and declared.strip().isdigit()):
             raise ApiError(400, f"Content-Length must be a number of bytes, got {declared!r}", param="Content-Length")
         if int(declared) > limit:
             raise _too_large(limit, f"{int(declared)} bytes (Content-Length)")
