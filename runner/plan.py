@@ -10,28 +10,11 @@ from omegaconf import OmegaConf
 
 from runner.atomic import write_json, write_text
 
-# Used for request.json when the sample split is not on disk yet (a dry run downloads nothing).
-EXAMPLE_CONVERSATION = [
-    {"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."},
-]
-
-
-def planned_request(ctx) -> Dict[str, Any]:
-    """The sample request the test step would send: a seeded row of the sample split when it is on disk."""
-    from runner.workflow import sample_file
-
-    parameters = OmegaConf.to_container(ctx.cfg.deployment.sample_parameters, resolve=True)
-    source = sample_file(ctx)
-    if source.exists():
-        from runner.data.sample_request import build_sample_request
-
-        return build_sample_request(source, ctx.cfg.seed, parameters)
-    return {"input_data": {"input_string": [EXAMPLE_CONVERSATION], "parameters": parameters}, "params": {}}
-
-
 def write_request(ctx) -> Path:
     path = ctx.plan_dir / "request.json"
-    write_json(path, planned_request(ctx))
+    from runner.steps.test import sample_request  # the request the test step would send
+
+    write_json(path, sample_request(ctx))
     return path
 
 

@@ -81,12 +81,29 @@ class RunRecord:
         write_json(self.path, self.data)
 
     def metric(self, name: str) -> Optional[float]:
-        """A final figure of the run: the finetune step's outputs first, then the metrics step's table."""
-        value = self.output("finetune", name)
-        if value is None:
-            value = (self.output("metrics", "final") or {}).get(name)
-        return float(value) if isinstance(value, (int, float)) else None
+        """A final figure of the run (see final_figure)."""
+        return final_figure({"steps": {**self.earlier.get("steps", {}), **self.data["steps"]}}, name)
 
     def objective(self, name: str = "eval_loss") -> Optional[float]:
         """The sweep metric, returned by the Hydra task so that optimising sweepers (Optuna) can read it."""
         return self.metric(name)
+
+
+def final_figure(record: Dict[str, Any], name: str) -> Optional[float]:
+    """A final figure of a run from its record: the finetune step's result (the local trainer measures it), else
+    the metrics step's table (Azure: read from the workspace's MLflow after the job)."""
+    import math
+
+    from runner.steps.finetune import FinetuneResult
+    from runner.steps.metrics import MetricsResult
+
+    finetune = FinetuneResult.from_record(record, "finetune")
+    value = getattr(finetune, name, None) if finetune and name in FinetuneResult.field_names() else None
+    if value is None and finetune:
+        value = finetune.details.get(name)
+    if value is None:
+        metrics = MetricsResult.from_record(record, "metrics")
+        value = metrics.final.get(name) if metrics else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)

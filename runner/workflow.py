@@ -13,55 +13,19 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Set
+from typing import Any, Callable, Dict, Iterable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from runner.atomic import write_json, write_text
+from runner.atomic import write_text
 from runner.figures import figure
 from runner.record import RunRecord, load_record
 from runner.schema import STEPS, ConfigError, validate
+from runner.steps import run_step
+from runner.steps.context import StepContext
 
 RESOLVED_CONFIG = "resolved_config.yaml"
-# The sample request of a dry run when the sample split is not on disk (a dry run downloads nothing).
-EXAMPLE_CONVERSATION = [
-    {"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."},
-]
-
-
-@dataclass
-class StepContext:
-    cfg: DictConfig
-    run_dir: Path
-    record: RunRecord
-    explicit_finetune_keys: Set[str] = field(default_factory=set)
-    task_overrides: list = field(default_factory=list)
-    live: Dict[str, Any] = field(default_factory=dict)  # objects shared between steps of this process
-    sweep: Optional[Dict[str, Any]] = None  # multirun job: {"id", "job_num", "swept": {key: value}, "dir"}
-
-    def display_name(self, base: str) -> str:
-        """A sweep job's name tells it apart from its siblings: the swept values are appended."""
-        if not self.sweep or not self.sweep.get("swept"):
-            return base
-        return base + "".join(f"-{k.split('.')[-1]}={v}" for k, v in sorted(self.sweep["swept"].items()))
-
-    def tracking_tags(self) -> Dict[str, str]:
-        if not self.sweep:
-            return {}
-        return {
-            "sweep_id": str(self.sweep["id"]),
-            "sweep_job": str(self.sweep["job_num"]),
-            "sweep_overrides": " ".join(f"{k}={v}" for k, v in sorted(self.sweep["swept"].items())),
-        }
-
-    @property
-    def plan_dir(self) -> Path:
-        return self.run_dir / "plan"
-
-    def say(self, message: str) -> None:
-        print(f"    {message}", flush=True)
 
 
 def config_sha256(cfg: DictConfig) -> str:
@@ -71,81 +35,6 @@ def config_sha256(cfg: DictConfig) -> str:
 
 def write_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
     return write_text(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
-
-
-# ---- steps: shared work, then the backend's part -------------------------------------------------------------
-
-
-def step_data(ctx: StepContext, backend) -> Dict[str, Any]:
-    from runner.data.step import run_data_step
-
-    cfg = ctx.cfg
-    tokenizer_dir = ctx.record.output("model", "tokenizer_dir") or backend.tokenizer_dir(ctx)
-    outputs = run_data_step(
-        cfg.dataset,
-        run_dir=ctx.run_dir,
-        max_seq_length=cfg.finetune.max_seq_length,
-        tokenizer_dir=tokenizer_dir,
-        dry_run=bool(cfg.dry_run),  # a plan names the files; nothing is downloaded
-    )
-    # Recorded absolute: a later run (from_run=) started from another directory must find the same files.
-    for key in ("train_file", "test_file", "sample_file", "download_dir"):
-        if outputs.get(key):
-            outputs[key] = str(Path(outputs[key]).resolve())
-    outputs["files"] = {k: str(Path(v).resolve()) for k, v in (outputs.get("files") or {}).items()}
-    outputs.update(backend.data(ctx, outputs) or {})
-    return outputs
-
-
-def sample_file(ctx: StepContext) -> Path:
-    """The split whose seeded random row becomes the sample request (the data step's file, else where it goes)."""
-    recorded = ctx.record.output("data", "sample_file")
-    if recorded:
-        return Path(recorded)
-    return Path(ctx.cfg.dataset.download_dir) / f"{ctx.cfg.dataset.sample_split}.jsonl"
-
-
-def write_sample_request(ctx: StepContext, path: Path) -> Dict[str, Any]:
-    from runner.data.sample_request import build_sample_request
-
-    source = sample_file(ctx)
-    if not source.exists() and ctx.cfg.dry_run:  # a plan downloads nothing: an example conversation stands in
-        request = {"input_data": {"input_string": [EXAMPLE_CONVERSATION],
-                                  "parameters": OmegaConf.to_container(ctx.cfg.deployment.sample_parameters)},
-                   "params": {}}
-        write_json(path, request)
-        return request
-    if not source.exists():
-        raise FileNotFoundError(
-            f"the sample request is drawn from {source}, which does not exist: run the data step first "
-            f"(steps=[data,...]) or point from_run= at a run that did"
-        )
-    request = build_sample_request(source, ctx.cfg.seed, OmegaConf.to_container(ctx.cfg.deployment.sample_parameters))
-    write_json(path, request)
-    return request
-
-
-def step_test(ctx: StepContext, backend) -> Dict[str, Any]:
-    request_file = ctx.run_dir / "sample_score.json"
-    write_sample_request(ctx, request_file)
-    outputs = backend.test(ctx, request_file)
-    outputs["request_file"] = str(request_file)
-    return outputs
-
-
-def _delegate(name: str) -> Callable[[StepContext, Any], Dict[str, Any]]:
-    def step(ctx: StepContext, backend) -> Dict[str, Any]:
-        return getattr(backend, name)(ctx)
-
-    step.__name__ = f"step_{name}"
-    return step
-
-
-STEP_FUNCTIONS: Dict[str, Callable[[StepContext, Any], Dict[str, Any]]] = {
-    name: _delegate(name) for name in STEPS
-}
-STEP_FUNCTIONS["data"] = step_data
-STEP_FUNCTIONS["test"] = step_test
 
 
 def selected_steps(steps: Iterable[str]) -> list:
@@ -205,7 +94,7 @@ def run(
     try:
         for i, name in enumerate(steps, 1):
             print(f"==> [{i}/{len(steps)}] {name}", flush=True)
-            outputs = _run_one(ctx, name, lambda c, n=name: STEP_FUNCTIONS[n](c, backend))
+            outputs = _run_one(ctx, name, lambda c, n=name: run_step(n, c, backend))
             if name == "finetune" and outputs.get("status") == "submitted" and name != steps[-1]:
                 # backend.wait=false: the job runs on; the later steps need its result, so they wait for a
                 # later run (`from_run=` this run dir) or, in a sweep, for the summary to collect every job.

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-from runner.console_log import ConsoleLog
 from runner.figures import figure
 from tests.conftest import REPO
 

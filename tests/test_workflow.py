@@ -37,6 +37,10 @@ class RecordingBackend(Backend):
     def compute(self, ctx):
         return self._step("compute", ctx)
 
+    def data(self, ctx, data):
+        self.calls.append("data")
+        return {}
+
     def finetune(self, ctx):
         out = self._step("finetune", ctx)
         return {**out, "eval_loss": 1.25}
@@ -64,12 +68,12 @@ class RecordingBackend(Backend):
 
 def test_selected_steps_run_in_workflow_order(tmp_path):
     backend = RecordingBackend()
-    cfg = compose_cfg(["steps=[register,finetune,model]"])
+    cfg = compose_cfg(["steps=[register,finetune,data,model]"])
     record = run(cfg, run_dir=tmp_path, backend=backend)
-    assert backend.calls == ["model", "finetune", "register"]
+    assert backend.calls == ["model", "data", "finetune", "register"]
     saved = load_record(tmp_path)
     assert saved["status"] == "ok"
-    assert list(saved["steps"]) == ["model", "finetune", "register"]
+    assert list(saved["steps"]) == ["model", "data", "finetune", "register"]
     for entry in saved["steps"].values():
         assert entry["status"] == "ok" and entry["seconds"] >= 0
     assert saved["steps"]["register"]["outputs"]["model_uri"] == "models:/m/7"
@@ -129,3 +133,25 @@ def test_local_dry_run_writes_a_plan_without_heavy_imports(tmp_path):
     assert messages and messages[0]["role"] in ("user", "system")
     assert request["input_data"]["parameters"]["max_new_tokens"] > 0 and request["params"] == {}
     assert "tiny-phi3-ultrachat-bs8-cosine-nods-nolora-save_limit2-seqlen512" in (plan / "plan.yaml").read_text()
+
+
+def test_a_step_refuses_to_run_without_what_an_earlier_step_makes(tmp_path):
+    """The finetune step's precondition lives in the step (runner/steps/finetune.py), the same for every backend:
+    the backend is never asked."""
+    from runner.steps.finetune import MissingInput
+
+    backend = RecordingBackend()
+    with pytest.raises(MissingInput, match="needs the data step's files"):
+        run(compose_cfg(["steps=[finetune]"]), run_dir=tmp_path, backend=backend)
+    assert backend.calls == []
+    assert load_record(tmp_path)["steps"]["finetune"]["status"] == "failed"
+
+
+def test_step_results_are_typed_and_recorded_flat(tmp_path):
+    from runner.steps.finetune import FinetuneResult
+
+    run(compose_cfg(["steps=[data,finetune]"]), run_dir=tmp_path, backend=RecordingBackend())
+    saved = load_record(tmp_path)
+    result = FinetuneResult.from_record(saved, "finetune")
+    assert result.eval_loss == 1.25 and result.details == {"step": "finetune"}
+    assert saved["steps"]["finetune"]["outputs"] == {"step": "finetune", "eval_loss": 1.25}

@@ -17,6 +17,7 @@ from runner.azureml.checks import (
     check_endpoint_name,
     check_finetune_size,
     check_inference_size,
+    check_memory_fit,
     check_provisioning,
     gpus_for_size,
     reconcile_gpus,
@@ -175,6 +176,13 @@ class AzureMLBackend(Backend):
         c = self.cfg.compute
         facts = self._facts(ctx)
         check_finetune_size(c.size, facts.finetune_allow_list, model_name=facts.name)  # before any call
+        params, _ = self.effective_params(ctx, facts)
+        fit = check_memory_fit(model_name=facts.name, params=params, gpu_memory_gb=c.gpu_memory_gb,
+                               gpus_per_node=c.gpus_per_node, size=c.size, memory_headroom=c.memory_headroom)
+        for warning in fit["warnings"]:
+            ctx.say(f"warning: {warning}")
+        ctx.say(f"memory: ~{fit['estimate_gb']['total']:.1f} GB per GPU of {fit['budget_gb']:.1f} GB usable"
+                if fit["checked"] else f"memory: {fit['reason']}")
         ws = self._ws(ctx)
         created = None
         try:
@@ -193,7 +201,7 @@ class AzureMLBackend(Backend):
         gpus = reconcile_gpus(gpus_for_size(ws.compute.list_sizes(), compute.size), c.gpus_per_node, compute.size)
         ctx.say(f"{compute.size}: {gpus} GPU(s) per node")
         return {"name": c.name, "size": compute.size, "gpus_per_node": gpus, "created_tier": created,
-                "provisioning_state": getattr(compute, "provisioning_state", None)}
+                "provisioning_state": getattr(compute, "provisioning_state", None), "memory_estimate": fit}
 
     def _create_compute(self, ctx, ws, build_compute) -> str:
         c = self.cfg.compute
@@ -241,10 +249,7 @@ class AzureMLBackend(Backend):
         if not gpus:
             raise AzureStepError("GPUs per node unknown: run the compute step (steps=[compute,...]) or set "
                                "compute.gpus_per_node")
-        data = ctx.record.output("data")
-        if not data.get("train_file") or not data.get("test_file"):
-            raise AzureStepError("the finetune step needs the data step's files: run steps=[data,finetune,...] or "
-                               "from_run=<an earlier run dir>")
+        data = ctx.record.output("data")  # the step (runner/steps/finetune.py) made sure the files are there
         registry = self._registry(ctx)
         if b.component_version:
             component = registry.components.get(name=b.component_name, version=str(b.component_version))
@@ -258,9 +263,9 @@ class AzureMLBackend(Backend):
         for line in diff.lines():
             ctx.say(f"component: {line}")
         params, notes = self.effective_params(ctx, facts)
+        inputs, dropped = prepare_inputs(params, spec, ctx.explicit_finetune_keys)  # explicit keys named first
         if diff:  # what this run sends by the contract it was checked against must still be there
             check_live_component(diff, prepare_inputs(params, pinned)[0])
-        inputs, dropped = prepare_inputs(params, spec, ctx.explicit_finetune_keys)
         display_name = ctx.display_name(self.display_name(params, gpus))
         # Absolute paths: a run picked up later (from_run=) from another directory uploads the same files.
         kwargs = pipeline_inputs(model_id=facts.asset_id, cluster=cfg.compute.name,

@@ -16,7 +16,7 @@ last turn) is checked afterwards, on the messages, the same way for every format
 
 import hashlib
 import json
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional
 
 FORMATS = ("messages", "sharegpt", "alpaca")
 KEY_FIELDS = {"messages": "messages", "sharegpt": "conversations", "alpaca": "instruction"}

@@ -13,7 +13,6 @@ file's sha256, is the cache key, so an edited file is read again.
 """
 
 import hashlib
-import random
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 

@@ -8,11 +8,9 @@ endpoint is asked to write it.
 
 import json
 import random
-from pathlib import Path
 from typing import Any, Dict
 
 from runner.data.jsonl import iter_jsonl
-from runner.atomic import write_json
 from runner.errors import RunnerError
 
 
@@ -29,7 +27,3 @@ def build_sample_request(sample_file, seed: int, parameters: Dict[str, Any]) -> 
         messages = messages[:-1]
     return {"input_data": {"input_string": [messages], "parameters": dict(parameters)}, "params": {}}
 
-
-def write_sample_request(path, request: Dict[str, Any]) -> Path:
-    write_json(path, request)
-    return Path(path)

@@ -8,7 +8,6 @@ and from MLflow, so the summary can be rebuilt for any sweep directory: `python 
 import csv
 import io
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -16,7 +15,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 
 from runner.atomic import save_figure, write_text
-from runner.record import RECORD_FILE
+from runner.record import RECORD_FILE, final_figure
 
 COLUMNS = ["job", "overrides", "status", "train_loss", "eval_loss", "perplexity", "tokens_per_s", "wall_s",
            "best", "error"]
@@ -33,14 +32,7 @@ def _job_overrides(job_dir: Path, record: Dict[str, Any]) -> str:
 
 
 def _figure(record: Dict[str, Any], name: str) -> Optional[float]:
-    steps = record.get("steps", {})
-    for step, getter in (("finetune", lambda o: o.get(name)), ("metrics", lambda o: (o.get("final") or {}).get(name))):
-        entry = steps.get(step) or {}
-        if entry.get("status") == "ok":
-            value = getter(entry.get("outputs") or {})
-            if isinstance(value, (int, float)) and not math.isnan(value):
-                return float(value)
-    return None
+    return final_figure(record, name)
 
 
 def job_config(job_dir: Path, **changes):

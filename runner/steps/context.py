@@ -1,0 +1,43 @@
+"""What every step is handed: the resolved config, the run dir, the run record, the user's explicit overrides,
+objects shared between steps of this process, and the sweep this run belongs to (if any)."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Set
+
+from omegaconf import DictConfig
+
+from runner.record import RunRecord
+
+
+@dataclass
+class StepContext:
+    cfg: DictConfig
+    run_dir: Path
+    record: RunRecord
+    explicit_finetune_keys: Set[str] = field(default_factory=set)
+    task_overrides: list = field(default_factory=list)
+    live: Dict[str, Any] = field(default_factory=dict)  # objects shared between steps of this process
+    sweep: Optional[Dict[str, Any]] = None  # multirun job: {"id", "job_num", "swept": {key: value}, "dir"}
+
+    def display_name(self, base: str) -> str:
+        """A sweep job's name tells it apart from its siblings: the swept values are appended."""
+        if not self.sweep or not self.sweep.get("swept"):
+            return base
+        return base + "".join(f"-{k.split('.')[-1]}={v}" for k, v in sorted(self.sweep["swept"].items()))
+
+    def tracking_tags(self) -> Dict[str, str]:
+        if not self.sweep:
+            return {}
+        return {
+            "sweep_id": str(self.sweep["id"]),
+            "sweep_job": str(self.sweep["job_num"]),
+            "sweep_overrides": " ".join(f"{k}={v}" for k, v in sorted(self.sweep["swept"].items())),
+        }
+
+    @property
+    def plan_dir(self) -> Path:
+        return self.run_dir / "plan"
+
+    def say(self, message: str) -> None:
+        print(f"    {message}", flush=True)

@@ -1,0 +1,38 @@
+"""data: the same on every backend. The splits are fetched (or, in a dry run, only named), converted to messages
+rows, validated and explored; then the backend adds its part (Azure: the files the pipeline job uploads)."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional
+
+from runner.steps.result import StepResult
+
+
+@dataclass
+class DataResult(StepResult):
+    download_dir: Optional[str] = None
+    train_file: Optional[str] = None
+    test_file: Optional[str] = None
+    sample_file: Optional[str] = None
+    files: Dict[str, str] = field(default_factory=dict)
+
+
+def run(ctx, backend) -> DataResult:
+    from runner.data.step import run_data_step
+
+    cfg = ctx.cfg
+    tokenizer_dir = ctx.record.output("model", "tokenizer_dir") or backend.tokenizer_dir(ctx)
+    outputs = run_data_step(
+        cfg.dataset,
+        run_dir=ctx.run_dir,
+        max_seq_length=cfg.finetune.max_seq_length,
+        tokenizer_dir=tokenizer_dir,
+        dry_run=bool(cfg.dry_run),  # a plan names the files; nothing is downloaded
+    )
+    # Recorded absolute: a later run (from_run=) started from another directory must find the same files.
+    for key in ("train_file", "test_file", "sample_file", "download_dir"):
+        if outputs.get(key):
+            outputs[key] = str(Path(outputs[key]).resolve())
+    outputs["files"] = {k: str(Path(v).resolve()) for k, v in (outputs.get("files") or {}).items()}
+    outputs.update(backend.data(ctx, outputs) or {})
+    return DataResult.from_outputs(outputs)

@@ -1,0 +1,35 @@
+"""finetune: train (here) or submit the pipeline job (Azure) on the data step's files. Its figures are what the
+run summary and a sweep rank by."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+from runner.errors import RunnerError
+from runner.steps.result import StepResult
+
+FIGURES = ("train_loss", "eval_loss", "eval_loss_before", "perplexity", "tokens_per_s")
+
+
+@dataclass
+class FinetuneResult(StepResult):
+    display_name: Optional[str] = None
+    status: Optional[str] = None  # local: finished; azureml: submitted / Completed
+    mlflow_run_id: Optional[str] = None  # local
+    job_name: Optional[str] = None  # azureml
+    train_loss: Optional[float] = None
+    eval_loss: Optional[float] = None
+    eval_loss_before: Optional[float] = None
+    perplexity: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+
+
+class MissingInput(RunnerError):
+    """A step run without what an earlier step makes."""
+
+
+def run(ctx, backend) -> FinetuneResult:
+    data = ctx.record.output("data")
+    if not data.get("train_file") or not data.get("test_file"):
+        raise MissingInput("the finetune step needs the data step's files: run steps=[data,finetune,...] or "
+                           "from_run=<an earlier run dir>")
+    return FinetuneResult.from_outputs(backend.finetune(ctx))
