@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from runner.atomic import write_json, write_text
 
+
 def write_request(ctx) -> Path:
     path = ctx.plan_dir / "request.json"
     from runner.steps.test import sample_request  # the request the test step would send
@@ -61,6 +62,16 @@ def planned_memory(cfg, params: Dict[str, Any]) -> Dict[str, Any]:
         return {"error": str(exc)}
 
 
+def planned_training(params: Dict[str, Any], cfg) -> Dict[str, Any]:
+    from runner.errors import RunnerError
+    from runner.local.translate import translate
+
+    try:
+        return translate(params, OmegaConf.to_container(cfg.finetune.local, resolve=True)).describe()
+    except RunnerError as exc:  # the finetune step would refuse the same way: the plan says so
+        return {"error": str(exc)}
+
+
 def write_local_plan(ctx, backend) -> Dict[str, Any]:
     cfg = ctx.cfg
     params, notes = backend.effective_params(ctx)
@@ -94,7 +105,9 @@ def write_local_plan(ctx, backend) -> Dict[str, Any]:
             "test": cfg.dataset.test_split,
         },
         "finetune": {"params": params, "merge_notes": notes,
-                     "local": OmegaConf.to_container(cfg.finetune.local, resolve=True)},
+                     "local": OmegaConf.to_container(cfg.finetune.local, resolve=True),
+                     # what the finetune step hands the trainer: the same translate, run here without torch
+                     "training": planned_training(params, cfg)},
         "mlflow": OmegaConf.to_container(cfg.mlflow, resolve=True),
         "endpoint": {
             "name_prefix": cfg.deployment.endpoint_name_prefix,

@@ -155,3 +155,15 @@ def test_step_results_are_typed_and_recorded_flat(tmp_path):
     result = FinetuneResult.from_record(saved, "finetune")
     assert result.eval_loss == 1.25 and result.details == {"step": "finetune"}
     assert saved["steps"]["finetune"]["outputs"] == {"step": "finetune", "eval_loss": 1.25}
+
+
+def test_local_dry_run_shows_what_the_trainer_would_be_handed(tmp_path):
+    """The local plan's training section comes from the finetune step's own translate (runner/local/translate.py)."""
+    import yaml
+
+    run(compose_cfg(["dry_run=true", "finetune.learning_rate=1e-3", "finetune=lora"]), run_dir=tmp_path,
+        task_overrides=["finetune.learning_rate=1e-3"])
+    plan = yaml.safe_load((tmp_path / "plan" / "plan.yaml").read_text())
+    training = plan["finetune"]["training"]
+    assert training["training_args"]["learning_rate"] == 1e-3
+    assert training["lora"]["r"] == plan["finetune"]["params"]["lora_r"]
