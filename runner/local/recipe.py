@@ -170,6 +170,7 @@ class LocalRecipe:
 
     # ---- train --------------------------------------------------------------------------------------------------
     def train(self) -> Dict[str, Any]:
+        import torch
         from transformers.utils import logging as hf_logging
 
         from runner.local.train import TrainingInterrupted, _perplexity, evaluate_loss
@@ -193,16 +194,24 @@ class LocalRecipe:
         signal_cb.install()
         self._bars_were_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # "Writing model shards" at every checkpoint would break our bar
+        out_of_memory: Optional[str] = None
         try:
             if signal_cb.received:
                 raise TrainingInterrupted(f"stopped by {signal_cb.received} before training started")
             meter.start = time.perf_counter()
             meter._mark_time = meter.start
             train_started, cpu_started = time.perf_counter(), time.process_time()
-            output = trainer.train(resume_from_checkpoint=self.resumed_from)
+            try:
+                output = trainer.train(resume_from_checkpoint=self.resumed_from)
+            except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError: the same class
+                out_of_memory = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
             train_runtime, train_cpu = time.perf_counter() - train_started, time.process_time() - cpu_started
         finally:
             self._restore_signals_and_bars()
+        if out_of_memory is not None:
+            # outside the except block: the exception's traceback (and the frames holding the step's tensors) is
+            # gone, so the memory can really be given back before the message is built
+            raise self._out_of_memory(out_of_memory) from None
         step = trainer.state.global_step
         if signal_cb.received:
             latest = ckpt.latest_complete(self.ckpt_dir)
@@ -305,6 +314,107 @@ class LocalRecipe:
                 torch.cuda.empty_cache()
             except Exception as exc:  # noqa: BLE001
                 print(f"cleanup: emptying the CUDA cache failed: {type(exc).__name__}: {exc}", flush=True)
+
+    # ---- out of memory ------------------------------------------------------------------------------------------
+    def _out_of_memory(self, what: str) -> RunnerError:
+        """An OOM in the training loop (a forward, backward, optimizer step or checkpoint save ran out of device
+        memory): the memory is given back, the checkpoints are left as resumable (a checkpoint the OOM cut short
+        has no COMPLETE.json manifest and is removed; the newest complete one is untouched), and the error names the
+        micro-batch that was run, what the memory estimate says fits, the keys that change it and how to resume."""
+        trainer, plan = self.trainer, self.plan
+        step = int(trainer.state.global_step) if trainer is not None else 0
+        max_steps = int(getattr(trainer.state, "max_steps", 0) or 0) if trainer is not None else 0
+        peak = self._peak_gpu_memory_gb()
+        self._free_after_oom()
+
+        latest = None
+        if self.is_main:
+            for name in ckpt.remove_incomplete(self.ckpt_dir):
+                print(f"out of memory: removed incomplete checkpoint {name}", flush=True)
+        latest = ckpt.latest_complete(self.ckpt_dir)
+
+        ta = plan.training_args
+        bs, accum = int(ta["per_device_train_batch_size"]), int(ta["gradient_accumulation_steps"])
+        seq = int(self.train_stats.get("max_seq_length") or plan.max_seq_length) if self.train_stats else \
+            plan.max_seq_length
+        cap = plan.max_tokens_per_batch if self.packing else 0
+        shape = (f"per_device_train_batch_size={bs} x max_seq_length={seq}"
+                 + (f" capped at max_tokens_per_batch={cap}" if cap else "")
+                 + f", gradient_accumulation_steps={accum}, gradient checkpointing "
+                 + ("on" if self.gradient_checkpointing else "off")
+                 + (", packed" if self.packing else ", padded"))
+        where = f"{self.device}" + (f", peak allocated {peak:.1f} GB" if peak is not None else "")
+        head = (f"out of memory during training at step {step}" + (f" of {max_steps}" if max_steps else "")
+                + f" ({where}): {what}. Micro-batch run: {shape}.")
+        knobs = ("Keys that lower the peak: finetune.per_device_train_batch_size with "
+                 "finetune.gradient_accumulation_steps (keep their product to keep the effective batch), "
+                 "finetune.local.gradient_checkpointing=true, finetune.local.auto_fit=true (runs the estimate's "
+                 "largest fitting micro-batch), finetune.local.max_tokens_per_batch (packing: a token cap per "
+                 "micro-batch), finetune.max_seq_length.")
+        if latest is not None:
+            resume = (f"Checkpoint {latest} (step {ckpt.checkpoint_step(latest)}) is complete: run again with "
+                      f"finetune.resume_from_checkpoint=true (and the changed keys) to continue from it.")
+        else:
+            resume = ("No checkpoint was complete before the OOM (finetune.local.save_steps sets how often one is "
+                      "written): a rerun starts from step 0; finetune.resume_from_checkpoint=true resumes once one "
+                      "exists.")
+        return RunnerError(" ".join([head, self._oom_estimate(), knobs, resume]))
+
+    def _free_after_oom(self) -> None:
+        """Give back what the failed step held: gradients, the optimizer's references stay (resuming rebuilds
+        them), the allocator's cache."""
+        trainer = self.trainer
+        try:
+            if trainer is not None:
+                if getattr(trainer, "optimizer", None) is not None:
+                    trainer.optimizer.zero_grad(set_to_none=True)
+                trainer.model.zero_grad(set_to_none=True)
+        except Exception as exc:  # noqa: BLE001 - the OOM is what the user must see
+            print(f"out of memory: dropping the gradients failed: {type(exc).__name__}: {exc}", flush=True)
+        gc.collect()
+        if self.device == "cuda":
+            try:
+                import torch
+
+                torch.cuda.empty_cache()
+            except Exception as exc:  # noqa: BLE001
+                print(f"out of memory: emptying the CUDA cache failed: {type(exc).__name__}: {exc}", flush=True)
+
+    def _oom_estimate(self) -> str:
+        """What the memory estimate (runner/local/compute.memory_plan) says for this run against this device:
+        the configured micro-batch's estimated peak and the largest micro-batch that fits without and with
+        gradient checkpointing (each with the accumulation that keeps the effective batch)."""
+        from runner.local.compute import memory_plan
+
+        plan = self.plan
+        try:
+            gpu_gb = 0.0
+            if self.device == "cuda":
+                import torch
+
+                gpu_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024 ** 3
+            est = memory_plan(str(self.model_dir), plan.params, plan.local, device=self.device, gpus=1,
+                              gpu_memory_gb=gpu_gb)
+        except Exception as exc:  # noqa: BLE001 - the OOM is what the user must see
+            return f"(The memory estimate could not be computed: {type(exc).__name__}: {exc}.)"
+        fit = est.get("fit")
+        if not fit:
+            return f"The memory estimate for this micro-batch: ~{est['total_gb']:.1f} GB without checkpointing."
+
+        def option(opt):
+            if not opt:
+                return "nothing fits"
+            return (f"per_device_train_batch_size={opt['per_device_train_batch_size']} with "
+                    f"gradient_accumulation_steps={opt['gradient_accumulation_steps']} (~{opt['total_gb']:.1f} GB)")
+
+        return (f"The memory estimate for this micro-batch: ~{fit['total_gb_without_checkpointing']:.1f} GB without "
+                f"gradient checkpointing, ~{fit['total_gb_with_checkpointing']:.1f} GB with it, against "
+                f"{fit['budget_gb']:.1f} GB usable ({est['target']}); largest that fits without checkpointing: "
+                f"{option(fit['largest_without_checkpointing'])}; with checkpointing: "
+                f"{option(fit['largest_with_checkpointing'])}."
+                + (" The estimate says the micro-batch run fits, so memory it does not count ran out (other "
+                   "processes on the device, allocator fragmentation, a longer batch than the worst case it "
+                   "assumes): lower the micro-batch below what it suggests." if est.get("fits") else ""))
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     def _gradient_checkpointing(self) -> bool:
