@@ -1,0 +1,458 @@
+"""Full-size GPU fine-tuning, side by side: the runner's trainer against TRL's SFTTrainer, on the same model and data.
+
+    pip install -e .[bench]        (TRL; liger-kernel too for the last contender: pip install liger-kernel)
+    python bench/gpu_train.py [--mode lora|full] [--micro-batch 4] [--max-seq-length 2048] [--steps 30]
+                              [--warmup-steps 5] [--checkpointing off|on|auto] [--contenders runner,trl,...]
+    python bench/gpu_train.py --smoke     (CPU: the same harness on a tiny Phi-3 shape, a handful of steps)
+
+What is compared (each contender in its own Python process, so one's allocations, compiled kernels and
+fragmentation never reach the next; the table is printed by the parent):
+  runner              runner.local.train.train(): packed padding-free batches, packed SDPA, bf16 autocast;
+                      gradient checkpointing as --checkpointing says ("auto": the memory estimate's rule)
+  trl                 TRL SFTTrainer as it comes: padded batches, its default gradient checkpointing (on)
+  trl-packing         SFTTrainer with packing=True (its default "bfd" strategy, padding-free rows)
+  trl-packing-liger   SFTTrainer with packing=True, use_liger_kernel=True and gradient checkpointing on
+                      (skipped with a message when liger-kernel is not installed)
+All of them: the same model folder (loaded in the same dtype the runner loads it in: a bf16 frozen base under
+LoRA, fp32 weights + bf16 autocast for full fine-tuning), the same LoRA settings (the schema's defaults), the same
+micro-batch, max length, learning rate and number of optimizer steps, assistant-only loss, no evaluation, no
+checkpoints. TRL's max_length is set to --max-seq-length (its own default is 1024).
+
+The model: Phi-3-mini-4k-instruct's published shape (runner/local/memory.KNOWN_CONFIGS, 3.8B parameters), random
+init (seeded) in bf16 on the GPU, saved once to a work folder: nothing comes from the hub. Its tokenizer is the
+project's offline byte-level BPE (runner/local/tiny_model.py, ~2k ids; the model keeps its 32,064-row embedding and
+head, so the compute per token is the real model's).
+
+The data: synthetic conversations shaped like ultrachat_200k train_sft: 1-4 user/assistant turns, total length
+drawn from a log-normal with mean ~1,130 and p90 ~2,038 tokens (sigma 0.601, mu 6.849), the same rows (seeded) for
+every contender. The table's header prints the lengths actually measured with the tokenizer.
+
+What is printed per contender:
+  tok/s        non-padding tokens trained on per second, measured over the steps after --warmup-steps (each
+               micro-batch is time-stamped after a CUDA synchronize as it starts; the last one's tokens are not
+               counted, its time is not either)
+  padding      padding tokens / all tokens of the batches
+  peak GB      torch.cuda.max_memory_allocated() of the worker (the allocator's peak: the CUDA context and
+               cached-but-free blocks are not in it)
+  est GB       runner.local.compute.memory_plan for that contender's settings (packed or padded worst case,
+               checkpointing or not); peak/est is the ratio
+  MFU          6 * N * tok/s / the GPU's dense bf16 peak (989 TFLOP/s for an H100 SXM; --peak-tflops for another
+               card). N = all parameters; the 6N rule counts neither attention's quadratic FLOPs nor the
+               recomputation under checkpointing, and a LoRA backward skips the frozen weights' gradients (~4N), so
+               under LoRA this MFU overstates the work done: compare contenders with it, not against papers.
+Without CUDA (and without --smoke) it says so and exits 2. No figure of this script is committed anywhere: run it.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONTENDERS = ("runner", "trl", "trl-packing", "trl-packing-liger")
+LOGNORMAL_MU, LOGNORMAL_SIGMA = 6.849, 0.601  # mean exp(mu + sigma^2/2) ~ 1,130; p90 exp(mu + 1.2816 sigma) ~ 2,038
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense bf16
+RESULT = "RESULT "
+
+
+# ---- the data --------------------------------------------------------------------------------------------------
+
+def _word_pieces(tokenizer):
+    """Vocabulary entries that decode to ' word' (one token each, mostly): the text the conversations are made of."""
+    pieces = []
+    for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        if token.startswith("\u0120") and token[1:].isalpha() and len(token) > 2:
+            pieces.append(token[1:])
+    return pieces or ["token"]
+
+
+def synthetic_rows(tokenizer, n: int, max_len: int, seed: int = 0):
+    """n conversations (ultrachat_200k's schema: prompt, prompt_id, messages) whose templated lengths follow the
+    log-normal above, capped at max_len."""
+    rng = random.Random(seed)
+    words = _word_pieces(tokenizer)
+    rows = []
+    for i in range(n):
+        target = int(min(max_len, max(48, rng.lognormvariate(LOGNORMAL_MU, LOGNORMAL_SIGMA))))
+        turns = rng.randint(1, 4)
+        budget = max(8 * turns, int(0.975 * target) - 8 * turns)  # ~4 template tokens per message
+        # assistant replies carry most of the text (as in ultrachat): user 1 share, assistant 3 shares
+        shares = [rng.uniform(0.5, 1.5) * (1 if j % 2 == 0 else 3) for j in range(2 * turns)]
+        total = sum(shares)
+        messages = []
+        for j, share in enumerate(shares):
+            count = max(2, int(budget * share / total))
+            messages.append({"role": "user" if j % 2 == 0 else "assistant",
+                             "content": " ".join(rng.choice(words) for _ in range(count))})
+        rows.append({"prompt": messages[0]["content"], "prompt_id": f"synthetic-{seed}-{i}", "messages": messages})
+    return rows
+
+
+def length_stats(tokenizer, rows):
+    lengths = sorted(len(tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False),
+                                   add_special_tokens=False)["input_ids"]) for r in rows)
+    return {"rows": len(lengths), "mean": sum(lengths) / len(lengths), "p50": lengths[len(lengths) // 2],
+            "p90": lengths[int(0.9 * (len(lengths) - 1))], "max": lengths[-1]}
+
+
+# ---- the model -------------------------------------------------------------------------------------------------
+
+def build_model(out_dir: Path, smoke: bool) -> Path:
+    """Smoke: the project's tiny Phi-3. Else: Phi-3-mini's shape, random init in bf16 on the GPU, saved."""
+    from runner.local.tiny_model import build_tiny_model
+
+    if smoke:
+        return build_tiny_model(out_dir, max_position_embeddings=4096)
+    import torch
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+
+    from runner.local.memory import KNOWN_CONFIGS
+    from runner.local.tiny_model import _default_corpus, train_tokenizer
+
+    tokenizer = train_tokenizer(_default_corpus(0), 2048, 4096)
+    shape = dict(KNOWN_CONFIGS["Phi-3-mini-4k-instruct"])
+    shape.pop("model_type")
+    config = Phi3Config(
+        **shape, original_max_position_embeddings=shape["max_position_embeddings"],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Phi3ForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    del model
+    torch.cuda.empty_cache()
+    return out_dir
+
+
+# ---- the workers -----------------------------------------------------------------------------------------------
+
+class _Stamps:
+    """(time, real tokens so far, all tokens so far) as each micro-batch starts, after a CUDA synchronize."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.real = 0
+        self.total = 0
+        self.marks = []
+
+    def add(self, real: int, total: int) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        self.marks.append((time.perf_counter(), self.real, self.total))
+        self.real += real
+        self.total += total
+
+    def steady_rate(self, skip: int) -> float:
+        marks = self.marks[skip:] if len(self.marks) > skip + 1 else self.marks
+        if len(marks) < 2:
+            return float("nan")
+        (t0, r0, _), (t1, r1, _) = marks[0], marks[-1]
+        return (r1 - r0) / (t1 - t0) if t1 > t0 else float("nan")
+
+    def padding(self) -> float:
+        return 1.0 - self.real / self.total if self.total else 0.0
+
+
+def _settings(spec, contender):
+    """The runner's (params, local) for this spec; TRL contenders use the same numbers."""
+    import dataclasses
+
+    from runner.schema import FinetuneConfig, LocalFinetuneConfig
+
+    def defaults(cls):
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls) if f.name != "local"}
+
+    params, local = defaults(FinetuneConfig), defaults(LocalFinetuneConfig)
+    params.update(max_steps=spec["steps"], per_device_train_batch_size=spec["micro_batch"],
+                  learning_rate=spec["lr"], max_seq_length=spec["max_seq_length"], evaluation_strategy="disable",
+                  logging_steps=1, seed=0, precision=16 if spec["cuda"] else 32, apply_lora=spec["mode"] == "lora")
+    checkpointing = {"off": False, "on": True, "auto": "auto"}[spec["checkpointing"]]
+    if contender == "trl":
+        checkpointing = True  # SFTConfig's default
+    elif contender == "trl-packing-liger":
+        checkpointing = True
+    local.update(packing=contender != "trl", eval_before_training=False, save_steps=10 ** 6,
+                 gradient_checkpointing=checkpointing)
+    return params, local
+
+
+def _estimate(spec, contender):
+    from runner.local.compute import memory_plan
+
+    params, local = _settings(spec, contender)
+    if not spec["cuda"]:
+        return None, None
+    est = memory_plan(spec["model_dir"], params, local, device="cuda", gpus=1)
+    ckpt = local["gradient_checkpointing"]
+    if ckpt == "auto":
+        import torch
+
+        from runner.local.memory import use_gradient_checkpointing
+
+        ckpt = use_gradient_checkpointing("auto", est["bytes"]["total"], torch.cuda.mem_get_info()[0] * 0.9)
+    return (est["total_gb_with_checkpointing"] if ckpt else est["total_gb"]), bool(ckpt)
+
+
+def run_runner(spec, work: Path):
+    import torch
+
+    from runner.local import train as train_mod
+
+    stamps = _Stamps(spec["cuda"])
+    base_meter = train_mod._TokenMeter
+
+    class StampingMeter(base_meter):
+        def add(self, real, total):
+            stamps.add(real, total)
+            super().add(real, total)
+
+    train_mod._TokenMeter = StampingMeter
+    params, local = _settings(spec, "runner")
+    result = train_mod.train(model_dir=spec["model_dir"], train_file=spec["train_file"], eval_file=None,
+                             params=params, local=local, out_dir=str(work), device="cuda" if spec["cuda"] else "cpu",
+                             progress=False)
+    return {"steps": result["global_step"], "stamps": stamps, "loss": result["train_loss"],
+            "gradient_checkpointing": result["gradient_checkpointing"], "packing": result["packing"],
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if spec["cuda"] else None,
+            "params": result["total_params"]}
+
+
+def run_trl(spec, work: Path, contender: str):
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from runner.local.compute import base_weights_dtype
+
+    params, local = _settings(spec, contender)
+    precision = {"bf16": spec["cuda"], "fp16": False}
+    dtype = getattr(torch, base_weights_dtype(params, local, precision))
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
+    rows = [json.loads(line) for line in Path(spec["train_file"]).read_text().splitlines()]
+    dataset = datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows])
+    extra = {}
+    if contender in ("trl-packing", "trl-packing-liger"):
+        extra["packing"] = True
+    if contender == "trl-packing-liger":
+        extra["use_liger_kernel"] = True
+    if contender != "trl":
+        extra["gradient_checkpointing"] = bool(local["gradient_checkpointing"] is True or (
+            local["gradient_checkpointing"] == "auto" and _estimate(spec, contender)[1]))
+    config = SFTConfig(output_dir=str(work), max_steps=spec["steps"], per_device_train_batch_size=spec["micro_batch"],
+                       learning_rate=spec["lr"], max_length=spec["max_seq_length"], assistant_only_loss=True,
+                       use_cpu=not spec["cuda"], bf16=spec["cuda"], report_to="none", save_strategy="no",
+                       logging_steps=1, disable_tqdm=True, seed=0, **extra)
+    peft_config = None
+    if params["apply_lora"]:
+        peft_config = LoraConfig(r=int(params["lora_r"]), lora_alpha=int(params["lora_alpha"]),
+                                 lora_dropout=float(params["lora_dropout"]),
+                                 target_modules=list(local["lora_target_modules"]), task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+    stamps = _Stamps(spec["cuda"])
+    collate = trainer.data_collator
+
+    def stamping_collator(features):
+        batch = collate(features)
+        total = int(batch["input_ids"].numel())
+        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else total
+        stamps.add(real, total)
+        return batch
+
+    trainer.data_collator = stamping_collator
+
+    class LastLoss(TrainerCallback):
+        loss = float("nan")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                LastLoss.loss = logs["loss"]
+
+    trainer.add_callback(LastLoss())
+    trainer.train()
+    return {"steps": trainer.state.global_step, "stamps": stamps, "loss": LastLoss.loss,
+            "gradient_checkpointing": bool(config.gradient_checkpointing), "packing": bool(config.packing),
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if spec["cuda"] else None,
+            "params": sum(p.numel() for p in trainer.model.parameters())}
+
+
+def worker(contender: str, spec_file: str) -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    spec = json.loads(Path(spec_file).read_text())
+    work = Path(spec["work"]) / contender
+    if spec["cuda"]:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    out = run_runner(spec, work) if contender == "runner" else run_trl(spec, work, contender)
+    estimate, _ = _estimate(spec, contender)
+    stamps = out.pop("stamps")
+    rate = stamps.steady_rate(spec["warmup_steps"])
+    flops = 6.0 * out["params"] * rate
+    print(RESULT + json.dumps({
+        **out, "contender": contender, "tokens_per_s": rate, "padding": stamps.padding(),
+        "real_tokens": stamps.real, "estimate_gb": estimate,
+        "mfu": flops / (spec["peak_tflops"] * 1e12) if spec["peak_tflops"] else None,
+    }), flush=True)
+
+
+# ---- the parent ------------------------------------------------------------------------------------------------
+
+def _peak_tflops(arg):
+    if arg:
+        return arg
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def _fmt(value, spec):
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny Phi-3 shape, a handful of steps")
+    parser.add_argument("--contenders", default=None,
+                        help=f"comma-separated, of {','.join(CONTENDERS)} (default: all; --smoke: runner,trl)")
+    parser.add_argument("--mode", choices=("lora", "full"), default="lora")
+    parser.add_argument("--micro-batch", type=int, default=None, help="per-device micro-batch (default 4; smoke 2)")
+    parser.add_argument("--max-seq-length", type=int, default=None, help="default 2048; smoke 256")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 30; smoke 4)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="steps left out of tok/s (default 5; smoke 1)")
+    parser.add_argument("--checkpointing", choices=("off", "on", "auto"), default="off",
+                        help="gradient checkpointing for runner and trl-packing (trl keeps its default, on; "
+                             "trl-packing-liger: on)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--rows", type=int, default=None, help="synthetic conversations (default: enough rows)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak (default: 989 for H100/H200, 312 for A100, ...)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per contender")
+    parser.add_argument("--work", default=None, help="work folder (default: a new temp folder)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.worker, args.spec)
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        print("bench/gpu_train.py measures full-size fine-tuning on a CUDA GPU, and no CUDA device is visible here "
+              "(torch.cuda.is_available() is False). Run it on a GPU machine, or --smoke for the harness on the CPU.",
+              file=sys.stderr)
+        return 2
+    if args.smoke:
+        cuda = False
+    micro = args.micro_batch or (2 if args.smoke else 4)
+    max_len = args.max_seq_length or (256 if args.smoke else 2048)
+    steps = args.steps or (4 if args.smoke else 30)
+    warmup = args.warmup_steps if args.warmup_steps is not None else (1 if args.smoke else 5)
+    wanted = [c.strip() for c in (args.contenders or ("runner,trl" if args.smoke else ",".join(CONTENDERS))).split(",")
+              if c.strip()]
+    unknown = [c for c in wanted if c not in CONTENDERS]
+    if unknown:
+        parser.error(f"unknown contender(s) {unknown}; choose from {', '.join(CONTENDERS)}")
+    skipped = {}
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        for c in wanted:
+            if c.startswith("trl"):
+                skipped[c] = "TRL is not installed (pip install -e .[bench])"
+    if "trl-packing-liger" in wanted and "trl-packing-liger" not in skipped:
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            skipped["trl-packing-liger"] = "liger-kernel is not installed (pip install liger-kernel)"
+        if args.smoke:
+            skipped["trl-packing-liger"] = "Liger's kernels are Triton: GPU only"
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", flush=True)
+    run = [c for c in wanted if c not in skipped]
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_train."))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model_dir = build_model(work / ("tiny-phi3" if args.smoke else "phi3-mini-random"), args.smoke)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    n_rows = args.rows or max(64, micro * (steps + 2) * 2)
+    rows = synthetic_rows(tokenizer, n_rows, max_len=4000, seed=0)
+    train_file = work / "train_sft.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    stats = length_stats(tokenizer, rows)
+    spec = {"model_dir": str(model_dir), "train_file": str(train_file), "work": str(work), "cuda": cuda,
+            "mode": args.mode, "micro_batch": micro, "max_seq_length": max_len, "steps": steps,
+            "warmup_steps": warmup, "checkpointing": args.checkpointing, "lr": args.lr,
+            "peak_tflops": _peak_tflops(args.peak_tflops) if cuda else None}
+    spec_file = work / "spec.json"
+    spec_file.write_text(json.dumps(spec, indent=1))
+    device = torch.cuda.get_device_name(0) if cuda else f"CPU (smoke; {os.cpu_count()} cores)"
+    print(f"model: {'tiny Phi-3 shape' if args.smoke else 'Phi-3-mini-4k shape, random init, bf16'} "
+          f"({model_dir}), {args.mode}; device: {device}; peak bf16 TFLOP/s for MFU: "
+          f"{_fmt(spec['peak_tflops'], '.0f')}", flush=True)
+    print(f"data: {stats['rows']} synthetic conversations, templated tokens mean {stats['mean']:.0f}, p50 "
+          f"{stats['p50']}, p90 {stats['p90']}, max {stats['max']} (truncated to {max_len}); micro-batch {micro}, "
+          f"{steps} steps, tok/s over steps after {warmup}; checkpointing {args.checkpointing}", flush=True)
+
+    results = []
+    for name in run:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec",
+                               str(spec_file)], cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+        found = [line[len(RESULT):] for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+        if proc.returncode != 0 or not found:
+            tail = (proc.stdout + proc.stderr)[-2500:]
+            print(f"{name}: failed (exit {proc.returncode}):\n{tail}", flush=True)
+            results.append({"contender": name, "failed": True})
+            continue
+        results.append(json.loads(found[-1]))
+
+    print(f"{'contender':20s} {'tok/s':>9s} {'padding':>8s} {'peak GB':>8s} {'est GB':>7s} {'peak/est':>8s} "
+          f"{'MFU':>6s} {'ckpt':>5s} {'steps':>5s} {'loss':>7s}")
+    for r in results:
+        if r.get("failed"):
+            print(f"{r['contender']:20s} {'failed':>9s}")
+            continue
+        ratio = r["peak_gb"] / r["estimate_gb"] if r["peak_gb"] and r["estimate_gb"] else None
+        print(f"{r['contender']:20s} {_fmt(r['tokens_per_s'], '9.0f')} {r['padding']:8.1%} "
+              f"{_fmt(r['peak_gb'], '8.1f'):>8s} {_fmt(r['estimate_gb'], '7.1f'):>7s} {_fmt(ratio, '8.2f'):>8s} "
+              f"{_fmt(r['mfu'], '6.1%'):>6s} {'on' if r['gradient_checkpointing'] else 'off':>5s} "
+              f"{r['steps']:5d} {_fmt(r['loss'], '7.3f'):>7s}")
+    print(f"total {time.perf_counter() - started:.0f} s; work folder {work}")
+    return 1 if any(r.get("failed") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
