@@ -156,6 +156,9 @@ class LocalFinetuneConfig:
     # the micro-batch does not fit: false refuses (printing the largest that fits, with and without checkpointing);
     # true runs the largest that fits, with the gradient accumulation that keeps the effective batch
     auto_fit: bool = False
+    # the loss over chunks of tokens (lm_head + log-softmax recomputed per chunk in the backward): the full fp32
+    # logits never exist (runner/local/loss.py)
+    chunked_loss: bool = False
 
 
 @dataclass

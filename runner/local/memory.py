@@ -34,6 +34,13 @@ head
                          start of the backward the gradient w.r.t. that output (4V) and w.r.t. the logits (4V) exist
                          next to it. This is the peak moment: every layer's activations are still alive.
   rotary cos/sin         2*a*head_dim, shared by the layers
+  with finetune.local.chunked_loss (runner/local/loss.py; `tokens` = the micro-batch's tokens given): the full
+                         logits never exist. Per token: the labelled positions' hidden states that the chunks'
+                         checkpoints keep (w*h, w = 2 for a 16-bit LoRA base, else 4) and their index and target
+                         (16); lm_head_input is 0 (the head's cast input is rebuilt per chunk). One chunk's
+                         logits-and-loss, 12*V*C bytes (C = runner.local.loss.CHUNK_TOKENS labelled tokens), exist at
+                         the peak, spread here over the micro-batch: logits_and_loss = 12*V*min(tokens, C)/tokens.
+                         Tokens unknown: 12*V, the standard figure (never an underestimate).
 
 gradient checkpointing (transformers' per-decoder-layer checkpointing): each layer keeps only its input hidden
 state (w*h, w = bytes of the residual stream: 2 when the weights are 16-bit, else 4); one layer's activations are
@@ -110,6 +117,8 @@ def activation_terms(
     half: bool,
     lora_r: int = 8,
     lora_dropout: float = 0.0,
+    chunked_loss: bool = False,
+    tokens: int = 0,
 ) -> Dict[str, float]:
     """Bytes per token of the activations autograd keeps at the peak (the start of the backward), by term, without
     gradient checkpointing. `trained_linears`: (module name, in_features) of every linear layer whose input the
@@ -147,7 +156,16 @@ def activation_terms(
         attention = a * kv_out + a * q_out + a * kv_out + a * q_out + 4 * heads
     mlp = (a * 2 * i + a * i) if dims["gated"] else a * i
 
-    return {
+    # the head: the fp32 logits and the loss over every token, or (chunked_loss) over one chunk at a time
+    lm_head_input, logits_and_loss, chunked_inputs = (a * h if full else 0), 12 * vocab, 0
+    if chunked_loss and tokens > 0:
+        from runner.local.loss import CHUNK_TOKENS
+
+        lm_head_input = 0
+        chunked_inputs = (2 if half and lora else 4) * h + 16
+        logits_and_loss = 12 * vocab * min(int(tokens), CHUNK_TOKENS) / int(tokens)
+
+    terms = {
         "norms": float(norms),
         "trained_linear_inputs": float(linear_inputs),
         "lora_dropout_masks": float(masks),
@@ -155,10 +173,13 @@ def activation_terms(
         "attention": float(layers * attention),
         "mlp": float(layers * mlp),
         "final_norm": float(norm),
-        "lm_head_input": float(a * h if full else 0),
-        "logits_and_loss": float(12 * vocab),
+        "lm_head_input": float(lm_head_input),
+        "logits_and_loss": float(logits_and_loss),
         "rotary": float(2 * a * hd),
     }
+    if chunked_inputs:
+        terms["chunked_loss_inputs"] = float(chunked_inputs)
+    return terms
 
 
 def checkpointed_terms(terms: Dict[str, float], dims: Dict[str, Any], *, weights_16bit: bool,
@@ -169,7 +190,7 @@ def checkpointed_terms(terms: Dict[str, float], dims: Dict[str, Any], *, weights
     h = dims["hidden"]
     per_layer_keys = ("norms", "trained_linear_inputs", "lora_dropout_masks", "lora_a_outputs", "attention", "mlp")
     per_layer = sum(terms[k] for k in per_layer_keys) / layers + (4 * h / layers if lora else 0)
-    return {
+    out = {
         "layer_inputs": float(dims["layers"] * (2 if weights_16bit else 4) * h),
         "one_layer_rebuilt": float(per_layer),
         "final_norm": terms["final_norm"],
@@ -177,6 +198,9 @@ def checkpointed_terms(terms: Dict[str, float], dims: Dict[str, Any], *, weights
         "logits_and_loss": terms["logits_and_loss"],
         "rotary": terms["rotary"],
     }
+    if "chunked_loss_inputs" in terms:  # the head's terms stay under checkpointing, chunked or not
+        out["chunked_loss_inputs"] = terms["chunked_loss_inputs"]
+    return out
 
 
 # ---- decisions ---------------------------------------------------------------------------------------------------

@@ -157,7 +157,8 @@ class LocalRecipe:
             trainer.add_callback(cb)
         trainer.setup_runner(lengths=lengths, max_tokens=max_tokens, eval_dataset=eval_ds, eval_batches=eval_batches,
                              eval_collator=collator, meter=meter, events=events,
-                             keep_checkpoints=plan.keep_checkpoints, autocast_dtype=autocast_dtype)
+                             keep_checkpoints=plan.keep_checkpoints, autocast_dtype=autocast_dtype,
+                             chunked_loss=bool(plan.local.get("chunked_loss", False)))
 
         self.tokenizer, self.model, self.trainer, self.args = tokenizer, model, trainer, args
         self.train_ds, self.eval_ds, self.train_stats = train_ds, eval_ds, train_stats

@@ -164,7 +164,8 @@ def _make_trainer_class():
         """Trainer with our batching, token-weighted evaluation and complete-or-ignored checkpoints."""
 
         def setup_runner(self, *, lengths, max_tokens, eval_dataset, eval_batches, eval_collator, meter, events,
-                         keep_checkpoints, autocast_dtype):
+                         keep_checkpoints, autocast_dtype, chunked_loss=False):
+            self._chunked_loss = chunked_loss
             self._lengths = lengths
             self._max_tokens = max_tokens
             self._runner_eval = (eval_dataset, eval_batches, eval_collator)
@@ -187,9 +188,31 @@ def _make_trainer_class():
                 self._meter.add(*batch_token_counts(inputs))
             inputs = {**inputs, "use_cache": False}  # a cache would also disable the packed-sequence mask
             packed = packed_batch() if "cu_seq_lens_q" in inputs else contextlib.nullcontext()
+            if getattr(self, "_chunked_loss", False) and "labels" in inputs and not return_outputs:
+                return self._chunked_compute_loss(model, inputs, packed, num_items_in_batch)
             with packed:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
+
+        def _chunked_compute_loss(self, model, inputs, packed, num_items_in_batch):
+            """finetune.local.chunked_loss: the forward through the (wrapped) model with the head given zero
+            tokens, then the loss over chunks (runner/local/loss.py), normalised and scaled exactly as
+            Trainer.compute_loss does with the model's own loss."""
+            from runner.local.loss import chunked_causal_lm_loss, head_input_capture, output_head
+
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            head = output_head(self.accelerator.unwrap_model(model))
+            with packed, head_input_capture(head) as captured:
+                model(**inputs)  # through DDP/DeepSpeed wrappers, so their hooks see the forward
+            scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            loss = chunked_causal_lm_loss(captured.hidden, head, labels,
+                                          num_items_in_batch=num_items_in_batch if scaled else None)
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs \
+                    and num_items_in_batch is not None:
+                loss_scale = self.accelerator.num_processes // self.get_tp_size()
+                loss = loss * (loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+            return loss
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             started = time.perf_counter()

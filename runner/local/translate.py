@@ -105,6 +105,8 @@ LOCAL_KEYS: Dict[str, str] = {
                               "decision, or the same rule against this device's free memory",
     "auto_fit": "the compute step's choice of micro-batch; the finetune step runs the batch size and accumulation "
                 "it chose",
+    "chunked_loss": "the training loss over chunks of labelled tokens, lm_head + log-softmax recomputed per chunk "
+                    "in the backward (runner/local/loss.py); false: the model's own loss over the full logits",
 }
 
 
