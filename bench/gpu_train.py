@@ -9,6 +9,7 @@ What is compared (each contender in its own Python process, so one's allocations
 fragmentation never reach the next; the table is printed by the parent):
   runner              runner.local.train.train(): packed padding-free batches, packed SDPA, bf16 autocast;
                       gradient checkpointing as --checkpointing says ("auto": the memory estimate's rule)
+  runner-chunked      the same with finetune.local.chunked_loss=true (runner/local/loss.py: no full fp32 logits)
   trl                 TRL SFTTrainer as it comes: padded batches, its default gradient checkpointing (on)
   trl-packing         SFTTrainer with packing=True (its default "bfd" strategy, padding-free rows)
   trl-packing-liger   SFTTrainer with packing=True, use_liger_kernel=True and gradient checkpointing on
@@ -57,7 +58,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CONTENDERS = ("runner", "trl", "trl-packing", "trl-packing-liger")
+CONTENDERS = ("runner", "runner-chunked", "trl", "trl-packing", "trl-packing-liger")
 LOGNORMAL_MU, LOGNORMAL_SIGMA = 6.849, 0.601  # mean exp(mu + sigma^2/2) ~ 1,130; p90 exp(mu + 1.2816 sigma) ~ 2,038
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense bf16
 RESULT = "RESULT "
@@ -188,7 +189,7 @@ def _settings(spec, contender):
     elif contender == "trl-packing-liger":
         checkpointing = True
     local.update(packing=contender != "trl", eval_before_training=False, save_steps=10 ** 6,
-                 gradient_checkpointing=checkpointing)
+                 gradient_checkpointing=checkpointing, chunked_loss=contender == "runner-chunked")
     return params, local
 
 
@@ -199,6 +200,16 @@ def _estimate(spec, contender):
     if not spec["cuda"]:
         return None, None
     est = memory_plan(spec["model_dir"], params, local, device="cuda", gpus=1)
+    if local["chunked_loss"]:  # the head's terms with chunked_loss (runner/local/memory.py), the layers' unchanged
+        from runner.local.compute import parameter_inventory
+        from runner.local.memory import activation_terms, model_dims
+
+        dims, tokens = model_dims(parameter_inventory(spec["model_dir"])[1]), est["tokens_per_micro_batch"]
+        kw = dict(lora=params["apply_lora"], half=params["precision"] == 16)
+        saved = (sum(activation_terms(dims, [], **kw).values())
+                 - sum(activation_terms(dims, [], chunked_loss=True, tokens=tokens, **kw).values())) * tokens
+        est["total_gb"] -= saved / 1e9
+        est["total_gb_with_checkpointing"] -= saved / 1e9
     ckpt = local["gradient_checkpointing"]
     if ckpt == "auto":
         import torch
@@ -209,7 +220,7 @@ def _estimate(spec, contender):
     return (est["total_gb_with_checkpointing"] if ckpt else est["total_gb"]), bool(ckpt)
 
 
-def run_runner(spec, work: Path):
+def run_runner(spec, work: Path, contender: str = "runner"):
     import torch
 
     from runner.local import train as train_mod
@@ -223,7 +234,7 @@ def run_runner(spec, work: Path):
             super().add(real, total)
 
     train_mod._TokenMeter = StampingMeter
-    params, local = _settings(spec, "runner")
+    params, local = _settings(spec, contender)
     result = train_mod.train(model_dir=spec["model_dir"], train_file=spec["train_file"], eval_file=None,
                              params=params, local=local, out_dir=str(work), device="cuda" if spec["cuda"] else "cpu",
                              progress=False)
@@ -306,7 +317,7 @@ def worker(contender: str, spec_file: str) -> None:
         import torch
 
         torch.cuda.reset_peak_memory_stats()
-    out = run_runner(spec, work) if contender == "runner" else run_trl(spec, work, contender)
+    out = run_runner(spec, work, contender) if contender.startswith("runner") else run_trl(spec, work, contender)
     estimate, _ = _estimate(spec, contender)
     stamps = out.pop("stamps")
     rate = stamps.steady_rate(spec["warmup_steps"])

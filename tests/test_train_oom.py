@@ -106,3 +106,25 @@ def test_oom_message_without_a_checkpoint(tiny_model_dir, data, tmp_path, monkey
         _train(tiny_model_dir, data, tmp_path / "out", save_steps=50)
     assert "No checkpoint was complete before the OOM" in str(info.value)
     assert "finetune.resume_from_checkpoint=true" in str(info.value)
+
+
+def test_oom_in_the_eval_before_training(tiny_model_dir, data, tmp_path, monkeypatch):
+    """The eval before the first step runs out of memory: the same error, naming the eval batch key too."""
+    import torch
+
+    from runner.local import train as train_mod
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB (injected)")
+
+    monkeypatch.setattr(train_mod, "evaluate_loss", oom)
+    params_extra = dict(evaluation_strategy="steps", eval_before_training=True)
+    from runner.local.train import train
+
+    params, local = default_settings(**{**SETTINGS, **params_extra})
+    with pytest.raises(RunnerError) as info:
+        train(model_dir=str(tiny_model_dir), train_file=str(data["train_sft"]), eval_file=str(data["test_sft"]),
+              params=params, local=local, out_dir=str(tmp_path / "out"), progress=False)
+    message = str(info.value)
+    assert "in the eval before training" in message and "finetune.per_device_eval_batch_size" in message
+    assert "finetune.local.auto_fit=true" in message and "No checkpoint was complete" in message

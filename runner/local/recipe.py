@@ -185,8 +185,15 @@ class LocalRecipe:
         if self.resumed_from and before_file.exists():
             eval_before = json.loads(before_file.read_text()).get("eval_loss")
         elif self.eval_batches and self.plan.eval_before_training:
-            eval_before = evaluate_loss(self.model.to(device), self.eval_ds, self.eval_batches, self.collator,
-                                        device, self.autocast_dtype)
+            out_of_memory: Optional[str] = None
+            try:
+                eval_before = evaluate_loss(self.model.to(device), self.eval_ds, self.eval_batches, self.collator,
+                                            device, self.autocast_dtype)
+            except torch.cuda.OutOfMemoryError as exc:
+                out_of_memory = (str(exc).strip().splitlines() or ["out of memory"])[0]
+            if out_of_memory is not None:
+                raise self._out_of_memory(out_of_memory + " (in the eval before training: "
+                                          "finetune.per_device_eval_batch_size sets its batch)") from None
             if self.is_main:
                 ckpt.write_atomic(before_file, json.dumps({"eval_loss": eval_before}))
             events.emit("eval", {"eval_loss": eval_before, "perplexity": _perplexity(eval_before)}, 0)
@@ -195,7 +202,7 @@ class LocalRecipe:
         signal_cb.install()
         self._bars_were_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # "Writing model shards" at every checkpoint would break our bar
-        out_of_memory: Optional[str] = None
+        out_of_memory = None
         try:
             if signal_cb.received:
                 raise TrainingInterrupted(f"stopped by {signal_cb.received} before training started")
@@ -205,7 +212,7 @@ class LocalRecipe:
             try:
                 output = trainer.train(resume_from_checkpoint=self.resumed_from)
             except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError: the same class
-                out_of_memory = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+                out_of_memory = (str(exc).strip().splitlines() or ["out of memory"])[0]
             train_runtime, train_cpu = time.perf_counter() - train_started, time.process_time() - cpu_started
         finally:
             self._restore_signals_and_bars()
