@@ -200,16 +200,7 @@ def _estimate(spec, contender):
     if not spec["cuda"]:
         return None, None
     est = memory_plan(spec["model_dir"], params, local, device="cuda", gpus=1)
-    if local["chunked_loss"]:  # the head's terms with chunked_loss (runner/local/memory.py), the layers' unchanged
-        from runner.local.compute import parameter_inventory
-        from runner.local.memory import activation_terms, model_dims
-
-        dims, tokens = model_dims(parameter_inventory(spec["model_dir"])[1]), est["tokens_per_micro_batch"]
-        kw = dict(lora=params["apply_lora"], half=params["precision"] == 16)
-        saved = (sum(activation_terms(dims, [], **kw).values())
-                 - sum(activation_terms(dims, [], chunked_loss=True, tokens=tokens, **kw).values())) * tokens
-        est["total_gb"] -= saved / 1e9
-        est["total_gb_with_checkpointing"] -= saved / 1e9
+    # memory_plan reads finetune.local.chunked_loss itself: the head's terms for one chunk of logits
     ckpt = local["gradient_checkpointing"]
     if ckpt == "auto":
         import torch

@@ -297,3 +297,23 @@ def test_h100_8_x_2048_auto_checkpoints_unless_packing_caps_the_tokens(phi3_dir)
     capped = check_local_compute(**kw, max_tokens_per_batch=13592)
     assert capped["gradient_checkpointing"] is False and capped["tokens_per_micro_batch"] == 13592
     assert capped["estimate_gb"]["total"] <= capped["memory_budget_gb"]
+
+
+
+def test_chunked_loss_lowers_the_compute_steps_estimate(phi3_dir):
+    """finetune.local.chunked_loss reaches the estimate that the compute step, auto checkpointing and the dry run
+    use: the fp32 logits are counted for one chunk, not for every token of the micro-batch."""
+    from runner.local.compute import memory_plan
+
+    plain = phi3_estimate(per_device_train_batch_size=4, max_seq_length=2048)
+    chunked = estimate_memory(_config_shapes(PHI3_MINI), PHI3_MINI,
+                              {**MEASURED_PARAMS, "per_device_train_batch_size": 4, "max_seq_length": 2048},
+                              apply_lora=True, lora_target_modules=TARGETS, chunked_loss=True)
+    assert chunked["bytes"]["total"] < plain["bytes"]["total"]
+    assert chunked["bytes"]["state"] == plain["bytes"]["state"]
+    params = {**MEASURED_PARAMS, "per_device_train_batch_size": 4, "max_seq_length": 2048}
+    local = {"lora_target_modules": TARGETS, "lora_modules_to_save": [], "max_tokens_per_batch": 0,
+             "gradient_checkpointing": False, "packing": True}
+    planned = [memory_plan(str(phi3_dir), params, {**local, "chunked_loss": on}, device="cuda", gpus=1,
+                           gpu_memory_gb=80, memory_headroom=0.9) for on in (False, True)]
+    assert planned[1]["total_gb"] < planned[0]["total_gb"]

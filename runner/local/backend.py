@@ -101,6 +101,7 @@ class LocalBackend(Backend):
             max_tokens_per_batch=int(local.max_tokens_per_batch or 0) if local.packing else 0,
             gpu_memory_gb=float(self.cfg.compute.get("gpu_memory_gb", 0) or 0),
             packing=bool(local.packing),
+            chunked_loss=bool(local.get("chunked_loss", False)),
         )
         est = out["estimate_gb"]
         where = (f"{out['memory_budget_gb']:.1f} GB usable of {out['memory_available_gb']:.1f} GB "

@@ -152,6 +152,7 @@ def estimate_memory(
     shards: int = 1,
     max_tokens_per_batch: int = 0,
     tokens: Optional[int] = None,
+    chunked_loss: bool = False,
 ) -> Dict[str, Any]:
     """Bytes of weights, gradients and optimizer state (per device) for full or LoRA fine-tuning, plus the
     activations of the worst-case micro-batch (or of `tokens` tokens) with and without gradient checkpointing.
@@ -223,7 +224,8 @@ def estimate_memory(
         trained = [(m, int(s[1])) for m, s in linears.items()]
     weights_16bit = wbytes == 2
     terms = activation_terms(dims, trained, lora=apply_lora, half=half, lora_r=int(params.get("lora_r", 8) or 8),
-                             lora_dropout=float(params.get("lora_dropout", 0.0) or 0.0) if apply_lora else 0.0)
+                             lora_dropout=float(params.get("lora_dropout", 0.0) or 0.0) if apply_lora else 0.0,
+                             chunked_loss=chunked_loss, tokens=int(tokens))  # finetune.local.chunked_loss
     ckpt_terms = checkpointed_terms(terms, dims, weights_16bit=weights_16bit, lora=apply_lora)
     per_token, per_token_ckpt = sum(terms.values()), sum(ckpt_terms.values())
     activations = tokens * per_token
@@ -381,7 +383,8 @@ def gradient_checkpointing_for(model_dir: str, params: Dict[str, Any], local: Di
     est = estimate_memory(shapes, cfg, params, apply_lora=bool(params.get("apply_lora")),
                           lora_target_modules=list(local.get("lora_target_modules") or []),
                           lora_modules_to_save=list(local.get("lora_modules_to_save") or []), shards=shards,
-                          max_tokens_per_batch=int(local.get("max_tokens_per_batch") or 0)
+                          max_tokens_per_batch=int(local.get("max_tokens_per_batch") or 0),
+                          chunked_loss=bool(local.get("chunked_loss"))
                           if local.get("packing", True) else 0)
     return use_gradient_checkpointing(local.get("gradient_checkpointing", "auto"), est["bytes"]["total"],
                                       available_bytes * memory_headroom)
@@ -406,7 +409,8 @@ def memory_plan(model_dir: Optional[str], params: Dict[str, Any], local: Dict[st
     est = estimate_memory(shapes, cfg, params, apply_lora=apply_lora,
                           lora_target_modules=list(local.get("lora_target_modules") or []),
                           lora_modules_to_save=list(local.get("lora_modules_to_save") or []),
-                          shards=gpus if gpu or device != "cpu" else 1, max_tokens_per_batch=max_tokens)
+                          shards=gpus if gpu or device != "cpu" else 1, max_tokens_per_batch=max_tokens,
+                          chunked_loss=bool(local.get("chunked_loss")))
     b = est["bytes"]
     out: Dict[str, Any] = {
         "model_dir": str(model_dir) if model_dir is not None else None,
@@ -464,6 +468,7 @@ def check_local_compute(
     max_tokens_per_batch: int = 0,
     gpu_memory_gb: float = 0,
     packing: bool = False,
+    chunked_loss: bool = False,
 ) -> Dict[str, Any]:
     """Decide the device and refuse what cannot run here. `available_memory_bytes` / `cuda_devices` override what
     is detected (tests, or a user who knows better); `lora_*` default to every linear layer / nothing saved.
@@ -513,7 +518,7 @@ def check_local_compute(
     shapes, cfg, source = parameter_inventory(model_dir)
     apply_lora = bool(params.get("apply_lora", False))
     lora_kw = dict(lora_target_modules=lora_target_modules, lora_modules_to_save=lora_modules_to_save,
-                   shards=max(gpus_used, 1))
+                   shards=max(gpus_used, 1), chunked_loss=chunked_loss)
     est = estimate_memory(shapes, cfg, params, apply_lora=apply_lora, max_tokens_per_batch=max_tokens_per_batch,
                           **lora_kw)
     b = est["bytes"]
