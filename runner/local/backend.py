@@ -135,10 +135,7 @@ class LocalBackend(Backend):
         from runner.local.translate import translate
 
         cfg = self.cfg
-        data = ctx.record.output("data")
-        if not data.get("train_file"):
-            raise RuntimeError("the finetune step needs the data step's files: run steps=[data,finetune,...] "
-                               "or from_run=<an earlier run dir>")
+        data = ctx.record.output("data")  # the step (runner/steps/finetune.py) made sure the files are there
         model_dir = self._model_dir(ctx)
         params, notes = self.effective_params(ctx)
         local = _plain(cfg.finetune.local)

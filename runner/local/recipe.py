@@ -314,6 +314,11 @@ class LocalRecipe:
                 print(f"cleanup: freeing the trainer's memory failed: {type(exc).__name__}: {exc}", flush=True)
         for name in ("trainer", "model", "tokenizer", "train_ds", "eval_ds", "collator", "args"):
             setattr(self, name, None)
+        self._give_back_memory("cleanup")
+
+    def _give_back_memory(self, when: str) -> None:
+        """Collect what nothing refers to any more and hand the CUDA allocator's cache back; never raises over
+        the failure that led here."""
         gc.collect()
         if self.device == "cuda":
             try:
@@ -321,7 +326,7 @@ class LocalRecipe:
 
                 torch.cuda.empty_cache()
             except Exception as exc:  # noqa: BLE001
-                print(f"cleanup: emptying the CUDA cache failed: {type(exc).__name__}: {exc}", flush=True)
+                print(f"{when}: emptying the CUDA cache failed: {type(exc).__name__}: {exc}", flush=True)
 
     # ---- out of memory ------------------------------------------------------------------------------------------
     def _out_of_memory(self, what: str) -> RunnerError:
@@ -379,14 +384,7 @@ class LocalRecipe:
                 trainer.model.zero_grad(set_to_none=True)
         except Exception as exc:  # noqa: BLE001 - the OOM is what the user must see
             print(f"out of memory: dropping the gradients failed: {type(exc).__name__}: {exc}", flush=True)
-        gc.collect()
-        if self.device == "cuda":
-            try:
-                import torch
-
-                torch.cuda.empty_cache()
-            except Exception as exc:  # noqa: BLE001
-                print(f"out of memory: emptying the CUDA cache failed: {type(exc).__name__}: {exc}", flush=True)
+        self._give_back_memory("out of memory")
 
     def _oom_estimate(self) -> str:
         """What the memory estimate (runner/local/compute.memory_plan) says for this run against this device:
