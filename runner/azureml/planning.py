@@ -103,11 +103,6 @@ def load_component_file(path: Path):
 # ---- the recorder ---------------------------------------------------------------------------------------------
 
 
-def _check_call(real_method: Any, args: tuple, kwargs: dict) -> None:
-    """Bind the call to the real SDK method's signature: a wrong name or argument fails here as it would for real."""
-    inspect.signature(real_method).bind(None, *args, **kwargs)
-
-
 class PlanRecorder:
     def __init__(self, cfg: Any, plan_dir: Path):
         self.cfg = cfg
@@ -115,22 +110,24 @@ class PlanRecorder:
         self.calls: List[Dict[str, Any]] = []
         self.files: Dict[str, str] = {}
 
-    def call(self, name: str, real_method: Any, args: tuple = (), kwargs: Optional[dict] = None,
-             file: Optional[str] = None) -> None:
+    def call(self, name: str, real_method: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Dict[str, Any]:
+        """Record a call, bound to the real SDK method's signature (a wrong name or argument fails here as it would
+        for real); returns the bound arguments by parameter name."""
         kwargs = kwargs or {}
-        _check_call(real_method, args, kwargs)
+        bound = inspect.signature(real_method).bind(None, *args, **kwargs).arguments
         entry: Dict[str, Any] = {"call": name}
-        if file:
-            entry["file"] = file
         shown = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
         if shown:
             entry["kwargs"] = shown
         self.calls.append(entry)
+        return bound
 
     def write(self, kind: str, data: Dict[str, Any]) -> str:
+        """The object the last recorded call was handed, as plan/<kind>.yaml."""
         path = write_yaml(self.plan_dir / f"{kind}.yaml", data)
-        self.files[kind] = str(path)
+        self.files[kind] = self.calls[-1]["file"] = str(path)
         return str(path)
+
 
 
 class _Poller:
@@ -158,8 +155,8 @@ class _Ops:
     def __init__(self, recorder: PlanRecorder, world: "PlanningWorld"):
         self.recorder, self.world = recorder, world
 
-    def _record(self, method: str, args: tuple, kwargs: dict, file: Optional[str] = None) -> None:
-        self.recorder.call(f"{self.prefix}.{method}", getattr(self.real, method), args, kwargs, file)
+    def _record(self, method: str, args: tuple, kwargs: dict) -> Dict[str, Any]:
+        return self.recorder.call(f"{self.prefix}.{method}", getattr(self.real, method), args, kwargs)
 
 
 def _operations():
@@ -234,13 +231,12 @@ def _make_ops(world: PlanningWorld):
         real, prefix = ops["models"], "models"
 
         def get(self, *args, **kwargs):
-            self._record("get", args, kwargs)
-            bound = inspect.signature(self.real.get).bind(None, *args, **kwargs).arguments
+            bound = self._record("get", args, kwargs)
             return world.foundation_model(bound["name"], bound.get("version"), bound.get("label"))
 
         def create_or_update(self, *args, **kwargs):
-            model = inspect.signature(self.real.create_or_update).bind(None, *args, **kwargs).arguments["model"]
-            self._record("create_or_update", args, kwargs, rec.write("model", entity_yaml(model)))
+            model = self._record("create_or_update", args, kwargs)["model"]
+            rec.write("model", entity_yaml(model))
             registered = copy.copy(model)
             registered._id = f"azureml:{model.name}:{model.version}"  # what a deployment may reference
             return registered
@@ -249,16 +245,14 @@ def _make_ops(world: PlanningWorld):
         real, prefix = ops["components"], "components"
 
         def get(self, *args, **kwargs):
-            self._record("get", args, kwargs)
-            bound = inspect.signature(self.real.get).bind(None, *args, **kwargs).arguments
+            bound = self._record("get", args, kwargs)
             return world.component(bound["name"], bound.get("version"), bound.get("label"))
 
     class Compute(_Ops):
         real, prefix = ops["compute"], "compute"
 
         def get(self, *args, **kwargs):
-            self._record("get", args, kwargs)
-            name = inspect.signature(self.real.get).bind(None, *args, **kwargs).arguments["name"]
+            name = self._record("get", args, kwargs)["name"]
             if name not in world.computes:
                 raise ResourceNotFoundError(f"(dry run) compute {name} is planned as new")
             return world.computes[name]
@@ -275,13 +269,13 @@ def _make_ops(world: PlanningWorld):
         real, prefix = ops["jobs"], "jobs"
 
         def create_or_update(self, *args, **kwargs):
-            bound = inspect.signature(self.real.create_or_update).bind(None, *args, **kwargs).arguments
-            job = bound["job"]
             from runner.azureml.translate import NODE_NAME
 
-            data = pipeline_job_yaml(job, component_ref=component_reference(job.jobs[NODE_NAME].component, cfg),
-                                     experiment_name=bound.get("experiment_name") or job.experiment_name)
-            self._record("create_or_update", args, kwargs, rec.write("pipeline_job", data))
+            bound = self._record("create_or_update", args, kwargs)
+            job = bound["job"]
+            rec.write("pipeline_job", pipeline_job_yaml(
+                job, component_ref=component_reference(job.jobs[NODE_NAME].component, cfg),
+                experiment_name=bound.get("experiment_name") or job.experiment_name))
             submitted = copy.copy(job)
             submitted.name = JOB_NAME_PLACEHOLDER
             return submitted
@@ -299,23 +293,21 @@ def _make_ops(world: PlanningWorld):
         real, prefix = ops["online_deployments"], "online_deployments"
 
         def begin_create_or_update(self, *args, **kwargs):
-            deployment = inspect.signature(self.real.begin_create_or_update).bind(
-                None, *args, **kwargs).arguments["deployment"]
-            self._record("begin_create_or_update", args, kwargs, rec.write("deployment", entity_yaml(deployment)))
+            deployment = self._record("begin_create_or_update", args, kwargs)["deployment"]
+            rec.write("deployment", entity_yaml(deployment))
             return _Poller(deployment)
 
     class OnlineEndpoints(_Ops):
         real, prefix = ops["online_endpoints"], "online_endpoints"
 
         def invoke(self, *args, **kwargs):
-            bound = inspect.signature(self.real.invoke).bind(None, *args, **kwargs).arguments
-            request = Path(bound.get("request_file") or "")
+            request = Path(self._record("invoke", args, kwargs).get("request_file") or "")
             target = rec.plan_dir / "request.json"
             if request.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(request, target)
                 rec.files["request"] = str(target)
-            self._record("invoke", args, kwargs, str(target))
+            rec.calls[-1]["file"] = str(target)
             return json.dumps({"output": "(dry run: the endpoint's reply comes here)"})
 
         def begin_delete(self, *args, **kwargs):
@@ -345,16 +337,16 @@ class PlanningMLClient:
         from azure.ai.ml import MLClient
         from azure.ai.ml.entities import AmlCompute, OnlineEndpoint
 
-        entity = inspect.signature(MLClient.begin_create_or_update).bind(None, *args, **kwargs).arguments["entity"]
+        recorder = self._world.recorder
+        entity = recorder.call("workspace.begin_create_or_update", MLClient.begin_create_or_update, args,
+                               kwargs)["entity"]
         if isinstance(entity, AmlCompute):
-            file = self._world.recorder.write("compute", entity_yaml(entity))
+            recorder.write("compute", entity_yaml(entity))
             self._world.computes[entity.name] = entity
         elif isinstance(entity, OnlineEndpoint):
-            file = self._world.recorder.write("endpoint", entity_yaml(entity))  # the last call (with traffic) stays
+            recorder.write("endpoint", entity_yaml(entity))  # the last call (with traffic) stays
         else:
             raise TypeError(f"dry run: begin_create_or_update of an unexpected {type(entity).__name__}")
-        self._world.recorder.call("workspace.begin_create_or_update", MLClient.begin_create_or_update, args, kwargs,
-                                  file)
         return _Poller(entity)
 
 
