@@ -239,7 +239,9 @@ def run_trl(spec, work: Path, contender: str):
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_probes import count_batches, last_loss
     from trl import SFTConfig, SFTTrainer
 
     from runner.local.compute import base_weights_dtype
@@ -271,27 +273,10 @@ def run_trl(spec, work: Path, contender: str):
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
     stamps = _Stamps(spec["cuda"])
-    collate = trainer.data_collator
-
-    def stamping_collator(features):
-        batch = collate(features)
-        total = int(batch["input_ids"].numel())
-        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else total
-        stamps.add(real, total)
-        return batch
-
-    trainer.data_collator = stamping_collator
-
-    class LastLoss(TrainerCallback):
-        loss = float("nan")
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                LastLoss.loss = logs["loss"]
-
-    trainer.add_callback(LastLoss())
+    count_batches(trainer, stamps.add)
+    losses = last_loss(trainer)
     trainer.train()
-    return {"steps": trainer.state.global_step, "stamps": stamps, "loss": LastLoss.loss,
+    return {"steps": trainer.state.global_step, "stamps": stamps, "loss": losses.loss,
             "gradient_checkpointing": bool(config.gradient_checkpointing), "packing": bool(config.packing),
             "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if spec["cuda"] else None,
             "params": sum(p.numel() for p in trainer.model.parameters())}

@@ -56,8 +56,11 @@ def run_runner(model_dir, train_file, work, steps, batch_size, max_len, lr, pack
 
 def run_trl(model_dir, rows, work, steps, batch_size, max_len, lr):
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from trl import SFTConfig, SFTTrainer
+
+    from trl_probes import count_batches, last_loss
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -68,31 +71,19 @@ def run_trl(model_dir, rows, work, steps, batch_size, max_len, lr):
                        report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True, seed=0)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     counts = {"real": 0, "total": 0}
-    collate = trainer.data_collator
 
-    def counting_collator(features):
-        batch = collate(features)
-        counts["total"] += int(batch["input_ids"].numel())
-        counts["real"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(
-            batch["input_ids"].numel())
-        return batch
+    def count(real, total):
+        counts["real"] += real
+        counts["total"] += total
 
-    trainer.data_collator = counting_collator
-
-    class LastLoss(TrainerCallback):
-        loss = float("nan")
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                LastLoss.loss = logs["loss"]
-
-    trainer.add_callback(LastLoss())
+    count_batches(trainer, count)
+    losses = last_loss(trainer)
     started, cpu_started = time.perf_counter(), time.process_time()
     trainer.train()
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     assert trainer.state.global_step == steps
     return {"tokens": counts["real"], "seconds": seconds, "cpu": cpu, "padding": 1 - counts["real"] / counts["total"],
-            "loss": LastLoss.loss, "gradient_checkpointing": config.gradient_checkpointing}
+            "loss": losses.loss, "gradient_checkpointing": config.gradient_checkpointing}
 
 
 def main(argv=None):
