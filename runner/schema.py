@@ -315,16 +315,6 @@ class RunConfig:
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
 
 
-GROUP_SCHEMAS = {
-    "model": ModelConfig,
-    "compute": ComputeConfig,
-    "dataset": DatasetConfig,
-    "finetune": FinetuneConfig,
-    "deployment": DeploymentConfig,
-    "backend": BackendConfig,
-}
-
-
 # The checkout that holds runner/ and conf/ (the install is editable: conf/ lives beside the package).
 CHECKOUT = Path(__file__).resolve().parent.parent
 STATE_ENV = "FTRUN_HOME"
@@ -355,17 +345,6 @@ class ConfigError(RunnerError):
     """A resolved config that cannot run; the message names the key and what would be right."""
 
 
-def _check_choices(node: Any, schema: type, prefix: str, errors: List[str]) -> None:
-    for f in dataclasses.fields(schema):
-        value = node.get(f.name) if hasattr(node, "get") else getattr(node, f.name)
-        key = f"{prefix}{f.name}"
-        if "choices" in f.metadata and value not in f.metadata["choices"]:
-            allowed = ", ".join(str(c) for c in f.metadata["choices"])
-            errors.append(f"{key}={value!r} is not allowed; allowed values: {allowed}")
-        if isinstance(f.type, type) and dataclasses.is_dataclass(f.type):
-            _check_choices(value, f.type, key + ".", errors)
-
-
 def open_dicts(schema: type = None, prefix: str = "") -> List[str]:
     """The keys whose values are free-form dicts (Dict-typed fields): the only places a `+key=...` may add keys."""
     schema = schema or RunConfig
@@ -378,10 +357,12 @@ def open_dicts(schema: type = None, prefix: str = "") -> List[str]:
     return found
 
 
-def _check_unknown_keys(node: Any, schema: type, prefix: str, errors: List[str]) -> None:
-    """Every key must be one the schema defines. OmegaConf refuses `key=value` for an unknown key, but Hydra's
-    `+key=value` adds keys to a structured node without complaint: without this check a typo such as
-    `+finetune.learnign_rate=1e-5` would run the whole workflow with the setting silently ignored."""
+def _check_node(node: Any, schema: type, prefix: str, unknown: List[str], invalid: List[str]) -> None:
+    """One walk of the config against the schema's dataclasses.
+
+    Unknown keys: OmegaConf refuses `key=value` for a key the schema lacks, but Hydra's `+key=value` adds it to a
+    structured node without complaint; without this check a typo such as `+finetune.learnign_rate=1e-5` would run
+    the whole workflow with the setting silently ignored. Invalid values: a field's `choices` (see choice())."""
     import difflib
 
     from omegaconf import DictConfig
@@ -391,24 +372,25 @@ def _check_unknown_keys(node: Any, schema: type, prefix: str, errors: List[str])
         if key not in known:
             close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
             hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(sorted(known))}"
-            errors.append(f"{prefix}{key} is not a config key ({hint}); only these dicts take new keys: "
-                          f"{', '.join(open_dicts())}")
+            unknown.append(f"{prefix}{key} is not a config key ({hint}); only these dicts take new keys: "
+                           f"{', '.join(open_dicts())}")
     for name, f in known.items():
+        if "choices" in f.metadata and node.get(name) not in f.metadata["choices"]:
+            allowed = ", ".join(str(c) for c in f.metadata["choices"])
+            invalid.append(f"{prefix}{name}={node.get(name)!r} is not allowed; allowed values: {allowed}")
         if isinstance(f.type, type) and dataclasses.is_dataclass(f.type) and name in node:
             child = node._get_node(name) if hasattr(node, "_get_node") else node[name]
             if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
-                _check_unknown_keys(child, f.type, f"{prefix}{name}.", errors)
+                _check_node(child, f.type, f"{prefix}{name}.", unknown, invalid)
 
 
 def validate(cfg: Any) -> None:
     """Check everything the types alone cannot; raise ConfigError listing every problem."""
+    unknown: List[str] = []
     errors: List[str] = []
-    _check_unknown_keys(cfg, RunConfig, "", errors)
-    if errors:  # the other checks read keys by name: report unknown ones alone first
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
-    for group, schema in GROUP_SCHEMAS.items():
-        _check_choices(cfg[group], schema, f"{group}.", errors)
-    _check_choices(cfg.sweep, SweepConfig, "sweep.", errors)
+    _check_node(cfg, RunConfig, "", unknown, errors)
+    if unknown:  # the other checks read keys by name: report unknown ones alone first
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(unknown))
     unknown = [s for s in cfg.steps if s not in STEPS]
     if unknown:
         errors.append(f"steps={list(cfg.steps)} has unknown step(s) {unknown}; steps are, in order: {', '.join(STEPS)}")
