@@ -83,10 +83,7 @@ def run(
     record.save()
 
     if cfg.dry_run and not backend.plans_by_running_steps:
-        _run_one(ctx, "plan", lambda c: backend.plan(c))
-        record.close()
-        print(f"dry run: plan written to {ctx.plan_dir}")
-        return record
+        return _write_plan(ctx, backend.plan)
 
     steps = selected_steps(cfg.steps)
     if sweep:  # sweep jobs train and evaluate; the best one is registered/deployed after the sweep
@@ -106,13 +103,17 @@ def run(
         _release_after_failure(ctx, backend)
         raise
     if cfg.dry_run:  # the same steps ran against recording clients: their record becomes the plan's summary
-        _run_one(ctx, "plan", lambda c: backend.finish_plan(c))
-        record.close()
-        print(f"dry run: plan written to {ctx.plan_dir}")
-        return record
+        return _write_plan(ctx, backend.finish_plan)
     record.close()
     _print_summary(record)
     return record
+
+
+def _write_plan(ctx: StepContext, write: Callable[[StepContext], Dict[str, Any]]) -> RunRecord:
+    _run_one(ctx, "plan", write)
+    ctx.record.close()
+    print(f"dry run: plan written to {ctx.plan_dir}")
+    return ctx.record
 
 
 def _run_one(ctx: StepContext, name: str, fn: Callable[[StepContext], Dict[str, Any]]) -> Dict[str, Any]:

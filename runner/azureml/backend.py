@@ -116,7 +116,7 @@ class AzureMLBackend(Backend):
             message = archived_message(facts, cfg.model, cfg=cfg,
                                        registry_models=self._registry(ctx).models if refusing and not cfg.dry_run
                                        else None)
-            if refuse_archived and not cfg.model.allow_archived:
+            if refusing:
                 raise ConfigError(message)
             warnings.append(message if not cfg.model.allow_archived else
                             f"model {facts.name} is archived ({'; '.join(facts.archived_because)}); going ahead "
