@@ -44,7 +44,7 @@ def test_launch_command_and_when_to_launch(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cmd = distributed.launch_command(4, tmp_path / "launch_spec.json")
-    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+    assert cmd == [sys.executable, "-m", "runner.local.distributed", "--torchrun", "--standalone", "--nproc_per_node=4",
                    "-m", "runner.local.distributed", str(tmp_path / "launch_spec.json")]
     off = {"apply_deepspeed": False}
     assert distributed.processes_needed(off, {"num_gpus": 0}, "cpu", 0) == 0
@@ -81,9 +81,45 @@ def test_launch_runs_the_command_and_returns_rank0_result(tmp_path, monkeypatch)
     logged = []
     result = distributed.launch(2, tmp_path, {"out_dir": str(tmp_path)}, log_fn=lambda m, s: logged.append((m, s)))
     assert result["global_step"] == 3
-    assert calls[0][4] == "--nproc_per_node=2" and calls[0][-1].endswith("launch_spec.json")
+    assert calls[0][5] == "--nproc_per_node=2" and calls[0][-1].endswith("launch_spec.json")
     # metrics replayed to log_fn after the workers finish; the summary is not, as in a single-process run
     assert logged == [({"train_loss": 2.5}, 3)]
+
+
+@pytest.mark.slow
+def test_a_workers_runner_error_reaches_the_launcher_as_itself(tmp_path, tiny_model_dir, capfd):
+    """A real torchrun launch (one CPU worker) whose train() ends in a RunnerError: the launcher raises that
+    message (an OOM's advice takes this path), not "exit 1"; the worker prints it without a traceback."""
+    from tests.test_train import default_settings
+
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("")  # no conversation to train on: a RunnerError in setup, after the tokenizer loads
+    params, local = default_settings()
+    out_dir = tmp_path / "out"
+    (out_dir / distributed.ERROR_FILE.format(rank=3)).parent.mkdir(parents=True)
+    (out_dir / distributed.ERROR_FILE.format(rank=3)).write_text('{"rank": 3, "message": "stale"}')
+    kwargs = dict(model_dir=str(tiny_model_dir), train_file=str(train_file), eval_file=None, params=params,
+                  local=local, out_dir=str(out_dir), device="cpu", progress=False)
+    with pytest.raises(RunnerError) as err:
+        distributed.launch(1, out_dir, kwargs)
+    assert str(err.value) == f"{train_file}: no conversation with an assistant turn left to train on (rank 0 of " \
+                             f"the torchrun launch)"
+    assert [p.name for p in out_dir.glob("worker_error-*")] == ["worker_error-0.json"]  # the stale one is gone
+    printed = capfd.readouterr().err
+    assert f"rank 0: {train_file}: no conversation" in printed
+    assert "torchrun: worker(s) failed: rank 0 exit 1" in printed
+    assert "Traceback" not in printed and "ChildFailedError" not in printed
+
+
+def test_worker_errors_merge_into_one_message(tmp_path):
+    assert distributed.read_worker_errors(tmp_path) is None
+    oom = RunnerError("CUDA out of memory; lower finetune.per_device_train_batch_size")
+    for rank in (1, 0):
+        distributed.write_worker_error(tmp_path, rank, oom)
+    assert distributed.read_worker_errors(tmp_path) == f"{oom} (rank 0, 1 of the torchrun launch)"
+    distributed.write_worker_error(tmp_path, 2, RunnerError("bad data"))
+    assert distributed.read_worker_errors(tmp_path) == (f"the torchrun workers failed:\n  rank 0, 1: {oom}\n"
+                                                        f"  rank 2: bad data")
 
 
 # ---- the launch is decided by the local backend's finetune step, not by train() ----------------------------------

@@ -191,7 +191,7 @@ def tokenize_file_with_stats(jsonl_path, tokenizer, max_seq_length: int, *, cach
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                   "labels": datasets.Sequence(datasets.Value("int32"))})
     dataset = datasets.Dataset.from_dict(columns, features=features)
-    if final is None:
+    if final is None or not len(dataset):  # datasets cannot load back a saved empty table; nothing to cache
         return dataset, {**stats, "cache_hit": False, "cache_path": None}
 
     # Written complete or not at all: a temp folder renamed into place (meta.json last marks it usable).

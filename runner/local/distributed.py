@@ -3,7 +3,8 @@
 `train()` runs in-process on one device and never launches. With several GPUs (or DeepSpeed, whose engine expects
 a launcher even on one GPU) its caller (the local backend's finetune step) sees `processes_needed() > 0` and calls
 `launch()`, which writes a launch spec (train()'s keyword arguments) and starts
-`python -m torch.distributed.run --standalone --nproc_per_node=N -m runner.local.distributed <spec>`; every worker
+torchrun (`python -m runner.local.distributed --torchrun --standalone --nproc_per_node=N -m runner.local.distributed
+<spec>`: torch.distributed.run, minus its traceback for a worker that already said why it failed); every worker
 calls `train()` with those arguments (inside the launch `processes_needed()` is 0), the Trainer picks up the
 process group from the torchrun environment, and rank 0 writes the result JSON that `launch()` returns.
 
@@ -22,6 +23,9 @@ from runner.errors import RunnerError
 
 RESULT_FILE = "result.json"
 SPEC_FILE = "launch_spec.json"
+# a worker that ends with a RunnerError (an OOM's advice, bad data) writes its message here, so the launcher can
+# raise the same clear error instead of "exit 1" and the workers' tracebacks
+ERROR_FILE = "worker_error-{rank}.json"
 DEEPSPEED_FILE = "deepspeed_config.json"
 # The kinds of metrics.jsonl event that reach log_fn, in-process (train._Events) and replayed after a launch alike;
 # the "summary" event stays in the file.
@@ -106,9 +110,28 @@ def processes_needed(params: Dict[str, Any], local: Dict[str, Any], device: str,
     return 0
 
 
+LAUNCHER_FLAG = "--torchrun"
+
+
 def launch_command(nproc: int, spec_path, *, python: str = sys.executable) -> List[str]:
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    """torchrun (torch.distributed.run's own arguments after LAUNCHER_FLAG), started through this module so that a
+    failed worker does not add torchrun's ChildFailedError traceback to the worker's own message."""
+    return [python, "-m", "runner.local.distributed", LAUNCHER_FLAG, "--standalone", f"--nproc_per_node={nproc}",
             "-m", "runner.local.distributed", str(spec_path)]
+
+
+def _torchrun(args: List[str]) -> None:
+    """torch.distributed.run's main without its @record wrapper: a worker that failed has already printed why
+    (its RunnerError message, or the traceback of a bug), so a ChildFailedError becomes exit status 1."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(args))
+    except ChildFailedError as exc:
+        failures = ", ".join(f"rank {rank} exit {f.exitcode}" for rank, f in sorted(exc.failures.items()))
+        print(f"torchrun: worker(s) failed: {failures}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def write_launch_spec(out_dir, train_kwargs: Dict[str, Any]) -> Path:
@@ -125,12 +148,15 @@ def launch(nproc: int, out_dir, train_kwargs: Dict[str, Any], log_fn=None) -> Di
     afterwards from metrics.jsonl (a callback cannot cross process boundaries)."""
     spec = write_launch_spec(out_dir, train_kwargs)
     result_path = Path(out_dir) / RESULT_FILE
-    if result_path.exists():
-        result_path.unlink()
+    for stale in [result_path, *Path(out_dir).glob(ERROR_FILE.format(rank="*"))]:
+        stale.unlink(missing_ok=True)
     cmd = launch_command(nproc, spec)
     print("launching: " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
+        worker_error = read_worker_errors(out_dir)
+        if worker_error:
+            raise RunnerError(worker_error)
         raise RuntimeError(f"distributed training failed (exit {proc.returncode}): {' '.join(cmd)}")
     result = json.loads(result_path.read_text())
     if log_fn is not None and result.get("metrics_file"):
@@ -144,13 +170,51 @@ def launch(nproc: int, out_dir, train_kwargs: Dict[str, Any], log_fn=None) -> Di
     return result
 
 
+def write_worker_error(out_dir, rank: int, exc: RunnerError) -> Path:
+    from runner.local.checkpoints import write_atomic
+
+    path = Path(out_dir) / ERROR_FILE.format(rank=rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({"rank": rank, "type": type(exc).__name__, "message": str(exc)}))
+    return path
+
+
+def read_worker_errors(out_dir) -> Optional[str]:
+    """The workers' RunnerError messages as one message (None when no worker wrote one): one line when every
+    failing rank says the same, else a line per rank."""
+    by_message: Dict[str, List[int]] = {}
+    for path in sorted(Path(out_dir).glob(ERROR_FILE.format(rank="*"))):
+        try:
+            error = json.loads(path.read_text())
+        except ValueError:
+            continue  # written atomically, so only a foreign file could be unreadable
+        by_message.setdefault(error["message"], []).append(int(error["rank"]))
+    if not by_message:
+        return None
+    if len(by_message) == 1:
+        (message, ranks), = by_message.items()
+        return f"{message} (rank {', '.join(map(str, sorted(ranks)))} of the torchrun launch)"
+    return "the torchrun workers failed:\n" + "\n".join(
+        f"  rank {', '.join(map(str, sorted(ranks)))}: {message}" for message, ranks in by_message.items())
+
+
 def main(argv: Optional[List[str]] = None) -> None:
-    """torchrun worker entry: train with the spec's arguments (rank 0 writes the result)."""
+    """torchrun's entry (LAUNCHER_FLAG first) and the worker's: train with the spec's arguments (rank 0 writes the result). A RunnerError is the
+    runner's own clear message: it goes to the launcher through a file and is printed here without a traceback;
+    any other exception is a bug and keeps its traceback."""
     from runner.local.train import train
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == LAUNCHER_FLAG:
+        return _torchrun(argv[1:])
     kwargs = json.loads(Path(argv[0]).read_text())
-    train(**kwargs)
+    try:
+        train(**kwargs)
+    except RunnerError as exc:
+        rank = int(os.environ.get("RANK", "0"))
+        write_worker_error(kwargs["out_dir"], rank, exc)
+        print(f"rank {rank}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
