@@ -9,7 +9,10 @@ What is compared (each contender in its own Python process, so one's allocations
 fragmentation never reach the next; the table is printed by the parent):
   runner              runner.local.train.train(): packed padding-free batches, packed SDPA, bf16 autocast;
                       gradient checkpointing as --checkpointing says ("auto": the memory estimate's rule)
-  runner-chunked      the same with finetune.local.chunked_loss=true (runner/local/loss.py: no full fp32 logits)
+  runner-<levers>     the same with speed levers on, any of (joined with "-", e.g. runner-varlen-compile):
+                        chunked  finetune.local.chunked_loss=true (runner/local/loss.py: no full fp32 logits)
+                        varlen   finetune.local.packed_attention=varlen (one flash varlen kernel per layer)
+                        compile  finetune.local.compile=true (torch.compile of every decoder layer)
   trl                 TRL SFTTrainer as it comes: padded batches, its default gradient checkpointing (on)
   trl-packing         SFTTrainer with packing=True (its default "bfd" strategy, padding-free rows)
   trl-packing-liger   SFTTrainer with packing=True, use_liger_kernel=True and gradient checkpointing on
@@ -37,6 +40,7 @@ What is printed per contender:
                cached-but-free blocks are not in it)
   est GB       runner.local.compute.memory_plan for that contender's settings (packed or padded worst case,
                checkpointing or not); peak/est is the ratio
+  x baseline   tok/s over the baseline contender's (--baseline, default trl-packing; run in the same invocation)
   MFU          6 * N * tok/s / the GPU's dense bf16 peak (989 TFLOP/s for an H100 SXM; --peak-tflops for another
                card). N = all parameters; the 6N rule counts neither attention's quadratic FLOPs nor the
                recomputation under checkpointing, and a LoRA backward skips the frozen weights' gradients (~4N), so
@@ -58,7 +62,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CONTENDERS = ("runner", "runner-chunked", "trl", "trl-packing", "trl-packing-liger")
+# finetune.local settings of each lever a runner contender can name (runner-varlen-compile: both)
+RUNNER_LEVERS = {"chunked": {"chunked_loss": True}, "varlen": {"packed_attention": "varlen"},
+                 "compile": {"compile": True}}
+CONTENDERS = ("runner", "runner-chunked", "runner-varlen", "runner-compile", "runner-varlen-compile-chunked",
+              "trl", "trl-packing", "trl-packing-liger")
+TRL_CONTENDERS = ("trl", "trl-packing", "trl-packing-liger")
 LOGNORMAL_MU, LOGNORMAL_SIGMA = 6.849, 0.601  # mean exp(mu + sigma^2/2) ~ 1,130; p90 exp(mu + 1.2816 sigma) ~ 2,038
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense bf16
 RESULT = "RESULT "
@@ -169,6 +178,28 @@ class _Stamps:
         return 1.0 - self.real / self.total if self.total else 0.0
 
 
+def runner_levers(contender: str) -> dict:
+    """finetune.local overrides of a runner contender's name ("runner-varlen-compile"); ValueError if unknown."""
+    if contender != "runner" and not contender.startswith("runner-"):
+        raise ValueError(f"{contender!r} is not a runner contender")
+    settings = {}
+    for lever in contender.split("-")[1:]:
+        if lever not in RUNNER_LEVERS:
+            raise ValueError(f"{contender!r}: unknown lever {lever!r} (levers: {', '.join(RUNNER_LEVERS)})")
+        settings.update(RUNNER_LEVERS[lever])
+    return settings
+
+
+def known_contender(name: str) -> bool:
+    if name in TRL_CONTENDERS:
+        return True
+    try:
+        runner_levers(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _settings(spec, contender):
     """The runner's (params, local) for this spec; TRL contenders use the same numbers."""
     import dataclasses
@@ -189,7 +220,9 @@ def _settings(spec, contender):
     elif contender == "trl-packing-liger":
         checkpointing = True
     local.update(packing=contender != "trl", eval_before_training=False, save_steps=10 ** 6,
-                 gradient_checkpointing=checkpointing, chunked_loss=contender == "runner-chunked")
+                 gradient_checkpointing=checkpointing)
+    if contender.startswith("runner"):
+        local.update(runner_levers(contender))
     return params, local
 
 
@@ -307,6 +340,28 @@ def worker(contender: str, spec_file: str) -> None:
 
 # ---- the parent ------------------------------------------------------------------------------------------------
 
+def print_table(results, baseline: str) -> None:
+    """One row per contender; 'x baseline' divides by the named baseline's tok/s from the same invocation."""
+    base = next((r for r in results if r["contender"] == baseline and not r.get("failed")), None)
+    base_rate = base["tokens_per_s"] if base else None
+    width = max([len("contender")] + [len(r["contender"]) for r in results])
+    print(f"{'contender':{width}s} {'tok/s':>9s} {'x ' + baseline:>{max(10, len(baseline) + 2)}s} {'padding':>8s} "
+          f"{'peak GB':>8s} {'est GB':>7s} {'peak/est':>8s} {'MFU':>6s} {'ckpt':>5s} {'steps':>5s} {'loss':>7s}")
+    for r in results:
+        if r.get("failed"):
+            print(f"{r['contender']:{width}s} {'failed':>9s}")
+            continue
+        ratio = r["peak_gb"] / r["estimate_gb"] if r["peak_gb"] and r["estimate_gb"] else None
+        speedup = r["tokens_per_s"] / base_rate if base_rate and r["tokens_per_s"] else None
+        print(f"{r['contender']:{width}s} {_fmt(r['tokens_per_s'], '9.0f')} "
+              f"{_fmt(speedup, '.2f') + 'x' if speedup else 'n/a':>{max(10, len(baseline) + 2)}s} "
+              f"{r['padding']:8.1%} {_fmt(r['peak_gb'], '8.1f'):>8s} {_fmt(r['estimate_gb'], '7.1f'):>7s} "
+              f"{_fmt(ratio, '8.2f'):>8s} {_fmt(r['mfu'], '6.1%'):>6s} "
+              f"{'on' if r['gradient_checkpointing'] else 'off':>5s} {r['steps']:5d} {_fmt(r['loss'], '7.3f'):>7s}")
+    if base is None:
+        print(f"(no 'x {baseline}' figures: the baseline {baseline} did not run in this invocation)")
+
+
 def _peak_tflops(arg):
     if arg:
         return arg
@@ -336,6 +391,8 @@ def main(argv=None):
     parser.add_argument("--checkpointing", choices=("off", "on", "auto"), default="off",
                         help="gradient checkpointing for runner and trl-packing (trl keeps its default, on; "
                              "trl-packing-liger: on)")
+    parser.add_argument("--baseline", default="trl-packing",
+                        help="the contender the 'x baseline' column divides by (default trl-packing)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--rows", type=int, default=None, help="synthetic conversations (default: enough rows)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -364,10 +421,14 @@ def main(argv=None):
     warmup = args.warmup_steps if args.warmup_steps is not None else (1 if args.smoke else 5)
     wanted = [c.strip() for c in (args.contenders or ("runner,trl" if args.smoke else ",".join(CONTENDERS))).split(",")
               if c.strip()]
-    unknown = [c for c in wanted if c not in CONTENDERS]
+    unknown = [c for c in wanted if not known_contender(c)]
     if unknown:
-        parser.error(f"unknown contender(s) {unknown}; choose from {', '.join(CONTENDERS)}")
+        parser.error(f"unknown contender(s) {unknown}; choose from {', '.join(CONTENDERS)} (or runner- with any "
+                     f"of the levers {', '.join(RUNNER_LEVERS)} joined by -)")
     skipped = {}
+    for c in wanted:
+        if c.startswith("runner") and "varlen" in c.split("-") and args.smoke:
+            skipped[c] = "packed_attention=varlen is a CUDA kernel: GPU only"
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -426,17 +487,7 @@ def main(argv=None):
             continue
         results.append(json.loads(found[-1]))
 
-    print(f"{'contender':20s} {'tok/s':>9s} {'padding':>8s} {'peak GB':>8s} {'est GB':>7s} {'peak/est':>8s} "
-          f"{'MFU':>6s} {'ckpt':>5s} {'steps':>5s} {'loss':>7s}")
-    for r in results:
-        if r.get("failed"):
-            print(f"{r['contender']:20s} {'failed':>9s}")
-            continue
-        ratio = r["peak_gb"] / r["estimate_gb"] if r["peak_gb"] and r["estimate_gb"] else None
-        print(f"{r['contender']:20s} {_fmt(r['tokens_per_s'], '9.0f')} {r['padding']:8.1%} "
-              f"{_fmt(r['peak_gb'], '8.1f'):>8s} {_fmt(r['estimate_gb'], '7.1f'):>7s} {_fmt(ratio, '8.2f'):>8s} "
-              f"{_fmt(r['mfu'], '6.1%'):>6s} {'on' if r['gradient_checkpointing'] else 'off':>5s} "
-              f"{r['steps']:5d} {_fmt(r['loss'], '7.3f'):>7s}")
+    print_table(results, args.baseline)
     print(f"total {time.perf_counter() - started:.0f} s; work folder {work}")
     return 1 if any(r.get("failed") for r in results) else 0
 

@@ -159,6 +159,11 @@ class LocalFinetuneConfig:
     # the loss over chunks of tokens (lm_head + log-softmax recomputed per chunk in the backward): the full fp32
     # logits never exist (runner/local/loss.py)
     chunked_loss: bool = False
+    # packed batches' attention (runner/local/packing.py): per_conversation = causal SDPA per conversation (CPU and
+    # GPU); varlen = one flash-attention varlen kernel per layer over the packed row (CUDA, torch >= 2.10)
+    packed_attention: str = choice("per_conversation", ["per_conversation", "varlen"])
+    # torch.compile every decoder layer (runner/local/speed.py): GPU kernels fused per layer; the first steps compile
+    compile: bool = False
 
 
 @dataclass

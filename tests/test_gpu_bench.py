@@ -28,17 +28,41 @@ def test_without_cuda_it_says_so_and_exits_nonzero():
 
 @pytest.mark.slow
 def test_smoke_runs_the_harness_on_cpu(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--contenders", "runner", "--work",
-                           str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=420)
+    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--contenders", "runner,runner-compile,runner-varlen",
+                           "--baseline", "runner", "--work", str(tmp_path / "work")],
+                          cwd=REPO, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.startswith("contender"))
-    for column in COLUMNS:
+    for column in COLUMNS + ("x runner",):
         assert column in header, column
-    row = next(line for line in lines if line.startswith("runner "))
-    fields = row.split()
-    assert fields[0] == "runner" and float(fields[1]) > 0  # tok/s measured
-    assert fields[2].endswith("%")  # padding
-    assert fields[3:7] == ["n/a"] * 4  # peak, estimate, ratio, MFU: GPU-only figures, never invented on the CPU
-    assert int(fields[8]) == 4  # the smoke run's steps
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith("runner")}
+    assert set(rows) == {"runner", "runner-compile"}  # varlen: skipped on the CPU, saying why
+    assert "skipping runner-varlen: packed_attention=varlen is a CUDA kernel: GPU only" in proc.stdout
+    fields = rows["runner"]
+    assert float(fields[1]) > 0  # tok/s measured
+    assert fields[2] == "1.00x"  # the baseline against itself
+    assert rows["runner-compile"][2].endswith("x") and float(rows["runner-compile"][2][:-1]) > 0
+    assert fields[3].endswith("%")  # padding
+    assert fields[4:8] == ["n/a"] * 4  # peak, estimate, ratio, MFU: GPU-only figures, never invented on the CPU
+    assert int(fields[9]) == 4  # the smoke run's steps
     assert "templated tokens mean" in proc.stdout and "device: CPU (smoke" in proc.stdout
+
+
+def test_runner_contenders_name_their_levers():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_train", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.runner_levers("runner") == {}
+    assert bench.runner_levers("runner-varlen-compile-chunked") == {
+        "packed_attention": "varlen", "compile": True, "chunked_loss": True}
+    assert bench.known_contender("trl-packing") and not bench.known_contender("runner-turbo")
+    with pytest.raises(ValueError, match="unknown lever 'turbo'"):
+        bench.runner_levers("runner-turbo")
+    from runner.schema import LocalFinetuneConfig
+
+    fields = LocalFinetuneConfig.__dataclass_fields__
+    for settings in bench.RUNNER_LEVERS.values():  # every lever is a real finetune.local key
+        assert set(settings) <= set(fields)

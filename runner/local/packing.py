@@ -10,6 +10,9 @@ Conversations must not see each other. Three things keep them apart:
   reads too), and the matching mask function skips the T x T mask while a packed batch is running. Without those
   bounds (and, for the mask, outside a packed batch) both fall back to stock sdpa, so generation and padded batches
   behave as usual.
+- `finetune.local.packed_attention=varlen` registers `packed_varlen` instead: the same bounds, but one call of
+  PyTorch's own flash-attention varlen kernel (torch.nn.attention.varlen, CUDA only, torch >= 2.10) per layer over
+  the whole packed row, instead of one SDPA call per conversation. Nothing to install: it ships with torch.
 
 Batching: TokenBudgetBatchSampler groups per_device_train_batch_size conversations per micro-batch (capped by a
 token budget when one is set), reshuffled every epoch from (seed, epoch) alone, so a resumed run sees the same
@@ -25,6 +28,9 @@ import torch
 
 IGNORE_INDEX = -100
 PACKED_ATTENTION = "packed_sdpa"
+PACKED_VARLEN = "packed_varlen"
+# finetune.local.packed_attention -> the attention implementation registered for it
+PACKED_ATTENTIONS = {"per_conversation": PACKED_ATTENTION, "varlen": PACKED_VARLEN}
 
 _in_packed_batch = contextvars.ContextVar("in_packed_batch", default=False)
 
@@ -82,12 +88,67 @@ def _packed_sdpa_mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
-def register_packed_attention() -> str:
+def varlen_refusal() -> Optional[str]:
+    """Why packed_attention=varlen cannot run here (None: it can). Asked before the model is loaded."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ("finetune.local.packed_attention=varlen runs PyTorch's flash-attention varlen kernel, which needs a "
+                "CUDA GPU; use packed_attention=per_conversation on this machine")
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return (f"finetune.local.packed_attention=varlen needs torch >= 2.10 (torch.nn.attention.varlen); this is "
+                f"torch {torch.__version__}: use packed_attention=per_conversation")
+    return None
+
+
+def _causal_keywords(varlen_attn) -> Dict[str, object]:
+    """Causal masking in varlen_attn's own words: torch 2.10 takes is_causal, later versions a (left, right)
+    window, where (-1, 0) is causal."""
+    import inspect
+
+    params = inspect.signature(varlen_attn).parameters
+    return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+
+
+def _packed_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if cu_seq_lens is None or query.shape[0] != 1:  # not a packed batch (generation, eval of padded rows)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout and module.training:
+        raise RuntimeError(f"packed_attention=varlen has no attention dropout (the model asks for {dropout}); use "
+                           f"packed_attention=per_conversation")
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # flash attention takes 16-bit inputs only; under autocast SDPA would get them cast, a custom op does not
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    # (1, heads, T, head_dim) -> (T, heads, head_dim), the layout of varlen kernels
+    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))
+    bounds = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+    longest = kwargs.get("max_length_q")
+    longest = int(longest) if longest is not None else int((bounds[1:] - bounds[:-1]).max())
+    out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling, **_causal_keywords(varlen_attn))
+    return out.unsqueeze(0), None  # (1, T, heads, head_dim), as sdpa_attention_forward returns
+
+
+def register_packed_attention(kind: str = "per_conversation") -> str:
+    """Register the attention for finetune.local.packed_attention=`kind` (with the packed mask function) and return
+    its name, for from_pretrained(attn_implementation=...)."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
-    AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa_attention)
-    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_sdpa_mask)
-    return PACKED_ATTENTION
+    try:
+        name = PACKED_ATTENTIONS[kind]
+    except KeyError:
+        raise ValueError(f"finetune.local.packed_attention={kind!r}: use one of {sorted(PACKED_ATTENTIONS)}") from None
+    attention = _packed_varlen_attention if name == PACKED_VARLEN else _packed_sdpa_attention
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, _packed_sdpa_mask)
+    return name
 
 
 # ---- collators -----------------------------------------------------------------------------------------------

@@ -102,10 +102,17 @@ class LocalRecipe:
         precision = _mixed_precision(plan.precision, device)
         model, packing = _load_model(self.model_dir, packing=plan.packing, trust_remote_code=self.trust_remote_code,
                                      ignore_mismatched_sizes=plan.ignore_mismatched_sizes,
-                                     dtype=base_weights_dtype(plan.params, plan.local, precision))
+                                     dtype=base_weights_dtype(plan.params, plan.local, precision),
+                                     packed_attention=plan.local.get("packed_attention", "per_conversation"))
         model.config.use_cache = False
         if plan.apply_lora:
             model = _apply_lora(model, plan.lora)
+        if plan.local.get("compile"):
+            from runner.local.speed import compile_decoder_layers
+
+            compiled = compile_decoder_layers(model)
+            if self.is_main:
+                print(f"torch.compile: {compiled} decoder layers (the first steps compile them)", flush=True)
         self.model = model  # held from here on, so cleanup() frees it even when setup() fails later
         counts = count_parameters(model)
 

@@ -349,7 +349,7 @@ def _make_callbacks(plan, events: _Events, meter: _TokenMeter, progress: bool):
 # ---- model ---------------------------------------------------------------------------------------------------
 
 def _load_model(model_dir, *, packing: bool, trust_remote_code: bool, ignore_mismatched_sizes: bool,
-                dtype: str = "float32"):
+                dtype: str = "float32", packed_attention: str = "per_conversation"):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -359,7 +359,8 @@ def _load_model(model_dir, *, packing: bool, trust_remote_code: bool, ignore_mis
                   ignore_mismatched_sizes=ignore_mismatched_sizes)
     if packing:
         try:
-            return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=register_packed_attention(),
+            return AutoModelForCausalLM.from_pretrained(model_dir,
+                                                        attn_implementation=register_packed_attention(packed_attention),
                                                         **kwargs), True
         except (ValueError, ImportError) as exc:  # a model without SDPA support: pad instead
             print(f"packing off: {type(exc).__name__}: {exc}", flush=True)
@@ -403,7 +404,7 @@ def _save_final(model, tokenizer, out: Path, *, apply_lora: bool, merge_lora_wei
     """A plain transformers model + tokenizer in out/final_model, written to a temp folder and renamed; with LoRA
     not merged by request, the adapter is kept in out/adapter too (the final model is still a merged copy, since
     only a plain model registers and serves faithfully)."""
-    from runner.local.packing import PACKED_ATTENTION
+    from runner.local.packing import PACKED_ATTENTIONS
 
     info: Dict[str, Any] = {"lora_merged": None, "adapter_dir": None}
     if apply_lora:
@@ -418,7 +419,7 @@ def _save_final(model, tokenizer, out: Path, *, apply_lora: bool, merge_lora_wei
         model = model.merge_and_unload()
         info["lora_merged"] = merge_lora_weights
     model.config.use_cache = True
-    if getattr(model.config, "_attn_implementation", None) == PACKED_ATTENTION:
+    if getattr(model.config, "_attn_implementation", None) in PACKED_ATTENTIONS.values():
         model.set_attn_implementation("sdpa")  # the saved model must load without this module
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=out))
     try:

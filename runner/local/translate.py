@@ -107,6 +107,9 @@ LOCAL_KEYS: Dict[str, str] = {
                 "it chose",
     "chunked_loss": "the training loss over chunks of labelled tokens, lm_head + log-softmax recomputed per chunk "
                     "in the backward (runner/local/loss.py); false: the model's own loss over the full logits",
+    "packed_attention": "the attention of packed batches: per_conversation (SDPA per conversation) or varlen (one "
+                        "flash-attention varlen kernel per layer; CUDA) (runner/local/packing.py)",
+    "compile": "torch.compile of every decoder layer (runner/local/speed.py)",
 }
 
 
@@ -239,6 +242,26 @@ class LocalTrainingPlan:
                           "trainer; use deepspeed_stage=2 (finetune=lora_deepspeed2) or full fine-tuning with stage 3")
         if self.save_steps < 1:
             errors.append(f"finetune.local.save_steps={self.save_steps} must be >= 1")
+        errors += self._speed_refusals(device)
+        return errors
+
+    def _speed_refusals(self, device: str) -> List[str]:
+        """The speed levers (packed_attention, compile) where they cannot run: said before anything loads."""
+        errors = []
+        if self.local.get("packed_attention", "per_conversation") == "varlen":
+            from runner.local.packing import varlen_refusal
+
+            if not self.packing:
+                errors.append("finetune.local.packed_attention=varlen is the attention of packed batches: it needs "
+                              "finetune.local.packing=true")
+            elif device != "cuda":
+                errors.append("finetune.local.packed_attention=varlen runs PyTorch's flash-attention varlen kernel, "
+                              "which needs a CUDA GPU; use packed_attention=per_conversation on this machine")
+            elif varlen_refusal():
+                errors.append(varlen_refusal())
+        if self.local.get("compile") and self.apply_deepspeed:
+            # ZeRO gathers and frees parameters with hooks inside the layers that a compiled graph would skip
+            errors.append("finetune.local.compile=true is not supported with DeepSpeed here; set compile=false")
         return errors
 
     def check(self, device: str) -> None:

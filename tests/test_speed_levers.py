@@ -1,0 +1,148 @@
+"""The speed levers of finetune.local (issue 12): packed_attention=varlen and compile.
+
+varlen's kernel (torch.nn.attention.varlen.varlen_attn, flash attention) runs on CUDA only. Here it is replaced by
+a double made with mock.create_autospec from the real function, so a call with a wrong name, argument or keyword
+fails as it would for real, whose side effect is the same arithmetic (causal attention per conversation in the
+kernel's (tokens, heads, head_dim) layout, checking the layout and the int32 bounds the real kernel requires). What
+is tested is this project's plumbing around the kernel: layouts, bounds, causal keywords, the return shape; the
+kernel's own speed and numerics on a GPU are bench/gpu_train.py's (contender runner-varlen)."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+from runner.errors import RunnerError
+from runner.local.packing import pack_conversations, packed_batch, register_packed_attention
+from tests.test_train import chat_data, default_settings, run_train  # noqa: F401  (chat_data: a fixture)
+from tests.test_train_packing import _alone, _model, conversations  # noqa: F401  (conversations: a fixture)
+
+
+def _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    assert query.dim() == 3 and key.shape == query.shape == value.shape, "varlen takes (tokens, heads, head_dim)"
+    assert cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k)
+    assert tuple(window_size) == (-1, 0), "causal is window (-1, 0) in this torch"
+    bounds = cu_seq_q.tolist()
+    assert bounds[0] == 0 and bounds[-1] == query.shape[0]
+    assert max_q == max_k == max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = (t[start:end].transpose(0, 1)[None] for t in (query, key, value))
+        parts.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[0]
+                     .transpose(0, 1))
+    return torch.cat(parts)
+
+
+@pytest.fixture
+def varlen_double(monkeypatch):
+    import torch.nn.attention.varlen as varlen
+
+    double = mock.create_autospec(varlen.varlen_attn, side_effect=_reference_varlen)
+    monkeypatch.setattr(varlen, "varlen_attn", double)
+    return double
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    with packed_batch():
+        loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_varlen_attention_equals_per_conversation_attention(tiny_model_dir, conversations, varlen_double):
+    name = register_packed_attention("varlen")
+    assert name == "packed_varlen"
+    varlen_model = _model(tiny_model_dir, name)
+    batch = pack_conversations(conversations)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad(), packed_batch():
+        packed = varlen_model(**inputs, use_cache=False).logits[0]
+    layers = varlen_model.config.num_hidden_layers
+    assert varlen_double.call_count == layers  # one kernel call per layer for the whole row
+    bounds = batch["cu_seq_lens_q"].tolist()
+    for conv, start, end in zip(conversations, bounds[:-1], bounds[1:]):
+        torch.testing.assert_close(packed[start:end], _alone(varlen_model, conv), atol=1e-5, rtol=1e-4)
+    assert varlen_double.call_count == layers  # alone (no bounds): stock sdpa, not the kernel
+
+    # training: loss and every gradient equal the per-conversation attention's
+    per_conversation = _model(tiny_model_dir, register_packed_attention("per_conversation")).train()
+    varlen_loss, varlen_grads = _loss_and_grads(varlen_model.train(), batch)
+    loss, grads = _loss_and_grads(per_conversation, batch)
+    torch.testing.assert_close(varlen_loss, loss)
+    assert varlen_grads.keys() == grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(varlen_grads[name], grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_unknown_packed_attention_is_refused():
+    with pytest.raises(ValueError, match="packed_attention='flash'"):
+        register_packed_attention("flash")
+
+
+def _refusals(device, **overrides):
+    from runner.local.translate import translate
+
+    return translate(*default_settings(**overrides)).refusals(device)
+
+
+def test_levers_are_refused_before_loading_where_they_cannot_run():
+    assert _refusals("cpu") == []
+    assert _refusals("cpu", compile=True) == []  # compiles on CPU too (inductor's C++ backend), only slowly
+    [cpu] = _refusals("cpu", packed_attention="varlen")
+    assert "needs a CUDA GPU" in cpu and "packed_attention=per_conversation" in cpu
+    [unpacked] = _refusals("cuda", packed_attention="varlen", packing=False)
+    assert "needs finetune.local.packing=true" in unpacked
+    [deepspeed] = [e for e in _refusals("cuda", compile=True, apply_deepspeed=True) if "compile" in e]
+    assert "not supported with DeepSpeed" in deepspeed
+    from runner.local.translate import translate
+
+    with pytest.raises(RunnerError, match="packed_attention=varlen .* needs a CUDA GPU"):
+        translate(*default_settings(packed_attention="varlen")).check("cpu")
+
+
+def test_compile_finds_the_decoder_layers_through_peft(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from runner.local.speed import compile_decoder_layers, decoder_layers
+
+    model = get_peft_model(_model(tiny_model_dir, "sdpa"), LoraConfig(target_modules=["qkv_proj"], r=4))
+    keys = list(model.state_dict())
+    assert compile_decoder_layers(model) == model.config.num_hidden_layers
+    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
+    assert list(model.state_dict()) == keys  # compiled in place: nothing renamed, so saving and merging are as before
+
+    with pytest.raises(RunnerError, match="no decoder layers"):
+        compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_to_the_same_losses(tiny_model_dir, chat_data, tmp_path):
+    """Six optimizer steps with compile on and off: the same losses (up to the fused kernels' rounding), and the
+    saved model loads with the base model's keys."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    settings = dict(max_steps=6, per_device_train_batch_size=4, learning_rate=2e-3, max_seq_length=128,
+                    evaluation_strategy="disable", eval_before_training=False, logging_steps=1, save_steps=100)
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for on in (False, True):
+        counters.clear()
+        runs[on] = run_train(tiny_model_dir, chat_data, tmp_path / f"compile-{on}", compile=on, **settings)
+        graphs = counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == on, graphs  # dynamo compiled graphs only when asked to
+
+    def losses(result):
+        events = [json.loads(line) for line in open(result["metrics_file"])]
+        return [e["train_loss"] for e in events if e.get("kind") == "train" and "train_loss" in e]
+
+    eager, compiled = losses(runs[False]), losses(runs[True])
+    assert len(eager) == 6
+    assert compiled == pytest.approx(eager, rel=1e-3)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    saved = AutoModelForCausalLM.from_pretrained(runs[True]["final_model_dir"])
+    assert list(saved.state_dict()) == list(base.state_dict())
