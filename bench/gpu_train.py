@@ -36,10 +36,11 @@ What is printed per contender:
                micro-batch is time-stamped after a CUDA synchronize as it starts; the last one's tokens are not
                counted, its time is not either)
   padding      padding tokens / all tokens of the batches
-  peak GB      torch.cuda.max_memory_allocated() of the worker (the allocator's peak: the CUDA context and
-               cached-but-free blocks are not in it)
+  peak GB      torch.cuda.max_memory_allocated() of the worker / 1e9 (decimal GB, the estimate's unit; the
+               allocator's peak: the CUDA context and cached-but-free blocks are not in it)
   est GB       runner.local.compute.memory_plan for that contender's settings (packed or padded worst case,
-               checkpointing or not); peak/est is the ratio
+               checkpointing or not); peak/est is the ratio. A runner row whose estimate is more than 5% below
+               the peak or more than 25% above it is marked, and the script exits 1 (the estimate's trust bound)
   x baseline   tok/s over the baseline contender's (--baseline, default trl-packing; run in the same invocation)
   MFU          6 * N * tok/s / the GPU's dense bf16 peak (989 TFLOP/s for an H100 SXM; --peak-tflops for another
                card). N = all parameters; the 6N rule counts neither attention's quadratic FLOPs nor the
@@ -340,6 +341,16 @@ def worker(contender: str, spec_file: str) -> None:
 
 # ---- the parent ------------------------------------------------------------------------------------------------
 
+def estimate_outside_bound(r) -> bool:
+    """A runner row whose estimate breaks the trust bound (runner.local.memory.ratio_bounds_ok: never more than 5%
+    below the measured peak, at most 25% above). TRL rows are not held to it: the estimate is the runner's."""
+    from runner.local.memory import ratio_bounds_ok
+
+    if r.get("failed") or not r["contender"].startswith("runner") or not (r["peak_gb"] and r["estimate_gb"]):
+        return False
+    return not ratio_bounds_ok(r["estimate_gb"], r["peak_gb"])
+
+
 def print_table(results, baseline: str) -> None:
     """One row per contender; 'x baseline' divides by the named baseline's tok/s from the same invocation."""
     base = next((r for r in results if r["contender"] == baseline and not r.get("failed")), None)
@@ -357,7 +368,8 @@ def print_table(results, baseline: str) -> None:
               f"{_fmt(speedup, '.2f') + 'x' if speedup else 'n/a':>{max(10, len(baseline) + 2)}s} "
               f"{r['padding']:8.1%} {_fmt(r['peak_gb'], '8.1f'):>8s} {_fmt(r['estimate_gb'], '7.1f'):>7s} "
               f"{_fmt(ratio, '8.2f'):>8s} {_fmt(r['mfu'], '6.1%'):>6s} "
-              f"{'on' if r['gradient_checkpointing'] else 'off':>5s} {r['steps']:5d} {_fmt(r['loss'], '7.3f'):>7s}")
+              f"{'on' if r['gradient_checkpointing'] else 'off':>5s} {r['steps']:5d} {_fmt(r['loss'], '7.3f'):>7s}"
+              + ("  estimate OUTSIDE the bound" if estimate_outside_bound(r) else ""))
     if base is None:
         print(f"(no 'x {baseline}' figures: the baseline {baseline} did not run in this invocation)")
 
@@ -488,8 +500,11 @@ def main(argv=None):
         results.append(json.loads(found[-1]))
 
     print_table(results, args.baseline)
+    outside = [r["contender"] for r in results if estimate_outside_bound(r)]
+    if outside:
+        print(f"the memory estimate is outside its bound (est/peak in [0.95, 1.25]) for: {', '.join(outside)}")
     print(f"total {time.perf_counter() - started:.0f} s; work folder {work}")
-    return 1 if any(r.get("failed") for r in results) else 0
+    return 1 if outside or any(r.get("failed") for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -49,12 +49,31 @@ def test_smoke_runs_the_harness_on_cpu(tmp_path):
     assert "templated tokens mean" in proc.stdout and "device: CPU (smoke" in proc.stdout
 
 
-def test_runner_contenders_name_their_levers():
+def _bench():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gpu_train", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_table_marks_an_estimate_outside_its_bound(capsys):
+    """The issue's first measured row (peak 28.4 GB, the old estimate 21.8 GB) is outside; TRL rows are not judged."""
+    bench = _bench()
+    row = dict(tokens_per_s=6762.0, padding=0.0, mfu=None, gradient_checkpointing=False, steps=30, loss=1.0)
+    results = [{**row, "contender": "runner", "peak_gb": 28.4, "estimate_gb": 21.8},
+               {**row, "contender": "runner-varlen", "peak_gb": 28.4, "estimate_gb": 29.0},
+               {**row, "contender": "trl-packing", "peak_gb": 52.0, "estimate_gb": 30.0, "tokens_per_s": 3381.0}]
+    assert [bench.estimate_outside_bound(r) for r in results] == [True, False, False]
+    bench.print_table(results, "trl-packing")
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("runner ") and out[1].endswith("estimate OUTSIDE the bound") and "2.00x" in out[1]
+    assert not out[2].endswith("bound") and "1.00x" in out[3]
+
+
+def test_runner_contenders_name_their_levers():
+    bench = _bench()
     assert bench.runner_levers("runner") == {}
     assert bench.runner_levers("runner-varlen-compile-chunked") == {
         "packed_attention": "varlen", "compile": True, "chunked_loss": True}
