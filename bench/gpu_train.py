@@ -441,6 +441,12 @@ def main(argv=None):
     for c in wanted:
         if c.startswith("runner") and "varlen" in c.split("-") and args.smoke:
             skipped[c] = "packed_attention=varlen is a CUDA kernel: GPU only"
+        elif c.startswith("runner") and args.checkpointing == "on":
+            from runner.local.speed import compile_refusal
+
+            why = compile_refusal(runner_levers(c), packing=True, checkpointing=True)
+            if why:
+                skipped[c] = why
     try:
         import trl  # noqa: F401
     except ImportError:

@@ -96,6 +96,13 @@ def test_levers_are_refused_before_loading_where_they_cannot_run():
     assert "needs finetune.local.packing=true" in unpacked
     [deepspeed] = [e for e in _refusals("cuda", compile=True, apply_deepspeed=True) if "compile" in e]
     assert "not supported with DeepSpeed" in deepspeed
+    # under checkpointing a layer compiles only as one graph: per-conversation attention would compile nothing
+    [nothing] = _refusals("cpu", compile=True, gradient_checkpointing=True)
+    assert "would compile nothing" in nothing and "packed_attention=varlen" in nothing
+    assert [e for e in _refusals("cuda", compile=True, gradient_checkpointing=True, packed_attention="varlen")
+            if "compile" in e] == []  # (varlen itself is refused here: this machine has no CUDA)
+    assert _refusals("cpu", compile=True, gradient_checkpointing=True, packing=False) == []
+    assert _refusals("cpu", compile=True, gradient_checkpointing="auto") == []  # decided (and checked) at run time
     from runner.local.translate import translate
 
     with pytest.raises(RunnerError, match="packed_attention=varlen .* needs a CUDA GPU"):
@@ -115,6 +122,35 @@ def test_compile_finds_the_decoder_layers_through_peft(tiny_model_dir):
 
     with pytest.raises(RunnerError, match="no decoder layers"):
         compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.slow
+def test_auto_checkpointing_that_would_compile_nothing_is_refused_before_loading(tiny_model_dir, chat_data, tmp_path,
+                                                                                  monkeypatch):
+    from runner.local import recipe
+
+    loaded = []
+    monkeypatch.setattr(recipe.LocalRecipe, "_gradient_checkpointing", lambda self: True)  # "auto" chose it
+    monkeypatch.setattr("runner.local.train._load_model", lambda *a, **k: loaded.append(1))
+    with pytest.raises(RunnerError, match="would compile nothing"):
+        run_train(tiny_model_dir, chat_data, tmp_path, compile=True, gradient_checkpointing="auto", max_steps=1)
+    assert loaded == []
+
+
+@pytest.mark.slow
+def test_padded_batches_compile_under_checkpointing(tiny_model_dir, chat_data, tmp_path):
+    """The checkpointed layer is one graph: dynamo compiles it, and the losses are eager's."""
+    from torch._dynamo.utils import counters
+
+    settings = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=2e-3, max_seq_length=128,
+                    evaluation_strategy="disable", eval_before_training=False, logging_steps=1, save_steps=100,
+                    packing=False, gradient_checkpointing=True)
+    counters.clear()
+    compiled = run_train(tiny_model_dir, chat_data, tmp_path / "on", compile=True, **settings)
+    assert counters["stats"]["unique_graphs"] > 0
+    eager = run_train(tiny_model_dir, chat_data, tmp_path / "off", compile=False, **settings)
+    assert compiled["gradient_checkpointing"] is True
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
 
 
 @pytest.mark.slow

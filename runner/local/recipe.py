@@ -99,6 +99,11 @@ class LocalRecipe:
 
         # -- model (+ LoRA) --
         checkpointing = self._gradient_checkpointing()  # "auto" measured before the weights take memory
+        from runner.local.speed import compile_refusal
+
+        never_compiles = compile_refusal(plan.local, packing=plan.packing, checkpointing=checkpointing)
+        if never_compiles:  # "auto" chose checkpointing: still refused before the model loads
+            raise RunnerError(never_compiles)
         precision = _mixed_precision(plan.precision, device)
         model, packing = _load_model(self.model_dir, packing=plan.packing, trust_remote_code=self.trust_remote_code,
                                      ignore_mismatched_sizes=plan.ignore_mismatched_sizes,

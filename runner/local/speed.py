@@ -11,6 +11,12 @@ LoRA dropout), which in eager mode each read and write the whole activation.
 compile again. The per-conversation packed attention reads the conversations' bounds back to the host, so the graph
 breaks around it (two graphs per layer); packed_attention=varlen is one custom op and stays inside the graph.
 
+Under gradient checkpointing a layer compiles only as one whole graph (dynamo traces torch.utils.checkpoint as a
+single higher-order op, which allows no graph break inside): padded batches and packed_attention=varlen qualify, the
+per-conversation attention does not, and then nothing would be compiled at all, silently. Checked on the CPU:
+12-layer Phi-3 shape, padded + checkpointing compiles one graph for all layers; packed per-conversation +
+checkpointing compiles none. That combination is refused before the model loads (compile_refusal).
+
 Nothing here is used by default. Whether it pays is a GPU measurement (bench/gpu_train.py, contender
 runner-compile); on this project's CPU machine it is not faster (bench/train_throughput.py --compile).
 """
@@ -36,3 +42,16 @@ def compile_decoder_layers(model) -> int:
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
+
+
+def compile_refusal(local, *, packing: bool, checkpointing: bool):
+    """Why finetune.local.compile=true would compile nothing with these settings (None: it compiles)."""
+    if not local.get("compile") or not checkpointing or not packing:
+        return None
+    if local.get("packed_attention", "per_conversation") == "varlen":
+        return None
+    return ("finetune.local.compile=true with gradient checkpointing and packed_attention=per_conversation would "
+            "compile nothing: a checkpointed layer compiles only as one graph, and the per-conversation attention "
+            "reads the conversation bounds back to the host. Use packed_attention=varlen (CUDA), or "
+            "gradient_checkpointing=false, or compile=false")
+

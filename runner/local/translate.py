@@ -259,6 +259,12 @@ class LocalTrainingPlan:
                               "which needs a CUDA GPU; use packed_attention=per_conversation on this machine")
             elif varlen_refusal():
                 errors.append(varlen_refusal())
+        from runner.local.speed import compile_refusal
+
+        never_compiles = compile_refusal(self.local, packing=self.packing,
+                                         checkpointing=self.gradient_checkpointing is True)
+        if never_compiles:
+            errors.append(never_compiles)
         if self.local.get("compile") and self.apply_deepspeed:
             # ZeRO gathers and frees parameters with hooks inside the layers that a compiled graph would skip
             errors.append("finetune.local.compile=true is not supported with DeepSpeed here; set compile=false")
