@@ -46,6 +46,13 @@ What is printed per contender:
                card). N = all parameters; the 6N rule counts neither attention's quadratic FLOPs nor the
                recomputation under checkpointing, and a LoRA backward skips the frozen weights' gradients (~4N), so
                under LoRA this MFU overstates the work done: compare contenders with it, not against papers.
+After the table (on CUDA) it prints each speed target of issue 12 as met / NOT met / n/a, from this run's rows
+only: the best runner row without checkpointing >= 1.5x trl-packing; the best runner row with checkpointing and a
+peak <= 22 GB >= 1.3x trl-packing-liger; MFU >= 35% at LoRA 4 x 2048 without checkpointing. `--checkpointing both`
+runs every contender that the flag changes twice (off, then on), so one invocation has the rows for all three:
+
+    python bench/gpu_train.py --checkpointing both
+
 Without CUDA (and without --smoke) it says so and exits 2. No figure of this script is committed anywhere: run it.
 """
 
@@ -351,10 +358,80 @@ def estimate_outside_bound(r) -> bool:
     return not ratio_bounds_ok(r["estimate_gb"], r["peak_gb"])
 
 
+FIXED_CHECKPOINTING = ("trl", "trl-packing-liger")  # their configurations set it (on); --checkpointing does not
+
+
+def jobs(contenders, modes):
+    """(contender, checkpointing mode) pairs to run, in order: every contender in the first mode, then those that
+    --checkpointing changes in the next; a runner contender that would compile nothing under checkpointing is
+    skipped (saying why) in mode "on"."""
+    from runner.local.speed import compile_refusal
+
+    out = []
+    for i, mode in enumerate(modes):
+        for name in contenders:
+            if i and name in FIXED_CHECKPOINTING:
+                continue
+            if name.startswith("runner") and mode == "on":
+                why = compile_refusal(runner_levers(name), packing=True, checkpointing=True)
+                if why:
+                    print(f"skipping {name} with checkpointing on: {why}", flush=True)
+                    continue
+            out.append((name, mode))
+    return out
+
+
+# the issue's speed targets (issue 12): (runner rows, baseline, at least this ratio, peak GB at most)
+SPEED_TARGETS = (
+    ("without checkpointing: the best runner row vs trl-packing", False, "trl-packing", 1.5, None),
+    ("with checkpointing: the best runner row vs trl-packing-liger, at a peak <= 22 GB", True, "trl-packing-liger",
+     1.3, 22.0),
+)
+MFU_TARGET = 0.35  # LoRA, 4 conversations x 2048, no checkpointing, on an H100
+
+
+def target_lines(results, *, micro_batch: int, max_seq_length: int, mode: str) -> list:
+    """One line per target of issue 12: met, NOT met, or which row it lacks. Only rows of this invocation."""
+    ok = [r for r in results if not r.get("failed") and r.get("tokens_per_s")]
+    lines = []
+    for what, checkpointing, baseline, ratio, peak_cap in SPEED_TARGETS:
+        base = next((r for r in ok if r["contender"] == baseline), None)
+        runners = [r for r in ok if r["contender"].startswith("runner")
+                   and bool(r["gradient_checkpointing"]) == checkpointing
+                   and (peak_cap is None or (r["peak_gb"] is not None and r["peak_gb"] <= peak_cap))]
+        if base is None or not runners:
+            missing = (f"{baseline} row" if base is None else
+                       f"runner row with checkpointing {'on' if checkpointing else 'off'}"
+                       + (f" at a peak <= {peak_cap:g} GB" if peak_cap else ""))
+            lines.append(f"target {what} >= {ratio}x: n/a (this run has no {missing})")
+            continue
+        best = max(runners, key=lambda r: r["tokens_per_s"])
+        got = best["tokens_per_s"] / base["tokens_per_s"]
+        lines.append(f"target {what} >= {ratio}x: {got:.2f}x ({best['contender']}, "
+                     f"{best['tokens_per_s']:.0f} vs {base['tokens_per_s']:.0f} tok/s) "
+                     f"{'met' if got >= ratio else 'NOT met'}")
+    shape_ok = mode == "lora" and micro_batch == 4 and max_seq_length == 2048
+    mfus = [r for r in ok if r["contender"].startswith("runner") and not r["gradient_checkpointing"]
+            and r.get("mfu") is not None]
+    if not shape_ok or not mfus:
+        lines.append(f"target MFU(6N) >= {MFU_TARGET:.0%} at LoRA 4 x 2048 without checkpointing: n/a (this run is "
+                     f"{mode} {micro_batch} x {max_seq_length}{'' if mfus else ', no runner row without it'})")
+    else:
+        best = max(mfus, key=lambda r: r["mfu"])
+        lines.append(f"target MFU(6N) >= {MFU_TARGET:.0%} at LoRA 4 x 2048 without checkpointing: {best['mfu']:.1%} "
+                     f"({best['contender']}) {'met' if best['mfu'] >= MFU_TARGET else 'NOT met'}")
+    return lines
+
+
 def print_table(results, baseline: str) -> None:
-    """One row per contender; 'x baseline' divides by the named baseline's tok/s from the same invocation."""
-    base = next((r for r in results if r["contender"] == baseline and not r.get("failed")), None)
-    base_rate = base["tokens_per_s"] if base else None
+    """One row per contender run; 'x baseline' divides by the named baseline's tok/s from the same invocation,
+    with the same checkpointing where the baseline ran both ways."""
+    def base_for(r):
+        named = [b for b in results if b["contender"] == baseline and not b.get("failed")]
+        same = [b for b in named if b["gradient_checkpointing"] == r.get("gradient_checkpointing")]
+        return (same or named or [None])[0]
+
+    base = base_for({})
     width = max([len("contender")] + [len(r["contender"]) for r in results])
     print(f"{'contender':{width}s} {'tok/s':>9s} {'x ' + baseline:>{max(10, len(baseline) + 2)}s} {'padding':>8s} "
           f"{'peak GB':>8s} {'est GB':>7s} {'peak/est':>8s} {'MFU':>6s} {'ckpt':>5s} {'steps':>5s} {'loss':>7s}")
@@ -363,7 +440,8 @@ def print_table(results, baseline: str) -> None:
             print(f"{r['contender']:{width}s} {'failed':>9s}")
             continue
         ratio = r["peak_gb"] / r["estimate_gb"] if r["peak_gb"] and r["estimate_gb"] else None
-        speedup = r["tokens_per_s"] / base_rate if base_rate and r["tokens_per_s"] else None
+        own_base = base_for(r)
+        speedup = r["tokens_per_s"] / own_base["tokens_per_s"] if own_base and r["tokens_per_s"] else None
         print(f"{r['contender']:{width}s} {_fmt(r['tokens_per_s'], '9.0f')} "
               f"{_fmt(speedup, '.2f') + 'x' if speedup else 'n/a':>{max(10, len(baseline) + 2)}s} "
               f"{r['padding']:8.1%} {_fmt(r['peak_gb'], '8.1f'):>8s} {_fmt(r['estimate_gb'], '7.1f'):>7s} "
@@ -400,8 +478,9 @@ def main(argv=None):
     parser.add_argument("--max-seq-length", type=int, default=None, help="default 2048; smoke 256")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 30; smoke 4)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="steps left out of tok/s (default 5; smoke 1)")
-    parser.add_argument("--checkpointing", choices=("off", "on", "auto"), default="off",
-                        help="gradient checkpointing for runner and trl-packing (trl keeps its default, on; "
+    parser.add_argument("--checkpointing", choices=("off", "on", "auto", "both"), default="off",
+                        help="gradient checkpointing for runner and trl-packing; both: every such contender off, "
+                             "then on, in one table (trl keeps its default, on; "
                              "trl-packing-liger: on)")
     parser.add_argument("--baseline", default="trl-packing",
                         help="the contender the 'x baseline' column divides by (default trl-packing)")
@@ -441,12 +520,6 @@ def main(argv=None):
     for c in wanted:
         if c.startswith("runner") and "varlen" in c.split("-") and args.smoke:
             skipped[c] = "packed_attention=varlen is a CUDA kernel: GPU only"
-        elif c.startswith("runner") and args.checkpointing == "on":
-            from runner.local.speed import compile_refusal
-
-            why = compile_refusal(runner_levers(c), packing=True, checkpointing=True)
-            if why:
-                skipped[c] = why
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -483,8 +556,11 @@ def main(argv=None):
             "mode": args.mode, "micro_batch": micro, "max_seq_length": max_len, "steps": steps,
             "warmup_steps": warmup, "checkpointing": args.checkpointing, "lr": args.lr,
             "peak_tflops": _peak_tflops(args.peak_tflops) if cuda else None}
-    spec_file = work / "spec.json"
-    spec_file.write_text(json.dumps(spec, indent=1))
+    modes = ("off", "on") if args.checkpointing == "both" else (args.checkpointing,)
+    spec_files = {}
+    for mode in modes:
+        spec_files[mode] = work / f"spec-{mode}.json"
+        spec_files[mode].write_text(json.dumps({**spec, "checkpointing": mode}, indent=1))
     device = torch.cuda.get_device_name(0) if cuda else f"CPU (smoke; {os.cpu_count()} cores)"
     print(f"model: {'tiny Phi-3 shape' if args.smoke else 'Phi-3-mini-4k shape, random init, bf16'} "
           f"({model_dir}), {args.mode}; device: {device}; peak bf16 TFLOP/s for MFU: "
@@ -494,18 +570,22 @@ def main(argv=None):
           f"{steps} steps, tok/s over steps after {warmup}; checkpointing {args.checkpointing}", flush=True)
 
     results = []
-    for name in run:
+    for name, mode in jobs(run, modes):
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec",
-                               str(spec_file)], cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+                               str(spec_files[mode])], cwd=REPO, capture_output=True, text=True,
+                              timeout=args.timeout)
         found = [line[len(RESULT):] for line in proc.stdout.splitlines() if line.startswith(RESULT)]
         if proc.returncode != 0 or not found:
             tail = (proc.stdout + proc.stderr)[-2500:]
-            print(f"{name}: failed (exit {proc.returncode}):\n{tail}", flush=True)
+            print(f"{name} (checkpointing {mode}): failed (exit {proc.returncode}):\n{tail}", flush=True)
             results.append({"contender": name, "failed": True})
             continue
         results.append(json.loads(found[-1]))
 
     print_table(results, args.baseline)
+    if cuda:
+        for line in target_lines(results, micro_batch=micro, max_seq_length=max_len, mode=args.mode):
+            print(line)
     outside = [r["contender"] for r in results if estimate_outside_bound(r)]
     if outside:
         print(f"the memory estimate is outside its bound (est/peak in [0.95, 1.25]) for: {', '.join(outside)}")

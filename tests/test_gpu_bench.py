@@ -85,3 +85,43 @@ def test_runner_contenders_name_their_levers():
     fields = LocalFinetuneConfig.__dataclass_fields__
     for settings in bench.RUNNER_LEVERS.values():  # every lever is a real finetune.local key
         assert set(settings) <= set(fields)
+
+
+def test_targets_from_the_issues_own_measurements():
+    """Issue 12's table as rows (H100, LoRA 4 x 2048): runner 9,912 tok/s vs TRL packing 6,815 is 1.45x (the 1.5x
+    target not met), no runner row with checkpointing (n/a), MFU 6N 23% (not met)."""
+    bench = _bench()
+    n = 3_821_079_552
+    row = dict(padding=0.0, steps=30, loss=1.0, estimate_gb=None)
+    results = [
+        {**row, "contender": "runner", "tokens_per_s": 9912.0, "gradient_checkpointing": False, "peak_gb": 42.5,
+         "mfu": 6 * n * 9912.0 / 989e12},
+        {**row, "contender": "trl-packing", "tokens_per_s": 6815.0, "gradient_checkpointing": False,
+         "peak_gb": 52.0, "mfu": None},
+        {**row, "contender": "trl-packing-liger", "tokens_per_s": 5941.0, "gradient_checkpointing": True,
+         "peak_gb": 11.1, "mfu": None},
+        {"contender": "runner-compile", "failed": True},
+    ]
+    lines = bench.target_lines(results, micro_batch=4, max_seq_length=2048, mode="lora")
+    assert lines[0].endswith("1.45x (runner, 9912 vs 6815 tok/s) NOT met")
+    assert lines[1].endswith("n/a (this run has no runner row with checkpointing on at a peak <= 22 GB)")
+    assert lines[2].endswith("23.0% (runner) NOT met")
+    # a checkpointed runner row over the 22 GB cap does not count; one under it does
+    over = {**results[0], "contender": "runner-varlen", "gradient_checkpointing": True, "peak_gb": 23.0,
+            "tokens_per_s": 9000.0}
+    assert "n/a" in bench.target_lines(results + [over], micro_batch=4, max_seq_length=2048, mode="lora")[1]
+    under = {**over, "peak_gb": 20.5}
+    line = bench.target_lines(results + [under], micro_batch=4, max_seq_length=2048, mode="lora")[1]
+    assert line.endswith("1.51x (runner-varlen, 9000 vs 5941 tok/s) met")
+    # another shape: the MFU target does not apply
+    assert "n/a (this run is lora 8 x 2048)" in bench.target_lines(results, micro_batch=8, max_seq_length=2048,
+                                                                   mode="lora")[2]
+
+
+def test_both_checkpointing_modes_run_each_contender_the_flag_changes(capsys):
+    bench = _bench()
+    planned = bench.jobs(["runner", "runner-compile", "runner-varlen-compile", "trl", "trl-packing"], ("off", "on"))
+    assert planned == [("runner", "off"), ("runner-compile", "off"), ("runner-varlen-compile", "off"), ("trl", "off"),
+                       ("trl-packing", "off"), ("runner", "on"), ("runner-varlen-compile", "on"),
+                       ("trl-packing", "on")]
+    assert "skipping runner-compile with checkpointing on: finetune.local.compile=true" in capsys.readouterr().out
