@@ -182,3 +182,22 @@ def test_compiled_layers_train_to_the_same_losses(tiny_model_dir, chat_data, tmp
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     saved = AutoModelForCausalLM.from_pretrained(runs[True]["final_model_dir"])
     assert list(saved.state_dict()) == list(base.state_dict())
+
+
+@pytest.mark.slow
+def test_the_compute_step_refuses_a_lever_before_the_data_step(tmp_path):
+    """Through the CLI: varlen on this CPU-only machine stops the workflow at step 3, before any data is fetched."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "FTRUN_HOME": str(tmp_path / "home"), "CI": "1"}
+    proc = subprocess.run([sys.executable, "-m", "runner.cli", "finetune.local.packed_attention=varlen",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "packed_attention=varlen runs PyTorch's flash-attention varlen kernel, which needs a CUDA GPU" in proc.stderr
+    assert "[3/10] compute" in proc.stdout and "[4/10] data" not in proc.stdout
+    assert not list((tmp_path / "home").rglob("*.jsonl"))  # no split written

@@ -103,6 +103,13 @@ class LocalBackend(Backend):
             packing=bool(local.packing),
             chunked_loss=bool(local.get("chunked_loss", False)),
         )
+        # The trainer's own refusals (speed levers this device cannot run, settings it has no meaning for), with
+        # what this step decided, here rather than at the finetune step: before the data step fetches anything.
+        from runner.local.translate import translate
+
+        decided = {key: out[key] for key in ("per_device_train_batch_size", "gradient_accumulation_steps")}
+        translate({**params, **decided},
+                  {**_plain(local), "gradient_checkpointing": bool(out["gradient_checkpointing"])}).check(out["device"])
         est = out["estimate_gb"]
         where = (f"{out['memory_budget_gb']:.1f} GB usable of {out['memory_available_gb']:.1f} GB "
                  + (f"(what-if compute.gpu_memory_gb={out['memory_what_if_gpu_gb']})" if out["memory_what_if_gpu_gb"]
