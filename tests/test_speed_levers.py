@@ -94,6 +94,8 @@ def test_levers_are_refused_before_loading_where_they_cannot_run():
     assert "needs a CUDA GPU" in cpu and "packed_attention=per_conversation" in cpu
     [unpacked] = _refusals("cuda", packed_attention="varlen", packing=False)
     assert "needs finetune.local.packing=true" in unpacked
+    [fp32] = _refusals("cuda", packed_attention="varlen", precision=32)
+    assert "needs finetune.precision=16, not 32" in fp32
     [deepspeed] = [e for e in _refusals("cuda", compile=True, apply_deepspeed=True) if "compile" in e]
     assert "not supported with DeepSpeed" in deepspeed
     # under checkpointing a layer compiles only as one graph: per-conversation attention would compile nothing

@@ -127,8 +127,9 @@ def _packed_varlen_attention(module, query, key, value, attention_mask, dropout=
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     # flash attention takes 16-bit inputs only; under autocast SDPA would get them cast, a custom op does not
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
-    # (1, heads, T, head_dim) -> (T, heads, head_dim), the layout of varlen kernels
-    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))
+    # (1, heads, T, head_dim) -> (T, heads, head_dim), the layout of varlen kernels; made contiguous because the
+    # rotary embedding's output is laid out per head (a copy of q, k and v per layer: small next to the matmuls)
+    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
     bounds = cu_seq_lens.to(device=q.device, dtype=torch.int32)
     longest = kwargs.get("max_length_q")
     longest = int(longest) if longest is not None else int((bounds[1:] - bounds[:-1]).max())

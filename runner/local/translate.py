@@ -257,6 +257,9 @@ class LocalTrainingPlan:
             elif device != "cuda":
                 errors.append("finetune.local.packed_attention=varlen runs PyTorch's flash-attention varlen kernel, "
                               "which needs a CUDA GPU; use packed_attention=per_conversation on this machine")
+            elif int(self.precision) != 16:
+                errors.append(f"finetune.local.packed_attention=varlen takes 16-bit inputs (flash attention): it "
+                              f"needs finetune.precision=16, not {self.precision}")
             elif varlen_refusal():
                 errors.append(varlen_refusal())
         from runner.local.speed import compile_refusal
