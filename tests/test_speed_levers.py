@@ -76,7 +76,7 @@ def test_varlen_attention_equals_per_conversation_attention(tiny_model_dir, conv
         torch.testing.assert_close(varlen_grads[name], grads[name], atol=1e-6, rtol=1e-4)
 
     # under gradient checkpointing the backward recomputes each layer: the kernel runs again, with the same bounds
-    varlen_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    varlen_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     varlen_double.reset_mock()
     ckpt_loss, ckpt_grads = _loss_and_grads(varlen_model, batch)
     assert varlen_double.call_count == 2 * layers
