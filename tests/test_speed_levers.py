@@ -103,8 +103,8 @@ def test_levers_are_refused_before_loading_where_they_cannot_run():
     assert "needs a CUDA GPU" in cpu and "packed_attention=per_conversation" in cpu
     [unpacked] = _refusals("cuda", packed_attention="varlen", packing=False)
     assert "needs finetune.local.packing=true" in unpacked
-    [fp32] = _refusals("cuda", packed_attention="varlen", precision=32)
-    assert "needs finetune.precision=16, not 32" in fp32
+    [no_cuda] = _refusals("cuda", packed_attention="varlen", precision=16)  # this machine has no CUDA device
+    assert "needs a CUDA GPU" in no_cuda
     [deepspeed] = [e for e in _refusals("cuda", compile=True, apply_deepspeed=True) if "compile" in e]
     assert "not supported with DeepSpeed" in deepspeed
     # under checkpointing a layer compiles only as one graph: per-conversation attention would compile nothing
@@ -118,6 +118,25 @@ def test_levers_are_refused_before_loading_where_they_cannot_run():
 
     with pytest.raises(RunnerError, match="packed_attention=varlen .* needs a CUDA GPU"):
         translate(*default_settings(packed_attention="varlen")).check("cpu")
+
+
+def test_varlen_on_a_cuda_machine_needs_16_bit_and_a_torch_that_has_it(monkeypatch):
+    import builtins
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a GPU machine answers
+    assert _refusals("cuda", packed_attention="varlen", precision=16) == []
+    [fp32] = _refusals("cuda", packed_attention="varlen", precision=32)
+    assert "needs finetune.precision=16, not 32" in fp32
+    real_import = builtins.__import__
+
+    def no_varlen(name, *args, **kwargs):  # a torch older than 2.10
+        if name == "torch.nn.attention.varlen":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_varlen)
+    [old] = _refusals("cuda", packed_attention="varlen", precision=16)
+    assert "needs torch >= 2.10" in old
 
 
 def test_compile_finds_the_decoder_layers_through_peft(tiny_model_dir):

@@ -88,11 +88,11 @@ def _packed_sdpa_mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
-def varlen_refusal() -> Optional[str]:
-    """Why packed_attention=varlen cannot run here (None: it can). Asked before the model is loaded."""
+def varlen_refusal(device: str) -> Optional[str]:
+    """Why packed_attention=varlen cannot run on `device` here (None: it can). Asked before the model is loaded."""
     import torch
 
-    if not torch.cuda.is_available():
+    if device != "cuda" or not torch.cuda.is_available():
         return ("finetune.local.packed_attention=varlen runs PyTorch's flash-attention varlen kernel, which needs a "
                 "CUDA GPU; use packed_attention=per_conversation on this machine")
     try:

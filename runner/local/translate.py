@@ -251,17 +251,15 @@ class LocalTrainingPlan:
         if self.local.get("packed_attention", "per_conversation") == "varlen":
             from runner.local.packing import varlen_refusal
 
+            cannot = varlen_refusal(device)
             if not self.packing:
                 errors.append("finetune.local.packed_attention=varlen is the attention of packed batches: it needs "
                               "finetune.local.packing=true")
-            elif device != "cuda":
-                errors.append("finetune.local.packed_attention=varlen runs PyTorch's flash-attention varlen kernel, "
-                              "which needs a CUDA GPU; use packed_attention=per_conversation on this machine")
+            elif cannot:
+                errors.append(cannot)
             elif int(self.precision) != 16:
                 errors.append(f"finetune.local.packed_attention=varlen takes 16-bit inputs (flash attention): it "
                               f"needs finetune.precision=16, not {self.precision}")
-            elif varlen_refusal():
-                errors.append(varlen_refusal())
         from runner.local.speed import compile_refusal
 
         never_compiles = compile_refusal(self.local, packing=self.packing,
