@@ -185,16 +185,16 @@ def test_padded_batches_compile_under_checkpointing(tiny_model_dir, chat_data, t
 
 @pytest.mark.slow
 def test_compiled_layers_train_to_the_same_losses(tiny_model_dir, chat_data, tmp_path):
-    """Six optimizer steps with compile on and off: the same losses (up to the fused kernels' rounding), and the
-    saved model loads with the base model's keys."""
+    """LoRA, six optimizer steps with compile on and off: the same losses (up to the fused kernels' rounding); the
+    merged model saves with the base model's keys; the compiled run resumes from its checkpoint to step 8."""
     import json
 
+    from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
-    settings = dict(max_steps=6, per_device_train_batch_size=4, learning_rate=2e-3, max_seq_length=128,
-                    evaluation_strategy="disable", eval_before_training=False, logging_steps=1, save_steps=100)
-    from torch._dynamo.utils import counters
-
+    settings = dict(apply_lora=True, max_steps=6, per_device_train_batch_size=4, learning_rate=2e-3,
+                    max_seq_length=128, evaluation_strategy="disable", eval_before_training=False, logging_steps=1,
+                    save_steps=3)
     runs = {}
     for on in (False, True):
         counters.clear()
@@ -209,9 +209,14 @@ def test_compiled_layers_train_to_the_same_losses(tiny_model_dir, chat_data, tmp
     eager, compiled = losses(runs[False]), losses(runs[True])
     assert len(eager) == 6
     assert compiled == pytest.approx(eager, rel=1e-3)
+    assert runs[True]["lora_merged"] is True
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     saved = AutoModelForCausalLM.from_pretrained(runs[True]["final_model_dir"])
     assert list(saved.state_dict()) == list(base.state_dict())
+
+    resumed = run_train(tiny_model_dir, chat_data, tmp_path / "compile-True", compile=True,
+                        **{**settings, "max_steps": 8, "resume_from_checkpoint": True})
+    assert resumed["resumed_from"].endswith("checkpoint-6") and resumed["global_step"] == 8
 
 
 @pytest.mark.slow
