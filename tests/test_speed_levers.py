@@ -7,6 +7,7 @@ kernel's (tokens, heads, head_dim) layout, checking the layout and the int32 bou
 is tested is this project's plumbing around the kernel: layouts, bounds, causal keywords, the return shape; the
 kernel's own speed and numerics on a GPU are bench/gpu_train.py's (contender runner-varlen)."""
 
+from typing import Optional, Tuple
 from unittest import mock
 
 import pytest
@@ -41,6 +42,64 @@ def varlen_double(monkeypatch):
     double = mock.create_autospec(varlen.varlen_attn, side_effect=_reference_varlen)
     monkeypatch.setattr(varlen, "varlen_attn", double)
     return double
+
+
+# ---- a compilable double: the kernel as a custom op, as torch's own varlen_attn is -------------------------------
+# torch.compile must trace the layer around the kernel in one graph (a checkpointed layer allows no graph break), so
+# this double is opaque to the compiler the way the real op is: a custom op with a fake (shape) implementation and a
+# backward of its own, written out, since autograd does not run inside a custom op.
+
+@torch.library.custom_op("ftrun_test::varlen_attention", mutates_args=())
+def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor, longest: int,
+               scale: Optional[float]) -> torch.Tensor:
+    return _reference_varlen(q, k, v, bounds, bounds, longest, longest, scale=scale, window_size=(-1, 0)).clone()
+
+
+@_varlen_op.register_fake
+def _(q, k, v, bounds, longest, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("ftrun_test::varlen_attention_backward", mutates_args=())
+def _varlen_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor,
+                        scale: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    cuts = bounds.tolist()
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        qs, ks, vs, gs = (t[a:b].transpose(0, 1) for t in (q, k, v, grad))  # (heads, L, head_dim)
+        sc = scale if scale is not None else qs.shape[-1] ** -0.5
+        causal = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+        probs = torch.softmax(((qs @ ks.transpose(-1, -2)) * sc).masked_fill(~causal, float("-inf")), dim=-1)
+        dv[a:b] = (probs.transpose(-1, -2) @ gs).transpose(0, 1)
+        dprobs = gs @ vs.transpose(-1, -2)
+        dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))
+        dq[a:b] = ((dscores @ ks) * sc).transpose(0, 1)
+        dk[a:b] = ((dscores.transpose(-1, -2) @ qs) * sc).transpose(0, 1)
+    return dq, dk, dv
+
+
+@_varlen_backward_op.register_fake
+def _(grad, q, k, v, bounds, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, bounds, _, scale = inputs
+    ctx.save_for_backward(q, k, v, bounds)
+    ctx.scale = scale
+
+
+def _varlen_backward(ctx, grad):
+    return (*_varlen_backward_op(grad, *ctx.saved_tensors, ctx.scale), None, None, None)
+
+
+_varlen_op.register_autograd(_varlen_backward, setup_context=_save_for_backward)
+
+
+def _compilable_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                       window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    assert tuple(window_size) == (-1, 0)
+    return _varlen_op(query, key, value, cu_seq_q, max_q, scale)
 
 
 def _loss_and_grads(model, batch):
@@ -83,6 +142,32 @@ def test_varlen_attention_equals_per_conversation_attention(tiny_model_dir, conv
     torch.testing.assert_close(ckpt_loss, loss)
     for name in grads:
         torch.testing.assert_close(ckpt_grads[name], grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_varlen_layers_compile_as_one_graph_even_under_checkpointing(tiny_model_dir, conversations, monkeypatch):
+    """compile + checkpointing + varlen: the layer around the kernel has no graph break, so dynamo compiles the
+    checkpointed layer (with per-conversation attention it compiles nothing: refused, see compile_refusal); loss and
+    gradients equal eager per-conversation attention's."""
+    import torch.nn.attention.varlen as varlen
+    from torch._dynamo.utils import counters
+
+    from runner.local.speed import compile_decoder_layers
+
+    monkeypatch.setattr(varlen, "varlen_attn", _compilable_varlen)
+    batch = pack_conversations(conversations)
+    loss, grads = _loss_and_grads(_model(tiny_model_dir, register_packed_attention("per_conversation")).train(), batch)
+    for checkpointing in (False, True):
+        model = _model(tiny_model_dir, register_packed_attention("varlen")).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        compile_decoder_layers(model)
+        counters.clear()
+        compiled_loss, compiled_grads = _loss_and_grads(model, batch)
+        assert counters["stats"]["unique_graphs"] >= 1, checkpointing
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        torch.testing.assert_close(compiled_loss, loss)
+        for name in grads:
+            torch.testing.assert_close(compiled_grads[name], grads[name], atol=1e-6, rtol=1e-4)
 
 
 def test_unknown_packed_attention_is_refused():

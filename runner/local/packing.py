@@ -112,8 +112,12 @@ def _causal_keywords(varlen_attn) -> Dict[str, object]:
     return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
 
 
+# the kernel and its causal keywords, looked up once when the attention is registered (not a signature inspection
+# per layer per step)
+_VARLEN: Dict[str, object] = {}
+
+
 def _packed_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    from torch.nn.attention.varlen import varlen_attn
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
@@ -131,9 +135,11 @@ def _packed_varlen_attention(module, query, key, value, attention_mask, dropout=
     # rotary embedding's output is laid out per head (a copy of q, k and v per layer: small next to the matmuls)
     q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
     bounds = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+    # the collator's host-side int: reading it off the bounds would sync with the device and, under torch.compile,
+    # break the graph (a checkpointed layer compiles only whole: tests/test_speed_levers.py)
     longest = kwargs.get("max_length_q")
     longest = int(longest) if longest is not None else int((bounds[1:] - bounds[:-1]).max())
-    out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling, **_causal_keywords(varlen_attn))
+    out = _VARLEN["kernel"](q, k, v, bounds, bounds, longest, longest, scale=scaling, **_VARLEN["causal"])
     return out.unsqueeze(0), None  # (1, T, heads, head_dim), as sdpa_attention_forward returns
 
 
@@ -146,7 +152,12 @@ def register_packed_attention(kind: str = "per_conversation") -> str:
         name = PACKED_ATTENTIONS[kind]
     except KeyError:
         raise ValueError(f"finetune.local.packed_attention={kind!r}: use one of {sorted(PACKED_ATTENTIONS)}") from None
-    attention = _packed_varlen_attention if name == PACKED_VARLEN else _packed_sdpa_attention
+    attention = _packed_sdpa_attention
+    if name == PACKED_VARLEN:
+        from torch.nn.attention.varlen import varlen_attn
+
+        _VARLEN.update(kernel=varlen_attn, causal=_causal_keywords(varlen_attn))
+        attention = _packed_varlen_attention
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, _packed_sdpa_mask)
     return name
