@@ -73,9 +73,11 @@ sys.path.insert(0, str(REPO))
 # finetune.local settings of each lever a runner contender can name (runner-varlen-compile: both)
 RUNNER_LEVERS = {"chunked": {"chunked_loss": True}, "varlen": {"packed_attention": "varlen"},
                  "compile": {"compile": True}}
-CONTENDERS = ("runner", "runner-chunked", "runner-varlen", "runner-compile", "runner-varlen-compile-chunked",
-              "trl", "trl-packing", "trl-packing-liger")
 TRL_CONTENDERS = ("trl", "trl-packing", "trl-packing-liger")
+# trl: SFTConfig's default (on); trl-packing-liger: on by definition. --checkpointing does not change them
+FIXED_CHECKPOINTING = ("trl", "trl-packing-liger")
+CONTENDERS = ("runner", "runner-chunked", "runner-varlen", "runner-compile", "runner-varlen-compile-chunked",
+              *TRL_CONTENDERS)
 LOGNORMAL_MU, LOGNORMAL_SIGMA = 6.849, 0.601  # mean exp(mu + sigma^2/2) ~ 1,130; p90 exp(mu + 1.2816 sigma) ~ 2,038
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense bf16
 RESULT = "RESULT "
@@ -223,9 +225,7 @@ def _settings(spec, contender):
                   learning_rate=spec["lr"], max_seq_length=spec["max_seq_length"], evaluation_strategy="disable",
                   logging_steps=1, seed=0, precision=16 if spec["cuda"] else 32, apply_lora=spec["mode"] == "lora")
     checkpointing = {"off": False, "on": True, "auto": "auto"}[spec["checkpointing"]]
-    if contender == "trl":
-        checkpointing = True  # SFTConfig's default
-    elif contender == "trl-packing-liger":
+    if contender in FIXED_CHECKPOINTING:
         checkpointing = True
     local.update(packing=contender != "trl", eval_before_training=False, save_steps=10 ** 6,
                  gradient_checkpointing=checkpointing)
@@ -358,9 +358,6 @@ def estimate_outside_bound(r) -> bool:
     return not ratio_bounds_ok(r["estimate_gb"], r["peak_gb"])
 
 
-FIXED_CHECKPOINTING = ("trl", "trl-packing-liger")  # their configurations set it (on); --checkpointing does not
-
-
 def jobs(contenders, modes):
     """(contender, checkpointing mode) pairs to run, in order: every contender in the first mode, then those that
     --checkpointing changes in the next; a runner contender that would compile nothing under checkpointing is
@@ -431,7 +428,6 @@ def print_table(results, baseline: str) -> None:
         same = [b for b in named if b["gradient_checkpointing"] == r.get("gradient_checkpointing")]
         return (same or named or [None])[0]
 
-    base = base_for({})
     width = max([len("contender")] + [len(r["contender"]) for r in results])
     print(f"{'contender':{width}s} {'tok/s':>9s} {'x ' + baseline:>{max(10, len(baseline) + 2)}s} {'padding':>8s} "
           f"{'peak GB':>8s} {'est GB':>7s} {'peak/est':>8s} {'MFU':>6s} {'ckpt':>5s} {'steps':>5s} {'loss':>7s}")
@@ -448,7 +444,7 @@ def print_table(results, baseline: str) -> None:
               f"{_fmt(ratio, '8.2f'):>8s} {_fmt(r['mfu'], '6.1%'):>6s} "
               f"{'on' if r['gradient_checkpointing'] else 'off':>5s} {r['steps']:5d} {_fmt(r['loss'], '7.3f'):>7s}"
               + ("  estimate OUTSIDE the bound" if estimate_outside_bound(r) else ""))
-    if base is None:
+    if not any(r["contender"] == baseline and not r.get("failed") for r in results):
         print(f"(no 'x {baseline}' figures: the baseline {baseline} did not run in this invocation)")
 
 

@@ -199,9 +199,9 @@ def read_worker_errors(out_dir) -> Optional[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """torchrun's entry (LAUNCHER_FLAG first) and the worker's: train with the spec's arguments (rank 0 writes the result). A RunnerError is the
-    runner's own clear message: it goes to the launcher through a file and is printed here without a traceback;
-    any other exception is a bug and keeps its traceback."""
+    """torchrun's entry (LAUNCHER_FLAG first) and the worker's: train with the spec's arguments (rank 0 writes the
+    result). A RunnerError is the runner's own clear message: it goes to the launcher through a file and is printed
+    here without a traceback; any other exception is a bug and keeps its traceback."""
     from runner.local.train import train
 
     argv = sys.argv[1:] if argv is None else argv

@@ -19,7 +19,7 @@ per-conversation attention does not, and then nothing would be compiled at all, 
 checkpointing compiles none. That combination is refused before the model loads (compile_refusal).
 
 Nothing here is used by default. Whether it pays is a GPU measurement (bench/gpu_train.py, contender
-runner-compile); on this project's CPU machine it is not faster (bench/train_throughput.py --compile).
+runner-compile); on this project's CPU machine it is not faster (0.99x in bench/gpu_train.py --smoke).
 """
 
 from runner.errors import RunnerError
