@@ -11,6 +11,7 @@ user of the Azure notebook recognises every key. Keys that only mean something o
 """
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +23,70 @@ from runner.errors import RunnerError
 
 STEPS = ["connect", "model", "compute", "data", "finetune", "metrics", "register", "deploy", "test", "cleanup"]
 
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit unsigned
+# one token to read and one to predict: the shortest sequence a causal LM trains on
+MIN_SEQ_LENGTH = 2
+
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 
 
 def choice(default: Any, choices: List[Any]) -> Any:
     """A field whose value must be one of `choices` (checked by validate())."""
     return field(default=default, metadata={"choices": choices})
+
+
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key can take: lo..hi, each end open or closed, plus `special` values outside it that
+    mean something (max_seq_length=-1: the model's limit). A range refuses impossible values, not bad ideas
+    (learning_rate=1e10 is in range; the quality gate before register catches what it does to a run)."""
+
+    lo: float = -INF
+    hi: float = INF
+    lo_open: bool = False
+    hi_open: bool = False
+    special: tuple = ()
+
+    def __contains__(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if value in self.special:
+            return True
+        if not math.isfinite(value):  # NaN compares false with everything: finiteness is checked, not implied
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        def num(x):
+            return str(int(x)) if float(x).is_integer() else repr(x)
+
+        if self.hi == INF:
+            text = f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        elif self.lo == -INF:
+            text = f"{'<' if self.hi_open else '<='} {num(self.hi)}"
+        else:
+            text = f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+        return text + "".join(f" or {num(v)}" for v in self.special)
+
+
+def bounded(default: Any, lo: float = -INF, hi: float = INF, *, lo_open: bool = False, hi_open: bool = False,
+            special: tuple = ()) -> Any:
+    """A numeric field whose value must lie in a Range (checked by validate()); every int/float key has one."""
+    return field(default=default, metadata={"range": Range(lo, hi, lo_open, hi_open, tuple(special))})
+
+
+def positive(default: Any) -> Any:
+    """> 0: an int must be >= 1, a float any finite value above 0."""
+    return bounded(default, 0, lo_open=True)
+
+
+def non_negative(default: Any) -> Any:
+    return bounded(default, 0)
 
 
 def list_field(*items: Any) -> Any:
@@ -38,13 +97,13 @@ def list_field(*items: Any) -> Any:
 class TinyModelConfig:
     """Dimensions of the offline Phi-3-architecture model (model=tiny_phi3)."""
 
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    vocab_size: int = 2048
-    max_position_embeddings: int = 1024
-    seed: int = 0
+    hidden_size: int = positive(64)
+    intermediate_size: int = positive(128)
+    num_hidden_layers: int = positive(2)
+    num_attention_heads: int = positive(4)
+    vocab_size: int = positive(2048)
+    max_position_embeddings: int = positive(1024)
+    seed: int = bounded(0, 0, SEED_MAX)
 
 
 @dataclass
@@ -58,7 +117,7 @@ class ModelConfig:
     build_tiny: bool = False  # build the offline tiny model (see runner/local/tiny_model.py)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     trust_remote_code: bool = False
-    context_length: int = 4096
+    context_length: int = positive(4096)
     # Tags from the model's registry spec, for offline planning (dry_run) and the local backend.
     archived: bool = False
     finetune_retirement_date: Optional[str] = None
@@ -76,18 +135,18 @@ class ComputeConfig:
     name: str = MISSING  # cluster name (Azure) or a label (local)
     kind: str = choice("azure", ["azure", "local"])
     size: str = MISSING  # VM SKU, e.g. Standard_NC24ads_A100_v4; "cpu"/"cuda" locally
-    gpus_per_node: int = 0
+    gpus_per_node: int = non_negative(0)
     # GPU memory of one GPU of the VM size, in GB (A100 80GB -> 80); 0 = unknown (local: measured at run time).
     # Informational: what a model + optimizer state must fit in, per GPU, when choosing a size.
-    gpu_memory_gb: int = 0
-    min_instances: int = 0
-    max_instances: int = 2
-    idle_time_before_scale_down: int = 120  # seconds
+    gpu_memory_gb: int = non_negative(0)
+    min_instances: int = non_negative(0)
+    max_instances: int = positive(2)
+    idle_time_before_scale_down: int = non_negative(120)  # seconds
     tier: str = choice("dedicated", ["dedicated", "low_priority"])
     low_priority_fallback: bool = True  # the notebook retries as low priority when dedicated fails
     # local only: which device to use; "auto" = CUDA when present
     device: str = choice("auto", ["auto", "cpu", "cuda"])
-    memory_headroom: float = 0.9  # fraction of free memory the weights + optimizer state may use
+    memory_headroom: float = bounded(0.9, 0, 1, lo_open=True)  # fraction of free memory the weights + optimizer state may use
 
 
 # `${ftrun_slug:...}` and `${ftrun_model_name:...}`: the dataset's slug names its folder and the registered model
@@ -116,7 +175,7 @@ class DatasetConfig:
     name: str = "HuggingFaceH4/ultrachat_200k"  # hub id, or a local folder/file for `datasets`; dataset=local: a label
     source: str = choice("hub", ["hub", "sample", "local"])
     subset: Optional[str] = None
-    split_percent: float = 5.0  # first N percent of every split, as the notebook
+    split_percent: float = bounded(5.0, 0, 100, lo_open=True)  # first N percent of every split, as the notebook
     splits: List[str] = list_field("train_sft", "test_sft", "train_gen", "test_gen")
     train_split: str = "train_sft"
     test_split: str = "test_sft"
@@ -126,7 +185,7 @@ class DatasetConfig:
     download_dir: str = "${paths.data_dir}/${dataset.slug}"
     force: bool = False
     on_invalid: str = choice("error", ["error", "skip"])
-    seed: int = 42
+    seed: int = bounded(42, 0, SEED_MAX)
     sample_rows: Dict[str, int] = field(default_factory=dict)  # source=sample: rows per split
     # the rows' format (runner/data/formats.py); auto: the first row's, and every row must share it
     format: str = choice("auto", ["auto", "messages", "sharegpt", "alpaca"])
@@ -134,7 +193,7 @@ class DatasetConfig:
     # source=local (dataset=local): the user's files; without eval_file, eval_percent of the train rows are held out
     train_file: Optional[str] = None
     eval_file: Optional[str] = None
-    eval_percent: float = 5.0
+    eval_percent: float = bounded(5.0, 0, 100, lo_open=True, hi_open=True)
 
 
 @dataclass
@@ -144,12 +203,12 @@ class LocalFinetuneConfig:
     packing: bool = True  # padding-free packing with position ids reset per conversation
     lora_target_modules: List[str] = list_field("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
     lora_modules_to_save: List[str] = field(default_factory=list)
-    save_steps: int = 50  # checkpoint every N optimizer steps (and at the end)
+    save_steps: int = positive(50)  # checkpoint every N optimizer steps (and at the end)
     eval_before_training: bool = True  # measure the base model's eval loss too
-    max_eval_rows: int = 0  # 0 = all rows of the test split
-    max_train_rows: int = 0  # 0 = all rows
-    max_tokens_per_batch: int = 0  # packing: tokens per micro-batch; 0 = batch size * max_seq_length
-    num_gpus: int = 0  # 0 = all visible GPUs (multi-GPU runs are launched with torchrun)
+    max_eval_rows: int = non_negative(0)  # 0 = all rows of the test split
+    max_train_rows: int = non_negative(0)  # 0 = all rows
+    max_tokens_per_batch: int = non_negative(0)  # packing: tokens per micro-batch; 0 = batch size * max_seq_length
+    num_gpus: int = non_negative(0)  # 0 = all visible GPUs (multi-GPU runs are launched with torchrun)
     # auto: on only when the compute step's estimate says the micro-batch does not fit without it
     # (runner.local.memory.use_gradient_checkpointing); true/false force it
     gradient_checkpointing: Any = choice("auto", ["auto", True, False])
@@ -169,53 +228,53 @@ class LocalFinetuneConfig:
 @dataclass
 class FinetuneConfig:
     # --- training parameters (component input names) ---
-    num_train_epochs: int = 1
-    max_steps: int = -1
-    per_device_train_batch_size: int = 1
-    per_device_eval_batch_size: int = 1
+    num_train_epochs: int = positive(1)
+    max_steps: int = bounded(-1, -1)  # -1: num_train_epochs decides
+    per_device_train_batch_size: int = positive(1)
+    per_device_eval_batch_size: int = positive(1)
     auto_find_batch_size: bool = False
     optim: str = choice("adamw_torch", ["adamw_torch", "adafactor"])
-    learning_rate: float = 2e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    gradient_accumulation_steps: int = 1
-    eval_accumulation_steps: int = -1
+    learning_rate: float = positive(2e-5)
+    warmup_steps: int = non_negative(0)
+    weight_decay: float = non_negative(0.0)
+    adam_beta1: float = bounded(0.9, 0, 1, hi_open=True)
+    adam_beta2: float = bounded(0.999, 0, 1, hi_open=True)
+    adam_epsilon: float = non_negative(1e-8)
+    gradient_accumulation_steps: int = positive(1)
+    eval_accumulation_steps: int = bounded(-1, -1)  # -1 or 0: not set
     lr_scheduler_type: str = choice("linear", LR_SCHEDULERS)
-    seed: int = 42
+    seed: int = bounded(42, 0, SEED_MAX)
     enable_full_determinism: bool = False
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int = non_negative(0)
     ignore_mismatched_sizes: bool = False
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = non_negative(1.0)  # 0: no clipping (as TrainingArguments)
     evaluation_strategy: str = choice("epoch", ["epoch", "steps", "disable"])
-    evaluation_steps_interval: float = 0.0
-    eval_steps: int = 500
+    evaluation_steps_interval: float = bounded(0.0, 0, 1)  # a fraction of an epoch; 0: eval_steps decides
+    eval_steps: int = positive(500)
     logging_strategy: str = choice("steps", ["epoch", "steps"])
-    logging_steps: int = 10
+    logging_steps: int = positive(10)
     metric_for_best_model: str = choice("loss", ["loss", "f1", "exact"])
     resume_from_checkpoint: bool = False
-    save_total_limit: int = -1
+    save_total_limit: int = bounded(-1, -1)  # -1 or 0: keep every checkpoint
     apply_early_stopping: bool = False
-    early_stopping_patience: int = 1
-    early_stopping_threshold: float = 0.0
+    early_stopping_patience: int = positive(1)
+    early_stopping_threshold: float = non_negative(0.0)
     # --- preprocessing ---
-    batch_size: int = 1000
+    batch_size: int = positive(1000)
     pad_to_max_length: bool = False
-    max_seq_length: int = -1
+    max_seq_length: int = bounded(-1, MIN_SEQ_LENGTH, special=(-1,))  # -1: the model's limit
     # --- optimization parameters ---
     apply_lora: bool = False
     merge_lora_weights: bool = True
-    lora_alpha: int = 128
-    lora_r: int = 8
-    lora_dropout: float = 0.0
+    lora_alpha: int = positive(128)
+    lora_r: int = positive(8)
+    lora_dropout: float = bounded(0.0, 0, 1, hi_open=True)
     precision: int = choice(32, [32, 16])
     apply_deepspeed: bool = False
     deepspeed_stage: int = choice(2, [2, 3])
     deepspeed: Optional[str] = None  # path to a DeepSpeed JSON config (wins over deepspeed_stage)
     apply_ort: bool = False
-    num_nodes_finetune: int = 1
+    num_nodes_finetune: int = positive(1)
     shm_size_finetune: str = "5g"
     local: LocalFinetuneConfig = field(default_factory=LocalFinetuneConfig)
 
@@ -228,20 +287,20 @@ class DeploymentConfig:
     traffic: Dict[str, int] = field(default_factory=lambda: {"demo": 100})
     auth_mode: str = choice("key", ["key", "aml_token"])
     instance_type: str = "Standard_NC6s_v3"
-    instance_count: int = 1
-    liveness_initial_delay: int = 600  # seconds (ProbeSettings.initial_delay)
-    request_timeout_ms: int = 90000  # OnlineRequestSettings.request_timeout_ms
+    instance_count: int = positive(1)
+    liveness_initial_delay: int = non_negative(600)  # seconds (ProbeSettings.initial_delay)
+    request_timeout_ms: int = positive(90000)  # OnlineRequestSettings.request_timeout_ms
     # local endpoint
     host: str = "127.0.0.1"
-    port: int = 0  # 0 = a free port
+    port: int = bounded(0, 0, 65535)  # 0 = a free port
     keep_alive: bool = False  # leave the endpoint serving after the test step (until Ctrl-C, SIGTERM or SIGHUP)
     # the server ends by itself when the ftrun that started it dies (SIGKILL, crash); true lets it outlive ftrun.
     # A run without the cleanup step (steps=[deploy]) always leaves its endpoint detached, to be used and deleted later
     detach: bool = False
-    max_request_bytes: int = 4194304  # larger request bodies get 413 (by Content-Length, or while reading a chunked one)
-    max_batch_size: int = 16  # dynamic batching: most requests in one generate call
-    batch_window_ms: float = 10.0  # dynamic batching: how long the first request waits for company
-    startup_timeout_s: float = 300.0
+    max_request_bytes: int = positive(4194304)  # larger request bodies get 413 (by Content-Length, or while reading a chunked one)
+    max_batch_size: int = positive(16)  # dynamic batching: most requests in one generate call
+    batch_window_ms: float = non_negative(10.0)  # dynamic batching: how long the first request waits for company
+    startup_timeout_s: float = positive(300.0)
     device: str = choice("auto", ["auto", "cpu", "cuda"])  # where the local endpoint runs the model; auto = a GPU if seen
     # the notebook's sample request parameters
     sample_parameters: Dict[str, Any] = field(
@@ -311,7 +370,7 @@ class RunConfig:
     backend: BackendConfig = MISSING
     steps: List[str] = field(default_factory=lambda: list(STEPS))
     dry_run: bool = False
-    seed: int = 42
+    seed: int = bounded(42, 0, SEED_MAX)
     from_run: Optional[str] = None  # an earlier run dir whose record later steps may pick up (e.g. steps=[deploy])
     endpoint_name: Optional[str] = None  # act on an existing endpoint (e.g. steps=[cleanup] endpoint_name=...)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -367,7 +426,8 @@ def _check_node(node: Any, schema: type, prefix: str, unknown: List[str], invali
 
     Unknown keys: OmegaConf refuses `key=value` for a key the schema lacks, but Hydra's `+key=value` adds it to a
     structured node without complaint; without this check a typo such as `+finetune.learnign_rate=1e-5` would run
-    the whole workflow with the setting silently ignored. Invalid values: a field's `choices` (see choice())."""
+    the whole workflow with the setting silently ignored. Invalid values: a field's `choices` (see choice()) or
+    `range` (see bounded()): every int/float key declares one, so nothing numeric reaches a step unchecked."""
     import difflib
 
     from omegaconf import DictConfig
@@ -383,6 +443,10 @@ def _check_node(node: Any, schema: type, prefix: str, unknown: List[str], invali
         if "choices" in f.metadata and node.get(name) not in f.metadata["choices"]:
             allowed = ", ".join(str(c) for c in f.metadata["choices"])
             invalid.append(f"{prefix}{name}={node.get(name)!r} is not allowed; allowed values: {allowed}")
+        if "range" in f.metadata and name in node and node.get(name) not in f.metadata["range"]:
+            value = node.get(name)
+            finite = "a finite number " if isinstance(value, float) and not math.isfinite(value) else ""
+            invalid.append(f"{prefix}{name}={value!r} is out of range: must be {finite}{f.metadata['range']}")
         if isinstance(f.type, type) and dataclasses.is_dataclass(f.type) and name in node:
             child = node._get_node(name) if hasattr(node, "_get_node") else node[name]
             if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
@@ -399,20 +463,16 @@ def validate(cfg: Any) -> None:
     unknown = [s for s in cfg.steps if s not in STEPS]
     if unknown:
         errors.append(f"steps={list(cfg.steps)} has unknown step(s) {unknown}; steps are, in order: {', '.join(STEPS)}")
-    ft = cfg.finetune
-    for key in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps", "num_nodes_finetune", "logging_steps", "eval_steps"):
-        if ft[key] < 1:
-            errors.append(f"finetune.{key}={ft[key]} must be >= 1")
+    if cfg.compute.min_instances > cfg.compute.max_instances:
+        errors.append(f"compute.min_instances={cfg.compute.min_instances} must be <= compute.max_instances="
+                      f"{cfg.compute.max_instances}")
+    tiny = cfg.model.tiny
+    if tiny.hidden_size % tiny.num_attention_heads:
+        errors.append(f"model.tiny.hidden_size={tiny.hidden_size} must be a multiple of model.tiny.num_attention_heads="
+                      f"{tiny.num_attention_heads}")
     if cfg.dataset.source == "local" and not cfg.dataset.train_file:
         errors.append("dataset=local needs dataset.train_file=PATH (a JSONL, JSON or Parquet file of chats; "
                       "dataset.eval_file=PATH optional)")
-    if not (0 < cfg.dataset.split_percent <= 100):
-        errors.append(f"dataset.split_percent={cfg.dataset.split_percent} must be in (0, 100]")
-    if ft.learning_rate <= 0:
-        errors.append(f"finetune.learning_rate={ft.learning_rate} must be > 0")
-    if not (0.0 <= ft.lora_dropout < 1.0):
-        errors.append(f"finetune.lora_dropout={ft.lora_dropout} must be in [0, 1)")
     if sum(cfg.deployment.traffic.values()) != 100 or any(v < 0 for v in cfg.deployment.traffic.values()):
         errors.append(f"deployment.traffic={dict(cfg.deployment.traffic)} must be non-negative percentages adding up to 100")
     if cfg.deployment.deployment_name not in cfg.deployment.traffic:

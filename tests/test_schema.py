@@ -89,3 +89,88 @@ def test_dataset_local_without_its_file_is_refused_before_anything_runs():
     with pytest.raises(ConfigError, match=r"dataset=local needs dataset.train_file=PATH"):
         validate(compose_cfg(["dataset=local"]))
     validate(compose_cfg(["dataset=local", "dataset.train_file=/data/chats.jsonl"]))
+
+
+# ---- ranges: every numeric key has one, refused by validate() before any step ---------------------------------
+
+
+@pytest.mark.parametrize("override, must_say", [
+    ("finetune.weight_decay=-1", "finetune.weight_decay=-1.0 is out of range: must be >= 0"),
+    ("finetune.max_grad_norm=-1", "finetune.max_grad_norm=-1.0 is out of range: must be >= 0"),
+    ("finetune.lora_alpha=0", "finetune.lora_alpha=0 is out of range: must be > 0"),
+    ("finetune.local.max_train_rows=-1", "finetune.local.max_train_rows=-1 is out of range: must be >= 0"),
+    ("finetune.lora_r=0", "finetune.lora_r=0 is out of range: must be > 0"),
+    ("finetune.max_seq_length=1", "finetune.max_seq_length=1 is out of range: must be >= 2 or -1"),
+    ("finetune.warmup_steps=-10", "finetune.warmup_steps=-10 is out of range: must be >= 0"),
+    ("finetune.learning_rate=nan", "finetune.learning_rate=nan is out of range: must be a finite number > 0"),
+    ("finetune.learning_rate=inf", "finetune.learning_rate=inf is out of range: must be a finite number > 0"),
+    ("finetune.learning_rate=0", "finetune.learning_rate=0.0 is out of range: must be > 0"),
+    ("finetune.adam_beta1=2", "finetune.adam_beta1=2.0 is out of range: must be in [0, 1)"),
+    ("finetune.adam_beta2=1", "finetune.adam_beta2=1.0 is out of range: must be in [0, 1)"),
+    ("finetune.max_steps=-2", "finetune.max_steps=-2 is out of range: must be >= -1"),
+    ("finetune.evaluation_steps_interval=1.5", "finetune.evaluation_steps_interval=1.5 is out of range: must be in [0, 1]"),
+    ("finetune.seed=-1", "finetune.seed=-1 is out of range: must be in [0, 4294967295]"),
+    ("model.tiny.hidden_size=0", "model.tiny.hidden_size=0 is out of range: must be > 0"),
+    ("model.tiny.hidden_size=66", "model.tiny.hidden_size=66 must be a multiple of model.tiny.num_attention_heads=4"),
+    ("dataset.eval_percent=100", "dataset.eval_percent=100.0 is out of range: must be in (0, 100)"),
+    ("compute.memory_headroom=0", "compute.memory_headroom=0.0 is out of range: must be in (0, 1]"),
+    ("compute.min_instances=3", "compute.min_instances=3 must be <= compute.max_instances=2"),
+    ("deployment.port=70000", "deployment.port=70000 is out of range: must be in [0, 65535]"),
+    ("deployment.max_batch_size=0", "deployment.max_batch_size=0 is out of range: must be > 0"),
+    ("deployment.max_request_bytes=-1", "deployment.max_request_bytes=-1 is out of range: must be > 0"),
+    ("deployment.request_timeout_ms=0", "deployment.request_timeout_ms=0 is out of range: must be > 0"),
+    ("deployment.batch_window_ms=-1", "deployment.batch_window_ms=-1.0 is out of range: must be >= 0"),
+    ("deployment.startup_timeout_s=-1", "deployment.startup_timeout_s=-1.0 is out of range: must be > 0"),
+    ("deployment.instance_count=0", "deployment.instance_count=0 is out of range: must be > 0"),
+    ("deployment.liveness_initial_delay=-1", "deployment.liveness_initial_delay=-1 is out of range: must be >= 0"),
+])
+def test_a_value_out_of_its_range_is_refused_naming_the_key_and_the_range(override, must_say):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg([override]))
+    assert must_say in str(info.value)
+
+
+@pytest.mark.parametrize("override", [
+    "finetune.learning_rate=1e10",  # a bad idea, not an impossible value: the quality gate catches the run
+    "finetune.max_seq_length=-1", "finetune.max_seq_length=2", "finetune.max_steps=0", "finetune.max_grad_norm=0",
+    "finetune.eval_accumulation_steps=0", "deployment.port=65535", "deployment.batch_window_ms=0",
+    "finetune.adam_beta1=0",
+])
+def test_edges_and_special_values_in_range_pass(override):
+    validate(compose_cfg([override]))
+
+
+def test_every_numeric_key_of_the_schema_declares_its_range():
+    """A new int/float key without a range (or a choice) fails here, so nothing numeric reaches a step unchecked."""
+    import dataclasses
+
+    from runner.schema import RunConfig
+
+    missing = []
+
+    def walk(schema, prefix):
+        for f in dataclasses.fields(schema):
+            if isinstance(f.type, type) and dataclasses.is_dataclass(f.type):
+                walk(f.type, f"{prefix}{f.name}.")
+            elif f.type in (int, float) and not ({"range", "choices"} & set(f.metadata)):
+                missing.append(prefix + f.name)
+
+    walk(RunConfig, "")
+    assert missing == []
+
+
+def test_every_default_and_preset_is_in_range():
+    """The ranges refuse nothing the shipped presets use."""
+    for overrides in ([], ["experiment=local_tiny"], ["experiment=phi3_ultrachat", "dry_run=true"],
+                      ["experiment=phi4_ultrachat", "dry_run=true"], ["finetune=lora"], ["compute=local_gpu"]):
+        validate(compose_cfg(overrides))
+
+
+def test_deployment_settings_are_refused_before_any_step_runs(tmp_path):
+    """Once only the deploy step checked them, after training and registering a version."""
+    proc = ftrun("deployment.port=70000", "deployment.max_batch_size=0", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "deployment.port=70000 is out of range: must be in [0, 65535]" in proc.stderr
+    assert "deployment.max_batch_size=0 is out of range: must be > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "run_record.json").exists()  # no step ran
