@@ -61,9 +61,14 @@ class RunRecord:
         self.save()
 
     def fail(self, step: str, error: BaseException) -> None:
+        """The step ended with `error`: `failed`, or the status the error names (`refused`: a gate said no, and
+        the entry's `reason` says why)."""
         entry = self.data["steps"].setdefault(step, {"started": time.time()})
+        status = getattr(error, "step_status", "failed")
+        if status != "failed":
+            entry["reason"] = str(error)
         entry.update(
-            status="failed",
+            status=status,
             seconds=round(time.time() - entry["started"], 3),
             error=f"{type(error).__name__}: {error}",
         )

@@ -361,6 +361,15 @@ class CleanupConfig:
 
 
 @dataclass
+class RegisterConfig:
+    """The quality gate before register (runner/steps/register.py): a model whose run diverged (final loss NaN/inf)
+    or trained no optimizer step with a non-zero learning rate is refused unless one of these says otherwise."""
+
+    allow_untrained: bool = False
+    allow_nonfinite_loss: bool = False
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     compute: ComputeConfig = MISSING
@@ -376,6 +385,7 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
 
 

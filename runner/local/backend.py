@@ -254,6 +254,7 @@ class LocalBackend(Backend):
             "config_sha256": ctx.record.data["config_sha256"],
             "display_name": ft.get("display_name", ""),
             "training_key": ft.get("training_key", ""),
+            "quality_gate": ctx.live.get("quality_gate", ""),  # the register step's verdict (runner/steps/register.py)
         }
         out = register_model(
             tracking_uri=self.tracking_uri,
@@ -274,16 +275,14 @@ class LocalBackend(Backend):
 
         dep = self.cfg.deployment
         model_uri = ctx.record.output("register", "model_uri")
-        if not model_uri:
-            from runner.local.registry import latest_version
+        chosen = {}
+        if not model_uri:  # no register step here or in from_run: the latest version, if a good run made it
+            from runner.local.registry import deployable_latest
 
-            latest = latest_version(self.tracking_uri, self.cfg.mlflow.registered_model_name)
-            if not latest:
-                raise RuntimeError(
-                    f"no registered model to deploy: no version of {self.cfg.mlflow.registered_model_name!r} in "
-                    f"{self.tracking_uri}; run the register step first"
-                )
-            model_uri = latest["model_uri"]
+            chosen = deployable_latest(self.tracking_uri, self.cfg.mlflow.registered_model_name)
+            ctx.say(f"no register step in this run (or from_run): deploying the latest version {chosen['model_uri']} "
+                    f"(MLflow run {chosen['run_id']}, quality gate {chosen['quality_gate']})")
+            model_uri = chosen["model_uri"]
         state = start_endpoint(
             name=self._endpoint_name(ctx),
             deployments={name: model_uri for name in dep.traffic},
@@ -303,7 +302,7 @@ class LocalBackend(Backend):
         )
         ctx.live["endpoint"] = state
         ctx.say(f"endpoint {state['name']} serving {model_uri} at {state['scoring_uri']}")
-        return state
+        return {**state, "model_uri": model_uri, **({"model_version": chosen["version"]} if chosen else {})}
 
     def _endpoint_state(self, ctx) -> Dict[str, Any]:
         from runner.local.endpoint.manager import find_endpoint

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from runner.errors import RunnerError
 from runner.local.tracking import MAX_TAG_VALUE, _client, _text
 
 ARTIFACT_PATH = "model"
@@ -58,6 +59,46 @@ def latest_version(tracking_uri: str, name: str) -> Optional[Dict[str, Any]]:
     """The highest version of a registered model as {name, version, model_uri, run_id, source, tags}, or None."""
     versions = _versions(_client(tracking_uri), name)
     return _describe(max(versions, key=lambda v: int(v.version))) if versions else None
+
+
+def run_facts(tracking_uri: str, run_id: str) -> Dict[str, Any]:
+    """{"status", "params", "tags"} of an MLflow run; {} when the run is not in the store."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = _client(tracking_uri).get_run(run_id)
+    except MlflowException:
+        return {}
+    return {"status": run.info.status, "params": dict(run.data.params), "tags": dict(run.data.tags)}
+
+
+class NotDeployable(RunnerError):
+    """The latest registered version was not made by a successful run (or there is none)."""
+
+
+def deployable_latest(tracking_uri: str, name: str) -> Dict[str, Any]:
+    """The latest version of `name` (as latest_version, plus "quality_gate"), for a deploy that names no run: only
+    when the MLflow run that made it FINISHED and its model passed the register step's quality gate. Anything else
+    is refused naming the version and why, rather than serving whatever was registered last."""
+    from runner.steps.register import GATE_PASSED, GATE_TAG
+
+    latest = latest_version(tracking_uri, name)
+    if not latest:
+        raise NotDeployable(f"no registered model to deploy: no version of {name!r} in {tracking_uri}; run the "
+                            "register step first")
+    problems = []
+    facts = run_facts(tracking_uri, latest["run_id"]) if latest.get("run_id") else {}
+    if facts.get("status") != "FINISHED":
+        problems.append(f"its MLflow run {latest.get('run_id')} is {facts.get('status') or 'not in the store'}, "
+                        "not FINISHED")
+    gate = latest["tags"].get(GATE_TAG)
+    if gate != GATE_PASSED:
+        problems.append(f"it did not pass the quality gate ({GATE_TAG}: {gate or 'not recorded'})")
+    if problems:
+        raise NotDeployable(f"the latest version {latest['model_uri']} is not deployed: " + "; ".join(problems)
+                            + ". Deploy a run's model by naming it: steps=[deploy] from_run=<the run dir that "
+                            "registered it>")
+    return {**latest, "quality_gate": gate}
 
 
 def _local_artifact_dir(artifact_uri: str) -> Optional[Path]:

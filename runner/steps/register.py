@@ -1,9 +1,23 @@
-"""register: the fine-tuned model, versioned, with lineage to the job, the base model and the data."""
+"""register: the fine-tuned model, versioned, with lineage to the job, the base model and the data.
 
+A quality gate comes first: a run whose final loss is NaN/inf (it diverged) or that trained no optimizer step with a
+non-zero learning rate (finetune.max_steps=0, no data) is not registered, so nothing later deploys it by mistake.
+The refusal is a RunnerError (ftrun exits 2) and the run record's register step says `refused` with the reason.
+`register.allow_untrained=true` / `register.allow_nonfinite_loss=true` register such a model all the same; the
+version is then tagged `quality_gate=allowed: <reason>`, which `steps=[deploy]` without from_run refuses to pick.
+"""
+
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional
 
+from runner.errors import RunnerError
 from runner.steps.result import StepResult
+
+GATE_PASSED = "passed"  # the quality_gate tag of a version that passed (what an implicit deploy requires)
+GATE_TAG = "quality_gate"
+# schedulers whose first step runs at learning rate 0 when warmup_steps > 0 (constant ignores warmup)
+_WARMUP_FROM_ZERO = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup"}
 
 
 @dataclass
@@ -11,7 +25,93 @@ class RegisterResult(StepResult):
     model_uri: Optional[str] = None
     name: Optional[str] = None
     version: Optional[str] = None
+    quality_gate: Optional[str] = None
+
+
+class RegisterRefused(RunnerError):
+    """The quality gate refused the model; the run record marks the register step `refused`, not `failed`."""
+
+    step_status = "refused"
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def untrained_reason(*, global_step: Any, max_steps: Any, warmup_steps: Any, lr_scheduler_type: Any) -> Optional[str]:
+    """Why a run trained no optimizer step with a non-zero learning rate, or None when it did (or it is unknown)."""
+    steps = _number(global_step)
+    if steps is not None and steps < 1:
+        return "it trained no optimizer step (global_step=0)"
+    if _number(max_steps) == 0:
+        # the schedule spans zero steps: transformers runs one step at learning rate 0
+        return "finetune.max_steps=0: the learning-rate schedule spans no step, every step ran at learning rate 0"
+    if steps == 1 and (_number(warmup_steps) or 0) > 0 and str(lr_scheduler_type) in _WARMUP_FROM_ZERO:
+        return (f"its only optimizer step ran at learning rate 0 (warmup_steps={int(_number(warmup_steps))} starts "
+                f"the {lr_scheduler_type} schedule at 0)")
+    return None
+
+
+def nonfinite_reason(figures: Dict[str, Any]) -> Optional[str]:
+    """The first of the run's final losses that is NaN or infinite (the run diverged), or None."""
+    for name in ("eval_loss", "train_loss"):
+        value = _number(figures.get(name))
+        if value is not None and not math.isfinite(value):
+            return f"its final {name} is {value} (training diverged: lower finetune.learning_rate?)"
+    return None
+
+
+def _training_params(ctx, backend) -> Dict[str, Any]:
+    """The settings the run trained with: the MLflow run's own params on the local backend (right also for a
+    finetune step from an earlier run, from_run=), else this config's effective finetune parameters."""
+    run_id = ctx.record.output("finetune", "mlflow_run_id")
+    if getattr(backend, "name", None) == "local" and run_id:
+        from runner.local.registry import run_facts
+
+        return run_facts(ctx.cfg.mlflow.tracking_uri, run_id).get("params", {})
+    from omegaconf import OmegaConf
+
+    from runner.finetune_params import merge_finetune_params
+
+    model = ctx.cfg.model
+    defaults = OmegaConf.to_container(model.model_specific_defaults) if model.apply_model_specific_defaults else {}
+    return merge_finetune_params(ctx.cfg.finetune, defaults, ctx.explicit_finetune_keys)[0]
+
+
+def quality_gate(ctx, backend) -> str:
+    """GATE_PASSED, or `allowed: <reason>` when the config opts out; raises RegisterRefused otherwise."""
+    finetune = ctx.record.output("finetune") or {}
+    figures = {**(ctx.record.output("metrics", "final") or {}), **finetune}
+    gate = ctx.cfg.get("register") or {}
+    reasons = []
+    diverged = nonfinite_reason(figures)
+    if diverged:
+        reasons.append((diverged, "allow_nonfinite_loss"))
+    params = _training_params(ctx, backend) if finetune else {}
+    untrained = untrained_reason(global_step=finetune.get("global_step"), max_steps=params.get("max_steps"),
+                                 warmup_steps=params.get("warmup_steps"),
+                                 lr_scheduler_type=params.get("lr_scheduler_type"))
+    if untrained:
+        reasons.append((untrained, "allow_untrained"))
+    refused = [(why, key) for why, key in reasons if not gate.get(key, False)]
+    if refused:
+        raise RegisterRefused("quality gate: the model is not registered: " + "; ".join(
+            f"{why} (register.{key}=true registers it all the same)" for why, key in refused))
+    if reasons:
+        return "allowed: " + "; ".join(why for why, _ in reasons)
+    return GATE_PASSED
 
 
 def run(ctx, backend) -> RegisterResult:
-    return RegisterResult.from_outputs(backend.register(ctx))
+    verdict = quality_gate(ctx, backend)
+    if verdict != GATE_PASSED:
+        ctx.say(f"warning: registering a model that did not pass the quality gate: {verdict}")
+    ctx.live[GATE_TAG] = verdict  # the backend tags the version with it
+    result = RegisterResult.from_outputs(backend.register(ctx))
+    result.quality_gate = verdict
+    return result
