@@ -21,8 +21,43 @@ register_configs()
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def main() -> None:
+    """`ftrun`: a `key=value` typo is refused with the schema's "did you mean", then Hydra runs the app."""
+    problems = unknown_override_keys(sys.argv[1:])
+    if problems:
+        print("ftrun: invalid config:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+def unknown_override_keys(args: list) -> list:
+    """The messages for `key=value` overrides (no +) whose key the schema lacks. Hydra would refuse them too, but
+    with "Could not override ... use +key=value", which invites adding the typo; `+key=value` reaches validate()
+    and gets the same message as here. Groups (`finetune=lora`, `experiment=...`), hydra.*, +/++/~ and anything
+    Hydra cannot parse are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from runner.schema import unknown_key
+
+    candidates = [a for a in args if "=" in a and not a.startswith(("-", "+", "~", "hydra.", "hydra/"))]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except Exception:  # a syntax error: Hydra's own message says where
+        return []
+    groups = {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
+    problems = []
+    for override in overrides:
+        key = override.key_or_group
+        if override.package is not None or "/" in key or key in groups:
+            continue
+        problem = unknown_key(key)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     _stop_like_ctrl_c()
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

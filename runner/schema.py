@@ -431,6 +431,30 @@ def open_dicts(schema: type = None, prefix: str = "") -> List[str]:
     return found
 
 
+def _not_a_key(prefix: str, key: str, known: List[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(sorted(known))}"
+    return f"{prefix}{key} is not a config key ({hint}); only these dicts take new keys: {', '.join(open_dicts())}"
+
+
+def unknown_key(path: str) -> Optional[str]:
+    """Why the dotted key `path` is not a key of the schema (with the closest one), or None when it is one, or when
+    it goes into a free-form dict or past a leaf (Hydra and validate() judge those). `ftrun key=value` (no +) asks
+    this before Hydra composes, whose own "Could not override ... use +" would suggest adding the typo."""
+    schema, prefix = RunConfig, ""
+    for part in path.split("."):
+        known = {f.name: f for f in dataclasses.fields(schema)}
+        if part not in known:
+            return _not_a_key(prefix, part, list(known))
+        kind = known[part].type
+        if not (isinstance(kind, type) and dataclasses.is_dataclass(kind)):
+            return None
+        schema, prefix = kind, f"{prefix}{part}."
+    return None
+
+
 def _check_node(node: Any, schema: type, prefix: str, unknown: List[str], invalid: List[str]) -> None:
     """One walk of the config against the schema's dataclasses.
 
@@ -438,17 +462,12 @@ def _check_node(node: Any, schema: type, prefix: str, unknown: List[str], invali
     structured node without complaint; without this check a typo such as `+finetune.learnign_rate=1e-5` would run
     the whole workflow with the setting silently ignored. Invalid values: a field's `choices` (see choice()) or
     `range` (see bounded()): every int/float key declares one, so nothing numeric reaches a step unchecked."""
-    import difflib
-
     from omegaconf import DictConfig
 
     known = {f.name: f for f in dataclasses.fields(schema)}
     for key in node.keys():
         if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
-            hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(sorted(known))}"
-            unknown.append(f"{prefix}{key} is not a config key ({hint}); only these dicts take new keys: "
-                           f"{', '.join(open_dicts())}")
+            unknown.append(_not_a_key(prefix, key, list(known)))
     for name, f in known.items():
         if "choices" in f.metadata and node.get(name) not in f.metadata["choices"]:
             allowed = ", ".join(str(c) for c in f.metadata["choices"])

@@ -174,3 +174,35 @@ def test_deployment_settings_are_refused_before_any_step_runs(tmp_path):
     assert "deployment.max_batch_size=0 is out of range: must be > 0" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "run_record.json").exists()  # no step ran
+
+
+# ---- the no-+ typo gets the same "did you mean" as the + form ----------------------------------------------------
+
+
+@pytest.mark.parametrize("typo, must_say", [
+    ("finetune.learnign_rate=1e-5", "finetune.learnign_rate is not a config key (did you mean finetune.learning_rate?)"),
+    ("model.tiny.hiden_size=32", "model.tiny.hiden_size is not a config key (did you mean model.tiny.hidden_size?)"),
+    ("seeed=3", "seeed is not a config key (did you mean seed?)"),
+])
+def test_a_typo_without_plus_gets_the_same_did_you_mean_as_with_plus(typo, must_say, tmp_path):
+    plain = ftrun(typo, f"hydra.run.dir={tmp_path}/plain")
+    plus = ftrun("+" + typo, f"hydra.run.dir={tmp_path}/plus")
+    for proc in (plain, plus):
+        assert proc.returncode == 2, proc.stderr
+        assert must_say in proc.stderr
+        assert "Traceback" not in proc.stderr and "Could not override" not in proc.stderr
+    assert not (tmp_path / "plain" / "run_record.json").exists()
+
+
+def test_the_typo_check_leaves_groups_sweeps_and_hydra_keys_to_hydra():
+    from runner.cli import unknown_override_keys
+
+    assert unknown_override_keys([
+        "finetune=lora", "experiment=local_tiny", "model=tiny_phi3", "finetune.learning_rate=1e-3,3e-3",
+        "finetune.lora_r=choice(4,8)", "hydra.run.dir=/tmp/x", "+deployment.traffic.blue=0",
+        "deployment.traffic.demo=100", "model.model_specific_defaults.warmup_steps=3", "--cfg", "job", "-m",
+        "steps=[data]", "hparams_search=optuna_lr_rank", "~from_run",
+    ]) == []
+    assert unknown_override_keys(["-m", "finetune.learnign_rate=1e-3,3e-3"]) == [
+        "finetune.learnign_rate is not a config key (did you mean finetune.learning_rate?); only these dicts take "
+        "new keys: model.model_specific_defaults, dataset.sample_rows, deployment.traffic, deployment.sample_parameters"]
