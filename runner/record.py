@@ -5,21 +5,55 @@ run can pick up an earlier one's outputs by reference (`from_run=<run dir>`), e.
 model registered by a previous run.
 """
 
+import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from runner.atomic import write_json
+from runner.liveness import alive, this_process
 
 RECORD_FILE = "run_record.json"
+# <state root>/runs/: one small file per run in progress ({"run_dir", "host", "pid", "pid_started"}), removed when
+# the run ends; what a killed run leaves there is how the next run finds its record (runner/reaper.py)
+LIVE_RUNS_DIR = "runs"
 
 
 def load_record(run_dir) -> Dict[str, Any]:
+    """A run's record; one left `running` by a process that is gone is marked `died` first (see settle)."""
     path = Path(run_dir) / RECORD_FILE
     if not path.exists():
         raise FileNotFoundError(f"no {RECORD_FILE} in {run_dir}: is it a run directory of ftrun?")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return settle(path, json.loads(path.read_text(encoding="utf-8")))
+
+
+def settle(path: Path, data: Dict[str, Any]) -> Dict[str, Any]:
+    """A record says `running` while its process lives. One whose process is dead (SIGKILL, power loss: nothing
+    could close it) is rewritten as `died`, with its unfinished steps `died` too, so nobody waits on it or
+    mistakes it for a run in progress. A record from another host, or without a pid (older), is left as it is."""
+    owner = data.get("owner") or {}
+    if data.get("status") != "running" or alive(owner) is not False:
+        return data
+    message = (f"the process (pid {owner.get('pid')} on {owner.get('host')}) ended without closing this record "
+               "(killed?)")
+    for entry in data.get("steps", {}).values():
+        if entry.get("status") == "running":
+            entry["status"] = "died"
+    data.update(status="died", error={"step": _last_step(data), "message": message},
+                died_noticed=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_json(path, data)
+    return data
+
+
+def _last_step(data: Dict[str, Any]) -> Optional[str]:
+    steps = list(data.get("steps", {}))
+    return steps[-1] if steps else None
+
+
+def live_run_entries(state_root) -> List[Path]:
+    folder = Path(state_root) / LIVE_RUNS_DIR
+    return sorted(folder.glob("*.json")) if folder.is_dir() else []
 
 
 class RunRecord:
@@ -32,9 +66,11 @@ class RunRecord:
             "config_sha256": config_sha256,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "status": "running",
+            "owner": this_process(),  # who keeps this record up to date: `running` is true only while it lives
             "from_run": self.earlier.get("run_dir"),
             "steps": {},
         }
+        self.live_entry: Optional[Path] = None
 
     # ---- reading ---------------------------------------------------------------------------------------------
     def output(self, step: str, key: Optional[str] = None, default: Any = None) -> Any:
@@ -51,6 +87,16 @@ class RunRecord:
         return entry.get("status") if entry else None
 
     # ---- writing ---------------------------------------------------------------------------------------------
+    def track(self, state_root) -> None:
+        """List this run under <state root>/runs/ until it ends, so a later run finds it if it is killed."""
+        key = hashlib.sha256(self.data["run_dir"].encode()).hexdigest()[:16]
+        self.live_entry = Path(state_root) / LIVE_RUNS_DIR / f"{key}.json"
+        write_json(self.live_entry, {"run_dir": self.data["run_dir"], **self.data["owner"]})
+
+    def _untrack(self) -> None:
+        if self.live_entry is not None:
+            self.live_entry.unlink(missing_ok=True)
+
     def start(self, step: str) -> None:
         self.data["steps"][step] = {"status": "running", "started": time.time()}
         self.save()
@@ -75,12 +121,14 @@ class RunRecord:
         self.data["status"] = "failed"
         self.data["error"] = {"step": step, "message": f"{type(error).__name__}: {error}"}
         self.save()
+        self._untrack()
 
     def close(self, status: str = "ok") -> None:
         if self.data["status"] == "running":
             self.data["status"] = status
         self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.save()
+        self._untrack()
 
     def save(self) -> None:
         write_json(self.path, self.data)

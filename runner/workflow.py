@@ -80,6 +80,13 @@ def run(
     record.data["overrides"] = overrides
     if sweep:
         record.data["sweep"] = sweep
+    if not cfg.dry_run:  # what killed runs left behind is settled; this run is listed until it ends
+        from runner.reaper import reap
+
+        found = reap(cfg.paths.root, cfg.mlflow.artifact_location)
+        if any(found.values()):
+            record.data["reaped"] = found
+        record.track(cfg.paths.root)
     record.save()
 
     if cfg.dry_run and not backend.plans_by_running_steps:

@@ -1,7 +1,9 @@
-"""cleanup: delete the endpoint (and, if asked, the cluster) so nothing is left running or billing."""
+"""cleanup: delete the endpoint (and, if asked, the cluster) so nothing is left running or billing; and settle what
+killed runs left in the state root (records marked `died`, register staging folders removed: runner/reaper.py).
+`ftrun steps=[cleanup]` alone does the latter: every run settles them at its start, and this step reports them."""
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
 
 from runner.steps.result import StepResult
 
@@ -9,7 +11,24 @@ from runner.steps.result import StepResult
 @dataclass
 class CleanupResult(StepResult):
     deleted: Optional[Any] = None  # local: True; azureml: the endpoint's name
+    died_runs: List[str] = field(default_factory=list)  # run dirs whose record a dead process had left `running`
+    removed_staging: List[str] = field(default_factory=list)
+
+
+def _endpoint_known(ctx) -> bool:
+    return bool(ctx.live.get("endpoint") or ctx.record.output("deploy") or ctx.cfg.endpoint_name)
 
 
 def run(ctx, backend) -> CleanupResult:
-    return CleanupResult.from_outputs(backend.cleanup(ctx))
+    from runner.reaper import reap
+
+    found = reap(ctx.cfg.paths.root, ctx.cfg.mlflow.artifact_location, say=ctx.say)
+    at_start = ctx.record.data.get("reaped") or {}
+    if backend.name == "local" and not _endpoint_known(ctx):
+        ctx.say("no endpoint to delete (endpoint_name=NAME deletes one an earlier run left running)")
+        result = CleanupResult()
+    else:
+        result = CleanupResult.from_outputs(backend.cleanup(ctx))
+    result.died_runs = at_start.get("died_runs", []) + found["died_runs"]
+    result.removed_staging = at_start.get("removed_staging", []) + found["removed_staging"]
+    return result
