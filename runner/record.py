@@ -42,7 +42,10 @@ def settle(path: Path, data: Dict[str, Any]) -> Dict[str, Any]:
             entry["status"] = "died"
     data.update(status="died", error={"step": _last_step(data), "message": message},
                 died_noticed=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    write_json(path, data)
+    try:
+        write_json(path, data)
+    except OSError:  # a run dir this user cannot write: it reads as died all the same
+        pass
     return data
 
 
