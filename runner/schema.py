@@ -482,6 +482,28 @@ def _check_node(node: Any, schema: type, prefix: str, unknown: List[str], invali
                 _check_node(child, f.type, f"{prefix}{name}.", unknown, invalid)
 
 
+# The numeric values of the free-form dicts that the schema cannot type: checked like the fields' ranges.
+SAMPLE_PARAMETER_RANGES = {
+    "temperature": Range(0),
+    "top_p": Range(0, 1, lo_open=True),
+    "top_k": Range(0),
+    "max_new_tokens": Range(1),
+    "repetition_penalty": Range(0, lo_open=True),
+}
+
+
+def _dict_value_errors(cfg: Any) -> List[str]:
+    errors = []
+    for split, rows in cfg.dataset.sample_rows.items():
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows not in Range(1):
+            errors.append(f"dataset.sample_rows.{split}={rows!r} is out of range: must be an integer >= 1")
+    for key, value in cfg.deployment.sample_parameters.items():
+        if key in SAMPLE_PARAMETER_RANGES and value not in SAMPLE_PARAMETER_RANGES[key]:
+            errors.append(f"deployment.sample_parameters.{key}={value!r} is out of range: must be a number "
+                          f"{SAMPLE_PARAMETER_RANGES[key]}")
+    return errors
+
+
 def validate(cfg: Any) -> None:
     """Check everything the types alone cannot; raise ConfigError listing every problem."""
     unknown: List[str] = []
@@ -509,6 +531,7 @@ def validate(cfg: Any) -> None:
             f"deployment.deployment_name={cfg.deployment.deployment_name!r} has no entry in deployment.traffic "
             f"{dict(cfg.deployment.traffic)}"
         )
+    errors += _dict_value_errors(cfg)
     from runner.presets import kind_errors  # compute/deployment presets of the backend's kind (reads conf/)
 
     errors += kind_errors(cfg)

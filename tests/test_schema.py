@@ -123,6 +123,13 @@ def test_dataset_local_without_its_file_is_refused_before_anything_runs():
     ("deployment.startup_timeout_s=-1", "deployment.startup_timeout_s=-1.0 is out of range: must be > 0"),
     ("deployment.instance_count=0", "deployment.instance_count=0 is out of range: must be > 0"),
     ("deployment.liveness_initial_delay=-1", "deployment.liveness_initial_delay=-1 is out of range: must be >= 0"),
+    # the numeric values of the free-form dicts
+    ("dataset.sample_rows.train_sft=0", "dataset.sample_rows.train_sft=0 is out of range: must be an integer >= 1"),
+    ("deployment.sample_parameters.temperature=nan",
+     "deployment.sample_parameters.temperature=nan is out of range: must be a number >= 0"),
+    ("deployment.sample_parameters.top_p=0", "deployment.sample_parameters.top_p=0 is out of range: must be a number in (0, 1]"),
+    ("deployment.sample_parameters.max_new_tokens=0",
+     "deployment.sample_parameters.max_new_tokens=0 is out of range: must be a number >= 1"),
 ])
 def test_a_value_out_of_its_range_is_refused_naming_the_key_and_the_range(override, must_say):
     with pytest.raises(ConfigError) as info:
