@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-from runner.record import live_run_entries, load_record
 from runner.liveness import alive
+from runner.record import live_run_entries, load_record
 
 
 def reap(state_root, artifact_root=None, say: Callable[[str], None] = print) -> Dict[str, List[str]]:

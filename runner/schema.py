@@ -146,7 +146,8 @@ class ComputeConfig:
     low_priority_fallback: bool = True  # the notebook retries as low priority when dedicated fails
     # local only: which device to use; "auto" = CUDA when present
     device: str = choice("auto", ["auto", "cpu", "cuda"])
-    memory_headroom: float = bounded(0.9, 0, 1, lo_open=True)  # fraction of free memory the weights + optimizer state may use
+    # fraction of free memory the weights + optimizer state may use
+    memory_headroom: float = bounded(0.9, 0, 1, lo_open=True)
 
 
 # `${ftrun_slug:...}` and `${ftrun_model_name:...}`: the dataset's slug names its folder and the registered model
@@ -297,7 +298,8 @@ class DeploymentConfig:
     # the server ends by itself when the ftrun that started it dies (SIGKILL, crash); true lets it outlive ftrun.
     # A run without the cleanup step (steps=[deploy]) always leaves its endpoint detached, to be used and deleted later
     detach: bool = False
-    max_request_bytes: int = positive(4194304)  # larger request bodies get 413 (by Content-Length, or while reading a chunked one)
+    # larger request bodies get 413 (by Content-Length, or while reading a chunked one)
+    max_request_bytes: int = positive(4194304)
     max_batch_size: int = positive(16)  # dynamic batching: most requests in one generate call
     batch_window_ms: float = non_negative(10.0)  # dynamic batching: how long the first request waits for company
     startup_timeout_s: float = positive(300.0)

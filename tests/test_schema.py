@@ -108,7 +108,8 @@ def test_dataset_local_without_its_file_is_refused_before_anything_runs():
     ("finetune.adam_beta1=2", "finetune.adam_beta1=2.0 is out of range: must be in [0, 1)"),
     ("finetune.adam_beta2=1", "finetune.adam_beta2=1.0 is out of range: must be in [0, 1)"),
     ("finetune.max_steps=-2", "finetune.max_steps=-2 is out of range: must be >= -1"),
-    ("finetune.evaluation_steps_interval=1.5", "finetune.evaluation_steps_interval=1.5 is out of range: must be in [0, 1]"),
+    ("finetune.evaluation_steps_interval=1.5",
+     "finetune.evaluation_steps_interval=1.5 is out of range: must be in [0, 1]"),
     ("finetune.seed=-1", "finetune.seed=-1 is out of range: must be in [0, 4294967295]"),
     ("model.tiny.hidden_size=0", "model.tiny.hidden_size=0 is out of range: must be > 0"),
     ("model.tiny.hidden_size=66", "model.tiny.hidden_size=66 must be a multiple of model.tiny.num_attention_heads=4"),
@@ -127,7 +128,8 @@ def test_dataset_local_without_its_file_is_refused_before_anything_runs():
     ("dataset.sample_rows.train_sft=0", "dataset.sample_rows.train_sft=0 is out of range: must be an integer >= 1"),
     ("deployment.sample_parameters.temperature=nan",
      "deployment.sample_parameters.temperature=nan is out of range: must be a number >= 0"),
-    ("deployment.sample_parameters.top_p=0", "deployment.sample_parameters.top_p=0 is out of range: must be a number in (0, 1]"),
+    ("deployment.sample_parameters.top_p=0",
+     "deployment.sample_parameters.top_p=0 is out of range: must be a number in (0, 1]"),
     ("deployment.sample_parameters.max_new_tokens=0",
      "deployment.sample_parameters.max_new_tokens=0 is out of range: must be a number >= 1"),
 ])
@@ -187,7 +189,8 @@ def test_deployment_settings_are_refused_before_any_step_runs(tmp_path):
 
 
 @pytest.mark.parametrize("typo, must_say", [
-    ("finetune.learnign_rate=1e-5", "finetune.learnign_rate is not a config key (did you mean finetune.learning_rate?)"),
+    ("finetune.learnign_rate=1e-5",
+     "finetune.learnign_rate is not a config key (did you mean finetune.learning_rate?)"),
     ("model.tiny.hiden_size=32", "model.tiny.hiden_size is not a config key (did you mean model.tiny.hidden_size?)"),
     ("seeed=3", "seeed is not a config key (did you mean seed?)"),
 ])
@@ -212,4 +215,5 @@ def test_the_typo_check_leaves_groups_sweeps_and_hydra_keys_to_hydra():
     ]) == []
     assert unknown_override_keys(["-m", "finetune.learnign_rate=1e-3,3e-3"]) == [
         "finetune.learnign_rate is not a config key (did you mean finetune.learning_rate?); only these dicts take "
-        "new keys: model.model_specific_defaults, dataset.sample_rows, deployment.traffic, deployment.sample_parameters"]
+        "new keys: model.model_specific_defaults, dataset.sample_rows, deployment.traffic, "
+        "deployment.sample_parameters"]

@@ -125,7 +125,8 @@ def staging_prefix() -> str:
     from runner.liveness import this_process
 
     me = this_process()
-    return f"{STAGING}{_host_hash(me['host'])}-{me['pid']}-{me['pid_started'] if me['pid_started'] is not None else 'x'}-"
+    started = "x" if me["pid_started"] is None else me["pid_started"]
+    return f"{STAGING}{_host_hash(me['host'])}-{me['pid']}-{started}-"
 
 
 def staging_owner_alive(folder: Path) -> Optional[bool]:
