@@ -136,7 +136,7 @@ class LocalBackend(Backend):
         return out
 
     def finetune(self, ctx) -> Dict[str, Any]:
-        from runner.local import distributed, tracking
+        from runner.local import distributed, tracking, training_dir
         from runner.local.compute import cuda_device_count
         from runner.local.train import resolve_device, train
         from runner.local.translate import translate
@@ -165,7 +165,13 @@ class LocalBackend(Backend):
         nproc = distributed.processes_needed(params, local, device, cuda_device_count() if device == "cuda" else 0)
         display_name = ctx.display_name(self.display_name(params))
         key = self.training_key(ctx, params)
-        out_dir = Path(cfg.paths.root) / "training" / key
+        # A folder of its own, locked while this run lives (runner/local/training_dir.py says why and how resume
+        # finds an earlier one).
+        claimed = training_dir.claim(Path(cfg.paths.root) / "training" / key, resume=bool(params.get(
+            "resume_from_checkpoint")))
+        out_dir = claimed["out_dir"]
+        if claimed["resumed_folder"]:
+            ctx.say(f"resuming in {out_dir}")
         tags = {
             "display_name": display_name,
             "backend": "local",
@@ -174,6 +180,7 @@ class LocalBackend(Backend):
             "data_manifest_sha256": data.get("manifest_sha256", ""),
             "config_sha256": ctx.record.data["config_sha256"],
             "training_key": key,
+            "training_dir": str(Path(out_dir).resolve()),
             "run_dir": str(ctx.run_dir.resolve()),
             "overrides": " ".join(ctx.task_overrides),
             **ctx.tracking_tags(),
@@ -214,7 +221,8 @@ class LocalBackend(Backend):
             raise
         finally:
             tracking.end_run(self.tracking_uri, run_id, status=status)
-        result.update(mlflow_run_id=run_id, display_name=display_name, training_key=key, param_notes=notes)
+        result.update(mlflow_run_id=run_id, display_name=display_name, training_key=key, param_notes=notes,
+                      training_dir=str(out_dir))
         if result.get("peak_gpu_memory_gb") is not None:
             estimate = (ctx.record.output("compute", "estimate_gb") or {}).get("total")
             ctx.say(f"peak GPU memory {result['peak_gpu_memory_gb']:.2f} GB"
