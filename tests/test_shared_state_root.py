@@ -149,3 +149,46 @@ def test_a_manifest_from_before_checksums_still_counts(tmp_path):
     (folder / checkpoints.MARKER).write_text('{"global_step": 1, "files": {"w": 3}}')
     assert checkpoints.is_complete(folder) and checkpoints.corrupt_file(folder) is None
     assert checkpoints.latest_intact(tmp_path) == (folder, [])
+
+
+def test_default_endpoint_names_are_unique_within_one_second_and_valid():
+    from runner.local.endpoint.manager import NAME_RULE, unique_name
+
+    names = {unique_name("ultrachat-completion-") for _ in range(200)}
+    assert len(names) > 190  # 4 random hex digits: a clash in 200 draws is rare, 10 would be absurd
+    assert all(NAME_RULE.match(n) and len(n) <= 32 for n in names)
+
+
+@pytest.mark.slow
+def test_cleanup_never_stops_a_server_whose_token_is_not_its_own(tiny_model_dir, tmp_path):
+    import json
+
+    from runner.atomic import write_text
+    from runner.local.endpoint import manager
+
+    # a server that binds at once and never needs to finish loading for this test
+    a = manager.launch_server(name="shared-name", deployments={"demo": str(tiny_model_dir)}, traffic={"demo": 100},
+                              host="127.0.0.1", port=0, state_dir=tmp_path, request_timeout_ms=1000,
+                              max_batch_size=1, batch_window_ms=1, extra_args=["--test-load-delay-s", "120"])
+    state_file = tmp_path / "shared-name.json"
+    try:
+        write_text(state_file, json.dumps(a))
+        assert manager.find_endpoint("shared-name", state_dir=tmp_path)["alive"] is True
+        # what another process sees: the token in the server's environment, as the kernel keeps it
+        assert manager._carries(a["pid"], a["instance"]) and not manager._carries(a["pid"], "0" * 32)
+        # another run's cleanup holding a state for the same name but another server's token: A is untouched
+        other = {**a, "instance": "0" * 32}
+        out = manager.stop_endpoint(other, state_dir=tmp_path)
+        assert "belong to another server" in out["note"]
+        assert manager._is_our_server(a["pid"], "shared-name", a["instance"])
+        assert state_file.exists() and (tmp_path / "shared-name.key").exists()
+        # a state file whose token the live pid does not carry (a recycled pid, a server that took the name over):
+        # not adopted as alive, and a stop by name does not signal that pid
+        write_text(state_file, json.dumps(other))
+        assert manager.find_endpoint("shared-name", state_dir=tmp_path)["alive"] is False
+        assert manager.stop_endpoint("shared-name", state_dir=tmp_path)["how"] == "not running"
+        assert manager._is_our_server(a["pid"], "shared-name", a["instance"])
+    finally:
+        write_text(state_file, json.dumps(a))
+        assert manager.stop_endpoint(a, state_dir=tmp_path)["how"] in ("terminated", "killed")
+    assert not manager._is_our_server(a["pid"], "shared-name")

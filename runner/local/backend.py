@@ -7,7 +7,6 @@ This module only wires the config and the run record to those pieces.
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any, Dict
 
@@ -275,7 +274,10 @@ class LocalBackend(Backend):
         return out
 
     def _endpoint_name(self, ctx) -> str:
-        return self.cfg.endpoint_name or f"{self.cfg.deployment.endpoint_name_prefix}{int(time.time())}"
+        from runner.local.endpoint.manager import unique_name
+
+        # a random suffix: two runs deploying in the same second must not share a name, key and state files
+        return self.cfg.endpoint_name or unique_name(self.cfg.deployment.endpoint_name_prefix)
 
     def deploy(self, ctx) -> Dict[str, Any]:
         from runner.local.endpoint.manager import start_endpoint
@@ -346,7 +348,8 @@ class LocalBackend(Backend):
             ctx.say(f"keep_alive: {state['name']} keeps serving at {state['url']} until Ctrl-C")
             out = serve_until_interrupted(state, state_dir=self.cfg.paths.endpoints_dir)  # deletes it on Ctrl-C
         else:
-            out = stop_endpoint(state["name"], state_dir=self.cfg.paths.endpoints_dir)
+            # the state itself, not its name: only the server this run started (its instance token) is stopped
+            out = stop_endpoint(state, state_dir=self.cfg.paths.endpoints_dir)
         ctx.live.pop("endpoint", None)
         ctx.say(f"endpoint {state['name']} deleted")
         return out
