@@ -192,3 +192,17 @@ def test_cleanup_never_stops_a_server_whose_token_is_not_its_own(tiny_model_dir,
         write_text(state_file, json.dumps(a))
         assert manager.stop_endpoint(a, state_dir=tmp_path)["how"] in ("terminated", "killed")
     assert not manager._is_our_server(a["pid"], "shared-name")
+
+
+def test_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FTRUN_HOME": str(tmp_path / "home")}
+    procs = [subprocess.Popen([sys.executable, "-m", "runner.cli", "steps=[connect]"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n\n".join(o[-2000:] for o in outputs)
+    run_dirs = sorted(p.parent for p in (tmp_path / "outputs").glob("*/*/run_record.json"))
+    assert len(run_dirs) == 3
+    pids = {str(p.pid) for p in procs}
+    assert {d.name.rsplit("-", 1)[1] for d in run_dirs} == pids  # <time>-<pid>
+    for run_dir in run_dirs:  # each log holds one run only
+        assert (run_dir / "ftrun.log").read_text().count("state folder") == 1
