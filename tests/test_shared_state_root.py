@@ -106,12 +106,13 @@ def test_resume_takes_over_the_newest_dead_folder_with_a_checkpoint_and_clears_s
     newer = _finished_folder(key_dir, "20260102T000000-2-bbbbbb", steps=(2, 4))
     empty = key_dir / "20260103T000000-3-cccccc"  # killed before its first checkpoint
     empty.mkdir()
+    foreign = _finished_folder(key_dir, "checkpoints-of-an-older-layout")  # not a run folder: left alone
     claimed = training_dir.claim(key_dir, resume=True)
     try:
         assert claimed["out_dir"] == newer and claimed["resumed_folder"]
         assert training_dir.is_live(newer)
         assert sorted(claimed["removed"]) == sorted([older.name, empty.name])
-        assert training_dir.run_folders(key_dir) == [newer]
+        assert training_dir.run_folders(key_dir) == [newer] and foreign.is_dir()
     finally:
         training_dir.release(newer)
     fresh = training_dir.claim(key_dir, resume=False)  # a fresh start supersedes the finished folder

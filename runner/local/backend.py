@@ -331,6 +331,9 @@ class LocalBackend(Backend):
         from runner.local.endpoint.manager import invoke
 
         state = self._endpoint_state(ctx)
+        if state.get("alive") is False:  # never send the key to whatever now holds a dead server's port
+            raise RuntimeError(f"endpoint {state['name']!r}: its server (pid {state['pid']}) is not running any more, "
+                               f"or is not the server its state file names; deploy it again")
         request = json.loads(Path(request_file).read_text(encoding="utf-8"))
         response = invoke(state, request, deployment=self.cfg.deployment.deployment_name)
         print("raw response:\n", json.dumps(response, ensure_ascii=False), "\n", flush=True)

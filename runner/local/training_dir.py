@@ -17,6 +17,7 @@ rerun used to overwrite the one folder of its key): disk use stays one folder pe
 """
 
 import os
+import re
 import secrets
 import shutil
 import time
@@ -28,6 +29,8 @@ from runner.local import checkpoints as ckpt
 
 LOCK = ".lock"
 _CLAIM = ".claim.lock"  # held while a run chooses or removes folders of one key
+# what _new_name() makes: anything else in a key's folder (an older layout's checkpoints/) is neither used nor removed
+_RUN_FOLDER = re.compile(r"^\d{8}T\d{6}-\d+-[0-9a-f]{6}$")
 
 
 def lock_file(folder) -> Path:
@@ -39,7 +42,7 @@ def run_folders(key_dir) -> List[Path]:
     key_dir = Path(key_dir)
     if not key_dir.is_dir():
         return []
-    return sorted((p for p in key_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    return sorted((p for p in key_dir.iterdir() if p.is_dir() and _RUN_FOLDER.match(p.name)), key=lambda p: p.name)
 
 
 def is_live(folder) -> bool:
