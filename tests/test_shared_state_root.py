@@ -207,3 +207,26 @@ def test_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path):
     assert {d.name.rsplit("-", 1)[1] for d in run_dirs} == pids  # <time>-<pid>
     for run_dir in run_dirs:  # each log holds one run only
         assert (run_dir / "ftrun.log").read_text().count("state folder") == 1
+
+
+def test_the_test_step_never_sends_the_key_to_a_server_its_state_file_does_not_name(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from runner.local.backend import LocalBackend
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["endpoint_name=stale-one"])
+    endpoints = tmp_path / "ftrun_home" / "endpoints"
+    endpoints.mkdir(parents=True)
+    # alive pid (this test process), but not a server carrying the recorded token
+    (endpoints / "stale-one.json").write_text(json.dumps({
+        "name": "stale-one", "pid": os.getpid(), "instance": "0" * 32, "url": "http://127.0.0.1:9",
+        "scoring_uri": "http://127.0.0.1:9/score", "port": 9, "host": "127.0.0.1",
+        "key_file": str(endpoints / "stale-one.key")}))
+    (endpoints / "stale-one.key").write_text("secret")
+    ctx = SimpleNamespace(live={}, record=SimpleNamespace(output=lambda *a: None))
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"input_data": {"input_string": [[{"role": "user", "content": "hi"}]]}}))
+    with pytest.raises(RuntimeError, match="is not running any more"):
+        LocalBackend(cfg).test(ctx, request)
