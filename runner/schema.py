@@ -411,6 +411,8 @@ def register_configs() -> None:
 
     if not OmegaConf.has_resolver("ftrun_home"):
         OmegaConf.register_new_resolver("ftrun_home", state_root)
+    if not OmegaConf.has_resolver("ftrun_pid"):  # in the default run dir: two runs started in one second differ
+        OmegaConf.register_new_resolver("ftrun_pid", lambda: str(os.getpid()))
 
     # The root schema types every group: a group preset merged into `model`, `finetune`, ... is checked against
     # its dataclass, so presets need no schema entry of their own.

@@ -127,6 +127,25 @@ def test_resume_without_checkpoints_starts_fresh_and_fresh_runs_clear_old_ones(t
     assert [p.name for p in checkpoints.list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
 
 
+def test_a_checkpoint_corrupted_at_the_same_size_is_skipped_when_resuming(tiny_model_dir, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = _train_in_process(tiny_model_dir, data, out, max_steps=8)  # checkpoints at 4 and 8
+    assert first["global_step"] == 8
+    newest = out / "checkpoints" / "checkpoint-8"
+    weights = next(p for p in sorted(newest.iterdir()) if p.suffix == ".safetensors")
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF  # one byte of the weights changed, the size kept: a size check passes it
+    weights.write_bytes(bytes(raw))
+    assert checkpoints.is_complete(newest)
+
+    resumed = _train_in_process(tiny_model_dir, data, out, max_steps=12, resume_from_checkpoint=True)
+    assert resumed["resumed_from"] == str(out / "checkpoints" / "checkpoint-4")
+    assert len(resumed["ignored_corrupt_checkpoints"]) == 1
+    assert f"{weights.name} does not match the sha256" in resumed["ignored_corrupt_checkpoints"][0]
+    assert "warning: checkpoint checkpoint-8 is corrupt" in capsys.readouterr().out
+    assert resumed["global_step"] == 12
+
+
 def test_a_checkpoint_counts_only_with_every_listed_file_intact(tmp_path):
     folder = tmp_path / "checkpoints" / "checkpoint-3"
     folder.mkdir(parents=True)

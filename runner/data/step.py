@@ -93,16 +93,24 @@ def run_data_step(dataset_cfg, *, run_dir, max_seq_length: Optional[int] = None,
     if dry_run:
         return {**base, "planned": True}
 
-    manifest = get_splits(dataset_cfg)
-    cached = manifest.pop("cached", False)
-    print(f"    {'cached' if cached else 'written'}: {base['download_dir']}", flush=True)
-    validation = validate_splits(dataset_cfg.download_dir, files, dataset_cfg.on_invalid, manifest,
-                                 fmt=dataset_cfg.format, columns=column_map(dataset_cfg.columns))
+    from runner.locks import exclusive
+
+    # The split files live in the shared state root: two runs writing or validating (on_invalid=skip rewrites a
+    # file) them at once take turns, and each reads back files no other run is changing.
+    download_dir = Path(base["download_dir"])
+    with exclusive(download_dir.with_name(f".{download_dir.name}.lock")):
+        manifest = get_splits(dataset_cfg)
+        cached = manifest.pop("cached", False)
+        print(f"    {'cached' if cached else 'written'}: {base['download_dir']}", flush=True)
+        validation = validate_splits(dataset_cfg.download_dir, files, dataset_cfg.on_invalid, manifest,
+                                     fmt=dataset_cfg.format, columns=column_map(dataset_cfg.columns))
+        manifest_sha256 = sha256_file(base["manifest"])
+        files_sha256 = {s: sha256_file(p) for s, p in files.items()}
     exploration = explore(files, Path(run_dir) / "data", tokenizer_dir=tokenizer_dir, max_seq_length=max_seq_length)
     return {
         **base,
-        "manifest_sha256": sha256_file(base["manifest"]),
-        "files_sha256": {s: sha256_file(p) for s, p in files.items()},
+        "manifest_sha256": manifest_sha256,
+        "files_sha256": files_sha256,
         "rows": {s: v["valid"] for s, v in validation.items()},
         "rejected": {s: v["rejected"] for s, v in validation.items()},
         "rejects_files": {s: v["rejects_file"] for s, v in validation.items() if v["rejects_file"]},

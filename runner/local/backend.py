@@ -7,7 +7,6 @@ This module only wires the config and the run record to those pieces.
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any, Dict
 
@@ -136,7 +135,7 @@ class LocalBackend(Backend):
         return out
 
     def finetune(self, ctx) -> Dict[str, Any]:
-        from runner.local import distributed, tracking
+        from runner.local import distributed, tracking, training_dir
         from runner.local.compute import cuda_device_count
         from runner.local.train import resolve_device, train
         from runner.local.translate import translate
@@ -165,7 +164,13 @@ class LocalBackend(Backend):
         nproc = distributed.processes_needed(params, local, device, cuda_device_count() if device == "cuda" else 0)
         display_name = ctx.display_name(self.display_name(params))
         key = self.training_key(ctx, params)
-        out_dir = Path(cfg.paths.root) / "training" / key
+        # A folder of its own, locked while this run lives (runner/local/training_dir.py says why and how resume
+        # finds an earlier one).
+        claimed = training_dir.claim(Path(cfg.paths.root) / "training" / key, resume=bool(params.get(
+            "resume_from_checkpoint")))
+        out_dir = claimed["out_dir"]
+        if claimed["resumed_folder"]:
+            ctx.say(f"resuming in {out_dir}")
         tags = {
             "display_name": display_name,
             "backend": "local",
@@ -174,6 +179,7 @@ class LocalBackend(Backend):
             "data_manifest_sha256": data.get("manifest_sha256", ""),
             "config_sha256": ctx.record.data["config_sha256"],
             "training_key": key,
+            "training_dir": str(Path(out_dir).resolve()),
             "run_dir": str(ctx.run_dir.resolve()),
             "overrides": " ".join(ctx.task_overrides),
             **ctx.tracking_tags(),
@@ -214,7 +220,8 @@ class LocalBackend(Backend):
             raise
         finally:
             tracking.end_run(self.tracking_uri, run_id, status=status)
-        result.update(mlflow_run_id=run_id, display_name=display_name, training_key=key, param_notes=notes)
+        result.update(mlflow_run_id=run_id, display_name=display_name, training_key=key, param_notes=notes,
+                      training_dir=str(out_dir))
         if result.get("peak_gpu_memory_gb") is not None:
             estimate = (ctx.record.output("compute", "estimate_gb") or {}).get("total")
             ctx.say(f"peak GPU memory {result['peak_gpu_memory_gb']:.2f} GB"
@@ -268,7 +275,10 @@ class LocalBackend(Backend):
         return out
 
     def _endpoint_name(self, ctx) -> str:
-        return self.cfg.endpoint_name or f"{self.cfg.deployment.endpoint_name_prefix}{int(time.time())}"
+        from runner.local.endpoint.manager import unique_name
+
+        # a random suffix: two runs deploying in the same second must not share a name, key and state files
+        return self.cfg.endpoint_name or unique_name(self.cfg.deployment.endpoint_name_prefix)
 
     def deploy(self, ctx) -> Dict[str, Any]:
         from runner.local.endpoint.manager import start_endpoint
@@ -320,6 +330,9 @@ class LocalBackend(Backend):
         from runner.local.endpoint.manager import invoke
 
         state = self._endpoint_state(ctx)
+        if state.get("alive") is False:  # never send the key to whatever now holds a dead server's port
+            raise RuntimeError(f"endpoint {state['name']!r}: its server (pid {state['pid']}) is not running any more, "
+                               f"or is not the server its state file names; deploy it again")
         request = json.loads(Path(request_file).read_text(encoding="utf-8"))
         response = invoke(state, request, deployment=self.cfg.deployment.deployment_name)
         print("raw response:\n", json.dumps(response, ensure_ascii=False), "\n", flush=True)
@@ -337,7 +350,8 @@ class LocalBackend(Backend):
             ctx.say(f"keep_alive: {state['name']} keeps serving at {state['url']} until Ctrl-C")
             out = serve_until_interrupted(state, state_dir=self.cfg.paths.endpoints_dir)  # deletes it on Ctrl-C
         else:
-            out = stop_endpoint(state["name"], state_dir=self.cfg.paths.endpoints_dir)
+            # the state itself, not its name: only the server this run started (its instance token) is stopped
+            out = stop_endpoint(state, state_dir=self.cfg.paths.endpoints_dir)
         ctx.live.pop("endpoint", None)
         ctx.say(f"endpoint {state['name']} deleted")
         return out

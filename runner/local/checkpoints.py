@@ -1,18 +1,21 @@
 """Checkpoints that are either complete or ignored.
 
 transformers' Trainer writes `checkpoint-<step>/` file by file, so a kill mid-save leaves a folder that looks like a
-checkpoint but is not. After the Trainer has written everything, a manifest (`COMPLETE.json`: every file and its
-size) is written atomically into the folder. A checkpoint counts only if its manifest is there and every file it
-lists is present with that size — which also catches a folder half-deleted by checkpoint rotation. Resuming picks
-the newest such checkpoint and deletes the rest of the unusable folders first.
+checkpoint but is not. After the Trainer has written everything, a manifest (`COMPLETE.json`: every file, its size
+and its sha256) is written atomically into the folder. A checkpoint counts only if its manifest is there and every
+file it lists is present with that size — which also catches a folder half-deleted by checkpoint rotation. Resuming
+picks the newest such checkpoint whose files also hash to their recorded sha256 (a disk or copy fault can change
+bytes without changing a size): a corrupt one is removed with a warning and the one before it is used. The sizes
+are checked wherever a checkpoint is listed (cheap); the hashes once, when a run resumes.
 """
 
+import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from runner.atomic import write_text
 
@@ -25,27 +28,61 @@ def write_atomic(path, text: str) -> None:
     write_text(path, text, fsync=True)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def mark_complete(checkpoint_dir, step: int) -> None:
     checkpoint_dir = Path(checkpoint_dir)
     files = {
-        str(p.relative_to(checkpoint_dir)): p.stat().st_size
+        str(p.relative_to(checkpoint_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
         for p in sorted(checkpoint_dir.rglob("*"))
         if p.is_file() and p.name != MARKER and not p.name.startswith(".")
     }
     write_atomic(checkpoint_dir / MARKER, json.dumps({"global_step": step, "files": files}, indent=1))
 
 
-def is_complete(checkpoint_dir) -> bool:
-    checkpoint_dir = Path(checkpoint_dir)
+def _manifest_files(checkpoint_dir: Path) -> Optional[Dict[str, dict]]:
+    """name -> {"size", "sha256"?} from the manifest (an older manifest holds sizes only); None without one."""
     try:
         manifest = json.loads((checkpoint_dir / MARKER).read_text())
     except (OSError, ValueError):
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return None
+    return {name: entry if isinstance(entry, dict) else {"size": entry} for name, entry in files.items()}
+
+
+def is_complete(checkpoint_dir) -> bool:
+    checkpoint_dir = Path(checkpoint_dir)
+    files = _manifest_files(checkpoint_dir)
+    if not files:
         return False
-    for name, size in manifest.get("files", {}).items():
+    for name, entry in files.items():
         path = checkpoint_dir / name
-        if not path.is_file() or path.stat().st_size != size:
+        if not path.is_file() or path.stat().st_size != entry.get("size"):
             return False
-    return bool(manifest.get("files"))
+    return True
+
+
+def corrupt_file(checkpoint_dir) -> Optional[str]:
+    """The first file of a complete checkpoint whose bytes no longer hash to the manifest's sha256, or None (also
+    for an older manifest without hashes, which cannot say)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    for name, entry in (_manifest_files(checkpoint_dir) or {}).items():
+        if not entry.get("sha256"):
+            continue
+        try:
+            if _sha256(checkpoint_dir / name) != entry["sha256"]:
+                return name
+        except FileNotFoundError:  # another rank of the same run removed it meanwhile
+            return name
+    return None
 
 
 def checkpoint_step(path) -> Optional[int]:
@@ -65,6 +102,25 @@ def list_checkpoints(checkpoints_dir) -> List[Path]:
 def latest_complete(checkpoints_dir) -> Optional[Path]:
     complete = [p for p in list_checkpoints(checkpoints_dir) if is_complete(p)]
     return complete[-1] if complete else None
+
+
+def latest_intact(checkpoints_dir) -> Tuple[Optional[Path], List[str]]:
+    """(the newest complete checkpoint whose files match their checksums, warnings about the newer ones that did
+    not). Those corrupt ones are removed: the resumed run writes those steps again."""
+    warnings = []
+    for path in reversed([p for p in list_checkpoints(checkpoints_dir) if is_complete(p)]):
+        bad = corrupt_file(path)
+        if bad is None:
+            return path, warnings
+        doomed = path.with_name(f".tmp-corrupt-{path.name}")
+        try:
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        except FileNotFoundError:  # torchrun: every rank resumes, one of them removed it first
+            pass
+        warnings.append(f"checkpoint {path.name} is corrupt ({bad} does not match the sha256 in its {MARKER}): "
+                        f"removed, not resumed from")
+    return None, warnings
 
 
 def remove_incomplete(checkpoints_dir) -> List[str]:

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 from runner.errors import RunnerError
 from runner.local import checkpoints as ckpt
-from runner.local import distributed
+from runner.local import distributed, training_dir
 from runner.local.translate import LocalTrainingPlan
 
 
@@ -57,6 +57,7 @@ class LocalRecipe:
         self.signal_cb = None
         self.progress_cb = None
         self._bars_were_on: Optional[bool] = None
+        self._locked_here = False
         self.figures: Dict[str, Any] = {}
 
     # ---- setup --------------------------------------------------------------------------------------------------
@@ -74,6 +75,7 @@ class LocalRecipe:
 
         plan, out, device = self.plan, self.out, self.device
         out.mkdir(parents=True, exist_ok=True)
+        self._locked_here = training_dir.hold_for_training(out)  # never two live runs in one folder
         if device == "cuda":
             avoid_per_shape_attention_plans()
         (enable_full_determinism if plan.training_args["full_determinism"] else set_seed)(plan.seed)
@@ -139,14 +141,17 @@ class LocalRecipe:
         ckpt_dir = out / "checkpoints"
         resumed_from = None
         removed = []
+        corrupt: list = []
         if plan.resume:
             removed = ckpt.remove_incomplete(ckpt_dir)
-            latest = ckpt.latest_complete(ckpt_dir)
+            latest, corrupt = ckpt.latest_intact(ckpt_dir)
             resumed_from = str(latest) if latest else None
         elif ckpt_dir.exists() and self.is_main:
             shutil.rmtree(ckpt_dir)
         for folder in removed:
             print(f"ignored incomplete checkpoint {folder}", flush=True)
+        for warning in corrupt:
+            print(f"warning: {warning}", flush=True)
         metrics_file = out / "metrics.jsonl"
         events = _Events(metrics_file, self.log_fn, enabled=self.is_main, append=resumed_from is not None)
         meter = _TokenMeter()
@@ -178,6 +183,7 @@ class LocalRecipe:
         self.packing, self.counts, self.precision, self.steps_per_epoch = packing, counts, precision, steps_per_epoch
         self.gradient_checkpointing = checkpointing
         self.ckpt_dir, self.resumed_from, self.removed = ckpt_dir, resumed_from, removed
+        self.corrupt = corrupt
         self.metrics_file, self.events, self.meter = metrics_file, events, meter
         self.progress_cb, self.best_cb, self.signal_cb = progress_cb, best_cb, signal_cb
 
@@ -279,6 +285,7 @@ class LocalRecipe:
             "wall_time_s": None,
             "resumed_from": self.resumed_from,
             "ignored_incomplete_checkpoints": self.removed,
+            "ignored_corrupt_checkpoints": self.corrupt,
             "metrics_file": str(self.metrics_file),
             "packing": self.packing,
             "steps_per_epoch": self.steps_per_epoch,
@@ -327,6 +334,8 @@ class LocalRecipe:
         for name in ("trainer", "model", "tokenizer", "train_ds", "eval_ds", "collator", "args"):
             setattr(self, name, None)
         self._give_back_memory("cleanup")
+        if self._locked_here:
+            training_dir.release(self.out)
 
     def _give_back_memory(self, when: str) -> None:
         """Collect what nothing refers to any more and hand the CUDA allocator's cache back; never raises over

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from runner.errors import RunnerError
-from runner.local.tracking import MAX_TAG_VALUE, _client, _text
+from runner.local.tracking import MAX_TAG_VALUE, _client, _text, store_lock
 
 ARTIFACT_PATH = "model"
 # What a fresh environment needs to load and run the model. Pinned from the installed versions (an inferred list
@@ -217,13 +217,14 @@ def register_model(*, tracking_uri: str, run_id: str, model_dir: str, registered
             return {**_describe(v), "reused": True}
 
     source = _log_model(client, run_id, model_dir, registered_name)
-    try:
-        client.create_registered_model(registered_name, description=description or None)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
     version_tags = {str(k): _text(v, MAX_TAG_VALUE) for k, v in tags.items()}
     version_tags["mlflow_run_id"] = run_id
-    v = client.create_model_version(registered_name, source=source, run_id=run_id, tags=version_tags,
-                                    description=description or None)
+    with store_lock(tracking_uri):  # runs sharing the store: one creates the name, versions are numbered in turn
+        try:
+            client.create_registered_model(registered_name, description=description or None)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        v = client.create_model_version(registered_name, source=source, run_id=run_id, tags=version_tags,
+                                        description=description or None)
     return {**_describe(v), "reused": False}

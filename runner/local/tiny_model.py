@@ -142,8 +142,15 @@ def tiny_model_path(models_dir, tiny_cfg: dict) -> Path:
 
 def ensure_tiny_model(models_dir, tiny_cfg: dict) -> tuple[Path, bool]:
     """The cached tiny model for these dimensions; built on first use. Returns (path, built_now)."""
+    from runner.locks import exclusive
+
     path = tiny_model_path(models_dir, tiny_cfg)
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path, False
-    build_tiny_model(path, **tiny_cfg)
+    # Two runs on a fresh state root: one builds, the other waits and uses it (a second build would delete the
+    # folder the first run is already loading from).
+    with exclusive(path.with_name(f".{path.name}.lock")):
+        if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+            return path, False
+        build_tiny_model(path, **tiny_cfg)
     return path, True

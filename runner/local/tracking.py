@@ -2,15 +2,22 @@
 
 The global `mlflow.set_tracking_uri` is never touched: a test session (or a sweep) may talk to several stores in
 one process, and a library that flips process-wide state would send one run's metrics into another's store.
+
+Runs that share a state root share its SQLite store. MLflow creates and migrates the tables on the first use of a
+store in each process, and two processes doing that at once on a fresh file die in alembic ("duplicate column"):
+so the first use in a process, and the other writes that race (a new experiment, a new registered model and its
+version), happen under an exclusive lock on `<store file>.lock` beside the database (runner/locks.py). Every
+other access relies on SQLite's own locking with MLflow's busy timeout (20 s per session).
 """
 
+import contextlib
 import json
 import logging
 import numbers
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +30,29 @@ METRICS_PER_BATCH = 1000
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")  # MLflow keys: alphanumerics, _ - . space /
 
 
+_ready_stores: set = set()  # tracking URIs whose tables this process has seen created (under the store lock)
+
+
+def sqlite_file(tracking_uri: str) -> Optional[Path]:
+    """The database file of a sqlite:/// URI (None for a server or another database)."""
+    match = re.match(r"^sqlite:///(.+?)(\?.*)?$", tracking_uri)
+    return Path(match.group(1)) if match else None
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Exclusive across processes for a SQLite store (`<db>.lock` beside it); nothing for other stores, whose
+    servers serialise their own writes."""
+    from runner.locks import exclusive
+
+    db = sqlite_file(tracking_uri)
+    if db is None:
+        yield
+        return
+    with exclusive(db.with_name(db.name + ".lock")):
+        yield
+
+
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -30,7 +60,20 @@ def _client(tracking_uri: str):
 
     quiet_mlflow()
 
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if tracking_uri in _ready_stores:
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    # MLflow builds (and migrates) a store's tables the first time a process uses it (the client's constructor
+    # does it for the tracking tables, the first registry call for the registry's): done here under the lock, so
+    # no two processes run the migrations at once.
+    with store_lock(tracking_uri):
+        db = sqlite_file(tracking_uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    _ready_stores.add(tracking_uri)
+    return client
 
 
 def _key(name: Any) -> str:
@@ -95,7 +138,8 @@ def start_run(*, tracking_uri: str, experiment_name: str, artifact_location: Opt
     from mlflow.entities import Param
 
     client = _client(tracking_uri)
-    exp_id = ensure_experiment(client, experiment_name, artifact_location)
+    with store_lock(tracking_uri):  # two runs creating the experiment at once: one creates, the other finds it
+        exp_id = ensure_experiment(client, experiment_name, artifact_location)
     run_tags = {_key(k): _text(v, MAX_TAG_VALUE) for k, v in tags.items()}
     run = client.create_run(exp_id, run_name=run_name, tags=run_tags)
     entries = [Param(_key(k), _text(v, MAX_PARAM_VALUE)) for k, v in flatten(params).items()]

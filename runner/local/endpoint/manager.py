@@ -7,6 +7,15 @@ to it. `stop_endpoint` works from any process that can read the state folder.
 
 Unless started with `detach=True`, the server watches the process that started it (`--owner-pid`) and, should that
 process die without stopping it (SIGKILL, a crash), stops by itself and removes its key and state files.
+
+Runs that share a state root: a server is known by its pid AND a random instance token the manager hands it in its
+environment (`FTRUN_ENDPOINT_INSTANCE`, read back from /proc/<pid>/environ) and records in the state file. A pid
+that is alive but does not carry the token (a recycled pid, another server that took over the name) is never
+adopted, waited on or stopped; a cleanup holding a state whose token is no longer the file's stops only its own
+server and leaves the other server's files alone. Starting a name is serialised across processes (a lock in the
+state folder, held until the server's state file is written, which happens as soon as its port is bound), so two
+runs can never start two servers under one name, key and port file. Default names carry a random suffix
+(`unique_name`).
 """
 
 import json
@@ -28,6 +37,8 @@ from runner.local.endpoint.generation import is_local_model_dir
 SERVER_MODULE = "runner.local.endpoint.server"
 NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")  # Azure ML: 3-32 chars, letter first
 PF_EXITING = 0x4  # /proc/<pid>/stat flags: the process is exiting
+INSTANCE_ENV = "FTRUN_ENDPOINT_INSTANCE"  # the server's own token, in its environment and in the state file
+NAMES_LOCK = ".names.lock"  # held while a name is checked and claimed (state file written)
 STOP_GRACE_S = 15.0  # SIGTERM lets in-flight requests finish (the server's own grace is 10 s), then SIGKILL
 
 _children: Dict[int, subprocess.Popen] = {}  # servers this process started: waited on so none stays a zombie
@@ -38,6 +49,17 @@ class EndpointError(RuntimeError):
 
 
 # ---------------------------------------------------------------- files
+
+def unique_name(prefix: str) -> str:
+    """prefix + the time (base 36 seconds, 6 characters) + 4 random hex digits: distinct for runs started in the
+    same second, and still within Azure ML's 32 characters with the default 21-character prefix."""
+    digits, seconds = "0123456789abcdefghijklmnopqrstuvwxyz", int(time.time())
+    stamp = ""
+    while seconds:
+        seconds, rest = divmod(seconds, 36)
+        stamp = digits[rest] + stamp
+    return f"{prefix}{stamp}{secrets.token_hex(2)}"
+
 
 def _paths(name: str, state_dir) -> Dict[str, Path]:
     d = Path(state_dir)
@@ -56,10 +78,23 @@ def _remove_files(name: str, state_dir, keep_log: bool = True) -> None:
 
 # ---------------------------------------------------------------- processes and ports
 
-def _is_our_server(pid: int, name: str) -> bool:
-    """The pid is alive and is the server of this endpoint (a recycled pid must never be killed)."""
+def _carries(pid: int, instance: str) -> bool:
+    """Whether the process was started with this instance token (its environment, as the kernel keeps it)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return f"{INSTANCE_ENV}={instance}".encode() in environ
+
+
+def _is_our_server(pid: int, name: str, instance: Optional[str] = None) -> bool:
+    """The pid is alive and is the server of this endpoint (a recycled pid must never be killed); with `instance`,
+    also the very server that token was given to (another server under the same name is not)."""
     if pid in _children:
-        return _children[pid].poll() is None
+        child = _children[pid]
+        if instance is not None and getattr(child, "ftrun_instance", instance) != instance:
+            return False
+        return child.poll() is None
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -73,7 +108,9 @@ def _is_our_server(pid: int, name: str) -> bool:
     if flags & PF_EXITING and not any(cmdline):
         return True
     args = [a.decode(errors="replace") for a in cmdline]
-    return SERVER_MODULE in args and name in args
+    if not (SERVER_MODULE in args and name in args):
+        return False
+    return instance is None or _carries(pid, instance)
 
 
 def _listening(host: str, port: int) -> bool:
@@ -84,7 +121,7 @@ def _listening(host: str, port: int) -> bool:
         return False
 
 
-def _wait_exit(pid: int, name: str, timeout: float) -> bool:
+def _wait_exit(pid: int, name: str, timeout: float, instance: Optional[str] = None) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if pid in _children:
@@ -93,28 +130,29 @@ def _wait_exit(pid: int, name: str, timeout: float) -> bool:
                 return True
             except subprocess.TimeoutExpired:
                 continue
-        if not _is_our_server(pid, name):
+        if not _is_our_server(pid, name, instance):
             return True
         time.sleep(0.1)
-    return not _is_our_server(pid, name)
+    return not _is_our_server(pid, name, instance)
 
 
-def _terminate(pid: int, name: str, grace: float = STOP_GRACE_S) -> str:
-    """SIGTERM, then SIGKILL of the server's whole process group; returns how it ended."""
-    if not _is_our_server(pid, name):
+def _terminate(pid: int, name: str, grace: float = STOP_GRACE_S, instance: Optional[str] = None) -> str:
+    """SIGTERM, then SIGKILL of the server's whole process group; returns how it ended. Only a process that is
+    this endpoint's server (and, with `instance`, the one given that token) is signalled."""
+    if not _is_our_server(pid, name, instance):
         return "not running"
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return "not running"
-    if _wait_exit(pid, name, grace):
+    if _wait_exit(pid, name, grace, instance):
         how = "terminated"
     else:
         try:
             os.killpg(pid, signal.SIGKILL)  # the server leads its own session/group
         except ProcessLookupError:
             pass
-        _wait_exit(pid, name, 5.0)
+        _wait_exit(pid, name, 5.0, instance)
         how = "killed"
     child = _children.pop(pid, None)
     if child is not None:
@@ -179,28 +217,31 @@ def launch_server(*, name: str, deployments: Dict[str, str], traffic: Dict[str, 
         cmd += ["--max-request-bytes", str(int(max_request_bytes))]
     if not detach:
         cmd += ["--owner-pid", str(os.getpid()), "--state-file", str(paths["state"])]
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    instance = secrets.token_hex(16)  # who this server is, beyond a pid that can be recycled (_is_our_server)
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", INSTANCE_ENV: instance}
     with open(paths["log"], "ab") as log_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                 env=child_env, start_new_session=True)
+    proc.ftrun_instance = instance
     _children[proc.pid] = proc
     deadline = time.monotonic() + 60
     while not paths["port"].exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             _abort(name, proc.pid, state_dir, "the server exited before binding its port" if proc.poll() is not None
-                   else "the server did not bind its port within 60 s")
+                   else "the server did not bind its port within 60 s", instance)
         time.sleep(0.05)
     bound = json.loads(paths["port"].read_text(encoding="utf-8"))
     paths["port"].unlink(missing_ok=True)
     url = f"http://{host}:{bound['port']}"
     return {"name": name, "url": url, "scoring_uri": f"{url}/score", "openai_base_url": f"{url}/v1",
             "pid": proc.pid, "port": bound["port"], "host": host, "key_file": str(paths["key"]),
-            "log_file": str(paths["log"]), "deployments": dict(deployments), "traffic": dict(traffic)}
+            "log_file": str(paths["log"]), "deployments": dict(deployments), "traffic": dict(traffic),
+            "instance": instance}
 
 
-def _abort(name: str, pid: int, state_dir, why: str):
+def _abort(name: str, pid: int, state_dir, why: str, instance: Optional[str] = None):
     log_path = _paths(name, state_dir)["log"]
-    _terminate(pid, name, grace=3.0)
+    _terminate(pid, name, grace=3.0, instance=instance)
     _remove_files(name, state_dir)
     raise EndpointError(f"endpoint {name!r} failed to start: {why}. Server log ({log_path}), last lines:\n"
                         f"{_log_tail(log_path)}")
@@ -210,14 +251,14 @@ def wait_ready(state: Dict[str, Any], *, timeout_s: float = 300, progress: bool 
     """Poll /health/ready until 200; raise (after stopping the server) if it dies, fails to load or times out."""
     import httpx
 
-    name, pid = state["name"], state["pid"]
+    name, pid, instance = state["name"], state["pid"], state.get("instance")
     state_dir = Path(state["key_file"]).parent
     started = time.monotonic()
     last_note = started
     while True:
         waited = time.monotonic() - started
-        if not _is_our_server(pid, name):
-            _abort(name, pid, state_dir, "the server process exited while loading")
+        if not _is_our_server(pid, name, instance):
+            _abort(name, pid, state_dir, "the server process exited while loading", instance)
         try:
             r = httpx.get(f"{state['url']}/health/ready", timeout=2.0)
             if r.status_code == 200:
@@ -225,11 +266,11 @@ def wait_ready(state: Dict[str, Any], *, timeout_s: float = 300, progress: bool 
                     print(f"  endpoint {name} ready after {waited:.1f}s", flush=True)
                 return r.json()
             if r.status_code == 500:
-                _abort(name, pid, state_dir, f"loading the model failed: {r.json().get('error')}")
+                _abort(name, pid, state_dir, f"loading the model failed: {r.json().get('error')}", instance)
         except httpx.HTTPError:
             pass
         if waited > timeout_s:
-            _abort(name, pid, state_dir, f"not ready within startup_timeout_s={timeout_s}")
+            _abort(name, pid, state_dir, f"not ready within startup_timeout_s={timeout_s}", instance)
         if progress and time.monotonic() - last_note >= 5:
             last_note = time.monotonic()
             print(f"  waiting for endpoint {name} to load its model ... {waited:.0f}s", flush=True)
@@ -246,26 +287,34 @@ def start_endpoint(*, name: str, deployments: Dict[str, str], traffic: Dict[str,
     detach=True lets it outlive this process; otherwise it stops by itself when this process is gone."""
     deployments, traffic = dict(deployments), {k: int(v) for k, v in dict(traffic).items()}
     validate_endpoint_request(name, deployments, traffic)
-    existing = find_endpoint(name, state_dir=state_dir)
-    if existing and existing.get("alive"):
-        raise EndpointError(f"endpoint {name!r} is already running at {existing['url']}; delete it first with "
-                            f"`ftrun steps=[cleanup] endpoint_name={name}`")
-    if existing:  # a stale state file from a server that is gone
-        _remove_files(name, state_dir)
-    print(f"  starting endpoint {name} ({', '.join(f'{d}={u}' for d, u in deployments.items())})", flush=True)
-    state = launch_server(name=name, deployments=deployments, traffic=traffic, host=host, port=port,
-                          state_dir=state_dir, request_timeout_ms=request_timeout_ms, max_batch_size=max_batch_size,
-                          batch_window_ms=batch_window_ms, env=env, extra_args=("--device", device), detach=detach,
-                          max_request_bytes=max_request_bytes)
+    from runner.locks import exclusive
+
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    # The name is checked and claimed (the state file written, status "loading") under one lock: another process
+    # starting the same name waits, then finds this server alive and refuses.
+    with exclusive(Path(state_dir) / NAMES_LOCK):
+        existing = find_endpoint(name, state_dir=state_dir)
+        if existing and existing.get("alive"):
+            raise EndpointError(f"endpoint {name!r} is already running at {existing['url']}; delete it first with "
+                                f"`ftrun steps=[cleanup] endpoint_name={name}`")
+        if existing:  # a stale state file from a server that is gone
+            _remove_files(name, state_dir)
+        print(f"  starting endpoint {name} ({', '.join(f'{d}={u}' for d, u in deployments.items())})", flush=True)
+        state = launch_server(name=name, deployments=deployments, traffic=traffic, host=host, port=port,
+                              state_dir=state_dir, request_timeout_ms=request_timeout_ms,
+                              max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, env=env,
+                              extra_args=("--device", device), detach=detach, max_request_bytes=max_request_bytes)
+        state["detached"] = detach
+        write_text(_paths(name, state_dir)["state"], json.dumps({**state, "status": "loading"}, indent=2))
     print(f"  endpoint {name} listening at {state['url']} (pid {state['pid']}); loading the model", flush=True)
     try:
         wait_ready(state, timeout_s=startup_timeout_s)
     except KeyboardInterrupt:
-        _terminate(state["pid"], name, grace=3.0)
+        _terminate(state["pid"], name, grace=3.0, instance=state["instance"])
         _remove_files(name, state_dir)
         raise
     state["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    state["detached"] = detach
+    state["status"] = "ready"
     write_text(_paths(name, state_dir)["state"], json.dumps(state, indent=2))
     return state
 
@@ -277,7 +326,7 @@ def find_endpoint(name: str, *, state_dir) -> Optional[Dict[str, Any]]:
         state = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    state["alive"] = _is_our_server(int(state["pid"]), name)
+    state["alive"] = _is_our_server(int(state["pid"]), name, state.get("instance"))
     return state
 
 
@@ -303,20 +352,30 @@ def invoke(state: Dict[str, Any], request: Dict[str, Any], deployment: Optional[
 
 
 def stop_endpoint(name_or_state: Union[str, Dict[str, Any]], *, state_dir) -> Dict[str, Any]:
-    """Delete the endpoint: stop its server, check the port is free, remove key and state files. Idempotent."""
+    """Delete the endpoint: stop its server, check the port is free, remove key and state files. Idempotent.
+
+    Given the state a deploy returned, only that server is stopped: when the name's state file now belongs to
+    another server (another instance token), that server and its files are left alone."""
     if isinstance(name_or_state, dict):
         name = name_or_state["name"]
-        state = find_endpoint(name, state_dir=state_dir) or name_or_state
+        state = find_endpoint(name, state_dir=state_dir)
+        mine = name_or_state.get("instance")
+        if state is not None and mine is not None and state.get("instance") != mine:
+            how = _terminate(int(name_or_state["pid"]), name, instance=mine)
+            return {"deleted": True, "name": name, "port": None, "how": how,
+                    "note": f"the state files of {name!r} belong to another server (pid {state['pid']}): left alone"}
+        state = state or name_or_state
     else:
         name = name_or_state
         state = find_endpoint(name, state_dir=state_dir)
     if state is None:
         _remove_files(name, state_dir)
         return {"deleted": True, "name": name, "port": None, "how": "no such endpoint (already deleted)"}
-    how = _terminate(int(state["pid"]), name)
+    how = _terminate(int(state["pid"]), name, instance=state.get("instance"))
     host, port = state.get("host", "127.0.0.1"), int(state["port"])
     end = time.monotonic() + 5
-    while _listening(host, port):
+    # a server that was not running any more may have left its port to someone else: nothing to wait for then
+    while how != "not running" and _listening(host, port):
         if time.monotonic() > end:
             raise EndpointError(f"endpoint {name}: port {port} still accepts connections after stopping pid "
                                 f"{state['pid']}; the state file {_paths(name, state_dir)['state']} is kept")
@@ -335,7 +394,7 @@ def serve_until_interrupted(state: Dict[str, Any], *, state_dir=None, poll_s: fl
     try:  # the notice is inside the try: a Ctrl-C right after it must still delete the endpoint
         print(f"endpoint {state['name']} serving at {state['url']} (OpenAI base URL {state['url']}/v1); "
               f"key in {state['key_file']}. Ctrl-C to delete it.", flush=True)
-        while _is_our_server(int(state["pid"]), state["name"]):
+        while _is_our_server(int(state["pid"]), state["name"], state.get("instance")):
             time.sleep(poll_s)
         ended_by = "server exited"
         print(f"endpoint {state['name']}: the server exited on its own", flush=True)
