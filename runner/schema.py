@@ -239,6 +239,17 @@ class DeploymentConfig:
     # A run without the cleanup step (steps=[deploy]) always leaves its endpoint detached, to be used and deleted later
     detach: bool = False
     max_request_bytes: int = 4194304  # larger request bodies get 413 (by Content-Length, or while reading a chunked one)
+    # local endpoint: per-request limits, checked before tokenizing (400/413 naming the key)
+    max_messages: int = 256
+    max_prompt_chars: int = 200000  # message contents, summed
+    max_prompt_tokens: int = 0  # after tokenizing; 0 = the model's context
+    max_stop_strings: int = 4
+    max_stop_chars: int = 256  # per stop string
+    # local endpoint: slow or idle clients (slowloris) and connection count
+    header_timeout_s: float = 10.0  # request line + headers must arrive within this, else the connection is closed
+    body_timeout_s: float = 30.0  # the body must arrive within this once the headers are in, else 408
+    keep_alive_timeout_s: float = 5.0  # idle keep-alive connections are closed after this
+    max_connections: int = 256  # beyond this many open connections or requests in flight, 503
     max_batch_size: int = 16  # dynamic batching: most requests in one generate call
     batch_window_ms: float = 10.0  # dynamic batching: how long the first request waits for company
     startup_timeout_s: float = 300.0
