@@ -435,3 +435,20 @@ def test_health_and_schema_reveal_nothing_without_the_key(endpoint):
     assert schema.status_code == 200 and "/score" in schema.json()["paths"]
     for page in ("/docs", "/redoc"):
         assert httpx.get(endpoint["url"] + page).status_code == 404
+
+
+def test_a_message_flood_is_refused_before_it_is_parsed():
+    """140,000 empty messages (4 MB) cost ~100 ms of CPU to parse: the "role" keys are counted first. Cut short,
+    the body is not even valid JSON any more, and the refusal is the same: it was never parsed."""
+    from runner.local.endpoint.server import parse_request
+
+    flood = json.dumps({"messages": [{"role": "user", "content": ""}] * 140_000}, separators=(",", ":")).encode()
+    for body in (flood, flood[:-10]):
+        error = refused(parse_request, "chat", body)
+        assert error.status == 413 and error.param == "messages" and "140000" in error.message
+        assert "deployment.max_messages" in error.message
+    # keys spelled otherwise are not counted, and the parse refuses them the same way
+    spaced = json.dumps({"messages": [{"role": "user", "content": ""}] * 3000}).replace('"role":', '"role"\n:')
+    assert len(spaced) > server.INLINE_PARSE_BYTES
+    after_parse = refused(parse_request, "chat", spaced.encode())
+    assert after_parse.status == 413 and "holds 3000 messages" in after_parse.message

@@ -57,7 +57,10 @@ ROLES = ("system", "user", "assistant")
 SCORE_PARAMETERS = ("temperature", "top_p", "top_k", "do_sample", "max_new_tokens", "return_full_text", "stop")
 MAX_CHOICES = 8
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # deployment.max_request_bytes: a few MB is far beyond any model's context
-INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed in a worker thread, never on the event loop
+# Larger bodies are parsed in parser processes: json.loads holds the GIL, and one 4 MB body of 140,000 empty
+# messages took ~120 ms of it, stalling the event loop and the generating thread for every other client.
+INLINE_PARSE_BYTES = 64 * 1024
+PARSE_WORKERS = 2
 OWNER_POLL_S = 0.5
 # Ranges that no request may leave: finite, and far from where a float32 division or an int overflows.
 MAX_TEMPERATURE = {"score": 100.0, "chat": 2.0}  # the chat route keeps OpenAI's range
@@ -256,6 +259,33 @@ def parse_score_request(body, limits: RequestLimits = DEFAULT_LIMITS) -> Tuple[L
                        param=f"{where}.return_full_text")
     settings["stop"] = _stop_strings(params.get("stop"), f"{where}.stop", limits)
     return messages, settings
+
+
+ROLE_KEYS = (b'"role":', b'"role" :')  # in JSON text a string followed by ":" is a key, never a value
+
+
+def parse_request(route: str, raw: bytes, limits: RequestLimits = DEFAULT_LIMITS):
+    """The body of a request to `route` ("score" or "chat"), parsed and checked.
+
+    A body with more "role" keys than messages are allowed is refused before it is parsed: 140,000 empty messages
+    are 4 MB that take ~100 ms of CPU to turn into objects, and counting the key takes ~4 ms. (A key spelled
+    otherwise, `"role"  :` or with escapes, is not counted; such a body is refused after parsing instead.)"""
+    roles = sum(raw.count(form) for form in ROLE_KEYS) if len(raw) > INLINE_PARSE_BYTES else 0
+    if roles > limits.max_messages:
+        where = "input_data.input_string" if route == "score" else "messages"
+        raise ApiError(413, f"the request body holds {roles} \"role\" keys, so more messages than this endpoint "
+                            f"accepts: at most {limits.max_messages} (deployment.max_messages)", param=where,
+                       kind="request_too_large")
+    parse = parse_score_request if route == "score" else parse_chat_request
+    return parse(parse_json(raw), limits)
+
+
+def _parse_in_worker(route: str, raw: bytes, limits: RequestLimits):
+    """parse_request in a parser process; an ApiError comes back as its fields (it does not pickle by itself)."""
+    try:
+        return "ok", parse_request(route, raw, limits)
+    except ApiError as exc:
+        return "error", (exc.status, exc.message, exc.param, exc.kind)
 
 
 def parse_chat_request(body, limits: RequestLimits = DEFAULT_LIMITS
@@ -565,11 +595,25 @@ def create_app(settings: EndpointSettings) -> FastAPI:
     state = EndpointState(settings)
     timeout_s = settings.request_timeout_ms / 1000.0
 
+    parsers: Dict[str, Any] = {}
+
+    def parser_pool():
+        """Processes for parsing big bodies (spawned: a fork would copy the model and torch's threads)."""
+        if "pool" not in parsers:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            parsers["pool"] = ProcessPoolExecutor(PARSE_WORKERS, mp_context=multiprocessing.get_context("spawn"))
+        return parsers["pool"]
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         threading.Thread(target=state.load, name="model-loader", daemon=True).start()
+        parser_pool().submit(_parse_in_worker, "chat", b"{}", settings.limits)  # spawned now, not at the first
         yield
         state.draining = True
+        if "pool" in parsers:
+            parsers.pop("pool").shutdown(wait=False, cancel_futures=True)
         for batcher in state.batchers():
             batcher.close(timeout=settings.shutdown_grace_s)
         log.info("endpoint %s stopped", settings.name)
@@ -617,17 +661,29 @@ def create_app(settings: EndpointSettings) -> FastAPI:
         _check_key(request, settings.key)
         return app.openapi()
 
-    def _parse(parse, raw: bytes):
-        return parse(parse_json(raw), settings.limits)
+    async def _parse_big(route: str, raw: bytes):
+        from concurrent.futures.process import BrokenProcessPool
 
-    async def _prepare(request: Request, parse):
+        try:
+            outcome, value = await asyncio.get_running_loop().run_in_executor(
+                parser_pool(), _parse_in_worker, route, raw, settings.limits)
+        except BrokenProcessPool:  # a parser process died (killed, out of memory): a new pool for the next ones
+            log.warning("a parser process died; starting new ones, parsing this body in a thread")
+            parsers.pop("pool", None)
+            return await asyncio.to_thread(parse_request, route, raw, settings.limits)
+        if outcome == "error":
+            status, message, param, kind = value
+            raise ApiError(status, message, param=param, kind=kind)
+        return value
+
+    async def _prepare(request: Request, route: str):
         """Auth, body, routing and readiness, in the order a client would want the errors reported."""
         _check_key(request, settings.key)
         raw = await read_body(request, settings.max_request_bytes, settings.body_timeout_s)
         if len(raw) > INLINE_PARSE_BYTES:  # a big body's parse must not hold up the other clients
-            parsed = await asyncio.to_thread(_parse, parse, raw)
+            parsed = await _parse_big(route, raw)
         else:
-            parsed = _parse(parse, raw)
+            parsed = parse_request(route, raw, settings.limits)
         deployment = state.choose(request.headers.get(DEPLOYMENT_HEADER) or None)
         if state.draining:
             raise ApiError(503, "the endpoint is shutting down", kind="unavailable_error")
@@ -712,7 +768,7 @@ def create_app(settings: EndpointSettings) -> FastAPI:
     @app.post("/score")
     async def score(request: Request):
         deadline = time.monotonic() + timeout_s
-        (messages, sampling), deployment = await _prepare(request, parse_score_request)
+        (messages, sampling), deployment = await _prepare(request, "score")
         jobs = await _make_jobs(deployment, messages, sampling, 1, deadline)
         [result] = await _complete(request, deployment, jobs, deadline)
         return JSONResponse({"output": result.text}, headers={DEPLOYMENT_HEADER: deployment.name})
@@ -721,7 +777,7 @@ def create_app(settings: EndpointSettings) -> FastAPI:
     async def chat_completions(request: Request):
         deadline = time.monotonic() + timeout_s
         pinned = request.headers.get(DEPLOYMENT_HEADER)
-        (messages, sampling, options), deployment = await _prepare(request, parse_chat_request)
+        (messages, sampling, options), deployment = await _prepare(request, "chat")
         if not pinned and options["model"] in state.deployments:  # the OpenAI "model" may name a deployment
             deployment = state.deployments[options["model"]]
         jobs = await _make_jobs(deployment, messages, sampling, options["n"], deadline)
