@@ -452,3 +452,47 @@ def test_a_message_flood_is_refused_before_it_is_parsed():
     assert len(spaced) > server.INLINE_PARSE_BYTES
     after_parse = refused(parse_request, "chat", spaced.encode())
     assert after_parse.status == 413 and "holds 3000 messages" in after_parse.message
+
+
+def _parser_processes(server_pid: int):
+    from pathlib import Path
+
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    return [int(c) for c in children]
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_the_parser_processes_end_with_their_server(tiny_model_dir, tmp_path, how):
+    import os
+    import signal
+
+    from runner.local.endpoint.manager import start_endpoint, stop_endpoint
+
+    state = start_endpoint(name=f"parsers-{how}", deployments={"demo": str(tiny_model_dir)}, traffic={"demo": 100},
+                           state_dir=tmp_path)
+    try:
+        big = {"messages": [{"role": "user", "content": "x " * 40_000}], "max_tokens": 1}  # parsed by a parser
+        r = httpx.post(state["url"] + "/v1/chat/completions", json=big, headers=auth(state), timeout=60)
+        assert r.status_code == 413, r.text  # beyond the tiny model's context
+        parsers = _parser_processes(state["pid"])
+        assert parsers, "no parser process was started"
+        if how == "killed":
+            os.kill(state["pid"], signal.SIGKILL)
+        else:
+            stop_endpoint(state["name"], state_dir=tmp_path)
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in parsers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in parsers if _alive(p)], f"parser processes left behind after the server was {how}"
+    finally:
+        stop_endpoint(state["name"], state_dir=tmp_path)

@@ -280,6 +280,17 @@ def parse_request(route: str, raw: bytes, limits: RequestLimits = DEFAULT_LIMITS
     return parse(parse_json(raw), limits)
 
 
+def _parser_process_init(server_pid: int) -> None:
+    """A parser process ends when its server is gone (SIGKILL included): its task queue never reports that, since
+    the process holds both ends of the pipe, and it would wait for work for ever."""
+    def watch():
+        while os.getppid() == server_pid:
+            time.sleep(OWNER_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="server-watch", daemon=True).start()
+
+
 def _parse_in_worker(route: str, raw: bytes, limits: RequestLimits):
     """parse_request in a parser process; an ApiError comes back as its fields (it does not pickle by itself)."""
     try:
@@ -603,7 +614,8 @@ def create_app(settings: EndpointSettings) -> FastAPI:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            parsers["pool"] = ProcessPoolExecutor(PARSE_WORKERS, mp_context=multiprocessing.get_context("spawn"))
+            parsers["pool"] = ProcessPoolExecutor(PARSE_WORKERS, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_parser_process_init, initargs=(os.getpid(),))
         return parsers["pool"]
 
     @asynccontextmanager
@@ -612,8 +624,8 @@ def create_app(settings: EndpointSettings) -> FastAPI:
         parser_pool().submit(_parse_in_worker, "chat", b"{}", settings.limits)  # spawned now, not at the first
         yield
         state.draining = True
-        if "pool" in parsers:
-            parsers.pop("pool").shutdown(wait=False, cancel_futures=True)
+        if "pool" in parsers:  # waited for: a parse takes well under a second, and no process is left behind
+            parsers.pop("pool").shutdown(wait=True, cancel_futures=True)
         for batcher in state.batchers():
             batcher.close(timeout=settings.shutdown_grace_s)
         log.info("endpoint %s stopped", settings.name)
