@@ -80,7 +80,7 @@ def run_endpoint(model_dir, chats, args):
         with httpx.Client() as warm:  # first-request costs (lazy imports, allocator) are not load
             for chat in chats[:2]:
                 ask(warm, chat)
-        before = httpx.get(state["url"] + "/health/ready").json()["batching"][0]
+        before = httpx.get(state["url"] + "/health/ready", headers=headers).json()["batching"][0]
         started = time.perf_counter()
         threads = [threading.Thread(target=client_loop) for _ in range(args.clients)]
         for t in threads:
@@ -88,7 +88,7 @@ def run_endpoint(model_dir, chats, args):
         for t in threads:
             t.join()
         wall = time.perf_counter() - started
-        after = httpx.get(state["url"] + "/health/ready").json()["batching"][0]
+        after = httpx.get(state["url"] + "/health/ready", headers=headers).json()["batching"][0]
     finally:
         stop_endpoint(state["name"], state_dir=state_dir)
         shutil.rmtree(state_dir, ignore_errors=True)  # only the server log is left there

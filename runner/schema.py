@@ -300,6 +300,17 @@ class DeploymentConfig:
     detach: bool = False
     # larger request bodies get 413 (by Content-Length, or while reading a chunked one)
     max_request_bytes: int = positive(4194304)
+    # local endpoint: per-request limits, checked before tokenizing (400/413 naming the key)
+    max_messages: int = positive(256)
+    max_prompt_chars: int = positive(200000)  # message contents, summed
+    max_prompt_tokens: int = non_negative(0)  # after tokenizing; 0 = the model's context
+    max_stop_strings: int = positive(4)
+    max_stop_chars: int = positive(256)  # per stop string
+    # local endpoint: slow or idle clients (slowloris) and connection count
+    header_timeout_s: float = positive(10.0)  # request line + headers must arrive within this, else the connection is closed
+    body_timeout_s: float = positive(30.0)  # the body must arrive within this once the headers are in, else 408
+    keep_alive_timeout_s: float = positive(5.0)  # idle keep-alive connections are closed after this
+    max_connections: int = positive(256)  # beyond this many open connections or requests in flight, 503
     max_batch_size: int = positive(16)  # dynamic batching: most requests in one generate call
     batch_window_ms: float = non_negative(10.0)  # dynamic batching: how long the first request waits for company
     startup_timeout_s: float = positive(300.0)

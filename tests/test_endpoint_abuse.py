@@ -104,3 +104,25 @@ def test_a_body_within_the_cap_is_still_read_and_served(endpoint):
                                                                 b'"parameters": {"max_new_tokens": 2}}}']),
                          headers=headers, timeout=60)
     assert chunked.status_code == 200 and isinstance(chunked.json()["output"], str), chunked.text
+
+
+def test_the_abuse_bench_in_quick_mode_reports_no_good_client_errors(tiny_model_dir):
+    """bench/endpoint_abuse.py --quick: every kind of abuser runs, and the good clients get only answers. (Its p99
+    ratio is not asserted: timing belongs to the bench, on a quiet machine.)"""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "endpoint_abuse.py"), "--quick", "--seconds", "2",
+                          "--model", str(tiny_model_dir)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    out = run.stdout
+    assert "PASS  good-client errors: 0 (target 0)" in out, out + run.stderr
+    assert "PASS  abusive requests answered 5xx: 0" in out, out
+    for kind in ("nan-temperature", "nested-json", "empty-message-flood", "long-stop-strings", "abandoned"):
+        line = next(l for l in out.splitlines() if l.strip().startswith(kind))
+        assert "{}" not in line, f"the {kind} abuser sent nothing: {line}"
+    assert "'400'" in next(l for l in out.splitlines() if l.strip().startswith("nan-temperature"))
+    assert "'413'" in next(l for l in out.splitlines() if l.strip().startswith("empty-message-flood"))

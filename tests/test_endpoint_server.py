@@ -104,11 +104,11 @@ def test_score_accepts_the_nested_and_the_flat_form(endpoint):
 
 
 def test_concurrent_requests_share_generate_calls(endpoint):
-    before = httpx.get(endpoint["url"] + "/health/ready").json()["batching"][0]
+    before = httpx.get(endpoint["url"] + "/health/ready", headers=auth(endpoint)).json()["batching"][0]
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda i: post(endpoint, "/score", score_body(
             [[{"role": "user", "content": f"question {i}"}]], max_new_tokens=16 + i)).status_code, range(8)))
-    after = httpx.get(endpoint["url"] + "/health/ready").json()["batching"][0]
+    after = httpx.get(endpoint["url"] + "/health/ready", headers=auth(endpoint)).json()["batching"][0]
     assert codes == [200] * 8
     assert after["requests"] - before["requests"] == 8
     assert after["batches"] - before["batches"] < 8, "concurrent requests were run one by one"
@@ -202,8 +202,10 @@ def test_readiness_is_503_while_loading_then_200_and_timeouts_are_408(tiny_model
                           batch_window_ms=5, extra_args=["--test-load-delay-s", "3"])
     try:
         assert httpx.get(state["url"] + "/health/live").status_code == 200
-        loading = httpx.get(state["url"] + "/health/ready")
+        loading = httpx.get(state["url"] + "/health/ready", headers=auth(state))
         assert loading.status_code == 503 and loading.json()["status"] == "loading"
+        anonymous = httpx.get(state["url"] + "/health/ready")
+        assert anonymous.status_code == 503 and anonymous.json() == {"status": "not ready"}
         early = post(state, "/score", score_body([CHAT], max_new_tokens=4))
         assert early.status_code == 503 and "loading" in early.json()["error"]["message"]
         wait_ready(state, timeout_s=120, progress=False)

@@ -281,7 +281,7 @@ class LocalBackend(Backend):
         return self.cfg.endpoint_name or unique_name(self.cfg.deployment.endpoint_name_prefix)
 
     def deploy(self, ctx) -> Dict[str, Any]:
-        from runner.local.endpoint.manager import start_endpoint
+        from runner.local.endpoint.manager import CONNECTION_KEYS, REQUEST_LIMIT_KEYS, start_endpoint
 
         dep = self.cfg.deployment
         model_uri = ctx.record.output("register", "model_uri")
@@ -309,6 +309,7 @@ class LocalBackend(Backend):
             # tied to this ftrun unless asked, or unless this run has no cleanup step to delete it (steps=[deploy])
             detach=bool(dep.detach) or "cleanup" not in self.cfg.steps,
             max_request_bytes=dep.max_request_bytes,
+            limits={k: getattr(dep, k) for k in (*REQUEST_LIMIT_KEYS, *CONNECTION_KEYS)},
         )
         ctx.live["endpoint"] = state
         ctx.say(f"endpoint {state['name']} serving {model_uri} at {state['scoring_uri']}")

@@ -3,7 +3,8 @@
 A single worker thread owns the model. While it is busy with one batch, new jobs queue up; when it is free it
 takes up to `max_batch_size` of them, waiting while newcomers keep arriving less than `window_ms` apart (at most
 MAX_WINDOWS windows after the oldest one arrived; jobs that already waited through the previous batch go at once).
-Results are delivered per job through the job's callbacks.
+Results are delivered per job through the job's callbacks; the batcher counts the tokens each job generated and
+how it finished (`stats()`), which shows, e.g., that cancelled jobs stopped early.
 """
 
 import collections
@@ -45,6 +46,8 @@ class DynamicBatcher:
         self.batches = 0
         self.jobs_done = 0
         self.largest_batch = 0
+        self.tokens_generated = 0
+        self.finished: collections.Counter = collections.Counter()  # finish_reason -> jobs
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -52,8 +55,21 @@ class DynamicBatcher:
         with self._cond:
             if self._closed:
                 raise BatcherClosed("the endpoint is shutting down")
+            self._count_when_done(job)
             self._queue.append((time.monotonic(), job))
             self._cond.notify()
+
+    def _count_when_done(self, job: GenerationJob) -> None:
+        delivered = job.on_done
+
+        def counted(result: GenerationResult):
+            with self._cond:  # counting never stands in the way of the delivery
+                self.tokens_generated += getattr(result, "completion_tokens", 0) or 0
+                self.finished[getattr(result, "finish_reason", "?")] += 1
+            if delivered is not None:
+                delivered(result)
+
+        job.on_done = counted
 
     def stats(self) -> dict:
         with self._cond:
@@ -63,6 +79,9 @@ class DynamicBatcher:
                 "mean_batch_size": round(self.jobs_done / self.batches, 2) if self.batches else 0.0,
                 "largest_batch": self.largest_batch,
                 "queued": len(self._queue),
+                "running": len(self._running),
+                "tokens_generated": self.tokens_generated,
+                "finished": dict(self.finished),
             }
 
     def _take_batch(self) -> Optional[List[GenerationJob]]:

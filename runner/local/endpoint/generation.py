@@ -5,8 +5,12 @@ One `ChatGenerator` wraps a causal LM + its tokenizer. `run_batch` runs many req
 temperature / top_p / top_k (greedy rows keep only their argmax), and a per-row stopping criterion ends each row at
 its own max_new_tokens, stop string, deadline or cancellation. A row's result is handed back the moment the row is
 done, not when the whole batch ends, so short answers do not wait for long ones.
+
+If a shared generate call raises, the rows it had not finished are run again one by one, so only the row that
+causes the error fails (with that error) and the others still get their answers.
 """
 
+import logging
 import os
 import threading
 import time
@@ -14,8 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+log = logging.getLogger("runner.endpoint.generation")
+
 END_TOKEN = "<|end|>"  # Phi-3's end-of-turn token: generation stops there as well as at the tokenizer's eos
 DEFAULT_MAX_NEW_TOKENS = 256
+# Below this temperature a row decodes greedily (vLLM's rule too): dividing the logits by 1e-38 gave inf, and the
+# sampler's "probability tensor contains inf/nan" failed the whole batch; this close to 0 sampling is argmax anyway
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 class ContextLengthError(ValueError):
@@ -40,8 +49,8 @@ class GenerationJob:
 
     @property
     def greedy(self) -> bool:
-        # transformers raises on temperature=0.0: treat temperature<=0 (or do_sample=false) as greedy instead
-        return not self.do_sample or self.temperature <= 0
+        # transformers raises on temperature=0.0: treat temperature ~0 (or do_sample=false) as greedy instead
+        return not self.do_sample or self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass
@@ -104,7 +113,7 @@ class _RowSampling:
         if self.greedy.device != scores.device:
             self.greedy, self.temperature, self.top_p = (
                 t.to(scores.device) for t in (self.greedy, self.temperature, self.top_p))
-        scores = scores / self.temperature.to(scores.dtype)
+        scores = scores.float() / self.temperature  # float32 whatever the model's dtype: no fp16 overflow
         neg_inf = float("-inf")  # as transformers' own warpers: softmax gives these exactly 0
         if any(k > 0 for k in self.top_k):
             sorted_scores = scores.sort(dim=-1, descending=True).values
@@ -323,14 +332,26 @@ class ChatGenerator:
                     eos_token_id=self.eos_ids,
                     pad_token_id=self.pad_id,
                 )
-        except Exception as exc:  # one bad batch fails its rows with a message; the server keeps serving
-            for row in rows:
-                if not row.done:
-                    _deliver(row.job, row.finish("error", f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # the server keeps serving; only the row that causes an error fails
+            self._isolate(rows, exc)
             return
         for row in rows:  # generate ended (its own max length) before our criterion saw the last token
             if not row.done:
                 _deliver(row.job, row.finish("length"))
+
+    def _isolate(self, rows: Sequence[_Row], exc: Exception) -> None:
+        """A shared generate call raised: each unfinished row runs again on its own, so an error then is that row's
+        own. A row alone, or one that already streamed text (a rerun would send it twice), fails with the error."""
+        error = f"{type(exc).__name__}: {exc}"
+        pending = [row for row in rows if not row.done]
+        if len(rows) > 1:
+            log.warning("a batch of %d failed (%s); running its %d unfinished rows one by one", len(rows), error,
+                        len(pending))
+        for row in pending:
+            if len(rows) == 1 or row.emitted:
+                _deliver(row.job, row.finish("error", error))
+            else:
+                self._run_group([row.job])
 
     @staticmethod
     def _abandon_reason(job: GenerationJob, now: float) -> Optional[str]:

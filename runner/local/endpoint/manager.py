@@ -41,6 +41,10 @@ INSTANCE_ENV = "FTRUN_ENDPOINT_INSTANCE"  # the server's own token, in its envir
 NAMES_LOCK = ".names.lock"  # held while a name is checked and claimed (state file written)
 STOP_GRACE_S = 15.0  # SIGTERM lets in-flight requests finish (the server's own grace is 10 s), then SIGKILL
 
+# deployment.* keys the server takes as its request limits (--limits JSON) and as connection settings (own flags)
+REQUEST_LIMIT_KEYS = ("max_messages", "max_prompt_chars", "max_prompt_tokens", "max_stop_strings", "max_stop_chars")
+CONNECTION_KEYS = ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "max_connections")
+
 _children: Dict[int, subprocess.Popen] = {}  # servers this process started: waited on so none stays a zombie
 
 
@@ -199,7 +203,7 @@ def validate_endpoint_request(name: str, deployments: Dict[str, str], traffic: D
 def launch_server(*, name: str, deployments: Dict[str, str], traffic: Dict[str, int], host: str, port: int,
                   state_dir, request_timeout_ms: int, max_batch_size: int, batch_window_ms: float,
                   env: Optional[Dict[str, str]] = None, extra_args=(), detach: bool = False,
-                  max_request_bytes: Optional[int] = None) -> Dict[str, Any]:
+                  max_request_bytes: Optional[int] = None, limits: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Write the key, start the server process and wait until its socket is bound. Not yet ready to serve.
 
     detach=False ties the server to this process: it ends by itself once this process is gone."""
@@ -215,6 +219,7 @@ def launch_server(*, name: str, deployments: Dict[str, str], traffic: Dict[str, 
            "--batch-window-ms", str(float(batch_window_ms)), *extra_args]
     if max_request_bytes is not None:
         cmd += ["--max-request-bytes", str(int(max_request_bytes))]
+    cmd += _limit_args(limits or {})
     if not detach:
         cmd += ["--owner-pid", str(os.getpid()), "--state-file", str(paths["state"])]
     instance = secrets.token_hex(16)  # who this server is, beyond a pid that can be recycled (_is_our_server)
@@ -239,6 +244,18 @@ def launch_server(*, name: str, deployments: Dict[str, str], traffic: Dict[str, 
             "instance": instance}
 
 
+def _limit_args(limits: Dict[str, Any]) -> list:
+    unknown = sorted(set(limits) - set(REQUEST_LIMIT_KEYS) - set(CONNECTION_KEYS))
+    if unknown:
+        raise EndpointError(f"unknown endpoint limit(s) {unknown}; known: {[*REQUEST_LIMIT_KEYS, *CONNECTION_KEYS]}")
+    request = {k: limits[k] for k in REQUEST_LIMIT_KEYS if k in limits}
+    args = ["--limits", json.dumps(request)] if request else []
+    for key in CONNECTION_KEYS:
+        if key in limits:
+            args += ["--" + key.replace("_", "-"), str(limits[key])]
+    return args
+
+
 def _abort(name: str, pid: int, state_dir, why: str, instance: Optional[str] = None):
     log_path = _paths(name, state_dir)["log"]
     _terminate(pid, name, grace=3.0, instance=instance)
@@ -260,7 +277,9 @@ def wait_ready(state: Dict[str, Any], *, timeout_s: float = 300, progress: bool 
         if not _is_our_server(pid, name, instance):
             _abort(name, pid, state_dir, "the server process exited while loading", instance)
         try:
-            r = httpx.get(f"{state['url']}/health/ready", timeout=2.0)
+            # with the key: without it the probe says only ready / not ready, not why loading failed
+            r = httpx.get(f"{state['url']}/health/ready", timeout=2.0,
+                          headers={"Authorization": f"Bearer {read_key(state)}"})
             if r.status_code == 200:
                 if progress:
                     print(f"  endpoint {name} ready after {waited:.1f}s", flush=True)
@@ -281,14 +300,17 @@ def start_endpoint(*, name: str, deployments: Dict[str, str], traffic: Dict[str,
                    port: int = 0, state_dir, request_timeout_ms: int = 90000, max_batch_size: int = 16,
                    batch_window_ms: float = 10.0, startup_timeout_s: float = 300, device: str = "auto",
                    env: Optional[Dict[str, str]] = None, detach: bool = False,
-                   max_request_bytes: Optional[int] = None) -> Dict[str, Any]:
+                   max_request_bytes: Optional[int] = None, limits: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Start a local endpoint, wait until it is ready and write its state file. Returns the state (JSON-able).
 
-    detach=True lets it outlive this process; otherwise it stops by itself when this process is gone."""
+    detach=True lets it outlive this process; otherwise it stops by itself when this process is gone. `limits`: any
+    of REQUEST_LIMIT_KEYS and CONNECTION_KEYS (the deployment.* keys of the same names); the server's defaults
+    otherwise."""
     deployments, traffic = dict(deployments), {k: int(v) for k, v in dict(traffic).items()}
     validate_endpoint_request(name, deployments, traffic)
     from runner.locks import exclusive
 
+    _limit_args(limits or {})  # unknown keys refused before anything starts
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     # The name is checked and claimed (the state file written, status "loading") under one lock: another process
     # starting the same name waits, then finds this server alive and refuses.
@@ -303,7 +325,8 @@ def start_endpoint(*, name: str, deployments: Dict[str, str], traffic: Dict[str,
         state = launch_server(name=name, deployments=deployments, traffic=traffic, host=host, port=port,
                               state_dir=state_dir, request_timeout_ms=request_timeout_ms,
                               max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, env=env,
-                              extra_args=("--device", device), detach=detach, max_request_bytes=max_request_bytes)
+                              extra_args=("--device", device), detach=detach, max_request_bytes=max_request_bytes,
+                              limits=limits)
         state["detached"] = detach
         write_text(_paths(name, state_dir)["state"], json.dumps({**state, "status": "loading"}, indent=2))
     print(f"  endpoint {name} listening at {state['url']} (pid {state['pid']}); loading the model", flush=True)

@@ -13,6 +13,15 @@ Request bodies are capped (`--max-request-bytes`): a larger Content-Length is re
 read, a body without one (chunked) is read only up to the cap, and a response sent before the body was read closes
 the connection, so the rest is never read. With `--owner-pid` the server also ends, removing its key and state
 files, when that process (ftrun) is gone without having stopped it.
+
+Hostile input harms only its own request: every sampling parameter must be finite and in range (NaN, Infinity and
+numbers beyond a float are refused while parsing), a body nested too deeply or text with a lone surrogate is a 400,
+the size limits (`RequestLimits`: messages, prompt characters, stop strings) are checked before anything is
+tokenized, a generation error fails only the request that caused it (its batch is retried row by row), an
+unexpected error is a JSON 500 that keeps the keep-alive connection usable, a client that goes away cancels its
+generation, and a connection must send its request headers within `--header-timeout-s` and its body within
+`--body-timeout-s` (slowloris). Without the key the health probes say only ready / not ready and /openapi.json is
+refused.
 """
 
 import argparse
@@ -20,6 +29,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -34,7 +44,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from runner.atomic import write_text
 from runner.local.endpoint.batching import BatcherClosed, DynamicBatcher
@@ -47,8 +57,39 @@ ROLES = ("system", "user", "assistant")
 SCORE_PARAMETERS = ("temperature", "top_p", "top_k", "do_sample", "max_new_tokens", "return_full_text", "stop")
 MAX_CHOICES = 8
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # deployment.max_request_bytes: a few MB is far beyond any model's context
-INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed in a worker thread, never on the event loop
+# Larger bodies are parsed in parser processes: json.loads holds the GIL, and one 4 MB body of 140,000 empty
+# messages took ~120 ms of it, stalling the event loop and the generating thread for every other client.
+INLINE_PARSE_BYTES = 64 * 1024
+PARSE_WORKERS = 2
 OWNER_POLL_S = 0.5
+# Ranges that no request may leave: finite, and far from where a float32 division or an int overflows.
+MAX_TEMPERATURE = {"score": 100.0, "chat": 2.0}  # the chat route keeps OpenAI's range
+MAX_TOP_K = 1_000_000
+MAX_NEW_TOKENS = 1_000_000  # the model's context is the real bound; this only keeps the number sane
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request limits checked before tokenizing (deployment.max_messages, ...). Each bounds work a request can
+    cause before the context check: 140,000 empty messages are 3.9 MB of JSON but 560k tokens to template."""
+
+    max_messages: int = 256
+    max_prompt_chars: int = 200_000  # message contents, summed
+    max_prompt_tokens: int = 0  # after tokenizing; 0 = the model's context
+    max_stop_strings: int = 4
+    max_stop_chars: int = 256  # per stop string: every new token is matched against each one
+
+    def __post_init__(self):
+        for name in ("max_messages", "max_prompt_chars", "max_stop_strings", "max_stop_chars"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
+                    or getattr(self, name) < 1:
+                raise ValueError(f"deployment.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if isinstance(self.max_prompt_tokens, bool) or not isinstance(self.max_prompt_tokens, int) \
+                or self.max_prompt_tokens < 0:
+            raise ValueError(f"deployment.max_prompt_tokens must be an integer >= 0, got {self.max_prompt_tokens!r}")
+
+
+DEFAULT_LIMITS = RequestLimits()
 
 
 class ApiError(Exception):
@@ -56,10 +97,11 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
-    def response(self) -> JSONResponse:
+    def response(self) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        # ASCII-escaped: a message that quotes the client's text (a lone surrogate even) can always be sent
+        return Response(json.dumps(body), status_code=self.status, headers=headers, media_type="application/json")
 
 
 # ---------------------------------------------------------------- request parsing (pure, no model needed)
@@ -67,7 +109,8 @@ class ApiError(Exception):
 def _number(value, path: str, *, low: float, high: float, low_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"{path} must be a number, got {json.dumps(value)}", param=path)
-    if value < low or value > high or (low_open and value == low):
+    # NaN compares false with everything: without the isfinite it would pass any range check
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
         bracket = "(" if low_open else "["
         raise ApiError(400, f"{path} must be in {bracket}{low}, {high}], got {value}", param=path)
     return float(value)
@@ -94,19 +137,41 @@ def _object(value, path: str) -> Dict[str, Any]:
     return value
 
 
-def _stop_strings(value, path: str) -> List[str]:
+def _text(value: str, path: str) -> str:
+    """JSON lets a string hold a lone surrogate ("\\ud800"): no tokenizer can encode it, so it is refused here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{path} holds a lone surrogate (\\u{ord(value[exc.start]):04x}) at character "
+                            f"{exc.start}; text must be valid Unicode", param=path) from None
+    return value
+
+
+def _stop_strings(value, path: str, limits: RequestLimits = DEFAULT_LIMITS) -> List[str]:
     if value is None:
         return []
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items) or len(items) > 4:
-        raise ApiError(400, f"{path} must be a non-empty string or a list of at most 4 of them", param=path)
+    most = limits.max_stop_strings
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+        raise ApiError(400, f"{path} must be a non-empty string or a list of at most {most} of them", param=path)
+    if len(items) > most:
+        raise ApiError(400, f"{path} holds {len(items)} stop strings; this endpoint accepts at most {most} "
+                            f"(deployment.max_stop_strings)", param=path)
+    for i, stop in enumerate(items):
+        if len(stop) > limits.max_stop_chars:
+            raise ApiError(400, f"{path}[{i}] is {len(stop)} characters; a stop string may have at most "
+                                f"{limits.max_stop_chars} (deployment.max_stop_chars)", param=path)
+        _text(stop, path)
     return items
 
 
-def parse_messages(value, path: str) -> List[Dict[str, str]]:
+def parse_messages(value, path: str, limits: RequestLimits = DEFAULT_LIMITS) -> List[Dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise ApiError(400, f"{path} must be a non-empty list of {{role, content}} messages", param=path)
-    messages = []
+    if len(value) > limits.max_messages:  # before looking at any of them
+        raise ApiError(413, f"{path} holds {len(value)} messages; this endpoint accepts at most "
+                            f"{limits.max_messages} (deployment.max_messages)", param=path, kind="request_too_large")
+    messages, chars = [], 0
     for i, message in enumerate(value):
         where = f"{path}[{i}]"
         _object(message, where)
@@ -115,18 +180,41 @@ def parse_messages(value, path: str) -> List[Dict[str, str]]:
             raise ApiError(400, f"{where}.role must be one of {list(ROLES)}, got {json.dumps(role)}", param=f"{where}.role")
         if not isinstance(content, str):
             raise ApiError(400, f"{where}.content must be a string, got {json.dumps(content)}", param=f"{where}.content")
-        messages.append({"role": role, "content": content})
+        chars += len(content)
+        if chars > limits.max_prompt_chars:
+            raise ApiError(413, f"{path} holds more than {limits.max_prompt_chars} characters of content; this "
+                                f"endpoint accepts at most {limits.max_prompt_chars} (deployment.max_prompt_chars)",
+                           param=path, kind="request_too_large")
+        messages.append({"role": role, "content": _text(content, f"{where}.content")})
     return messages
 
 
+def _refuse_constant(name: str):
+    raise ApiError(400, f"the request body holds {name}: numbers must be finite (JSON has no NaN or Infinity)",
+                   param="body")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 is a valid JSON number that no float holds
+        raise ApiError(400, f"the number {text[:40]} in the request body is beyond the range of a float; numbers "
+                            f"must be finite", param="body")
+    return value
+
+
 def parse_json(raw: bytes) -> Any:
+    """The body as JSON; refused with 400: invalid JSON, NaN / Infinity / overflowing numbers (Python's json takes
+    them), integers of more digits than Python converts, and nesting deeper than the parser's recursion limit."""
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply (JSON arrays/objects inside each other); a "
+                            "request needs no more than a few levels", param="body") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and ints beyond sys.get_int_max_str_digits
         raise ApiError(400, f"the request body is not valid JSON: {exc}", param="body") from None
 
 
-def parse_score_request(body) -> Tuple[List[Dict[str, str]], Dict[str, Any]]:
+def parse_score_request(body, limits: RequestLimits = DEFAULT_LIMITS) -> Tuple[List[Dict[str, str]], Dict[str, Any]]:
     """The Azure ML chat-completion scoring format → (messages, sampling settings)."""
     _object(body, "body")
     if "input_data" not in body:
@@ -141,9 +229,9 @@ def parse_score_request(body) -> Tuple[List[Dict[str, str]], Dict[str, Any]]:
         if len(turns) != 1:
             raise ApiError(400, f"input_data.input_string holds {len(turns)} conversations; send exactly one",
                            param="input_data.input_string")
-        messages = parse_messages(turns[0], "input_data.input_string[0]")
+        messages = parse_messages(turns[0], "input_data.input_string[0]", limits)
     else:
-        messages = parse_messages(turns, "input_data.input_string")
+        messages = parse_messages(turns, "input_data.input_string", limits)
     if "params" in body and body["params"] is not None:
         _object(body["params"], "params")
     params = _object(data.get("parameters") or {}, "input_data.parameters")
@@ -155,42 +243,86 @@ def parse_score_request(body) -> Tuple[List[Dict[str, str]], Dict[str, Any]]:
     settings: Dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
                                 "max_new_tokens": None, "stop": []}
     if "temperature" in params:
-        settings["temperature"] = _number(params["temperature"], f"{where}.temperature", low=0, high=100)
+        settings["temperature"] = _number(params["temperature"], f"{where}.temperature", low=0,
+                                          high=MAX_TEMPERATURE["score"])
     if "top_p" in params:
         settings["top_p"] = _number(params["top_p"], f"{where}.top_p", low=0, high=1, low_open=True)
     if "top_k" in params:
-        settings["top_k"] = _integer(params["top_k"], f"{where}.top_k", low=0)
+        settings["top_k"] = _integer(params["top_k"], f"{where}.top_k", low=0, high=MAX_TOP_K)
     if "do_sample" in params:
         settings["do_sample"] = _boolean(params["do_sample"], f"{where}.do_sample")
     if "max_new_tokens" in params:
-        settings["max_new_tokens"] = _integer(params["max_new_tokens"], f"{where}.max_new_tokens", low=1)
+        settings["max_new_tokens"] = _integer(params["max_new_tokens"], f"{where}.max_new_tokens", low=1,
+                                              high=MAX_NEW_TOKENS)
     if "return_full_text" in params and _boolean(params["return_full_text"], f"{where}.return_full_text"):
         raise ApiError(400, f"{where}.return_full_text=true is not supported: the output is the reply only",
                        param=f"{where}.return_full_text")
-    settings["stop"] = _stop_strings(params.get("stop"), f"{where}.stop")
+    settings["stop"] = _stop_strings(params.get("stop"), f"{where}.stop", limits)
     return messages, settings
 
 
-def parse_chat_request(body) -> Tuple[List[Dict[str, str]], Dict[str, Any], Dict[str, Any]]:
+ROLE_KEYS = (b'"role":', b'"role" :')  # in JSON text a string followed by ":" is a key, never a value
+
+
+def parse_request(route: str, raw: bytes, limits: RequestLimits = DEFAULT_LIMITS):
+    """The body of a request to `route` ("score" or "chat"), parsed and checked.
+
+    A body with more "role" keys than messages are allowed is refused before it is parsed: 140,000 empty messages
+    are 4 MB that take ~100 ms of CPU to turn into objects, and counting the key takes ~4 ms. (A key spelled
+    otherwise, `"role"  :` or with escapes, is not counted; such a body is refused after parsing instead.)"""
+    roles = sum(raw.count(form) for form in ROLE_KEYS) if len(raw) > INLINE_PARSE_BYTES else 0
+    if roles > limits.max_messages:
+        where = "input_data.input_string" if route == "score" else "messages"
+        raise ApiError(413, f"the request body holds {roles} \"role\" keys, so more messages than this endpoint "
+                            f"accepts: at most {limits.max_messages} (deployment.max_messages)", param=where,
+                       kind="request_too_large")
+    parse = parse_score_request if route == "score" else parse_chat_request
+    return parse(parse_json(raw), limits)
+
+
+def _parser_process_init(server_pid: int) -> None:
+    """A parser process ends when its server is gone (SIGKILL included): its task queue never reports that, since
+    the process holds both ends of the pipe, and it would wait for work for ever."""
+    def watch():
+        while os.getppid() == server_pid:
+            time.sleep(OWNER_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="server-watch", daemon=True).start()
+
+
+def _parse_in_worker(route: str, raw: bytes, limits: RequestLimits):
+    """parse_request in a parser process; an ApiError comes back as its fields (it does not pickle by itself)."""
+    try:
+        return "ok", parse_request(route, raw, limits)
+    except ApiError as exc:
+        return "error", (exc.status, exc.message, exc.param, exc.kind)
+
+
+def parse_chat_request(body, limits: RequestLimits = DEFAULT_LIMITS
+                       ) -> Tuple[List[Dict[str, str]], Dict[str, Any], Dict[str, Any]]:
     """An OpenAI chat.completions request → (messages, sampling settings, options {model, n, stream, usage})."""
     _object(body, "body")
     if "messages" not in body:
         raise ApiError(400, "messages is required (a list of {role, content})", param="messages")
-    messages = parse_messages(body["messages"], "messages")
+    messages = parse_messages(body["messages"], "messages", limits)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "model must be a string", param="model")
-    temperature = 1.0 if body.get("temperature") is None else _number(body["temperature"], "temperature", low=0, high=2)
+    if model is not None:
+        _text(model, "model")
+    temperature = 1.0 if body.get("temperature") is None else _number(body["temperature"], "temperature", low=0,
+                                                                       high=MAX_TEMPERATURE["chat"])
     top_p = 1.0 if body.get("top_p") is None else _number(body["top_p"], "top_p", low=0, high=1, low_open=True)
     max_tokens = None
     for key in ("max_completion_tokens", "max_tokens"):
         if body.get(key) is not None:
-            max_tokens = _integer(body[key], key, low=1)
+            max_tokens = _integer(body[key], key, low=1, high=MAX_NEW_TOKENS)
     n = 1 if body.get("n") is None else _integer(body["n"], "n", low=1, high=MAX_CHOICES)
     stream = False if body.get("stream") is None else _boolean(body["stream"], "stream")
     stream_options = _object(body.get("stream_options") or {}, "stream_options")
     settings = {"do_sample": temperature > 0, "temperature": temperature, "top_p": top_p, "top_k": 0,
-                "max_new_tokens": max_tokens, "stop": _stop_strings(body.get("stop"), "stop")}
+                "max_new_tokens": max_tokens, "stop": _stop_strings(body.get("stop"), "stop", limits)}
     options = {"model": model, "n": n, "stream": stream, "include_usage": bool(stream_options.get("include_usage"))}
     return messages, settings, options
 
@@ -212,6 +344,11 @@ class EndpointSettings:
     device: str = "auto"  # auto = the first CUDA GPU when one is visible, else the CPU
     load_delay_s: float = 0.0  # testing only: hold readiness back to observe the 503 of a loading endpoint
     max_request_bytes: int = MAX_REQUEST_BYTES
+    limits: RequestLimits = DEFAULT_LIMITS
+    header_timeout_s: float = 10.0  # a connection's request line and headers must arrive within this (slowloris)
+    body_timeout_s: float = 30.0  # ... and its body within this once the headers are in
+    keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 256  # beyond this many open connections (or requests in flight), new requests get 503
 
 
 @dataclass
@@ -316,9 +453,10 @@ def _too_large(limit: int, what: str) -> ApiError:
                          f"(deployment.max_request_bytes)", param="body", kind="request_too_large")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: Optional[float] = None) -> bytes:
     """The body, refused (413) by its Content-Length before any of it is read, or once more than `limit` bytes
-    arrived when it has none (chunked): what is beyond the cap is never read or held."""
+    arrived when it has none (chunked): what is beyond the cap is never read or held. A body that has not arrived
+    within `timeout_s` is a 408 (a client trickling bytes would otherwise hold its connection for ever)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.strip().isascii() and declared.strip().isdigit()):
@@ -326,10 +464,18 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise _too_large(limit, f"{int(declared)} bytes (Content-Length)")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(limit, f"more than {limit} bytes")
+
+    async def read():
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise _too_large(limit, f"more than {limit} bytes")
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s (deployment.body_timeout_s); "
+                            f"{len(body)} bytes came", param="body", kind="timeout_error") from None
     return bytes(body)
 
 
@@ -368,6 +514,83 @@ class CloseUnreadBodies:
         await self.app(scope, receive_tracked, send_closing)
 
 
+class ContainErrors:
+    """ASGI middleware: an unexpected exception becomes a JSON 500 for its own request, and nothing more.
+
+    Starlette's own handler for `Exception` re-raises after answering, so uvicorn closed the connection and the
+    client's next request on it failed; here the exception stops, so a keep-alive connection stays usable. Once a
+    response has started (a stream) there is nothing to answer with: it ends, logged."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            log.error("%s %s failed:\n%s", scope.get("method"), scope.get("path"), traceback.format_exc())
+            if not started:
+                response = ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error").response()
+                await response(scope, receive, send)
+
+
+def slow_client_protocol(header_timeout_s: float):
+    """uvicorn's h11 protocol, closing a connection whose request line and headers have not all arrived within
+    `header_timeout_s` of its opening (or of its previous response): uvicorn has no such timeout, and its keep-alive
+    timer stops at the first byte, so a client sending a header byte now and then held a connection for ever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class SlowClientTimeoutProtocol(H11Protocol):
+        header_timer = None
+
+        def _arm_header_timer(self):
+            self._disarm_header_timer()
+            self.header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+
+        def _disarm_header_timer(self):
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _header_timeout(self):
+            self.header_timer = None
+            # IDLE: no complete request head since the timer was armed (a request in progress is SEND_BODY/DONE)
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.info("closing a connection from %s: no request headers within %gs", self.client, header_timeout_s)
+                self.transport.close()
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def data_received(self, data):
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm_header_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm_header_timer()
+
+        def connection_lost(self, exc):
+            self._disarm_header_timer()
+            super().connection_lost(exc)
+
+    return SlowClientTimeoutProtocol
+
+
 def _max_token_chars(generator) -> int:
     """The most characters one token of this tokenizer stands for (at least 1), computed once per model."""
     cached = getattr(generator, "_max_token_chars", None)
@@ -383,18 +606,36 @@ def create_app(settings: EndpointSettings) -> FastAPI:
     state = EndpointState(settings)
     timeout_s = settings.request_timeout_ms / 1000.0
 
+    parsers: Dict[str, Any] = {}
+
+    def parser_pool():
+        """Processes for parsing big bodies (spawned: a fork would copy the model and torch's threads)."""
+        if "pool" not in parsers:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            parsers["pool"] = ProcessPoolExecutor(PARSE_WORKERS, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_parser_process_init, initargs=(os.getpid(),))
+        return parsers["pool"]
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         threading.Thread(target=state.load, name="model-loader", daemon=True).start()
+        parser_pool().submit(_parse_in_worker, "chat", b"{}", settings.limits)  # spawned now, not at the first
         yield
         state.draining = True
+        if "pool" in parsers:  # waited for: a parse takes well under a second, and no process is left behind
+            parsers.pop("pool").shutdown(wait=True, cancel_futures=True)
         for batcher in state.batchers():
             batcher.close(timeout=settings.shutdown_grace_s)
         log.info("endpoint %s stopped", settings.name)
 
-    app = FastAPI(title=f"local endpoint {settings.name}", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # no /docs or /redoc (their pages fetch the schema without a key); /openapi.json is below, behind the key
+    app = FastAPI(title=f"local endpoint {settings.name}", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.endpoint = state
-    app.add_middleware(CloseUnreadBodies)
+    app.add_middleware(ContainErrors)
+    app.add_middleware(CloseUnreadBodies)  # outermost: a 500 sent before the body was read closes too
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -402,17 +643,24 @@ def create_app(settings: EndpointSettings) -> FastAPI:
             log.warning("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.message)
         return exc.response()
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.error("%s %s failed:\n%s", request.method, request.url.path, traceback.format_exc())
-        return ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error").response()
+    def _has_key(request: Request) -> bool:
+        try:
+            _check_key(request, settings.key)
+            return True
+        except ApiError:
+            return False
 
     @app.get("/health/live")
     async def live():
         return {"status": "alive"}
 
     @app.get("/health/ready")
-    async def ready():
+    async def ready(request: Request):
+        # without the key: ready or not, nothing else (names, traffic and load are the operator's business)
+        if not _has_key(request):
+            if state.ready.is_set() and not state.load_error:
+                return {"status": "ready"}
+            return JSONResponse({"status": "not ready"}, status_code=503)
         if state.load_error:
             return JSONResponse({"status": "failed", "error": state.load_error}, status_code=500)
         if not state.ready.is_set():
@@ -420,14 +668,34 @@ def create_app(settings: EndpointSettings) -> FastAPI:
         return {"status": "ready", "name": settings.name, "deployments": sorted(state.deployments),
                 "traffic": settings.traffic, "batching": [b.stats() for b in state.batchers()]}
 
-    async def _prepare(request: Request, parse):
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request):
+        _check_key(request, settings.key)
+        return app.openapi()
+
+    async def _parse_big(route: str, raw: bytes):
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            outcome, value = await asyncio.get_running_loop().run_in_executor(
+                parser_pool(), _parse_in_worker, route, raw, settings.limits)
+        except BrokenProcessPool:  # a parser process died (killed, out of memory): a new pool for the next ones
+            log.warning("a parser process died; starting new ones, parsing this body in a thread")
+            parsers.pop("pool", None)
+            return await asyncio.to_thread(parse_request, route, raw, settings.limits)
+        if outcome == "error":
+            status, message, param, kind = value
+            raise ApiError(status, message, param=param, kind=kind)
+        return value
+
+    async def _prepare(request: Request, route: str):
         """Auth, body, routing and readiness, in the order a client would want the errors reported."""
         _check_key(request, settings.key)
-        raw = await read_body(request, settings.max_request_bytes)
+        raw = await read_body(request, settings.max_request_bytes, settings.body_timeout_s)
         if len(raw) > INLINE_PARSE_BYTES:  # a big body's parse must not hold up the other clients
-            parsed = await asyncio.to_thread(lambda: parse(parse_json(raw)))
+            parsed = await _parse_big(route, raw)
         else:
-            parsed = parse(parse_json(raw))
+            parsed = parse_request(route, raw, settings.limits)
         deployment = state.choose(request.headers.get(DEPLOYMENT_HEADER) or None)
         if state.draining:
             raise ApiError(503, "the endpoint is shutting down", kind="unavailable_error")
@@ -447,6 +715,10 @@ def create_app(settings: EndpointSettings) -> FastAPI:
                                 f"{generator.context_length} tokens can hold (a token covers at most {per_token} "
                                 f"characters)", param="messages", kind="context_length_exceeded")
         prompt = generator.encode_chat(messages)
+        most = settings.limits.max_prompt_tokens
+        if most and len(prompt) > most:
+            raise ApiError(413, f"the prompt is {len(prompt)} tokens; this endpoint accepts at most {most} "
+                                f"(deployment.max_prompt_tokens)", param="messages", kind="context_length_exceeded")
         try:
             max_new = generator.check_fits(len(prompt), sampling["max_new_tokens"])
         except ContextLengthError as exc:
@@ -478,13 +750,25 @@ def create_app(settings: EndpointSettings) -> FastAPI:
             raise ApiError(503, "the endpoint is shutting down", kind="unavailable_error") from None
         return futures
 
-    async def _complete(deployment, jobs, deadline) -> List[GenerationResult]:
+    async def _cancel_when_gone(request: Request, jobs: List[GenerationJob]):
+        """The body is read, so the next ASGI message is the client's disconnect: its rows stop at their next token
+        (queued ones never start), and a batch whose every row went away ends."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        if not all(job.cancelled.is_set() for job in jobs):
+            log.info("%s %s: the client went away; its generation is cancelled", request.method, request.url.path)
+        for job in jobs:
+            job.cancelled.set()
+
+    async def _complete(request, deployment, jobs, deadline) -> List[GenerationResult]:
         futures = _submit(deployment, jobs)
+        watcher = asyncio.create_task(_cancel_when_gone(request, jobs))
         try:
             results = await asyncio.wait_for(asyncio.gather(*futures), max(deadline - time.monotonic(), 0.0))
         except asyncio.TimeoutError:
             raise _timeout_error(settings.request_timeout_ms) from None
         finally:
+            watcher.cancel()
             for job in jobs:  # nothing left to do for these rows (no-op when they finished)
                 job.cancelled.set()
         for result in results:
@@ -496,16 +780,16 @@ def create_app(settings: EndpointSettings) -> FastAPI:
     @app.post("/score")
     async def score(request: Request):
         deadline = time.monotonic() + timeout_s
-        (messages, sampling), deployment = await _prepare(request, parse_score_request)
+        (messages, sampling), deployment = await _prepare(request, "score")
         jobs = await _make_jobs(deployment, messages, sampling, 1, deadline)
-        [result] = await _complete(deployment, jobs, deadline)
+        [result] = await _complete(request, deployment, jobs, deadline)
         return JSONResponse({"output": result.text}, headers={DEPLOYMENT_HEADER: deployment.name})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         deadline = time.monotonic() + timeout_s
         pinned = request.headers.get(DEPLOYMENT_HEADER)
-        (messages, sampling, options), deployment = await _prepare(request, parse_chat_request)
+        (messages, sampling, options), deployment = await _prepare(request, "chat")
         if not pinned and options["model"] in state.deployments:  # the OpenAI "model" may name a deployment
             deployment = state.deployments[options["model"]]
         jobs = await _make_jobs(deployment, messages, sampling, options["n"], deadline)
@@ -514,7 +798,7 @@ def create_app(settings: EndpointSettings) -> FastAPI:
         if options["stream"]:
             events = _stream_events(deployment, jobs, deadline, completion_id, created, options)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        results = await _complete(deployment, jobs, deadline)
+        results = await _complete(request, deployment, jobs, deadline)
         prompt_tokens = results[0].prompt_tokens
         completion_tokens = sum(r.completion_tokens for r in results)
         return JSONResponse({
@@ -616,6 +900,15 @@ def _parse_args(argv=None) -> argparse.Namespace:
                    help="where the model runs (auto = a CUDA GPU when one is visible)")
     p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
                    help="larger request bodies are refused with 413 (Content-Length first, else while reading)")
+    p.add_argument("--limits", default=None,
+                   help="JSON object of per-request limits (RequestLimits: max_messages, max_prompt_chars, "
+                        "max_prompt_tokens, max_stop_strings, max_stop_chars)")
+    p.add_argument("--header-timeout-s", type=float, default=10.0,
+                   help="close a connection whose request headers have not arrived within this")
+    p.add_argument("--body-timeout-s", type=float, default=30.0, help="408 for a body not read within this")
+    p.add_argument("--keep-alive-timeout-s", type=float, default=5.0, help="close idle keep-alive connections")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="503 for new requests beyond this many open connections or requests in flight")
     p.add_argument("--owner-pid", type=int, default=None,
                    help="end (and remove --key-file and --state-file) when this process is gone; unset = detached")
     p.add_argument("--state-file", default=None, help="the manager's state file, removed with the key by --owner-pid")
@@ -716,7 +1009,13 @@ def main(argv=None) -> int:
         batch_window_ms=args.batch_window_ms, seed=args.seed, shutdown_grace_s=args.shutdown_grace_s,
         torch_threads=args.torch_threads, device=args.device, load_delay_s=args.test_load_delay_s,
         max_request_bytes=args.max_request_bytes,
+        limits=RequestLimits(**json.loads(args.limits)) if args.limits else DEFAULT_LIMITS,
+        header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
+        keep_alive_timeout_s=args.keep_alive_timeout_s, max_connections=args.max_connections,
     )
+    for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "max_connections"):
+        if not getattr(settings, name) > 0:
+            raise SystemExit(f"deployment.{name} must be > 0, got {getattr(settings, name)}")
     app = create_app(settings)
     state: EndpointState = app.state.endpoint
     sock = _bind(args.host, args.port)
@@ -742,7 +1041,10 @@ def main(argv=None) -> int:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 1)
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 1,
+                            http=slow_client_protocol(settings.header_timeout_s),
+                            timeout_keep_alive=settings.keep_alive_timeout_s,
+                            limit_concurrency=settings.max_connections)
     server = _Server(config)
     state.on_load_failure = lambda: setattr(server, "should_exit", True)
     if args.port_file:
