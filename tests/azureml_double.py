@@ -297,6 +297,7 @@ class AzureWorld:
         from azure.ai.ml.entities._job.job_service import JobService
         from azure.core.exceptions import ResourceNotFoundError
 
+        self.check_keywords(name, args, kwargs)
         self.calls.append(Call((name, args, kwargs)))
         if name == "registry.models.get":
             requested = args[0] if args else kwargs.get("name")
@@ -373,6 +374,19 @@ class AzureWorld:
         if name in ("workspace.online_endpoints.begin_delete", "workspace.compute.begin_delete"):
             return self.poller(name)
         raise AssertionError(f"the test double has no answer for {name}")
+
+    @staticmethod
+    def check_keywords(name: str, args: tuple, kwargs: dict) -> None:
+        """What the real client does with keywords the autospec's `**kwargs` lets through: MLClient's own
+        (begin_)create_or_update hands them to the operations group its dispatch picks, which raises TypeError on
+        one it does not take; and no call may ask for a local Docker deployment (`local=True`)."""
+        from runner.azureml.sdk_calls import dispatch, refuse_local
+
+        method = name.split(".", 1)[1]
+        if method in ("begin_create_or_update", "create_or_update"):  # MLClient's own methods
+            entity = args[0] if args else kwargs.get("entity")
+            dispatch(method, entity, {k: v for k, v in kwargs.items() if k != "entity"})
+        refuse_local(name, kwargs)
 
     def _registry_bodies(self) -> List[Dict[str, Any]]:
         foundation = model_from_rest(self.model_body).name

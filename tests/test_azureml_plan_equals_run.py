@@ -83,6 +83,16 @@ def planned_objects(plan_dir):
             for p in plan_dir.glob("*.yaml") if p.stem != "plan"}
 
 
+def world_for(cfg):
+    """The double serving the registry's body of the model the config asks for, and the cluster size's GPUs."""
+    from azure.ai.ml.entities import VmSize
+
+    world = AzureWorld()
+    world.model_body = rest_body(cfg.model.name)
+    world.sizes = [VmSize(name=cfg.compute.size, gpus=cfg.compute.gpus_per_node or 1)]
+    return world
+
+
 def both_ways(tmp_path, overrides, model_preset):
     """(outcome of the real run, outcome of the dry run): the objects, or the refusal's message."""
     overrides = [*overrides, STEPS, "dataset=sample", f"backend.config_path={tmp_path / 'none.json'}", *WS]

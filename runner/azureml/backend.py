@@ -212,6 +212,8 @@ class AzureMLBackend(Backend):
             try:
                 ws.begin_create_or_update(build_compute(c, tier)).wait()
                 return tier
+            except TypeError:  # a call the SDK refuses is the runner's bug, not the tier's quota: no retry
+                raise
             except Exception as exc:  # quota or capacity: the notebook retries as low priority
                 errors.append(f"{tier}: {type(exc).__name__}: {str(exc)[:300]}")
         raise AzureStepError(f"could not create compute cluster {c.name} of size {c.size} in the workspace: "

@@ -115,6 +115,9 @@ class PlanRecorder:
         for real); returns the bound arguments by parameter name."""
         kwargs = kwargs or {}
         bound = inspect.signature(real_method).bind(None, *args, **kwargs).arguments
+        from runner.azureml.sdk_calls import refuse_local
+
+        refuse_local(name, kwargs)  # accepted by the SDK, but it deploys to local Docker
         entry: Dict[str, Any] = {"call": name}
         shown = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
         if shown:
@@ -340,6 +343,10 @@ class PlanningMLClient:
         recorder = self._world.recorder
         entity = recorder.call("workspace.begin_create_or_update", MLClient.begin_create_or_update, args,
                                kwargs)["entity"]
+        from runner.azureml.sdk_calls import dispatch
+
+        # MLClient takes any keyword and hands it to the operations group of the entity's type, which may not
+        dispatch("begin_create_or_update", entity, {k: v for k, v in kwargs.items() if k != "entity"})
         if isinstance(entity, AmlCompute):
             recorder.write("compute", entity_yaml(entity))
             self._world.computes[entity.name] = entity
