@@ -123,10 +123,22 @@ class AzureMLBackend(Backend):
                             f"because model.allow_archived=true")
         steps = set(cfg.steps)
         if cfg.dry_run or steps & {"compute", "finetune"}:
-            check_finetune_size(cfg.compute.size, facts.finetune_allow_list, model_name=facts.name)
+            check_finetune_size(cfg.compute.size, facts.finetune_allow_list, model_name=facts.name,
+                                source=facts.allow_list_source.get("finetune"))
         if cfg.dry_run or "deploy" in steps:
-            check_inference_size(cfg.deployment.instance_type, facts.inference_allow_list, model_name=facts.name)
+            check_inference_size(cfg.deployment.instance_type, facts.inference_allow_list, model_name=facts.name,
+                                 source=facts.allow_list_source.get("inference"))
         return warnings
+
+    @staticmethod
+    def _refused(ctx, step: str, facts: ModelFacts, exc: BaseException) -> None:
+        """A refusal's grounds go into the run record beside the error: which list, from where; or why archived."""
+        from runner.azureml.checks import AllowListRefusal
+
+        grounds = dict(exc.details) if isinstance(exc, AllowListRefusal) else {
+            "check": "archived", "archived_because": list(facts.archived_because),
+            "allow_list_source": dict(facts.allow_list_source)}
+        ctx.record.note(step, refusal=grounds)
 
     # ---- steps ----------------------------------------------------------------------------------------------
     def connect(self, ctx) -> Dict[str, Any]:
@@ -156,11 +168,25 @@ class AzureMLBackend(Backend):
             foundation_model = registry.models.get(m.name, version=str(m.version))
         else:
             foundation_model = registry.models.get(m.name, label=m.label)
-        facts = facts_from_registry(foundation_model, m)
-        from runner.azureml.tags import allow_list_message
+        from runner.azureml.tags import _system_metadata, allow_list_message
 
+        body, unread = None, ""
+        if not self.cfg.dry_run and not _system_metadata(foundation_model) and foundation_model.version:
+            # the entity lost the version's system metadata and isArchived: the registry's raw body has them
+            from runner.azureml.registry_rest import model_version_body
+
+            body, unread = model_version_body(registry.models, foundation_model.name, str(foundation_model.version))
+        facts = facts_from_registry(foundation_model, m, rest_body=body)
+        if unread:
+            ctx.say(f"warning: the registry's REST body of {facts.name} could not be read ({unread}): its system "
+                    f"metadata (allow lists, deprecation, isArchived) is unknown")
         ctx.say(allow_list_message(facts))  # where the lists came from, before the checks that use them
-        warnings = self.model_checks(ctx, facts, refuse_archived=not self.cfg.dry_run)
+        ctx.record.note("model", allow_list_source=dict(facts.allow_list_source), rest_body_unread=unread or None)
+        try:
+            warnings = self.model_checks(ctx, facts, refuse_archived=not self.cfg.dry_run)
+        except ConfigError as exc:
+            self._refused(ctx, "model", facts, exc)
+            raise
         for w in warnings:
             ctx.say(f"warning: {w}")
         ctx.live.update(foundation_model=foundation_model, facts=facts)
@@ -175,7 +201,12 @@ class AzureMLBackend(Backend):
 
         c = self.cfg.compute
         facts = self._facts(ctx)
-        check_finetune_size(c.size, facts.finetune_allow_list, model_name=facts.name)  # before any call
+        try:
+            check_finetune_size(c.size, facts.finetune_allow_list, model_name=facts.name,  # before any call
+                                source=facts.allow_list_source.get("finetune"))
+        except ConfigError as exc:
+            self._refused(ctx, "compute", facts, exc)
+            raise
         params, _ = self.effective_params(ctx, facts)
         fit = check_memory_fit(model_name=facts.name, params=params, gpu_memory_gb=c.gpu_memory_gb,
                                gpus_per_node=c.gpus_per_node, size=c.size, memory_headroom=c.memory_headroom)
@@ -192,8 +223,13 @@ class AzureMLBackend(Backend):
             compute = None
         if compute is not None:
             check_provisioning(compute, c.name)
-            check_finetune_size(compute.size, facts.finetune_allow_list, model_name=facts.name,
-                                where=f"the existing cluster {c.name}'s size")
+            try:
+                check_finetune_size(compute.size, facts.finetune_allow_list, model_name=facts.name,
+                                    where=f"the existing cluster {c.name}'s size",
+                                    source=facts.allow_list_source.get("finetune"))
+            except ConfigError as exc:
+                self._refused(ctx, "compute", facts, exc)
+                raise
         else:
             created = self._create_compute(ctx, ws, build_compute)
             compute = ws.compute.get(c.name)  # sanity check of what was created, as the notebook does
@@ -377,7 +413,12 @@ class AzureMLBackend(Backend):
 
         d = self.cfg.deployment
         facts = self._facts(ctx)
-        check_inference_size(d.instance_type, facts.inference_allow_list, model_name=facts.name)
+        try:
+            check_inference_size(d.instance_type, facts.inference_allow_list, model_name=facts.name,
+                                 source=facts.allow_list_source.get("inference"))
+        except ConfigError as exc:
+            self._refused(ctx, "deploy", facts, exc)
+            raise
         model_id = ctx.record.output("register", "model_id")
         model_name = ctx.record.output("register", "name")
         if not model_id:

@@ -194,7 +194,22 @@ class PlanningWorld:
         from azure.ai.ml.entities import Model
         from omegaconf import OmegaConf
 
+        from runner.azureml.tags import preset_facts_apply
+
         m = self.cfg.model
+        if not preset_facts_apply(m, name):  # the preset's facts are another model's: the plan knows nothing of it
+            self.warnings.append(
+                f"model {name}: the model preset holds the registry facts of {m.facts_for}, not of {name}; the plan "
+                f"uses none of them (no allow lists, defaults or archived status; a real run reads the registry)"
+                + ("" if version else f", and cannot resolve label {label!r} to a version offline"))
+            return Model(name=name, version=version)
+        if not version and label == "latest" and m.latest_version:
+            # What models.get(name, label="latest") answers: the version the label resolves to, never the label.
+            version = str(m.latest_version)
+        elif not version:
+            self.warnings.append(f"model {name}: label {label!r} has no version in the model preset "
+                                 f"(model.latest_version); the plan refers to the label, a real run to the version "
+                                 f"the registry resolves it to")
         defaults = OmegaConf.to_container(m.model_specific_defaults, resolve=True)
         model = Model(name=name, version=version, tags={"model_specific_defaults": repr(defaults)},
                       stage="Archived" if m.archived else None)
