@@ -223,6 +223,9 @@ class FinetuneConfig:
     num_nodes_finetune: int = 1
     shm_size_finetune: str = "5g"
     local: LocalFinetuneConfig = field(default_factory=LocalFinetuneConfig)
+    # azureml: continue from this already submitted pipeline job (wait for it, then the later steps) instead of
+    # submitting a new one; a from_run whose finetune step was cut short after submitting attaches by itself
+    attach_job: Optional[str] = None
 
 
 @dataclass

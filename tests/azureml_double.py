@@ -195,6 +195,7 @@ class AzureWorld:
         self.job_name = job_name
         self.job_status = "Completed"  # "Failed": jobs.stream raises the SDK's JobException, jobs.get says Failed
         self.job_error = "Out of memory on node 0 (CUDA error)"
+        self.stream_errors: List[BaseException] = []  # raised by the next jobs.stream calls, in order
         self.tracking_uri = tracking_uri
         self.response: Any = '[{"0": "Hello from the endpoint"}]'
         self.token_error: Optional[Exception] = None
@@ -396,8 +397,12 @@ class AzureWorld:
             url = f"https://ml.azure.com/runs/{self.job_name}"
             return PipelineJob(name=self.job_name, status="Running", services={"Studio": JobService(endpoint=url)})
         if name == "workspace.jobs.stream":
+            if self.stream_errors:  # the stream breaks (network, Ctrl-C); the job runs on
+                raise self.stream_errors.pop(0)
             if self.job_status == "Failed":
                 raise job_failed_error(args[0] if args else kwargs["name"], self.job_error)
+            if self.job_status == "Running":  # stream returns when the job has ended
+                self.job_status = "Completed"
             return None
         if name == "workspace.jobs.get":
             return PipelineJob(name=args[0] if args else kwargs["name"], status=self.job_status)

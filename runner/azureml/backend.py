@@ -282,6 +282,11 @@ class AzureMLBackend(Backend):
         from runner.azureml.translate import build_pipeline_job, pipeline_inputs
 
         cfg, b = self.cfg, self.cfg.backend
+        attach, why = self.job_to_attach(ctx)
+        if attach:
+            attached = self._attach(ctx, attach, why)
+            if attached is not None:
+                return attached
         facts = self._facts(ctx)
         gpus = ctx.record.output("compute", "gpus_per_node") or cfg.compute.gpus_per_node
         if not gpus:
@@ -328,6 +333,10 @@ class AzureMLBackend(Backend):
         ws = self._ws(ctx)
         submitted = ws.jobs.create_or_update(job, experiment_name=b.experiment_name)
         job_name, url = submitted.name, getattr(submitted, "studio_url", None)
+        # In the record at once: a stream cut short (network, Ctrl-C) must not lose a job that is running and billing
+        ctx.record.note("finetune", job_name=job_name, submitted={
+            "job_name": job_name, "studio_url": url, "display_name": display_name,
+            "experiment_name": b.experiment_name})
         ctx.say(f"submitted pipeline job {job_name} ({display_name}); studio: {url}")
         out = {"job_name": job_name, "studio_url": url, "display_name": display_name,
                "experiment_name": b.experiment_name, "component": f"{spec.name}:{spec.version}",
@@ -338,11 +347,77 @@ class AzureMLBackend(Backend):
         if not b.wait:
             ctx.say("backend.wait=false: not waiting for the job; later steps check that it has completed")
             return out
-        try:
-            ws.jobs.stream(job_name)
-        except Exception as exc:
-            raise AzureStepError(f"pipeline job {job_name} did not complete: {exc} (studio: {url})") from exc
+        self._stream(ctx, job_name, url)
         out["status"] = "Completed"
+        return out
+
+    # ---- a submitted job: followed, and picked up again -------------------------------------------------------
+    def _continue_hint(self, ctx, job_name: str) -> str:
+        return (f"continue with the same command and finetune.attach_job={job_name}, or "
+                f"from_run={ctx.record.data.get('run_dir') or ctx.run_dir}")
+
+    def _stream(self, ctx, job_name: str, url: Optional[str]) -> None:
+        """jobs.stream until the job ends. A failed job is an error; a stream that breaks (network, Ctrl-C) leaves
+        the job running in Azure, and says how to pick it up (its name is already in the record)."""
+        from azure.ai.ml.exceptions import JobException
+
+        try:
+            self._ws(ctx).jobs.stream(job_name)
+        except KeyboardInterrupt:
+            ctx.say(f"interrupted: pipeline job {job_name} goes on running in Azure (studio: {url}); "
+                    f"{self._continue_hint(ctx, job_name)}")
+            raise
+        except JobException as exc:
+            raise AzureStepError(f"pipeline job {job_name} did not complete: {exc} (studio: {url})") from exc
+        except Exception as exc:
+            raise AzureStepError(f"lost the stream of pipeline job {job_name} ({type(exc).__name__}: "
+                                 f"{str(exc)[:300]}); the job itself may still be running (studio: {url}): "
+                                 f"{self._continue_hint(ctx, job_name)}") from exc
+
+    def job_to_attach(self, ctx) -> tuple:
+        """(job name, why) of a submitted job this run continues from instead of submitting: finetune.attach_job, or
+        the from_run record's finetune step that submitted a job and was cut short. (None, "") otherwise."""
+        if self.cfg.finetune.attach_job:
+            return str(self.cfg.finetune.attach_job), "finetune.attach_job"
+        earlier = (ctx.record.earlier.get("steps") or {}).get("finetune") or {}
+        if earlier.get("status") != "ok" and earlier.get("job_name"):
+            return str(earlier["job_name"]), f"from_run={ctx.record.earlier.get('run_dir')}"
+        return None, ""
+
+    def _attach(self, ctx, job_name: str, why: str) -> Optional[Dict[str, Any]]:
+        """Wait for and continue from a submitted job. None: the from_run's job ended without a model, so a new
+        one is submitted (an explicit finetune.attach_job to such a job is an error)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        ws = self._ws(ctx)
+        try:
+            job = ws.jobs.get(job_name)
+        except ResourceNotFoundError as exc:
+            raise AzureStepError(f"{why}: there is no job {job_name} in workspace "
+                                 f"{getattr(ws, 'workspace_name', '?')}") from exc
+        status = getattr(job, "status", None)
+        url = getattr(job, "studio_url", None)
+        if status in ("Failed", "Canceled"):
+            if why == "finetune.attach_job":
+                raise AzureStepError(f"finetune.attach_job={job_name}: the job is {status} (studio: {url}); drop "
+                                     f"finetune.attach_job to submit a new one")
+            ctx.say(f"the pipeline job {job_name} of {why} is {status}: submitting a new one")
+            return None
+        ctx.say(f"attaching to pipeline job {job_name} ({status}, {why}): not submitting a new one")
+        earlier = ctx.record.noted("finetune", "submitted") or {}
+        out = {"job_name": job_name, "studio_url": url or earlier.get("studio_url"),
+               "display_name": getattr(job, "display_name", None) or earlier.get("display_name"),
+               "experiment_name": getattr(job, "experiment_name", None) or earlier.get("experiment_name"),
+               "attached": why, "status": "submitted"}
+        ctx.record.note("finetune", job_name=job_name, submitted={k: out[k] for k in (
+            "job_name", "studio_url", "display_name", "experiment_name")})
+        if status == "Completed":
+            out["status"] = "Completed"
+        elif self.cfg.backend.wait:
+            self._stream(ctx, job_name, out["studio_url"])
+            out["status"] = "Completed"
+        else:
+            ctx.say("backend.wait=false: not waiting for the job; later steps check that it has completed")
         return out
 
     def _component_spec(self, component) -> ComponentSpec:
