@@ -298,7 +298,10 @@ class AzureMLBackend(Backend):
             component = registry.components.get(name=b.component_name, version=str(b.component_version))
         else:
             component = registry.components.get(name=b.component_name, label=b.component_label)
-        spec = self._component_spec(component)
+        spec, unread = self._component_spec(component)
+        if unread:  # checked against the pinned contract only: the registry's may differ, and nobody would know
+            ctx.say(f"warning: {unread}")
+            ctx.record.note("finetune", component_unread=unread)
         # The registry serves `latest`; the runner was checked against a pinned contract. Say what changed, and
         # refuse to send an input the live component no longer has.
         pinned = self.local_spec(required=True)
@@ -307,6 +310,9 @@ class AzureMLBackend(Backend):
             ctx.say(f"component: {line}")
         params, notes = self.effective_params(ctx, facts)
         inputs, dropped = prepare_inputs(params, spec, ctx.explicit_finetune_keys)  # explicit keys named first
+        overridden = diff.defaults_overridden(inputs)
+        for line in overridden:
+            ctx.say(f"warning: component default changed: {line}")
         if diff:  # what this run sends by the contract it was checked against must still be there
             check_live_component(diff, prepare_inputs(params, pinned)[0])
         display_name = ctx.display_name(self.display_name(params, gpus))
@@ -341,6 +347,7 @@ class AzureMLBackend(Backend):
         out = {"job_name": job_name, "studio_url": url, "display_name": display_name,
                "experiment_name": b.experiment_name, "component": f"{spec.name}:{spec.version}",
                "component_version": spec.version, "component_diff": diff.to_dict(),
+               "component_unread": unread or None, "component_defaults_overridden": overridden,
                "effective_params": params, "explicit_overrides": sorted(ctx.explicit_finetune_keys),
                "inputs": {k: v for k, v in inputs.items()}, "merge_notes": notes + dropped,
                "gpus_per_node": gpus, "status": "submitted"}
@@ -420,12 +427,16 @@ class AzureMLBackend(Backend):
             ctx.say("backend.wait=false: not waiting for the job; later steps check that it has completed")
         return out
 
-    def _component_spec(self, component) -> ComponentSpec:
-        """The live component's inputs (its own spec); the local spec file if the entity cannot be read."""
+    def _component_spec(self, component) -> tuple:
+        """(the live component's inputs (its own spec), ""); (the pinned contract, why) if the entity cannot be
+        read: then the run is checked against the contract alone, which the caller must say."""
         try:
-            return spec_from_dict(component._to_dict(), source=f"registry {self.cfg.backend.registry_name}")
-        except Exception:
-            return self.local_spec(required=True)
+            return spec_from_dict(component._to_dict(), source=f"registry {self.cfg.backend.registry_name}"), ""
+        except Exception as exc:
+            pinned = self.local_spec(required=True)
+            return pinned, (f"the registry's component {self.cfg.backend.component_name} could not be read "
+                            f"({type(exc).__name__}: {str(exc)[:200]}); checked against the pinned contract "
+                            f"{pinned.name} {pinned.version} ({pinned.source}) only")
 
     def _job_name(self, ctx) -> str:
         job_name = ctx.record.output("finetune", "job_name")
