@@ -8,7 +8,12 @@ credentials, and the answers.
 - Long-running operations answer with autospecs of azure-core's `LROPoller` (wait / result / done / status).
 - The registry's foundation model is built by the SDK's own deserializer from a REST body shaped like the registry's
   (tests/fixtures/azureml/*.rest.json): `Model._from_rest_object(ModelVersion._deserialize(body))`, exactly what
-  `ModelOperations.get` does for a registry. That drops the system metadata, as the real SDK does.
+  `ModelOperations.get` does for a registry. That drops the system metadata, as the real SDK does. A label is
+  resolved as the SDK resolves it (the newest created version, archived ones included); the registry client's
+  models group holds an autospec of the SDK's registry service client whose `send_request` answers the raw GET
+  of a version with its REST body (what `get_registry_versioned_asset` reads).
+- Keywords through MLClient.(begin_)create_or_update run the SDK's own dispatch to autospecs of the operations
+  classes (runner/azureml/sdk_calls.py); `local=True` (local Docker) is refused.
 - A failed pipeline job makes `jobs.stream` raise the SDK's `JobException`, as JobOperations.stream does.
 - The other answers are the SDK's entities (AmlCompute, VmSize, PipelineJob, Workspace, Model, ManagedOnlineEndpoint).
 

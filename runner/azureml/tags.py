@@ -8,8 +8,10 @@ Where a registry model keeps its SKU allow lists depends on its age: the oldest 
 (`finetune_compute_allow_list`), older ones in properties (`finetune-recommended-sku`, a comma-separated string),
 current ones in the system metadata (`SKU.finetuneRecommendedSkus`, `supportedComputes.finetuneComputes`), with the
 deprecation dates (`deprecation.finetuneRetirementDate`). azure-ai-ml (1.35) builds a registry Model without its
-system metadata, so for current models the lists and dates come from the model preset (conf/model/*.yaml), which
-holds the same facts for offline planning; `ModelFacts.allow_list_source` says where each list came from.
+system metadata (and isArchived), so the model step hands in the version's raw REST body
+(runner/azureml/registry_rest.py) to read them from; only without it do the lists and dates come from the model
+preset (conf/model/*.yaml), and only when the preset's facts are this model's (`model.facts_for`).
+`ModelFacts.allow_list_source` says where each list came from.
 """
 
 import ast
