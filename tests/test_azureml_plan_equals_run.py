@@ -1,9 +1,11 @@
 """What a dry run writes is what a real run submits.
 
-For each preset combination the same config goes through `dry_run=true` (the steps with the planning clients,
+For every azureml experiment in conf/experiment/ as shipped, and each preset combination, the same config goes
+through `dry_run=true` (the steps with the planning clients,
 writing plan/*.yaml) and through a real run against the SDK-faithful double (tests/azureml_double.py). Every object
 the real run hands to Azure is serialised by the same function the plan used and compared with the plan file; a
-config one path refuses, the other refuses with the same message.
+config one path refuses, the other refuses with the same message. No model version is pinned: the real run's
+`models.get(label="latest")` resolves as the SDK does (the double), the plan answers the preset's latest_version.
 
 The differences allowed are the service's own names: it names the submitted job (the plan says PIPELINE_JOB_NAME
 where the model's path refers to it) and the registered model by its ARM id (the plan: `azureml:name:version`, the
@@ -88,6 +90,11 @@ def world_for(cfg):
     """The double serving the registry's body of the model the config asks for, and the cluster size's GPUs."""
     from azure.ai.ml.entities import VmSize
 
+    from tests.azureml_double import REST_BODIES
+
+    if cfg.model.name not in REST_BODIES:
+        pytest.fail(f"the double has no registry REST body for model {cfg.model.name}: record one under "
+                    f"tests/fixtures/azureml/ and add it to REST_BODIES (tests/azureml_double.py)")
     world = AzureWorld()
     world.model_body = rest_body(cfg.model.name)
     world.sizes = [VmSize(name=cfg.compute.size, gpus=cfg.compute.gpus_per_node or 1)]
