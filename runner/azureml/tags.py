@@ -271,7 +271,7 @@ def facts_from_config(model_cfg: Any, today: Optional[dt.date] = None) -> ModelF
     )
 
 
-def allow_list_message(facts: ModelFacts) -> str:
+def allow_list_message(facts: ModelFacts, planned: bool = False) -> str:
     """One line saying where the allow lists were read from, and what a fallback to the preset means."""
     sources = facts.allow_list_source or {}
     parts = []
@@ -281,7 +281,9 @@ def allow_list_message(facts: ModelFacts) -> str:
         parts.append(f"{label} from {source}" + (f", {count} sizes" if count else ""))
     text = f"allow lists of {facts.name}: " + "; ".join(parts)
     fallback = [s for s in sources.values() if s.startswith("model preset") or s.startswith("none")]
-    if facts.source == "registry" and fallback:
+    if planned:
+        text += " (a dry run answers the registry model from the model preset)"
+    elif facts.source == "registry" and fallback:
         text += (" (the registry model shows no list in its tags, properties or system metadata: "
                  + ("the model preset's list is used" if any(s.startswith("model preset") for s in fallback)
                     else "only K80 sizes are refused") + ")")
