@@ -109,6 +109,20 @@ class RunRecord:
         entry.update(status="ok", seconds=round(time.time() - entry["started"], 3), outputs=outputs or {})
         self.save()
 
+    def note(self, step: str, **values: Any) -> None:
+        """Facts a running step must not lose if it is cut short (a submitted job's name, what a refusal was
+        based on): kept in the step's entry beside its status, saved at once; `fail` keeps them."""
+        self.data["steps"].setdefault(step, {"status": "running", "started": time.time()}).update(values)
+        self.save()
+
+    def noted(self, step: str, key: str) -> Any:
+        """A value `note`d by this run's step, else by the from_run record's (whatever their status)."""
+        for source in (self.data["steps"], self.earlier.get("steps", {})):
+            value = (source.get(step) or {}).get(key)
+            if value is not None:
+                return value
+        return None
+
     def fail(self, step: str, error: BaseException) -> None:
         """The step ended with `error`: `failed`, or the status the error names (`refused`: a gate said no, and
         the entry's `reason` says why)."""

@@ -128,6 +128,11 @@ class ModelConfig:
     model_specific_defaults: Dict[str, Any] = field(default_factory=dict)
     apply_model_specific_defaults: bool = True
     allow_archived: bool = False  # an archived/retired model is refused before anything is spent unless true
+    # The registry facts above (lists, dates, archived, defaults, latest_version) were copied for this model name;
+    # they apply only while model.name is this name (null: model.name), never to another model asked for by name.
+    facts_for: Optional[str] = None
+    # the registry version `label: latest` resolved to when the facts were copied: what a dry run answers for it
+    latest_version: Optional[str] = None
 
 
 @dataclass
@@ -278,6 +283,9 @@ class FinetuneConfig:
     num_nodes_finetune: int = positive(1)
     shm_size_finetune: str = "5g"
     local: LocalFinetuneConfig = field(default_factory=LocalFinetuneConfig)
+    # azureml: continue from this already submitted pipeline job (wait for it, then the later steps) instead of
+    # submitting a new one; a from_run whose finetune step was cut short after submitting attaches by itself
+    attach_job: Optional[str] = None
 
 
 @dataclass

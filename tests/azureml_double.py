@@ -8,7 +8,12 @@ credentials, and the answers.
 - Long-running operations answer with autospecs of azure-core's `LROPoller` (wait / result / done / status).
 - The registry's foundation model is built by the SDK's own deserializer from a REST body shaped like the registry's
   (tests/fixtures/azureml/*.rest.json): `Model._from_rest_object(ModelVersion._deserialize(body))`, exactly what
-  `ModelOperations.get` does for a registry. That drops the system metadata, as the real SDK does.
+  `ModelOperations.get` does for a registry. That drops the system metadata, as the real SDK does. A label is
+  resolved as the SDK resolves it (the newest created version, archived ones included); the registry client's
+  models group holds an autospec of the SDK's registry service client whose `send_request` answers the raw GET
+  of a version with its REST body (what `get_registry_versioned_asset` reads).
+- Keywords through MLClient.(begin_)create_or_update run the SDK's own dispatch to autospecs of the operations
+  classes (runner/azureml/sdk_calls.py); `local=True` (local Docker) is refused.
 - A failed pipeline job makes `jobs.stream` raise the SDK's `JobException`, as JobOperations.stream does.
 - The other answers are the SDK's entities (AmlCompute, VmSize, PipelineJob, Workspace, Model, ManagedOnlineEndpoint).
 
@@ -21,6 +26,7 @@ credential classes are these stand-ins, so the runner's real login/workspace log
 import copy
 import inspect
 import json
+import re
 import typing
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,6 +52,10 @@ REST_BODIES = {
     "Phi-3.5-mini-instruct": FIXTURES / "phi-3.5-mini-instruct.rest.json",
     "Phi-4": FIXTURES / "phi-4.rest.json",
 }
+
+# The creation time of a fixture body without systemData (they were recorded from specs, which have none); a
+# version added with add_model_version names its own.
+CREATED_AT = "2025-01-01T00:00:00Z"
 
 # Where a registry body may keep the allow lists (see runner/azureml/tags.py).
 LIST_TAGS = ("finetune_compute_allow_list", "inference_compute_allow_list")
@@ -190,10 +200,16 @@ class AzureWorld:
         self.job_name = job_name
         self.job_status = "Completed"  # "Failed": jobs.stream raises the SDK's JobException, jobs.get says Failed
         self.job_error = "Out of memory on node 0 (CUDA error)"
+        self.stream_errors: List[BaseException] = []  # raised by the next jobs.stream calls, in order
         self.tracking_uri = tracking_uri
         self.response: Any = '[{"0": "Hello from the endpoint"}]'
         self.token_error: Optional[Exception] = None
         self.created: List[Any] = []
+        self.rest_requests: List[tuple] = []  # raw registry GETs through the registry service client
+        self.rest_error: Optional[Exception] = None
+        # other versions of a registry model beside the one served (add_model_version); label resolution picks the
+        # newest created among all of them
+        self.other_versions: Dict[str, List[Dict[str, Any]]] = {}
 
     @property
     def model(self):
@@ -242,8 +258,45 @@ class AzureWorld:
                     f"{prefix}.{method}")
         for group, cls in _operation_groups().items():
             setattr(client, group, self._operations(cls, f"{prefix}.{group}"))
+        if registry_name:  # what ModelOperations holds for a registry: the service client it GETs versions with
+            client.models._registry_service_client = self._registry_service_client()
+            client.models._resource_group_name = "registry-rg"
+            client.models._registry_name = registry_name
         client.workspace_name = workspace_name
         client.resource_group_name = resource_group_name
+        return client
+
+    def _registry_service_client(self):
+        """An autospec of the registry's hybrid ARM client (MachineLearningServicesMgmtClient) whose send_request
+        answers the registry's data-plane GETs of model versions with their raw REST bodies (404 when unknown);
+        each request is kept in `rest_requests`. `rest_error`, when set, is raised instead (network down)."""
+        from azure.ai.ml._restclient.arm_ml_service import MachineLearningServicesMgmtClient
+        from azure.core.rest import HttpResponse
+
+        client = mock.create_autospec(MachineLearningServicesMgmtClient, instance=True)
+        client._config = SimpleNamespace(subscription_id="registry-sub")
+        world = self
+
+        def send_request(request, *, stream=False, **kwargs):
+            world.rest_requests.append((request.method, request.url))
+            if world.rest_error is not None:
+                raise world.rest_error
+            response = mock.create_autospec(HttpResponse, instance=True)
+            found = re.search(r"/registries/[^/]+/models/([^/]+)/versions/([^/?]+)", request.url)
+            body = None
+            if request.method == "GET" and found:
+                body = next((b for b in world.model_versions(found.group(1)) if b["name"] == found.group(2)), None)
+            response.status_code = 200 if body is not None else 404
+            response.reason = "OK" if body is not None else "Not Found"
+            response.text.return_value = json.dumps(body) if body is not None else '{"error": {"code": "NotFound"}}'
+            response.json.return_value = copy.deepcopy(body)
+            if body is None:
+                from azure.core.exceptions import HttpResponseError
+
+                response.raise_for_status.side_effect = HttpResponseError(message="404 Not Found")
+            return response
+
+        client.send_request.side_effect = send_request
         return client
 
     def clients(self, **kwargs):
@@ -297,22 +350,19 @@ class AzureWorld:
         from azure.ai.ml.entities._job.job_service import JobService
         from azure.core.exceptions import ResourceNotFoundError
 
+        self.check_keywords(name, args, kwargs)
         self.calls.append(Call((name, args, kwargs)))
         if name == "registry.models.get":
-            requested = args[0] if args else kwargs.get("name")
-            version = args[1] if len(args) > 1 else kwargs.get("version")
-            body = self._registry_body(requested)
-            if body is None or (version and str(version) != body["name"]):
-                raise ResourceNotFoundError(f"model {requested}:{version} not found in the registry")
-            return model_from_rest(body)
+            return self._get_model(*args, **kwargs)
         if name == "registry.models.list":
             from azure.ai.ml.constants import ListViewType
 
             requested = args[0] if args else kwargs.get("name")
             everything = kwargs.get("list_view_type") == ListViewType.ALL
-            bodies = [b for b in self._registry_bodies() if everything or not b["properties"].get("isArchived")]
             if requested:  # the versions of one model
-                return [model_from_rest(b) for b in bodies if model_from_rest(b).name == requested]
+                return [model_from_rest(b) for b in self.model_versions(requested)
+                        if everything or not b["properties"].get("isArchived")]
+            bodies = [b for b in self._registry_bodies() if everything or not b["properties"].get("isArchived")]
             return [container_from_rest(b) for b in bodies]
         if name == "registry.components.get":
             return self.component
@@ -352,8 +402,12 @@ class AzureWorld:
             url = f"https://ml.azure.com/runs/{self.job_name}"
             return PipelineJob(name=self.job_name, status="Running", services={"Studio": JobService(endpoint=url)})
         if name == "workspace.jobs.stream":
+            if self.stream_errors:  # the stream breaks (network, Ctrl-C); the job runs on
+                raise self.stream_errors.pop(0)
             if self.job_status == "Failed":
                 raise job_failed_error(args[0] if args else kwargs["name"], self.job_error)
+            if self.job_status == "Running":  # stream returns when the job has ended
+                self.job_status = "Completed"
             return None
         if name == "workspace.jobs.get":
             return PipelineJob(name=args[0] if args else kwargs["name"], status=self.job_status)
@@ -373,6 +427,66 @@ class AzureWorld:
         if name in ("workspace.online_endpoints.begin_delete", "workspace.compute.begin_delete"):
             return self.poller(name)
         raise AssertionError(f"the test double has no answer for {name}")
+
+    def _get_model(self, name: str, version: Optional[str] = None, label: Optional[str] = None):
+        """ModelOperations.get for a registry, as azure-ai-ml 1.35.2 does it: a label is resolved by the operations
+        group's `_managed_label_resolver` (only "latest"), which lists the name's versions newest-created first and
+        takes the first (`_get_latest`: $orderBy=createdtime desc, $top=1, no listViewType, so archived versions
+        count), then GETs that version; a version is one GET (404: ResourceNotFoundError)."""
+        from azure.ai.ml.exceptions import ValidationException
+        from azure.core.exceptions import ResourceNotFoundError
+
+        if version and label:
+            raise ValidationException(message="Cannot specify both version and label.",
+                                      no_personal_data_message="Cannot specify both version and label.")
+        if label:
+            if label != "latest":
+                msg = f"Asset {name} with version label {label} does not exist in registry."
+                raise ValidationException(message=msg, no_personal_data_message=msg)
+            versions = self.model_versions(name)
+            if not versions:
+                msg = f"Asset {name} does not exist in registry azureml."
+                raise ValidationException(message=msg, no_personal_data_message=msg)
+            version = versions[0]["name"]  # a REST model version's `name` is its version
+        if not version:
+            raise ValidationException(message="Must provide either version or label",
+                                      no_personal_data_message="Must provide either version or label")
+        for body in self.model_versions(name):
+            if body["name"] == str(version):
+                return model_from_rest(body)
+        raise ResourceNotFoundError(f"model {name}:{version} not found in the registry")
+
+    def model_versions(self, name: str) -> List[Dict[str, Any]]:
+        """Every version of model `name` the registry holds (archived included), newest created first."""
+        current = self._registry_body(name)
+        bodies = ([current] if current is not None else []) + list(self.other_versions.get(name, []))
+        return sorted(bodies, key=lambda b: (b.get("systemData") or {}).get("createdAt") or CREATED_AT,
+                      reverse=True)
+
+    def add_model_version(self, name: str, version: str, *, created_at: str, archived: bool = False,
+                          like: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Another version of `name` in the registry (a copy of its served body unless `like`), created at
+        `created_at` (ISO 8601); returns its body, to be changed further."""
+        body = copy.deepcopy(like or self._registry_body(name) or rest_body(name))
+        body["name"] = str(version)
+        body["id"] = body["id"].rsplit("/versions/", 1)[0] + f"/versions/{version}"
+        body["systemData"] = {**(body.get("systemData") or {}), "createdAt": created_at}
+        body["properties"]["isArchived"] = archived
+        self.other_versions.setdefault(name, []).append(body)
+        return body
+
+    @staticmethod
+    def check_keywords(name: str, args: tuple, kwargs: dict) -> None:
+        """What the real client does with keywords the autospec's `**kwargs` lets through: MLClient's own
+        (begin_)create_or_update hands them to the operations group its dispatch picks, which raises TypeError on
+        one it does not take; and no call may ask for a local Docker deployment (`local=True`)."""
+        from runner.azureml.sdk_calls import dispatch, refuse_local
+
+        method = name.split(".", 1)[1]
+        if method in ("begin_create_or_update", "create_or_update"):  # MLClient's own methods
+            entity = args[0] if args else kwargs.get("entity")
+            dispatch(method, entity, {k: v for k, v in kwargs.items() if k != "entity"})
+        refuse_local(name, kwargs)
 
     def _registry_bodies(self) -> List[Dict[str, Any]]:
         foundation = model_from_rest(self.model_body).name

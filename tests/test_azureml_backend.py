@@ -498,20 +498,37 @@ def test_pinned_model_and_component_versions(tmp_path):
 # ---- the allow lists where the real registry keeps them (models deserialized by azure-ai-ml) ----------------------
 
 
-def test_lists_only_in_system_metadata_are_refused_from_the_preset_before_any_compute_call(tmp_path, capsys):
-    """A current registry model keeps its SKU lists only in system metadata, which azure-ai-ml drops: the runner
-    falls back to the model preset's lists, says so, and still refuses compute=nd40rs_v2 before any compute call."""
+def test_lists_only_in_system_metadata_are_read_from_the_registrys_rest_body(tmp_path, capsys):
+    """A current registry model keeps its SKU lists only in system metadata, which azure-ai-ml's Model entity drops:
+    the runner reads them from the version's raw REST body (the SDK's own registry GET), with the preset's lists
+    emptied so that only the registry's can refuse, and refuses compute=nd40rs_v2 before any compute call."""
     world = AzureWorld()
     world.model_body = keep_lists_only_in(rest_body("Phi-3-mini-4k-instruct"), "system_metadata")
     assert world.model.tags.get("finetune_compute_allow_list") is None and not world.model._system_metadata
-    err = _run_until_failure(notebook_cfg(tmp_path, "compute=nd40rs_v2"), world, tmp_path,
+    err = _run_until_failure(notebook_cfg(tmp_path, "compute=nd40rs_v2", "model.finetune_compute_allow_list=[]",
+                                          "model.inference_compute_allow_list=[]"), world, tmp_path,
                              match="compute.size=Standard_ND40rs_v2 is not in Phi-3-mini-4k-instruct's fine-tune")
     assert "Standard_ND96asr_v4" in str(err)
     assert world.names()[-1] == "registry.models.get"
+    assert [url.split("?")[0].split("/registries/")[1] for _, url in world.rest_requests] == [
+        "azureml/models/Phi-3-mini-4k-instruct/versions/15"]
     assert not [n for n in world.names() if n.startswith("workspace.compute")]
     out = capsys.readouterr().out
+    assert "fine-tune from registry REST body system metadata (SKU.finetuneRecommendedSkus)" in out
+
+
+def test_an_unreadable_rest_body_falls_back_to_the_preset_and_says_so(tmp_path, capsys):
+    from azure.core.exceptions import ServiceRequestError
+
+    world = AzureWorld()
+    world.model_body = keep_lists_only_in(rest_body("Phi-3-mini-4k-instruct"), "system_metadata")
+    world.rest_error = ServiceRequestError("connection reset")
+    _run_until_failure(notebook_cfg(tmp_path, "compute=nd40rs_v2"), world, tmp_path,
+                       match="compute.size=Standard_ND40rs_v2 is not in Phi-3-mini-4k-instruct's fine-tune")
+    out = capsys.readouterr().out
+    assert "REST body of Phi-3-mini-4k-instruct could not be read (GET Phi-3-mini-4k-instruct/versions/15 failed " \
+           "(ServiceRequestError: connection reset))" in out
     assert "fine-tune from model preset (model.finetune_compute_allow_list)" in out
-    assert "azure-ai-ml drops its system metadata" in out
 
 
 @pytest.mark.parametrize("override, match", [
@@ -545,7 +562,7 @@ def test_lists_only_in_properties_are_read(tmp_path, capsys):
             "4 sizes; inference from registry properties (inference-recommended-sku), 4 sizes") in out
 
 
-def test_phi4_run_goes_through_with_the_presets_lists(tmp_path, capsys):
+def test_phi4_run_goes_through_with_the_registrys_lists(tmp_path, capsys):
     """experiment=phi4_ultrachat against Phi-4 as the registry serves it: every step, the registry's asset id in the
     job, and the source of the lists printed and recorded."""
     world = AzureWorld()
@@ -559,10 +576,10 @@ def test_phi4_run_goes_through_with_the_presets_lists(tmp_path, capsys):
     assert node_inputs(job)["mlflow_model_path"] == "azureml://registries/azureml/models/Phi-4/versions/8"
     assert node_inputs(job)["deepspeed_stage"] == "3"  # Phi-4's model_specific_defaults, from its tags
     facts = record.output("model", "facts")
-    assert facts["allow_list_source"]["finetune"] == "model preset (model.finetune_compute_allow_list)"
+    assert facts["allow_list_source"]["finetune"] == "registry REST body system metadata (SKU.finetuneRecommendedSkus)"
     assert world.find("workspace.online_deployments.begin_create_or_update")[0].args[0].instance_type == (
         "Standard_NC24ads_A100_v4")
-    assert "fine-tune from model preset" in capsys.readouterr().out
+    assert "fine-tune from registry REST body system metadata" in capsys.readouterr().out
 
 
 # ---- a pipeline job that fails ------------------------------------------------------------------------------

@@ -46,8 +46,9 @@ def test_notebook_plan_loads_back_with_the_sdk(tmp_path):
     raw = yaml.safe_load((plan / "pipeline_job.yaml").read_text())["jobs"]["chat_completion_pipeline"]["inputs"]
     assert raw["number_of_gpu_to_use_finetuning"] == 8
     assert raw["compute_finetune"] == "gpu-cluster-big"
+    # what models.get(label="latest") resolves to (the preset's latest_version), never the label
     assert raw["mlflow_model_path"]["path"] == ("azureml://registries/azureml/models/Phi-3-mini-4k-instruct/"
-                                                "labels/latest")
+                                                "versions/15")
     assert raw["train_file_path"]["path"].endswith("ultrachat_200k/train_sft.jsonl")
     assert (raw["apply_lora"], raw["apply_deepspeed"], raw["deepspeed_stage"], raw["precision"]) == (
         "true", "true", "2", "16")

@@ -1,9 +1,11 @@
 """What a dry run writes is what a real run submits.
 
-For each preset combination the same config goes through `dry_run=true` (the steps with the planning clients,
+For every azureml experiment in conf/experiment/ as shipped, and each preset combination, the same config goes
+through `dry_run=true` (the steps with the planning clients,
 writing plan/*.yaml) and through a real run against the SDK-faithful double (tests/azureml_double.py). Every object
 the real run hands to Azure is serialised by the same function the plan used and compared with the plan file; a
-config one path refuses, the other refuses with the same message.
+config one path refuses, the other refuses with the same message. No model version is pinned: the real run's
+`models.get(label="latest")` resolves as the SDK does (the double), the plan answers the preset's latest_version.
 
 The differences allowed are the service's own names: it names the submitted job (the plan says PIPELINE_JOB_NAME
 where the model's path refers to it) and the registered model by its ARM id (the plan: `azureml:name:version`, the
@@ -11,6 +13,7 @@ same model; both are compared as (name, version)).
 """
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -27,17 +30,17 @@ CLOCK = 1795600000.0
 # Every step but metrics, which reads the workspace's MLflow after the job (nothing is sent).
 STEPS = "steps=[connect,model,compute,data,finetune,register,deploy,test,cleanup]"
 WS = ["backend.subscription_id=sub-0000", "backend.resource_group=rg-demo", "backend.workspace_name=ws-demo"]
-# The registry's name and the version its REST fixture holds, per model preset.
-REGISTRY = {"phi3_mini_4k_instruct": ("Phi-3-mini-4k-instruct", "15"),
-            "phi35_mini_instruct": ("Phi-3.5-mini-instruct", None), "phi4": ("Phi-4", None)}
+MODEL_PRESETS = ["phi3_mini_4k_instruct", "phi35_mini_instruct", "phi4"]
 AZURE_COMPUTES = ["nc12s_v3", "nc24ads_a100_v4", "nc24rs_v3", "nc40ads_h100_v5", "nc48ads_a100_v4",
                   "nc80adis_h100_v5", "nc96ads_a100_v4", "nd40rs_v2", "nd96amsr_a100_v4", "nd96asr_v4",
                   "nd96isr_h100_v5"]
+EXPERIMENT_DIR = Path(__file__).resolve().parent.parent / "conf" / "experiment"
 
 
-def _version(preset):
-    name, version = REGISTRY[preset]
-    return version or rest_body(name)["name"]  # a REST model version's `name` is its version
+def azure_experiments():
+    """Every experiment preset that runs on azureml, found in conf/experiment/ (a new one is included as added)."""
+    return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml")
+                  if compose_cfg([f"experiment={p.stem}"]).backend.name == "azureml")
 
 
 def _model_ref(value):
@@ -83,17 +86,28 @@ def planned_objects(plan_dir):
             for p in plan_dir.glob("*.yaml") if p.stem != "plan"}
 
 
-def both_ways(tmp_path, overrides, model_preset):
-    """(outcome of the real run, outcome of the dry run): the objects, or the refusal's message."""
-    overrides = [*overrides, STEPS, "dataset=sample", f"backend.config_path={tmp_path / 'none.json'}", *WS]
-    registry_name, _ = REGISTRY[model_preset]
-    cfg = compose_cfg(overrides)
-
-    world = AzureWorld()
-    world.model_body = rest_body(registry_name)
+def world_for(cfg):
+    """The double serving the registry's body of the model the config asks for, and the cluster size's GPUs."""
     from azure.ai.ml.entities import VmSize
 
+    from tests.azureml_double import REST_BODIES
+
+    if cfg.model.name not in REST_BODIES:
+        pytest.fail(f"the double has no registry REST body for model {cfg.model.name}: record one under "
+                    f"tests/fixtures/azureml/ and add it to REST_BODIES (tests/azureml_double.py)")
+    world = AzureWorld()
+    world.model_body = rest_body(cfg.model.name)
     world.sizes = [VmSize(name=cfg.compute.size, gpus=cfg.compute.gpus_per_node or 1)]
+    return world
+
+
+def both_ways(tmp_path, overrides):
+    """(outcome of the real run, outcome of the dry run): the objects, or the refusal's message. The registry
+    serves the model's REST fixture, and `latest` resolves as the SDK resolves it; the dry run answers from the
+    model preset. No version is pinned."""
+    overrides = [*overrides, STEPS, "dataset=sample", f"backend.config_path={tmp_path / 'none.json'}", *WS]
+    cfg = compose_cfg(overrides)
+    world = world_for(cfg)
     real_dir, plan_run_dir = tmp_path / "real", tmp_path / "plan"
     try:
         run(cfg, run_dir=real_dir, task_overrides=overrides,
@@ -112,26 +126,61 @@ def both_ways(tmp_path, overrides, model_preset):
     return real, planned
 
 
+def test_every_azure_experiment_is_found():
+    assert {"phi3_ultrachat", "phi4_ultrachat"} <= set(azure_experiments())
+
+
+@pytest.mark.parametrize("experiment", azure_experiments())
+def test_every_experiment_as_shipped_plans_what_the_run_submits(tmp_path, experiment):
+    """The experiment exactly as shipped (the registry's `latest`, nothing pinned). An archived model is refused by
+    the run and a warning in the plan: then both name the same archived model, and with allow_archived=true the
+    objects are equal (the next test)."""
+    real, planned = both_ways(tmp_path, [f"experiment={experiment}"])
+    if isinstance(real, str) and "is archived" in real:
+        plan = yaml.safe_load((tmp_path / "plan" / "plan" / "plan.yaml").read_text())
+        name = compose_cfg([f"experiment={experiment}"]).model.name
+        assert real.startswith(f"ConfigError: model {name} is archived")
+        assert any(w.startswith(f"model {name} is archived") for w in plan["warnings"]), plan["warnings"]
+        return
+    assert isinstance(real, dict), real
+    assert planned == real
+
+
+@pytest.mark.parametrize("experiment", azure_experiments())
+def test_every_experiment_allowed_to_run_plans_what_the_run_submits(tmp_path, experiment):
+    real, planned = both_ways(tmp_path, [f"experiment={experiment}", "model.allow_archived=true"])
+    assert isinstance(real, dict), real
+    assert real  # something was submitted, and the plan holds each object the run handed to Azure
+    assert planned == real
+
+
+def test_the_plan_and_the_run_name_the_same_model_version_not_the_label(tmp_path):
+    """The registry's `latest` is resolved to a version in both: the run by the SDK's label resolution, the plan
+    from the model preset's latest_version."""
+    real, planned = both_ways(tmp_path, ["experiment=phi4_ultrachat"])
+    path = real["pipeline_job"]["jobs"][NODE_NAME]["inputs"]["mlflow_model_path"]["path"]
+    assert path == "azureml://registries/azureml/models/Phi-4/versions/8"
+    assert planned["pipeline_job"]["jobs"][NODE_NAME]["inputs"]["mlflow_model_path"]["path"] == path
+
+
 @pytest.mark.parametrize("finetune", ["default", "lora", "lora_deepspeed2", "full_deepspeed3"])
 @pytest.mark.parametrize("tier", ["dedicated", "low_priority"])
 def test_notebook_presets_plan_what_the_run_submits(tmp_path, finetune, tier):
     real, planned = both_ways(tmp_path, ["experiment=phi3_ultrachat", f"finetune={finetune}",
-                                         f"compute.tier={tier}", "model.allow_archived=true",
-                                         f"model.version={_version('phi3_mini_4k_instruct')}"],
-                              "phi3_mini_4k_instruct")
+                                         f"compute.tier={tier}", "model.allow_archived=true"])
     assert isinstance(real, dict), real
     assert sorted(real) == ["compute", "deployment", "endpoint", "model", "pipeline_job"]
     assert planned == real
 
 
-@pytest.mark.parametrize("model", sorted(REGISTRY))
+@pytest.mark.parametrize("model", MODEL_PRESETS)
 @pytest.mark.parametrize("compute", AZURE_COMPUTES)
 def test_every_compute_and_model_preset_plans_what_the_run_submits_or_refuses_alike(tmp_path, model, compute):
     # an endpoint size the model allows, so that each cluster size allowed for fine-tuning plans the whole run
     instance = compose_cfg([f"model={model}"]).model.inference_compute_allow_list[0]
     real, planned = both_ways(tmp_path, ["backend=azureml", f"model={model}", f"compute={compute}",
                                          "deployment=azure", f"deployment.instance_type={instance}",
-                                         "model.allow_archived=true", f"model.version={_version(model)}"], model)
+                                         "model.allow_archived=true"])
     assert planned == real
     allowed = compose_cfg([f"model={model}", f"compute={compute}"])
     if allowed.compute.size in allowed.model.finetune_compute_allow_list:

@@ -97,7 +97,44 @@ def test_phi4_lists_only_in_system_metadata_fall_back_to_the_model_preset():
     assert facts.model_specific_defaults["deepspeed_stage"] == 3  # tags still arrive
     assert not facts.archived
     message = allow_list_message(facts)
-    assert "model preset (model.finetune_compute_allow_list)" in message and "drops its system metadata" in message
+    assert "model preset (model.finetune_compute_allow_list)" in message and "the model preset's list is used" in message
+
+
+def test_phi4_lists_from_the_raw_rest_body_win_over_the_preset():
+    """The system metadata the entity drops, read from the version's REST body: the registry's lists, not the
+    preset's (emptied here so that only the body can supply them)."""
+    m = compose_cfg(["experiment=phi4_ultrachat", "model.finetune_compute_allow_list=[]",
+                     "model.inference_compute_allow_list=[]"]).model
+    body = rest_body("Phi-4")
+    facts = facts_from_registry(registry_model("Phi-4"), m, today=dt.date(2026, 11, 1), rest_body=body)
+    assert facts.finetune_allow_list == body["properties"]["systemMetadata"]["SKU"]["finetuneRecommendedSkus"]
+    assert facts.allow_list_source["finetune"] == "registry REST body system metadata (SKU.finetuneRecommendedSkus)"
+    assert not facts.archived
+
+
+def test_the_rest_bodys_isarchived_marks_a_model_archived_without_the_preset():
+    m = compose_cfg(["model=phi4", "model.archived=false"]).model
+    body = rest_body("Phi-4")
+    body["properties"]["isArchived"] = True
+    facts = facts_from_registry(registry_model("Phi-4"), m, today=dt.date(2026, 11, 1), rest_body=body)
+    assert facts.archived and facts.archived_because == ["registry isArchived (REST body)"]
+
+
+def test_one_presets_facts_never_apply_to_another_model_name():
+    """model=phi4 model.name=Phi-4-mini-instruct: Phi-4's lists, dates and archived flag stay Phi-4's."""
+    m = compose_cfg(["model=phi4", "model.name=Phi-4-mini-instruct", "model.archived=true",
+                     "model.finetune_retirement_date=2020-01-01"]).model
+    entity = registry_model("Phi-4")
+    entity.name = "Phi-4-mini-instruct"  # a model the preset holds no facts of, without tags/properties lists
+    facts = facts_from_registry(entity, m, today=dt.date(2026, 11, 1))
+    assert facts.finetune_allow_list == [] and facts.inference_allow_list == []
+    assert facts.allow_list_source["finetune"].startswith("none (the model preset's model.finetune_compute_allow_list "
+                                                          "is Phi-4's")
+    assert not facts.archived and facts.finetune_retirement_date is None
+    offline = facts_from_config(m)
+    assert offline.finetune_allow_list == [] and not offline.archived and offline.model_specific_defaults == {}
+    same = facts_from_config(compose_cfg(["model=phi4"]).model)
+    assert same.finetune_allow_list and same.version == "8"
 
 
 def test_phi35_lists_from_properties_win_over_the_preset():
@@ -151,7 +188,7 @@ def test_config_facts_match_the_registry_spec():
     offline = facts_from_config(m)
     assert sorted(offline.finetune_allow_list) == sorted(live.finetune_allow_list)
     assert sorted(offline.inference_allow_list) == sorted(live.inference_allow_list)
-    assert offline.asset_id == "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/labels/latest"
+    assert offline.asset_id == live.asset_id == "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/15"
 
 
 def test_size_checks_are_case_insensitive():

@@ -147,4 +147,9 @@ def test_phi4_as_the_registry_serves_it_is_refused_at_the_model_step(tmp_path, c
     saved = load_record(tmp_path / "run")
     assert saved["status"] == "failed" and saved["error"]["step"] == "model"
     assert world.names()[-1] == "registry.models.get" and world.spending() == []
-    assert "fine-tune from model preset (model.finetune_compute_allow_list)" in capsys.readouterr().out
+    source = "registry REST body system metadata (SKU.finetuneRecommendedSkus)"
+    assert f"fine-tune from {source}" in capsys.readouterr().out
+    # the refusal's grounds are in the record, not only in the log
+    assert saved["steps"]["model"]["refusal"] == {
+        "check": "fine-tune compute allow list", "size": "Standard_ND40rs_v2", "allow_list_source": source,
+        "allow_list": rest_body("Phi-4")["properties"]["systemMetadata"]["SKU"]["finetuneRecommendedSkus"]}

@@ -185,7 +185,7 @@ def test_phi4_ultrachat_dry_run_plans_a_job_that_passes_every_check(tmp_path):
     job = yaml.safe_load((plan / "pipeline_job.yaml").read_text())
     assert job["display_name"] == "Phi-4-ultrachat-bs8-cosine-ds3-lora-save_limit1-seqlen-1"
     [inputs] = [j["inputs"] for j in job["jobs"].values()]
-    assert inputs["mlflow_model_path"]["path"] == "azureml://registries/azureml/models/Phi-4/labels/latest"
+    assert inputs["mlflow_model_path"]["path"] == "azureml://registries/azureml/models/Phi-4/versions/8"
     assert str(inputs["deepspeed_stage"]) == "3" and float(inputs["learning_rate"]) == 5e-6
     deployment = yaml.safe_load((plan / "deployment.yaml").read_text())
     assert deployment["instance_type"] == "Standard_NC24ads_A100_v4"

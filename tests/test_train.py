@@ -14,9 +14,11 @@ pytestmark = pytest.mark.slow
 
 def default_settings(**overrides):
     """(params, local) exactly as the schema's defaults, then overrides (keys of either)."""
+    from runner.finetune_params import RUNNER_KEYS
+
     def defaults(cls):
         return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(cls) if f.name != "local"}
+                for f in dataclasses.fields(cls) if f.name not in RUNNER_KEYS}
     params, local = defaults(FinetuneConfig), defaults(LocalFinetuneConfig)
     for key, value in overrides.items():
         if key in params:

@@ -123,10 +123,22 @@ class AzureMLBackend(Backend):
                             f"because model.allow_archived=true")
         steps = set(cfg.steps)
         if cfg.dry_run or steps & {"compute", "finetune"}:
-            check_finetune_size(cfg.compute.size, facts.finetune_allow_list, model_name=facts.name)
+            check_finetune_size(cfg.compute.size, facts.finetune_allow_list, model_name=facts.name,
+                                source=facts.allow_list_source.get("finetune"))
         if cfg.dry_run or "deploy" in steps:
-            check_inference_size(cfg.deployment.instance_type, facts.inference_allow_list, model_name=facts.name)
+            check_inference_size(cfg.deployment.instance_type, facts.inference_allow_list, model_name=facts.name,
+                                 source=facts.allow_list_source.get("inference"))
         return warnings
+
+    @staticmethod
+    def _refused(ctx, step: str, facts: ModelFacts, exc: BaseException) -> None:
+        """A refusal's grounds go into the run record beside the error: which list, from where; or why archived."""
+        from runner.azureml.checks import AllowListRefusal
+
+        grounds = dict(exc.details) if isinstance(exc, AllowListRefusal) else {
+            "check": "archived", "archived_because": list(facts.archived_because),
+            "allow_list_source": dict(facts.allow_list_source)}
+        ctx.record.note(step, refusal=grounds)
 
     # ---- steps ----------------------------------------------------------------------------------------------
     def connect(self, ctx) -> Dict[str, Any]:
@@ -156,11 +168,25 @@ class AzureMLBackend(Backend):
             foundation_model = registry.models.get(m.name, version=str(m.version))
         else:
             foundation_model = registry.models.get(m.name, label=m.label)
-        facts = facts_from_registry(foundation_model, m)
-        from runner.azureml.tags import allow_list_message
+        from runner.azureml.tags import _system_metadata, allow_list_message
 
-        ctx.say(allow_list_message(facts))  # where the lists came from, before the checks that use them
-        warnings = self.model_checks(ctx, facts, refuse_archived=not self.cfg.dry_run)
+        body, unread = None, ""
+        if not self.cfg.dry_run and not _system_metadata(foundation_model) and foundation_model.version:
+            # the entity lost the version's system metadata and isArchived: the registry's raw body has them
+            from runner.azureml.registry_rest import model_version_body
+
+            body, unread = model_version_body(registry.models, foundation_model.name, str(foundation_model.version))
+        facts = facts_from_registry(foundation_model, m, rest_body=body)
+        if unread:
+            ctx.say(f"warning: the registry's REST body of {facts.name} could not be read ({unread}): its system "
+                    f"metadata (allow lists, deprecation, isArchived) is unknown")
+        ctx.say(allow_list_message(facts, planned=self.cfg.dry_run))  # where the lists came from, before the checks
+        ctx.record.note("model", allow_list_source=dict(facts.allow_list_source), rest_body_unread=unread or None)
+        try:
+            warnings = self.model_checks(ctx, facts, refuse_archived=not self.cfg.dry_run)
+        except ConfigError as exc:
+            self._refused(ctx, "model", facts, exc)
+            raise
         for w in warnings:
             ctx.say(f"warning: {w}")
         ctx.live.update(foundation_model=foundation_model, facts=facts)
@@ -175,7 +201,12 @@ class AzureMLBackend(Backend):
 
         c = self.cfg.compute
         facts = self._facts(ctx)
-        check_finetune_size(c.size, facts.finetune_allow_list, model_name=facts.name)  # before any call
+        try:
+            check_finetune_size(c.size, facts.finetune_allow_list, model_name=facts.name,  # before any call
+                                source=facts.allow_list_source.get("finetune"))
+        except ConfigError as exc:
+            self._refused(ctx, "compute", facts, exc)
+            raise
         params, _ = self.effective_params(ctx, facts)
         fit = check_memory_fit(model_name=facts.name, params=params, gpu_memory_gb=c.gpu_memory_gb,
                                gpus_per_node=c.gpus_per_node, size=c.size, memory_headroom=c.memory_headroom)
@@ -192,8 +223,13 @@ class AzureMLBackend(Backend):
             compute = None
         if compute is not None:
             check_provisioning(compute, c.name)
-            check_finetune_size(compute.size, facts.finetune_allow_list, model_name=facts.name,
-                                where=f"the existing cluster {c.name}'s size")
+            try:
+                check_finetune_size(compute.size, facts.finetune_allow_list, model_name=facts.name,
+                                    where=f"the existing cluster {c.name}'s size",
+                                    source=facts.allow_list_source.get("finetune"))
+            except ConfigError as exc:
+                self._refused(ctx, "compute", facts, exc)
+                raise
         else:
             created = self._create_compute(ctx, ws, build_compute)
             compute = ws.compute.get(c.name)  # sanity check of what was created, as the notebook does
@@ -212,6 +248,8 @@ class AzureMLBackend(Backend):
             try:
                 ws.begin_create_or_update(build_compute(c, tier)).wait()
                 return tier
+            except TypeError:  # a call the SDK refuses is the runner's bug, not the tier's quota: no retry
+                raise
             except Exception as exc:  # quota or capacity: the notebook retries as low priority
                 errors.append(f"{tier}: {type(exc).__name__}: {str(exc)[:300]}")
         raise AzureStepError(f"could not create compute cluster {c.name} of size {c.size} in the workspace: "
@@ -244,6 +282,11 @@ class AzureMLBackend(Backend):
         from runner.azureml.translate import build_pipeline_job, pipeline_inputs
 
         cfg, b = self.cfg, self.cfg.backend
+        attach, why = self.job_to_attach(ctx)
+        if attach:
+            attached = self._attach(ctx, attach, why)
+            if attached is not None:
+                return attached
         facts = self._facts(ctx)
         gpus = ctx.record.output("compute", "gpus_per_node") or cfg.compute.gpus_per_node
         if not gpus:
@@ -255,7 +298,10 @@ class AzureMLBackend(Backend):
             component = registry.components.get(name=b.component_name, version=str(b.component_version))
         else:
             component = registry.components.get(name=b.component_name, label=b.component_label)
-        spec = self._component_spec(component)
+        spec, unread = self._component_spec(component)
+        if unread:  # checked against the pinned contract only: the registry's may differ, and nobody would know
+            ctx.say(f"warning: {unread}")
+            ctx.record.note("finetune", component_unread=unread)
         # The registry serves `latest`; the runner was checked against a pinned contract. Say what changed, and
         # refuse to send an input the live component no longer has.
         pinned = self.local_spec(required=True)
@@ -264,6 +310,9 @@ class AzureMLBackend(Backend):
             ctx.say(f"component: {line}")
         params, notes = self.effective_params(ctx, facts)
         inputs, dropped = prepare_inputs(params, spec, ctx.explicit_finetune_keys)  # explicit keys named first
+        overridden = diff.defaults_overridden(inputs)
+        for line in overridden:
+            ctx.say(f"warning: component default changed: {line}")
         if diff:  # what this run sends by the contract it was checked against must still be there
             check_live_component(diff, prepare_inputs(params, pinned)[0])
         display_name = ctx.display_name(self.display_name(params, gpus))
@@ -290,29 +339,104 @@ class AzureMLBackend(Backend):
         ws = self._ws(ctx)
         submitted = ws.jobs.create_or_update(job, experiment_name=b.experiment_name)
         job_name, url = submitted.name, getattr(submitted, "studio_url", None)
+        # In the record at once: a stream cut short (network, Ctrl-C) must not lose a job that is running and billing
+        ctx.record.note("finetune", job_name=job_name, submitted={
+            "job_name": job_name, "studio_url": url, "display_name": display_name,
+            "experiment_name": b.experiment_name})
         ctx.say(f"submitted pipeline job {job_name} ({display_name}); studio: {url}")
         out = {"job_name": job_name, "studio_url": url, "display_name": display_name,
                "experiment_name": b.experiment_name, "component": f"{spec.name}:{spec.version}",
                "component_version": spec.version, "component_diff": diff.to_dict(),
+               "component_unread": unread or None, "component_defaults_overridden": overridden,
                "effective_params": params, "explicit_overrides": sorted(ctx.explicit_finetune_keys),
                "inputs": {k: v for k, v in inputs.items()}, "merge_notes": notes + dropped,
                "gpus_per_node": gpus, "status": "submitted"}
         if not b.wait:
             ctx.say("backend.wait=false: not waiting for the job; later steps check that it has completed")
             return out
-        try:
-            ws.jobs.stream(job_name)
-        except Exception as exc:
-            raise AzureStepError(f"pipeline job {job_name} did not complete: {exc} (studio: {url})") from exc
+        self._stream(ctx, job_name, url)
         out["status"] = "Completed"
         return out
 
-    def _component_spec(self, component) -> ComponentSpec:
-        """The live component's inputs (its own spec); the local spec file if the entity cannot be read."""
+    # ---- a submitted job: followed, and picked up again -------------------------------------------------------
+    def _continue_hint(self, ctx, job_name: str) -> str:
+        return (f"continue with the same command and finetune.attach_job={job_name}, or "
+                f"from_run={ctx.record.data.get('run_dir') or ctx.run_dir}")
+
+    def _stream(self, ctx, job_name: str, url: Optional[str]) -> None:
+        """jobs.stream until the job ends. A failed job is an error; a stream that breaks (network, Ctrl-C) leaves
+        the job running in Azure, and says how to pick it up (its name is already in the record)."""
+        from azure.ai.ml.exceptions import JobException
+
         try:
-            return spec_from_dict(component._to_dict(), source=f"registry {self.cfg.backend.registry_name}")
-        except Exception:
-            return self.local_spec(required=True)
+            self._ws(ctx).jobs.stream(job_name)
+        except KeyboardInterrupt:
+            ctx.say(f"interrupted: pipeline job {job_name} goes on running in Azure (studio: {url}); "
+                    f"{self._continue_hint(ctx, job_name)}")
+            raise
+        except JobException as exc:
+            raise AzureStepError(f"pipeline job {job_name} did not complete: {exc} (studio: {url})") from exc
+        except Exception as exc:
+            raise AzureStepError(f"lost the stream of pipeline job {job_name} ({type(exc).__name__}: "
+                                 f"{str(exc)[:300]}); the job itself may still be running (studio: {url}): "
+                                 f"{self._continue_hint(ctx, job_name)}") from exc
+
+    def job_to_attach(self, ctx) -> tuple:
+        """(job name, why) of a submitted job this run continues from instead of submitting: finetune.attach_job, or
+        the from_run record's finetune step that submitted a job and was cut short. (None, "") otherwise."""
+        if self.cfg.finetune.attach_job:
+            return str(self.cfg.finetune.attach_job), "finetune.attach_job"
+        earlier = (ctx.record.earlier.get("steps") or {}).get("finetune") or {}
+        if earlier.get("status") != "ok" and earlier.get("job_name"):
+            return str(earlier["job_name"]), f"from_run={ctx.record.earlier.get('run_dir')}"
+        return None, ""
+
+    def _attach(self, ctx, job_name: str, why: str) -> Optional[Dict[str, Any]]:
+        """Wait for and continue from a submitted job. None: the from_run's job ended without a model, so a new
+        one is submitted (an explicit finetune.attach_job to such a job is an error)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        ws = self._ws(ctx)
+        try:
+            job = ws.jobs.get(job_name)
+        except ResourceNotFoundError as exc:
+            raise AzureStepError(f"{why}: there is no job {job_name} in workspace "
+                                 f"{getattr(ws, 'workspace_name', '?')}") from exc
+        status = getattr(job, "status", None)
+        url = getattr(job, "studio_url", None)
+        if status in ("Failed", "Canceled"):
+            if why == "finetune.attach_job":
+                raise AzureStepError(f"finetune.attach_job={job_name}: the job is {status} (studio: {url}); drop "
+                                     f"finetune.attach_job to submit a new one")
+            ctx.say(f"the pipeline job {job_name} of {why} is {status}: submitting a new one")
+            return None
+        ctx.say(f"attaching to pipeline job {job_name} ({status}, {why}): not submitting a new one")
+        earlier = ctx.record.noted("finetune", "submitted") or {}
+        out = {"job_name": job_name, "studio_url": url or earlier.get("studio_url"),
+               "display_name": getattr(job, "display_name", None) or earlier.get("display_name"),
+               "experiment_name": getattr(job, "experiment_name", None) or earlier.get("experiment_name"),
+               "attached": why, "status": "submitted"}
+        ctx.record.note("finetune", job_name=job_name, submitted={k: out[k] for k in (
+            "job_name", "studio_url", "display_name", "experiment_name")})
+        if status == "Completed":
+            out["status"] = "Completed"
+        elif self.cfg.backend.wait:
+            self._stream(ctx, job_name, out["studio_url"])
+            out["status"] = "Completed"
+        else:
+            ctx.say("backend.wait=false: not waiting for the job; later steps check that it has completed")
+        return out
+
+    def _component_spec(self, component) -> tuple:
+        """(the live component's inputs (its own spec), ""); (the pinned contract, why) if the entity cannot be
+        read: then the run is checked against the contract alone, which the caller must say."""
+        try:
+            return spec_from_dict(component._to_dict(), source=f"registry {self.cfg.backend.registry_name}"), ""
+        except Exception as exc:
+            pinned = self.local_spec(required=True)
+            return pinned, (f"the registry's component {self.cfg.backend.component_name} could not be read "
+                            f"({type(exc).__name__}: {str(exc)[:200]}); checked against the pinned contract "
+                            f"{pinned.name} {pinned.version} ({pinned.source}) only")
 
     def _job_name(self, ctx) -> str:
         job_name = ctx.record.output("finetune", "job_name")
@@ -375,7 +499,12 @@ class AzureMLBackend(Backend):
 
         d = self.cfg.deployment
         facts = self._facts(ctx)
-        check_inference_size(d.instance_type, facts.inference_allow_list, model_name=facts.name)
+        try:
+            check_inference_size(d.instance_type, facts.inference_allow_list, model_name=facts.name,
+                                 source=facts.allow_list_source.get("inference"))
+        except ConfigError as exc:
+            self._refused(ctx, "deploy", facts, exc)
+            raise
         model_id = ctx.record.output("register", "model_id")
         model_name = ctx.record.output("register", "name")
         if not model_id:

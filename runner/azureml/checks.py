@@ -33,15 +33,26 @@ def allowed_compute_hint(allow_list: List[str]) -> str:
     return f"Pick an allowed size: compute.size={allow_list[0]} (no compute preset in conf/compute/ has one)"
 
 
-def check_finetune_size(size: str, allow_list: List[str], *, model_name: str, where: str = "compute.size") -> None:
+class AllowListRefusal(ConfigError):
+    """A size outside a model's allow list; carries where the list came from, for the run record (the message stays
+    the same whichever source, so that a plan and a run refuse alike)."""
+
+    def __init__(self, message: str, *, kind: str, size: str, allow_list: List[str], source: Optional[str]):
+        super().__init__(message)
+        self.details = {"check": f"{kind} compute allow list", "size": size, "allow_list": list(allow_list),
+                        "allow_list_source": source or "unknown"}
+
+
+def check_finetune_size(size: str, allow_list: List[str], *, model_name: str, where: str = "compute.size",
+                        source: Optional[str] = None) -> None:
     """Case-insensitive, as the notebook compares sizes."""
     allowed = [s.lower() for s in allow_list]
     if allow_list:
         if size.lower() not in allowed:
-            raise ConfigError(
+            raise AllowListRefusal(
                 f"{where}={size} is not in {model_name}'s fine-tune compute allow list: "
-                f"{', '.join(allow_list)}. {allowed_compute_hint(allow_list)}"
-            )
+                f"{', '.join(allow_list)}. {allowed_compute_hint(allow_list)}",
+                kind="fine-tune", size=size, allow_list=allow_list, source=source)
     elif size.lower() in UNSUPPORTED_GPU_SIZES:
         raise ConfigError(
             f"{where}={size} is a K80 size the fine-tune components do not support "
@@ -49,12 +60,13 @@ def check_finetune_size(size: str, allow_list: List[str], *, model_name: str, wh
         )
 
 
-def check_inference_size(instance_type: str, allow_list: List[str], *, model_name: str) -> None:
+def check_inference_size(instance_type: str, allow_list: List[str], *, model_name: str,
+                         source: Optional[str] = None) -> None:
     if allow_list and instance_type.lower() not in [s.lower() for s in allow_list]:
-        raise ConfigError(
+        raise AllowListRefusal(
             f"deployment.instance_type={instance_type} is not in {model_name}'s inference compute allow list: "
-            f"{', '.join(allow_list)}"
-        )
+            f"{', '.join(allow_list)}",
+            kind="inference", size=instance_type, allow_list=allow_list, source=source)
 
 
 def check_provisioning(compute: Any, name: str) -> None:

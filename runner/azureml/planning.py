@@ -115,6 +115,9 @@ class PlanRecorder:
         for real); returns the bound arguments by parameter name."""
         kwargs = kwargs or {}
         bound = inspect.signature(real_method).bind(None, *args, **kwargs).arguments
+        from runner.azureml.sdk_calls import refuse_local
+
+        refuse_local(name, kwargs)  # accepted by the SDK, but it deploys to local Docker
         entry: Dict[str, Any] = {"call": name}
         shown = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
         if shown:
@@ -191,7 +194,22 @@ class PlanningWorld:
         from azure.ai.ml.entities import Model
         from omegaconf import OmegaConf
 
+        from runner.azureml.tags import preset_facts_apply
+
         m = self.cfg.model
+        if not preset_facts_apply(m, name):  # the preset's facts are another model's: the plan knows nothing of it
+            self.warnings.append(
+                f"model {name}: the model preset holds the registry facts of {m.facts_for}, not of {name}; the plan "
+                f"uses none of them (no allow lists, defaults or archived status; a real run reads the registry)"
+                + ("" if version else f", and cannot resolve label {label!r} to a version offline"))
+            return Model(name=name, version=version)
+        if not version and label == "latest" and m.latest_version:
+            # What models.get(name, label="latest") answers: the version the label resolves to, never the label.
+            version = str(m.latest_version)
+        elif not version:
+            self.warnings.append(f"model {name}: label {label!r} has no version in the model preset "
+                                 f"(model.latest_version); the plan refers to the label, a real run to the version "
+                                 f"the registry resolves it to")
         defaults = OmegaConf.to_container(m.model_specific_defaults, resolve=True)
         model = Model(name=name, version=version, tags={"model_specific_defaults": repr(defaults)},
                       stage="Archived" if m.archived else None)
@@ -340,6 +358,10 @@ class PlanningMLClient:
         recorder = self._world.recorder
         entity = recorder.call("workspace.begin_create_or_update", MLClient.begin_create_or_update, args,
                                kwargs)["entity"]
+        from runner.azureml.sdk_calls import dispatch
+
+        # MLClient takes any keyword and hands it to the operations group of the entity's type, which may not
+        dispatch("begin_create_or_update", entity, {k: v for k, v in kwargs.items() if k != "entity"})
         if isinstance(entity, AmlCompute):
             recorder.write("compute", entity_yaml(entity))
             self._world.computes[entity.name] = entity

@@ -204,7 +204,10 @@ def nearest_input(key: str, spec: ComponentSpec) -> str:
 
 def check_explicit_keys(explicit_keys: Iterable[str], spec: ComponentSpec) -> None:
     """A finetune key the user set on the command line must be an input of the component."""
-    unknown = sorted(k for k in explicit_keys if k not in spec.inputs and k != "local" and not k.startswith("local."))
+    from runner.finetune_params import RUNNER_KEYS
+
+    unknown = sorted(k for k in explicit_keys if k not in spec.inputs and k not in RUNNER_KEYS
+                     and not k.startswith("local."))
     if unknown:
         lines = [
             f"finetune.{k} is not an input of {spec.name} {spec.version or ''} ({spec.source}); {nearest_input(k, spec)}"
@@ -254,9 +257,18 @@ class SpecDiff:
     added: List[str] = field(default_factory=list)
     removed: List[str] = field(default_factory=list)
     retyped: List[str] = field(default_factory=list)  # "name: pinned type -> live type"
+    # inputs whose default the live component changed: {name: {"pinned": default, "live": default}}
+    redefaulted: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.retyped)
+        return bool(self.added or self.removed or self.retyped or self.redefaulted)
+
+    def defaults_overridden(self, sent: Mapping[str, Any]) -> List[str]:
+        """Inputs this run sends at the pinned contract's default where the registry's component now defaults to
+        something else: the run overrides the new default with the old one, which nobody asked for."""
+        return [f"{name}: sending {sent[name]} (the default of {self.pinned}); {self.live} defaults to "
+                f"{change['live']}" for name, change in sorted(self.redefaulted.items())
+                if name in sent and _same_default(sent[name], change["pinned"])]
 
     def lines(self) -> List[str]:
         out = []
@@ -266,11 +278,24 @@ class SpecDiff:
             out.append(f"inputs removed in {self.live}: {', '.join(self.removed)}")
         if self.retyped:
             out.append(f"inputs retyped in {self.live}: {'; '.join(self.retyped)}")
+        if self.redefaulted:
+            out.append(f"defaults changed in {self.live}: " + "; ".join(
+                f"{n}: {c['pinned']!r} -> {c['live']!r}" for n, c in sorted(self.redefaulted.items())))
         return out
 
     def to_dict(self) -> Dict[str, Any]:
         return {"pinned": self.pinned, "live": self.live, "added": self.added, "removed": self.removed,
-                "retyped": self.retyped}
+                "retyped": self.retyped, "redefaulted": self.redefaulted}
+
+
+def _same_default(a: Any, b: Any) -> bool:
+    """Defaults as the specs and the inputs write them: 2e-05 == "2e-5", True == "true"."""
+    if a is None or b is None:
+        return a is b
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a).strip().lower() == str(b).strip().lower()
 
 
 def _shape(decl: InputSpec) -> str:
@@ -286,6 +311,9 @@ def compare_specs(pinned: ComponentSpec, live: ComponentSpec) -> SpecDiff:
         before, after = _shape(pinned.inputs[name]), _shape(live.inputs[name])
         if before != after:
             diff.retyped.append(f"{name}: {before} -> {after}")
+        old, new = pinned.inputs[name].default, live.inputs[name].default
+        if not _same_default(old, new):
+            diff.redefaulted[name] = {"pinned": old, "live": new}
     return diff
 
 

@@ -8,8 +8,10 @@ Where a registry model keeps its SKU allow lists depends on its age: the oldest 
 (`finetune_compute_allow_list`), older ones in properties (`finetune-recommended-sku`, a comma-separated string),
 current ones in the system metadata (`SKU.finetuneRecommendedSkus`, `supportedComputes.finetuneComputes`), with the
 deprecation dates (`deprecation.finetuneRetirementDate`). azure-ai-ml (1.35) builds a registry Model without its
-system metadata, so for current models the lists and dates come from the model preset (conf/model/*.yaml), which
-holds the same facts for offline planning; `ModelFacts.allow_list_source` says where each list came from.
+system metadata (and isArchived), so the model step hands in the version's raw REST body
+(runner/azureml/registry_rest.py) to read them from; only without it do the lists and dates come from the model
+preset (conf/model/*.yaml), and only when the preset's facts are this model's (`model.facts_for`).
+`ModelFacts.allow_list_source` says where each list came from.
 """
 
 import ast
@@ -128,6 +130,14 @@ def _retired(date: Optional[str], today: dt.date) -> bool:
         return False
 
 
+def preset_facts_apply(model_cfg: Any, name: Optional[str] = None) -> bool:
+    """Whether the model preset's registry facts (lists, dates, archived, defaults, latest_version) are those of
+    model `name` (default model.name): `model=phi4 model.name=Phi-4-mini-instruct` keeps Phi-4's facts in the
+    config, and they must not be applied to another model."""
+    owner = getattr(model_cfg, "facts_for", None) or model_cfg.name
+    return str(owner) == str(name or model_cfg.name)
+
+
 def registry_asset_id(registry: str, name: str, version: Optional[str], label: Optional[str]) -> str:
     if version:
         return f"azureml://registries/{registry}/models/{name}/versions/{version}"
@@ -154,21 +164,27 @@ def _system_metadata(model: Any) -> Dict[str, Any]:
     return dict(meta) if isinstance(meta, Mapping) else {}
 
 
-def _allow_list(kind: str, places: Dict[str, Mapping], model_cfg: Any) -> tuple[List[str], str]:
-    """The first non-empty list among the registry's places, else the model preset's; with where it came from."""
+def _allow_list(kind: str, places: Dict[str, Mapping], model_cfg: Any, preset_applies: bool = True,
+                meta_where: str = "system metadata") -> tuple[List[str], str]:
+    """The first non-empty list among the registry's places, else the model preset's (only when its facts are this
+    model's); with where it came from."""
     for where, key in _LIST_PLACES[kind]:
         value = _get(places[where], *key.split(".")) if where == "system metadata" else places[where].get(key)
         found = parse_list_tag(value, f"{where} {key}") if value is not None else []
         if found:
-            return found, f"registry {where} ({key})"
+            return found, f"registry {meta_where if where == 'system metadata' else where} ({key})"
     preset_key = _PRESET_KEYS[kind]
     preset = [str(s) for s in (getattr(model_cfg, preset_key, None) or [])]
+    if preset and not preset_applies:
+        return [], (f"none (the model preset's model.{preset_key} is {getattr(model_cfg, 'facts_for', None)}'s, "
+                    f"not this model's)")
     if preset:
         return preset, f"model preset (model.{preset_key})"
     return [], "none"
 
 
-def facts_from_registry(model: Any, model_cfg: Any, today: Optional[dt.date] = None) -> ModelFacts:
+def facts_from_registry(model: Any, model_cfg: Any, today: Optional[dt.date] = None,
+                        rest_body: Optional[Mapping[str, Any]] = None) -> ModelFacts:
     """Facts from a registry Model entity (tags, properties, stage, system metadata if kept); what the registry does
     not show (the allow lists and dates of current models, whose system metadata the SDK drops) from the model
     preset. The config's archived flag counts too."""
@@ -176,22 +192,31 @@ def facts_from_registry(model: Any, model_cfg: Any, today: Optional[dt.date] = N
     tags = dict(getattr(model, "tags", None) or {})
     properties = dict(getattr(model, "properties", None) or {})
     meta = _system_metadata(model)
+    meta_where = "system metadata"
+    raw = dict((rest_body or {}).get("properties") or {})
+    if not meta and raw.get("systemMetadata"):  # what the SDK's entity drops, from the registry's own REST body
+        meta, meta_where = dict(raw["systemMetadata"]), "REST body system metadata"
     places = {"tags": tags, "properties": properties, "system metadata": meta}
-    finetune, finetune_source = _allow_list("finetune", places, model_cfg)
-    inference, inference_source = _allow_list("inference", places, model_cfg)
+    applies = preset_facts_apply(model_cfg, str(getattr(model, "name", None) or model_cfg.name))
+    finetune, finetune_source = _allow_list("finetune", places, model_cfg, applies, meta_where)
+    inference, inference_source = _allow_list("inference", places, model_cfg, applies, meta_where)
 
     deprecation = _get(meta, "deprecation") or {}
-    ft_retire = _date(deprecation.get("finetuneRetirementDate")) or model_cfg.finetune_retirement_date
-    inf_retire = _date(deprecation.get("inferenceRetirementDate")) or model_cfg.inference_retirement_date
+    ft_retire = _date(deprecation.get("finetuneRetirementDate")) or (
+        model_cfg.finetune_retirement_date if applies else None)
+    inf_retire = _date(deprecation.get("inferenceRetirementDate")) or (
+        model_cfg.inference_retirement_date if applies else None)
 
     because = []
     if str(getattr(model, "stage", "") or "").lower() == "archived":
         because.append("registry stage Archived")
     if str(tags.get("isArchived", "")).lower() == "true" or _get(meta, "isArchived") is True:
         because.append("registry isArchived")
+    elif raw.get("isArchived") is True:  # the version's own flag, kept only in the REST body
+        because.append("registry isArchived (REST body)")
     if _retired(ft_retire, today):
         because.append(f"fine-tuning retired on {ft_retire}")
-    if model_cfg.archived and not because:
+    if applies and model_cfg.archived and not because:
         because.append("model config archived=true")
 
     return ModelFacts(
@@ -216,16 +241,22 @@ def facts_from_config(model_cfg: Any, today: Optional[dt.date] = None) -> ModelF
     from omegaconf import OmegaConf
 
     today = today or dt.date.today()
+    if not preset_facts_apply(model_cfg):  # the preset's facts are another model's
+        return ModelFacts(name=model_cfg.name, version=model_cfg.version,
+                          asset_id=registry_asset_id(model_cfg.registry, model_cfg.name, model_cfg.version,
+                                                     model_cfg.label),
+                          source="config", allow_list_source={"finetune": "none", "inference": "none"})
     because = []
     if model_cfg.archived:
         because.append("model config archived=true")
     if _retired(model_cfg.finetune_retirement_date, today):
         because.append(f"fine-tuning retired on {model_cfg.finetune_retirement_date}")
     defaults = model_cfg.model_specific_defaults
+    version = model_cfg.version or (getattr(model_cfg, "latest_version", None) if model_cfg.label == "latest" else None)
     return ModelFacts(
         name=model_cfg.name,
-        version=model_cfg.version,
-        asset_id=registry_asset_id(model_cfg.registry, model_cfg.name, model_cfg.version, model_cfg.label),
+        version=version,
+        asset_id=registry_asset_id(model_cfg.registry, model_cfg.name, version, model_cfg.label),
         finetune_allow_list=[str(s) for s in model_cfg.finetune_compute_allow_list],
         inference_allow_list=[str(s) for s in model_cfg.inference_compute_allow_list],
         model_specific_defaults=OmegaConf.to_container(defaults, resolve=True) if OmegaConf.is_config(defaults)
@@ -240,7 +271,7 @@ def facts_from_config(model_cfg: Any, today: Optional[dt.date] = None) -> ModelF
     )
 
 
-def allow_list_message(facts: ModelFacts) -> str:
+def allow_list_message(facts: ModelFacts, planned: bool = False) -> str:
     """One line saying where the allow lists were read from, and what a fallback to the preset means."""
     sources = facts.allow_list_source or {}
     parts = []
@@ -249,10 +280,11 @@ def allow_list_message(facts: ModelFacts) -> str:
         count = len(facts.finetune_allow_list if kind == "finetune" else facts.inference_allow_list)
         parts.append(f"{label} from {source}" + (f", {count} sizes" if count else ""))
     text = f"allow lists of {facts.name}: " + "; ".join(parts)
-    fallback = [s for s in sources.values() if s.startswith("model preset") or s == "none"]
-    if facts.source == "registry" and fallback:
-        text += (" (the registry model shows no list in its tags or properties, and azure-ai-ml drops its system "
-                 "metadata: "
+    fallback = [s for s in sources.values() if s.startswith("model preset") or s.startswith("none")]
+    if planned:
+        text += " (a dry run answers the registry model from the model preset)"
+    elif facts.source == "registry" and fallback:
+        text += (" (the registry model shows no list in its tags, properties or system metadata: "
                  + ("the model preset's list is used" if any(s.startswith("model preset") for s in fallback)
                     else "only K80 sizes are refused") + ")")
     return text

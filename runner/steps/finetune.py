@@ -28,8 +28,14 @@ class MissingInput(RunnerError):
 
 
 def run(ctx, backend) -> FinetuneResult:
+    from runner.schema import ConfigError
+
+    if ctx.cfg.finetune.attach_job and not hasattr(backend, "job_to_attach"):
+        raise ConfigError(f"finetune.attach_job={ctx.cfg.finetune.attach_job}: only backend=azureml submits jobs to "
+                          f"attach to; drop it")
+    attaching = hasattr(backend, "job_to_attach") and backend.job_to_attach(ctx)[0]
     data = ctx.record.output("data")
-    if not data.get("train_file") or not data.get("test_file"):
+    if not attaching and (not data.get("train_file") or not data.get("test_file")):
         raise MissingInput("the finetune step needs the data step's files: run steps=[data,finetune,...] or "
                            "from_run=<an earlier run dir>")
     return FinetuneResult.from_outputs(backend.finetune(ctx))
