@@ -12,10 +12,10 @@ passing them to the component raises an unexpected-keyword error. Tag values are
 import dataclasses
 from typing import Any, Dict, Iterable, List, Mapping, Set, Tuple
 
-from runner.schema import FinetuneConfig
+from runner.schema import RUNNER_FINETUNE_KEYS, FinetuneConfig
 
-# The keys of FinetuneConfig that are chat_completion_pipeline inputs (everything but the local-only block).
-COMPONENT_KEYS = [f.name for f in dataclasses.fields(FinetuneConfig) if f.name != "local"]
+# The keys of FinetuneConfig that are chat_completion_pipeline inputs (everything but the local block and the route).
+COMPONENT_KEYS = [f.name for f in dataclasses.fields(FinetuneConfig) if f.name not in RUNNER_FINETUNE_KEYS]
 _TYPES = {f.name: f.type for f in dataclasses.fields(FinetuneConfig)}
 
 
@@ -65,7 +65,7 @@ def merge_finetune_params(
     notes: List[str] = []
     explicit = set(explicit_keys)
     for key, raw in (model_defaults or {}).items():
-        if key not in _TYPES or key == "local":
+        if key not in _TYPES or key in RUNNER_FINETUNE_KEYS:
             notes.append(f"model_specific_defaults.{key}={raw!r} dropped: not an input of the component")
             continue
         value = coerce(key, raw)

@@ -16,7 +16,7 @@ def default_settings(**overrides):
     """(params, local) exactly as the schema's defaults, then overrides (keys of either)."""
     def defaults(cls):
         return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(cls) if f.name != "local"}
+                for f in dataclasses.fields(cls) if f.name not in ("local", "route")}
     params, local = defaults(FinetuneConfig), defaults(LocalFinetuneConfig)
     for key, value in overrides.items():
         if key in params:

@@ -204,7 +204,10 @@ def nearest_input(key: str, spec: ComponentSpec) -> str:
 
 def check_explicit_keys(explicit_keys: Iterable[str], spec: ComponentSpec) -> None:
     """A finetune key the user set on the command line must be an input of the component."""
-    unknown = sorted(k for k in explicit_keys if k not in spec.inputs and k != "local" and not k.startswith("local."))
+    from runner.schema import RUNNER_FINETUNE_KEYS
+
+    unknown = sorted(k for k in explicit_keys if k not in spec.inputs and k not in RUNNER_FINETUNE_KEYS
+                     and not k.startswith("local."))
     if unknown:
         lines = [
             f"finetune.{k} is not an input of {spec.name} {spec.version or ''} ({spec.source}); {nearest_input(k, spec)}"
