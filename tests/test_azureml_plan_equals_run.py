@@ -29,7 +29,8 @@ STEPS = "steps=[connect,model,compute,data,finetune,register,deploy,test,cleanup
 WS = ["backend.subscription_id=sub-0000", "backend.resource_group=rg-demo", "backend.workspace_name=ws-demo"]
 # The registry's name and the version its REST fixture holds, per model preset.
 REGISTRY = {"phi3_mini_4k_instruct": ("Phi-3-mini-4k-instruct", "15"),
-            "phi35_mini_instruct": ("Phi-3.5-mini-instruct", None), "phi4": ("Phi-4", None)}
+            "phi35_mini_instruct": ("Phi-3.5-mini-instruct", None), "phi4": ("Phi-4", None),
+            "phi4_mini_instruct": ("Phi-4-mini-instruct", None)}
 AZURE_COMPUTES = ["nc12s_v3", "nc24ads_a100_v4", "nc24rs_v3", "nc40ads_h100_v5", "nc48ads_a100_v4",
                   "nc80adis_h100_v5", "nc96ads_a100_v4", "nd40rs_v2", "nd96amsr_a100_v4", "nd96asr_v4",
                   "nd96isr_h100_v5"]
@@ -49,6 +50,8 @@ def _model_ref(value):
 def _normalise(kind, data):
     if kind == "deployment":
         data["model"] = _model_ref(data["model"])
+    if kind == "serverless_endpoint":  # the workspace's region and id are the service's: the model is (name, version)
+        data["model_id"] = _model_ref(data["model_id"])
     if kind == "model":
         data["path"] = re.sub(r"^azureml://jobs/[^/]+/", f"azureml://jobs/{JOB_NAME_PLACEHOLDER}/", data["path"])
     return data
@@ -66,6 +69,11 @@ def submitted_objects(world, cfg):
             kind = "compute" if isinstance(entity, AmlCompute) else "endpoint" if isinstance(
                 entity, OnlineEndpoint) else None
             out[kind] = entity_yaml(entity)
+        elif call.name == "workspace.jobs.create_or_update" and getattr(
+                call.args[0] if call.args else call.kwargs["job"], "type", None) == "finetuning":
+            from runner.azureml.finetuning_job import finetuning_job_yaml
+
+            out["finetuning_job"] = finetuning_job_yaml(call.args[0] if call.args else call.kwargs["job"])
         elif call.name == "workspace.jobs.create_or_update":
             job = call.args[0] if call.args else call.kwargs["job"]
             out["pipeline_job"] = plain(pipeline_job_yaml(
@@ -75,6 +83,10 @@ def submitted_objects(world, cfg):
             out["model"] = entity_yaml(call.args[0] if call.args else call.kwargs["model"])
         elif call.name == "workspace.online_deployments.begin_create_or_update":
             out["deployment"] = entity_yaml(call.args[0] if call.args else call.kwargs["deployment"])
+        elif call.name == "workspace.serverless_endpoints.begin_create_or_update":
+            from runner.azureml.serverless import serverless_endpoint_yaml
+
+            out["serverless_endpoint"] = serverless_endpoint_yaml(call.args[0] if call.args else call.kwargs["endpoint"])
     return {k: _normalise(k, v) for k, v in out.items()}
 
 
@@ -139,3 +151,13 @@ def test_every_compute_and_model_preset_plans_what_the_run_submits_or_refuses_al
                                                            "pipeline_job"], real
     else:
         assert "is not in" in real and "fine-tune compute allow list" in real
+
+
+def test_the_serverless_experiment_plans_what_the_run_submits(tmp_path):
+    """experiment=phi4_mini_serverless: the finetuning job and the serverless endpoint a run hands to Azure are the
+    plan's files (the model's registry version pinned, as the other presets here are)."""
+    real, planned = both_ways(tmp_path, ["experiment=phi4_mini_serverless",
+                                         f"model.version={_version('phi4_mini_instruct')}"], "phi4_mini_instruct")
+    assert isinstance(real, dict), real
+    assert sorted(real) == ["finetuning_job", "serverless_endpoint"]
+    assert planned == real
