@@ -185,7 +185,9 @@ class AzureWorld:
         self.model_body = rest_body("Phi-3-mini-4k-instruct")  # what the registry serves for the foundation model
         # the registry's other models (models.get by name, models.list), the foundation model's entry replaced by
         # model_body
-        self.registry_bodies: Dict[str, Dict[str, Any]] = {name: rest_body(name) for name in REST_BODIES}
+        # (the recorded ones: Phi-4-mini-instruct's body, made here, is served when it is the foundation model)
+        self.registry_bodies: Dict[str, Dict[str, Any]] = {name: rest_body(name) for name in REST_BODIES
+                                                           if name != "Phi-4-mini-instruct"}
         self.component = load_component(source=str(PIPELINE_SPEC))
         self.computes: Dict[str, Any] = {}
         self.sizes = [VmSize(name="Standard_ND96asr_v4", gpus=8), VmSize(name="Standard_NC24ads_A100_v4", gpus=1),
