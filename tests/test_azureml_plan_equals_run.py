@@ -162,3 +162,14 @@ def test_the_serverless_experiment_plans_what_the_run_submits(tmp_path, monkeypa
     assert isinstance(real, dict), real
     assert sorted(real) == ["finetuning_job", "serverless_endpoint"]
     assert planned == real
+
+
+@pytest.mark.parametrize("where", [[], ["compute.instance_types=[Standard_NC24ads_A100_v4]", "compute.job_tier=spot"]],
+                         ids=["cluster", "instance_types"])
+def test_the_finetuning_job_on_managed_compute_plans_what_the_run_submits(tmp_path, where):
+    real, planned = both_ways(tmp_path, ["experiment=phi4_ultrachat", "finetune.route=finetuning_job", *where,
+                                         f"model.version={_version('phi4')}"], "phi4")
+    assert isinstance(real, dict), real
+    expected = ["deployment", "endpoint", "finetuning_job"] + ([] if where else ["compute"])
+    assert sorted(real) == sorted(expected)
+    assert planned == real
