@@ -79,9 +79,10 @@ def kind_errors(cfg: Any) -> List[str]:
         if group == "compute" and want == "azure" and cfg.model.get("finetune_compute_allow_list"):
             # the model's own list first: a size outside it is refused by the model step anyway
             right = compute_presets_for(list(cfg.model.finetune_compute_allow_list)) or right
+        kind = canonical_kind(group, node.kind)
         current = [name for name, p in presets.items()
-                   if canonical_kind(group, p.get("kind", _DEFAULT_KIND[group])) == canonical_kind(group, node.kind) and (
-            group == "deployment" or str(p.get("size")) == str(node.size))]
+                   if canonical_kind(group, p.get("kind", _DEFAULT_KIND[group])) == kind
+                   and (group == "deployment" or str(p.get("size")) == str(node.size))]
         named = f"{group}={current[0]}" if current else f"{group}.kind={node.kind}"
         detail = f" (compute.size={node.size})" if group == "compute" else ""
         what = _KIND_WORDS.get((group, canonical_kind(group, node.kind)), f"of kind {node.kind}")

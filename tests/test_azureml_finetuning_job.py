@@ -124,7 +124,8 @@ def test_a_phi3_model_serverless_is_refused_before_anything_is_spent(tmp_path, m
 
 @pytest.mark.parametrize("overrides, words", [
     (["experiment=phi4_ultrachat", "compute=serverless"], "compute=serverless needs finetune.route=finetuning_job"),
-    (["experiment=phi4_ultrachat", "deployment=serverless"], "deployment=serverless serves models fine-tuned serverless"),
+    (["experiment=phi4_ultrachat", "deployment=serverless"],
+     "deployment=serverless serves models fine-tuned serverless"),
     (["experiment=phi4_ultrachat", "finetune.route=finetuning_job", "deployment=serverless"],
      "deployment=serverless serves models fine-tuned serverless"),
     (["finetune.route=finetuning_job"], "is an Azure ML route"),

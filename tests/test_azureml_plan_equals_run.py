@@ -85,7 +85,8 @@ def submitted_objects(world, cfg):
         elif call.name == "workspace.serverless_endpoints.begin_create_or_update":
             from runner.azureml.serverless import serverless_endpoint_yaml
 
-            out["serverless_endpoint"] = serverless_endpoint_yaml(call.args[0] if call.args else call.kwargs["endpoint"])
+            endpoint = call.args[0] if call.args else call.kwargs["endpoint"]
+            out["serverless_endpoint"] = serverless_endpoint_yaml(endpoint)
     return {k: _normalise(k, v) for k, v in out.items()}
 
 

@@ -233,8 +233,9 @@ class PlanningWorld:
         from azure.ai.ml.entities import ServerlessEndpoint
 
         planned = self.serverless_endpoints.get(name)
+        uri = f"https://{name}.{WORKSPACE_LOCATION}.models.ai.azure.com"
         return ServerlessEndpoint(name=name, model_id=getattr(planned, "model_id", None) or "(planned)",
-                                  auth_mode="key", scoring_uri=f"https://{name}.{WORKSPACE_LOCATION}.models.ai.azure.com")
+                                  auth_mode="key", scoring_uri=uri)
 
     def vm_sizes(self):
         from azure.ai.ml.entities import VmSize
@@ -453,7 +454,8 @@ class PlanningClients:
         target = rec.plan_dir / "chat_request.json"
         write_text(target, json.dumps(body, indent=2) + "\n")
         rec.files["chat_request"] = rec.calls[-1]["file"] = str(target)
-        return {"choices": [{"message": {"role": "assistant", "content": "(dry run: the endpoint's reply comes here)"}}]}
+        reply = "(dry run: the endpoint's reply comes here)"
+        return {"choices": [{"message": {"role": "assistant", "content": reply}}]}
 
 
 def planning_clients(cfg: Any, plan_dir: Path, component_spec_path: Path) -> PlanningClients:
