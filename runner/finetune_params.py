@@ -12,10 +12,10 @@ passing them to the component raises an unexpected-keyword error. Tag values are
 import dataclasses
 from typing import Any, Dict, Iterable, List, Mapping, Set, Tuple
 
-from runner.schema import FinetuneConfig
+from runner.schema import RUNNER_FINETUNE_KEYS, FinetuneConfig
 
 # Keys of FinetuneConfig that the runner reads itself and never sends to the component.
-RUNNER_KEYS = ("local", "attach_job")
+RUNNER_KEYS = RUNNER_FINETUNE_KEYS
 # The keys of FinetuneConfig that are chat_completion_pipeline inputs (everything but the runner's own).
 COMPONENT_KEYS = [f.name for f in dataclasses.fields(FinetuneConfig) if f.name not in RUNNER_KEYS]
 _TYPES = {f.name: f.type for f in dataclasses.fields(FinetuneConfig)}
@@ -67,7 +67,7 @@ def merge_finetune_params(
     notes: List[str] = []
     explicit = set(explicit_keys)
     for key, raw in (model_defaults or {}).items():
-        if key not in _TYPES or key in RUNNER_KEYS:
+        if key not in _TYPES or key in RUNNER_FINETUNE_KEYS:
             notes.append(f"model_specific_defaults.{key}={raw!r} dropped: not an input of the component")
             continue
         value = coerce(key, raw)

@@ -11,16 +11,27 @@ from runner.schema import CHECKOUT
 CONF_DIR = CHECKOUT / "conf"
 
 # What each backend needs of the compute and deployment presets (their `kind`): a local run cannot use an Azure
-# cluster, and an Azure run cannot train on `size: cpu` or deploy to a local endpoint.
-BACKEND_KINDS = {"local": "local", "azureml": "azure"}
+# cluster, and an Azure run cannot train on `size: cpu` or deploy to a local endpoint. The first kind listed is the
+# one a refusal suggests; the others are the Azure routes' own (runner/azureml/routes.py checks which goes with which).
+BACKEND_KINDS = {"local": {"compute": ["local"], "deployment": ["local"]},
+                 "azureml": {"compute": ["azure", "serverless"], "deployment": ["managed_online", "serverless"]}}
+# deployment.kind=azure is the name managed_online had before serverless endpoints existed: one kind, two spellings,
+# so that a config written then still means what it meant.
+KIND_ALIASES = {("deployment", "azure"): "managed_online"}
 _KIND_WORDS = {("compute", "local"): "a local compute preset (this machine)",
                ("compute", "azure"): "an Azure ML cluster preset",
+               ("compute", "serverless"): "serverless (no compute of yours: Azure's own capacity)",
                ("deployment", "local"): "a local endpoint preset",
-               ("deployment", "azure"): "an Azure ML managed online endpoint preset"}
+               ("deployment", "managed_online"): "an Azure ML managed online endpoint preset",
+               ("deployment", "serverless"): "an Azure ML serverless endpoint preset"}
 _NEEDS = {("compute", "local"): "runs on this machine", ("compute", "azure"): "needs an Azure ML cluster",
           ("deployment", "local"): "serves on this machine",
-          ("deployment", "azure"): "needs a managed online endpoint"}
+          ("deployment", "managed_online"): "needs a managed online endpoint"}
 _DEFAULT_KIND = {"compute": "azure", "deployment": "local"}  # the schema's defaults (ComputeConfig, DeploymentConfig)
+
+
+def canonical_kind(group: str, kind: Any) -> Any:
+    return KIND_ALIASES.get((group, kind), kind)
 
 
 def group_presets(group: str) -> Dict[str, Any]:
@@ -38,7 +49,8 @@ def group_presets(group: str) -> Dict[str, Any]:
 
 
 def presets_of_kind(group: str, kind: str) -> List[str]:
-    return [name for name, p in group_presets(group).items() if p.get("kind", _DEFAULT_KIND[group]) == kind]
+    return [name for name, p in group_presets(group).items()
+            if canonical_kind(group, p.get("kind", _DEFAULT_KIND[group])) == canonical_kind(group, kind)]
 
 
 def compute_presets_for(allow_list: List[str]) -> List[str]:
@@ -53,24 +65,27 @@ def compute_presets_for(allow_list: List[str]) -> List[str]:
 
 def kind_errors(cfg: Any) -> List[str]:
     """compute.kind and deployment.kind must be the backend's; each message names the presets that are."""
-    want = BACKEND_KINDS.get(cfg.backend.name)
+    kinds = BACKEND_KINDS.get(cfg.backend.name)
     errors: List[str] = []
-    if want is None:
+    if kinds is None:
         return errors
     for group in ("compute", "deployment"):
         node = cfg[group]
-        if node.kind == want:
+        want = kinds[group][0]
+        if canonical_kind(group, node.kind) in kinds[group]:
             continue
         presets = group_presets(group)
         right = presets_of_kind(group, want)
         if group == "compute" and want == "azure" and cfg.model.get("finetune_compute_allow_list"):
             # the model's own list first: a size outside it is refused by the model step anyway
             right = compute_presets_for(list(cfg.model.finetune_compute_allow_list)) or right
-        current = [name for name, p in presets.items() if p.get("kind", _DEFAULT_KIND[group]) == node.kind and (
-            group == "deployment" or str(p.get("size")) == str(node.size))]
+        kind = canonical_kind(group, node.kind)
+        current = [name for name, p in presets.items()
+                   if canonical_kind(group, p.get("kind", _DEFAULT_KIND[group])) == kind
+                   and (group == "deployment" or str(p.get("size")) == str(node.size))]
         named = f"{group}={current[0]}" if current else f"{group}.kind={node.kind}"
         detail = f" (compute.size={node.size})" if group == "compute" else ""
-        what = _KIND_WORDS.get((group, node.kind), f"of kind {node.kind}")
+        what = _KIND_WORDS.get((group, canonical_kind(group, node.kind)), f"of kind {node.kind}")
         errors.append(f"{group}.kind={node.kind}: {named}{detail} is {what}; backend={cfg.backend.name} "
                       f"{_NEEDS[(group, want)]}: {group}=" + " | ".join(right))
     return errors

@@ -21,6 +21,9 @@ from omegaconf import MISSING
 
 from runner.errors import RunnerError
 
+# Keys of the finetune group that steer the runner and are no component input (never sent as one).
+RUNNER_FINETUNE_KEYS = ("local", "route", "attach_job")
+
 STEPS = ["connect", "model", "compute", "data", "finetune", "metrics", "register", "deploy", "test", "cleanup"]
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit unsigned
@@ -138,7 +141,9 @@ class ModelConfig:
 @dataclass
 class ComputeConfig:
     name: str = MISSING  # cluster name (Azure) or a label (local)
-    kind: str = choice("azure", ["azure", "local"])
+    # azure: a cluster in the workspace; local: this machine; serverless: no compute of yours (finetune.route=
+    # finetuning_job only: Azure runs the job on its own capacity, billed per token; compute=serverless)
+    kind: str = choice("azure", ["azure", "local", "serverless"])
     size: str = MISSING  # VM SKU, e.g. Standard_NC24ads_A100_v4; "cpu"/"cuda" locally
     gpus_per_node: int = non_negative(0)
     # GPU memory of one GPU of the VM size, in GB (A100 80GB -> 80); 0 = unknown (local: measured at run time).
@@ -153,6 +158,11 @@ class ComputeConfig:
     device: str = choice("auto", ["auto", "cpu", "cuda"])
     # fraction of free memory the weights + optimizer state may use
     memory_headroom: float = bounded(0.9, 0, 1, lo_open=True)
+    # finetune.route=finetuning_job on managed compute: VM sizes the service may pick from (the job's
+    # resources.instance_types) instead of the cluster `name`; empty = the cluster
+    instance_types: List[str] = field(default_factory=list)
+    # finetune.route=finetuning_job: the job's queue_settings.job_tier (None = the service's default)
+    job_tier: Optional[str] = choice(None, [None, "spot", "basic", "standard", "premium"])
 
 
 # `${ftrun_slug:...}` and `${ftrun_model_name:...}`: the dataset's slug names its folder and the registered model
@@ -282,6 +292,10 @@ class FinetuneConfig:
     apply_ort: bool = False
     num_nodes_finetune: int = positive(1)
     shm_size_finetune: str = "5g"
+    # How Azure fine-tunes (runner/azureml/routes.py): pipeline = the chat_completion_pipeline component on your
+    # cluster (the seed notebook); finetuning_job = a `type: finetuning` job (azure.ai.ml.finetuning), on managed
+    # compute or serverless. Not a component input, like `local`.
+    route: str = choice("pipeline", ["pipeline", "finetuning_job"])
     local: LocalFinetuneConfig = field(default_factory=LocalFinetuneConfig)
     # azureml: continue from this already submitted pipeline job (wait for it, then the later steps) instead of
     # submitting a new one; a from_run whose finetune step was cut short after submitting attaches by itself
@@ -290,7 +304,10 @@ class FinetuneConfig:
 
 @dataclass
 class DeploymentConfig:
-    kind: str = choice("local", ["local", "azure"])
+    # local: this machine's endpoint; managed_online: a managed online endpoint + deployment on a VM size;
+    # serverless: a ServerlessEndpoint (pay per token, models fine-tuned serverless). `azure` is the old name of
+    # managed_online, still accepted so that configs written before serverless existed keep their meaning.
+    kind: str = choice("local", ["local", "managed_online", "serverless", "azure"])
     endpoint_name_prefix: str = "ultrachat-completion-"
     deployment_name: str = "demo"
     traffic: Dict[str, int] = field(default_factory=lambda: {"demo": 100})
@@ -558,5 +575,8 @@ def validate(cfg: Any) -> None:
     from runner.presets import kind_errors  # compute/deployment presets of the backend's kind (reads conf/)
 
     errors += kind_errors(cfg)
+    from runner.azureml.routes import route_errors  # the Azure route's combinations (light: no azure import)
+
+    errors += route_errors(cfg)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

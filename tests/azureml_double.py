@@ -47,10 +47,13 @@ PHI3_SPEC = FIXTURES / "phi-3-mini-4k-instruct.model.yaml"  # the registry spec'
 #   Phi-3-mini-4k-instruct 15: archived; allow lists in tags (the oldest form) and in properties; system metadata.
 #   Phi-3.5-mini-instruct 6:   archived; allow lists in properties (finetune-recommended-sku) and system metadata.
 #   Phi-4 8:                   current; allow lists only in system metadata (SKU.*RecommendedSkus), which the SDK drops.
+#   Phi-4-mini-instruct:       current; fine-tunes serverless. Made here in the registry's shape (its registry spec is
+#                              not published): no allow lists, no model_specific_defaults; the version is a stand-in.
 REST_BODIES = {
     "Phi-3-mini-4k-instruct": FIXTURES / "phi-3-mini-4k-instruct.rest.json",
     "Phi-3.5-mini-instruct": FIXTURES / "phi-3.5-mini-instruct.rest.json",
     "Phi-4": FIXTURES / "phi-4.rest.json",
+    "Phi-4-mini-instruct": FIXTURES / "phi-4-mini-instruct.rest.json",
 }
 
 # The creation time of a fixture body without systemData (they were recorded from specs, which have none); a
@@ -73,6 +76,8 @@ SPENDING = (
     "workspace.online_deployments.begin_create_or_update",
     "workspace.online_endpoints.begin_delete",
     "workspace.compute.begin_delete",
+    "workspace.serverless_endpoints.begin_create_or_update",
+    "workspace.serverless_endpoints.begin_delete",
 )
 
 
@@ -190,7 +195,9 @@ class AzureWorld:
         self.model_body = rest_body("Phi-3-mini-4k-instruct")  # what the registry serves for the foundation model
         # the registry's other models (models.get by name, models.list), the foundation model's entry replaced by
         # model_body
-        self.registry_bodies: Dict[str, Dict[str, Any]] = {name: rest_body(name) for name in REST_BODIES}
+        # (the recorded ones: Phi-4-mini-instruct's body, made here, is served when it is the foundation model)
+        self.registry_bodies: Dict[str, Dict[str, Any]] = {name: rest_body(name) for name in REST_BODIES
+                                                           if name != "Phi-4-mini-instruct"}
         self.component = load_component(source=str(PIPELINE_SPEC))
         self.computes: Dict[str, Any] = {}
         self.sizes = [VmSize(name="Standard_ND96asr_v4", gpus=8), VmSize(name="Standard_NC24ads_A100_v4", gpus=1),
@@ -210,6 +217,13 @@ class AzureWorld:
         # other versions of a registry model beside the one served (add_model_version); label resolution picks the
         # newest created among all of them
         self.other_versions: Dict[str, List[Dict[str, Any]]] = {}
+        # finetuning jobs (finetune.route=finetuning_job) and what they register, serverless endpoints
+        self.location, self.workspace_id = "eastus2", "0f0e0d0c-aaaa-bbbb-cccc-123456789abc"
+        self.finetuning_jobs: Dict[str, Any] = {}
+        self.workspace_models: Dict[str, List[Any]] = {}  # name -> versions, oldest first
+        self.serverless_endpoints: Dict[str, Any] = {}
+        self.serverless_scoring_uri: Optional[str] = None  # e.g. a test's 127.0.0.1 server; None: an Azure URI
+        self.serverless_keys = ("PRIMARY-KEY-VALUE", "SECONDARY-KEY-VALUE")
 
     @property
     def model(self):
@@ -339,9 +353,22 @@ class AzureWorld:
         client_cls.side_effect = construct
         client_cls.from_config.side_effect = from_config
 
+        class DoubleClients(AzureClients):
+            def post_json(self, url, body, headers, timeout):
+                """A serverless endpoint's HTTP API: the real HTTP client when the world points the endpoint at a
+                test's own server (serverless_scoring_uri), else answered here, recorded as `POST <path>`."""
+                if world.serverless_scoring_uri:
+                    return super().post_json(url, body, headers, timeout)
+                world.calls.append(Call((f"POST {url.split('.azure.com', 1)[-1]}", (body,), {"headers": headers})))
+                key = str(headers.get("Authorization", "")).removeprefix("Bearer ")
+                if key not in world.serverless_keys:
+                    raise AssertionError(f"{url}: 401, the endpoint's key was not sent")
+                return {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from serverless"},
+                                     "finish_reason": "stop"}]}
+
         kwargs.setdefault("environ", {})
-        return AzureClients(mlclient_cls=client_cls, default_credential_cls=FakeCredential,
-                            interactive_credential_cls=FakeInteractive, **kwargs)
+        return DoubleClients(mlclient_cls=client_cls, default_credential_cls=FakeCredential,
+                             interactive_credential_cls=FakeInteractive, **kwargs)
 
     # ---- answers ------------------------------------------------------------------------------------------
     def answer(self, name: str, args: tuple, kwargs: dict) -> Any:
@@ -398,6 +425,15 @@ class AzureWorld:
                 result = entity
             self.created.append(entity)
             return self.poller(name, result=result)
+        if name == "workspace.jobs.create_or_update" and getattr(args[0] if args else kwargs.get("job"), "type",
+                                                                 None) == "finetuning":
+            return self._submit_finetuning_job(args[0] if args else kwargs["job"])
+        if name == "workspace.jobs.get" and (args[0] if args else kwargs["name"]) in self.finetuning_jobs:
+            return self._finetuning_job(args[0] if args else kwargs["name"])
+        if name == "workspace.models.get":
+            return self._workspace_model(*args, **kwargs)
+        if name.startswith("workspace.serverless_endpoints."):
+            return self._serverless(name.rsplit(".", 1)[1], args, kwargs)
         if name == "workspace.jobs.create_or_update":
             url = f"https://ml.azure.com/runs/{self.job_name}"
             return PipelineJob(name=self.job_name, status="Running", services={"Studio": JobService(endpoint=url)})
@@ -413,7 +449,8 @@ class AzureWorld:
             return PipelineJob(name=args[0] if args else kwargs["name"], status=self.job_status)
         if name == "workspace.workspaces.get":
             return Workspace(name=(args[0] if args else kwargs.get("name")) or "ws",
-                             mlflow_tracking_uri=self.tracking_uri)
+                             mlflow_tracking_uri=self.tracking_uri, location=self.location,
+                             workspace_id=self.workspace_id)
         if name == "workspace.models.create_or_update":
             model = args[0] if args else kwargs["model"]
             return Model(id=f"azureml:/subscriptions/sub/resourceGroups/rg/providers/"
@@ -487,6 +524,98 @@ class AzureWorld:
             entity = args[0] if args else kwargs.get("entity")
             dispatch(method, entity, {k: v for k, v in kwargs.items() if k != "entity"})
         refuse_local(name, kwargs)
+
+    # ---- finetuning jobs, the models they register, serverless endpoints ---------------------------------------
+    def _submit_finetuning_job(self, job):
+        """What the service answers for a `type: finetuning` job: the job as the SDK reads it back from the wire
+        (its own REST conversion both ways), named and Running. Hyperparameters must be strings, as the job's schema
+        says (CustomModelFineTuningSchema: Dict(Str, Str))."""
+        from azure.ai.ml.entities._job.finetuning.finetuning_job import FineTuningJob
+        from azure.ai.ml.entities._job.job_service import JobService
+        from azure.ai.ml.exceptions import ValidationException
+
+        bad = {k: v for k, v in (job.hyperparameters or {}).items() if not isinstance(v, str)}
+        if bad:
+            raise ValidationException(message=f"hyperparameters {bad}: Not a valid string.",
+                                      no_personal_data_message="Not a valid string.")
+        if job.validation_data is None and job.training_data is None:
+            raise ValidationException(message="training_data is required", no_personal_data_message="training_data")
+        rest = job._to_rest_object()
+        rest.name = self.job_name
+        rest.properties.status = "Running"
+        rest.properties.services = {"Studio": JobService(endpoint=f"https://ml.azure.com/runs/{self.job_name}")
+                                    ._to_rest_object()}
+        submitted = FineTuningJob._load_from_rest(rest)
+        self.finetuning_jobs[self.job_name] = submitted
+        return submitted
+
+    def _finetuning_job(self, job_name: str):
+        """The job as jobs.get reads it; once Completed, the model its registered_model output names exists."""
+        from azure.ai.ml.entities import Model
+
+        job = copy.copy(self.finetuning_jobs[job_name])
+        job._status = self.job_status
+        output = job.outputs["registered_model"]
+        if self.job_status == "Completed" and not any(
+                getattr(m, "path", "").startswith(f"azureml://jobs/{job_name}/")
+                for m in self.workspace_models.get(output.name, [])):
+            versions = self.workspace_models.setdefault(output.name, [])
+            version = str(len(versions) + 1)
+            versions.append(Model(
+                id=f"/subscriptions/sub/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/"
+                   f"ws/models/{output.name}/versions/{version}", name=output.name, version=version,
+                type="mlflow_model", path=f"azureml://jobs/{job_name}/outputs/registered_model"))
+        return job
+
+    def _workspace_model(self, name, version=None, label=None, **kwargs):
+        from azure.core.exceptions import ResourceNotFoundError
+
+        versions = self.workspace_models.get(name) or []
+        found = [m for m in versions if m.version == str(version)] if version else (
+            versions[-1:] if label == "latest" else [])
+        if not found:
+            raise ResourceNotFoundError(f"model {name} (version {version}, label {label}) not found in the workspace")
+        return found[0]
+
+    def _serverless(self, method: str, args: tuple, kwargs: dict):
+        """ServerlessEndpointOperations as the service answers it, with the SDK's own refusal of a model_id that
+        names a registry version (REGISTRY_VERSION_PATTERN) and the location it fills in from the workspace."""
+        import re
+
+        from azure.ai.ml.constants._common import REGISTRY_VERSION_PATTERN
+        from azure.ai.ml.entities import EndpointAuthKeys, ServerlessEndpoint
+        from azure.ai.ml.exceptions import ValidationException
+        from azure.core.exceptions import ResourceNotFoundError
+
+        name = f"workspace.serverless_endpoints.{method}"
+        if method == "begin_create_or_update":
+            endpoint = args[0] if args else kwargs["endpoint"]
+            if re.match(REGISTRY_VERSION_PATTERN, endpoint.model_id):
+                raise ValidationException(message=f"The given model_id {endpoint.model_id} points to a specific "
+                                          f"model version, which is not supported.", no_personal_data_message="x")
+            ours = re.match(r"^azureml://locations/([^/]+)/workspaces/([^/]+)/models/([^/]+)/versions/([^/]+)$",
+                            endpoint.model_id)
+            if not ours or ours.group(2) != self.workspace_id or not any(
+                    m.version == ours.group(4) for m in self.workspace_models.get(ours.group(3), [])):
+                return self.poller(name, error=ResourceNotFoundError(f"model {endpoint.model_id} not found"))
+            uri = self.serverless_scoring_uri or f"https://{endpoint.name}.{self.location}.models.ai.azure.com"
+            created = ServerlessEndpoint(name=endpoint.name, model_id=endpoint.model_id, auth_mode="key",
+                                         location=endpoint.location or self.location,
+                                         provisioning_state="succeeded", scoring_uri=uri)
+            self.serverless_endpoints[endpoint.name] = created
+            self.created.append(endpoint)
+            return self.poller(name, result=created)
+        endpoint_name = args[0] if args else kwargs["name"]
+        if endpoint_name not in self.serverless_endpoints:
+            raise ResourceNotFoundError(f"serverless endpoint {endpoint_name} not found")
+        if method == "get":
+            return self.serverless_endpoints[endpoint_name]
+        if method == "get_keys":
+            return EndpointAuthKeys(primary_key=self.serverless_keys[0], secondary_key=self.serverless_keys[1])
+        if method == "begin_delete":
+            del self.serverless_endpoints[endpoint_name]
+            return self.poller(name)
+        raise AssertionError(f"the test double has no answer for {name}")
 
     def _registry_bodies(self) -> List[Dict[str, Any]]:
         foundation = model_from_rest(self.model_body).name

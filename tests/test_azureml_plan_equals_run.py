@@ -52,6 +52,8 @@ def _model_ref(value):
 def _normalise(kind, data):
     if kind == "deployment":
         data["model"] = _model_ref(data["model"])
+    if kind == "serverless_endpoint":  # the workspace's region and id are the service's: the model is (name, version)
+        data["model_id"] = _model_ref(data["model_id"])
     if kind == "model":
         data["path"] = re.sub(r"^azureml://jobs/[^/]+/", f"azureml://jobs/{JOB_NAME_PLACEHOLDER}/", data["path"])
     return data
@@ -69,6 +71,11 @@ def submitted_objects(world, cfg):
             kind = "compute" if isinstance(entity, AmlCompute) else "endpoint" if isinstance(
                 entity, OnlineEndpoint) else None
             out[kind] = entity_yaml(entity)
+        elif call.name == "workspace.jobs.create_or_update" and getattr(
+                call.args[0] if call.args else call.kwargs["job"], "type", None) == "finetuning":
+            from runner.azureml.finetuning_job import finetuning_job_yaml
+
+            out["finetuning_job"] = finetuning_job_yaml(call.args[0] if call.args else call.kwargs["job"])
         elif call.name == "workspace.jobs.create_or_update":
             job = call.args[0] if call.args else call.kwargs["job"]
             out["pipeline_job"] = plain(pipeline_job_yaml(
@@ -78,6 +85,11 @@ def submitted_objects(world, cfg):
             out["model"] = entity_yaml(call.args[0] if call.args else call.kwargs["model"])
         elif call.name == "workspace.online_deployments.begin_create_or_update":
             out["deployment"] = entity_yaml(call.args[0] if call.args else call.kwargs["deployment"])
+        elif call.name == "workspace.serverless_endpoints.begin_create_or_update":
+            from runner.azureml.serverless import serverless_endpoint_yaml
+
+            endpoint = call.args[0] if call.args else call.kwargs["endpoint"]
+            out["serverless_endpoint"] = serverless_endpoint_yaml(endpoint)
     return {k: _normalise(k, v) for k, v in out.items()}
 
 
@@ -188,3 +200,26 @@ def test_every_compute_and_model_preset_plans_what_the_run_submits_or_refuses_al
                                                            "pipeline_job"], real
     else:
         assert "is not in" in real and "fine-tune compute allow list" in real
+
+
+def test_the_serverless_experiment_plans_what_the_run_submits(tmp_path, monkeypatch):
+    """experiment=phi4_mini_serverless: the finetuning job and the serverless endpoint a run hands to Azure are the
+    plan's files (the model's registry version pinned, as the other presets here are). Phi-4-mini-instruct is no
+    pipeline model (it has no cluster allow lists), so it is not in REGISTRY's compute x model grid."""
+    monkeypatch.setitem(REGISTRY, "phi4_mini_instruct", ("Phi-4-mini-instruct", None))
+    real, planned = both_ways(tmp_path, ["experiment=phi4_mini_serverless",
+                                         f"model.version={_version('phi4_mini_instruct')}"], "phi4_mini_instruct")
+    assert isinstance(real, dict), real
+    assert sorted(real) == ["finetuning_job", "serverless_endpoint"]
+    assert planned == real
+
+
+@pytest.mark.parametrize("where", [[], ["compute.instance_types=[Standard_NC24ads_A100_v4]", "compute.job_tier=spot"]],
+                         ids=["cluster", "instance_types"])
+def test_the_finetuning_job_on_managed_compute_plans_what_the_run_submits(tmp_path, where):
+    real, planned = both_ways(tmp_path, ["experiment=phi4_ultrachat", "finetune.route=finetuning_job", *where,
+                                         f"model.version={_version('phi4')}"], "phi4")
+    assert isinstance(real, dict), real
+    expected = ["deployment", "endpoint", "finetuning_job"] + ([] if where else ["compute"])
+    assert sorted(real) == sorted(expected)
+    assert planned == real

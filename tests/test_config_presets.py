@@ -44,8 +44,10 @@ AZURE = ["backend=azureml", "model=phi4", "compute=nd96asr_v4", "deployment=azur
 
 
 def base_for(group, preset):
-    if group in ("compute", "deployment") and kind(group, preset) == "azure":
+    if group in ("compute", "deployment") and kind(group, preset) in ("azure", "managed_online"):
         return AZURE
+    if group in ("compute", "deployment") and kind(group, preset) == "serverless":  # a serverless Phi-4 route
+        return ["experiment=phi4_mini_serverless"]
     if group == "backend" and preset == "azureml":
         return AZURE
     if group == "dataset" and preset == "local":  # the user's own file is required
@@ -107,7 +109,9 @@ def test_every_valid_combination_composes_validates_and_passes_the_allow_lists()
     from runner.azureml.tags import facts_from_config
 
     combos = valid_combinations()
-    assert len(combos) == 4 * 2 + 5 + 4 + 8  # local; Phi-3-mini, Phi-3.5-mini (archived: with allow_archived), Phi-4
+    # local; Phi-3-mini, Phi-3.5-mini (archived: with allow_archived), Phi-4 (Phi-4-mini-instruct records no allow
+    # lists: it runs serverless, experiment=phi4_mini_serverless)
+    assert len(combos) == 5 * 2 + 5 + 4 + 8
     for overrides in combos:
         cfg = compose_cfg(overrides)
         validate(cfg)

@@ -122,10 +122,12 @@ class AzureMLBackend(Backend):
                             f"model {facts.name} is archived ({'; '.join(facts.archived_because)}); going ahead "
                             f"because model.allow_archived=true")
         steps = set(cfg.steps)
-        if cfg.dry_run or steps & {"compute", "finetune"}:
-            check_finetune_size(cfg.compute.size, facts.finetune_allow_list, model_name=facts.name,
-                                source=facts.allow_list_source.get("finetune"))
-        if cfg.dry_run or "deploy" in steps:
+        if (cfg.dry_run or steps & {"compute", "finetune"}) and cfg.compute.kind != "serverless":
+            for size in list(cfg.compute.instance_types) or [cfg.compute.size]:  # finetuning_job: the sizes it may use
+                check_finetune_size(size, facts.finetune_allow_list, model_name=facts.name,
+                                    where="compute.instance_types" if cfg.compute.instance_types else "compute.size",
+                                    source=facts.allow_list_source.get("finetune"))
+        if (cfg.dry_run or "deploy" in steps) and cfg.deployment.kind != "serverless":
             check_inference_size(cfg.deployment.instance_type, facts.inference_allow_list, model_name=facts.name,
                                  source=facts.allow_list_source.get("inference"))
         return warnings
@@ -144,7 +146,11 @@ class AzureMLBackend(Backend):
     def connect(self, ctx) -> Dict[str, Any]:
         # Checks that need only the config come first: nothing is worth a login if the run cannot go through.
         spec = self.local_spec()
-        if spec is not None:
+        if self.cfg.finetune.route == "finetuning_job":  # the job takes its own few hyperparameters
+            from runner.azureml.routes import check_hyperparameter_keys
+
+            check_hyperparameter_keys(ctx.explicit_finetune_keys)
+        elif spec is not None:
             check_explicit_keys(ctx.explicit_finetune_keys, spec)
         if "deploy" in self.cfg.steps:
             check_endpoint_name(self.endpoint_name(ctx))
@@ -201,6 +207,13 @@ class AzureMLBackend(Backend):
 
         c = self.cfg.compute
         facts = self._facts(ctx)
+        if c.kind == "serverless" or (self.cfg.finetune.route == "finetuning_job" and c.instance_types):
+            from runner.azureml.finetuning_job import placement
+
+            where = placement(self.cfg)["runs_on"]  # no cluster of yours to get or create
+            ctx.say(f"compute: the finetuning job runs on {where}")
+            return {"name": None if c.kind == "serverless" else c.name, "runs_on": where,
+                    "instance_types": list(c.instance_types) or None, "gpus_per_node": c.gpus_per_node or None}
         try:
             check_finetune_size(c.size, facts.finetune_allow_list, model_name=facts.name,  # before any call
                                 source=facts.allow_list_source.get("finetune"))
@@ -274,13 +287,17 @@ class AzureMLBackend(Backend):
                 out[field], out[f"data_{field}"] = str(upload), str(path)  # finetune uploads the copy
                 ctx.say(f"{field}: uploading a messages-only copy, {upload}")
             inputs[key] = {"type": "uri_file", "path": str(Path(upload).resolve())}
-        ctx.say("train/test files are uploaded by the pipeline job submission as uri_file inputs")
+        ctx.say("train/test files are uploaded by the job submission as uri_file inputs")
         return {**out, "azure_inputs": inputs}
 
     def finetune(self, ctx) -> Dict[str, Any]:
         from runner.azureml.spec import check_live_component, check_required, compare_specs, prepare_inputs
         from runner.azureml.translate import build_pipeline_job, pipeline_inputs
 
+        if self.cfg.finetune.route == "finetuning_job":
+            from runner.azureml import finetuning_job
+
+            return finetuning_job.finetune(self, ctx)
         cfg, b = self.cfg, self.cfg.backend
         attach, why = self.job_to_attach(ctx)
         if attach:
@@ -470,6 +487,11 @@ class AzureMLBackend(Backend):
         ws = self._ws(ctx)
         tracking_uri = ws.workspaces.get(ws.workspace_name).mlflow_tracking_uri
         history = read_job_metrics(tracking_uri, job_name, credential=ctx.live.get("credential"))
+        if not history and self.cfg.compute.kind == "serverless":
+            # a serverless job trains on Azure's capacity, not in this workspace: its curves may not be here
+            ctx.say(f"warning: finetuning job {job_name} logged no metrics to this workspace's MLflow (serverless: "
+                    f"see the job's metrics in the studio); going on")
+            return {"job_name": job_name, "metrics": [], "final": {}}
         if not history:
             raise AzureStepError(f"pipeline job {job_name} logged no metrics to {tracking_uri.split('/mlflow')[0]}")
         from runner.metrics_report import report
@@ -485,6 +507,10 @@ class AzureMLBackend(Backend):
     def register(self, ctx) -> Dict[str, Any]:
         from runner.azureml.translate import build_model
 
+        if self.cfg.finetune.route == "finetuning_job":  # the job registered the model through its output
+            from runner.azureml import finetuning_job
+
+            return finetuning_job.register(self, ctx)
         job_name = self._job_name(ctx)
         self._require_completed(ctx, job_name)
         model = build_model(job_name=job_name, name=self.cfg.mlflow.registered_model_name,
@@ -498,6 +524,10 @@ class AzureMLBackend(Backend):
         from runner.azureml.translate import build_deployment, build_endpoint
 
         d = self.cfg.deployment
+        if d.kind == "serverless":
+            from runner.azureml import serverless
+
+            return serverless.deploy(self, ctx)
         facts = self._facts(ctx)
         try:
             check_inference_size(d.instance_type, facts.inference_allow_list, model_name=facts.name,
@@ -538,6 +568,10 @@ class AzureMLBackend(Backend):
     def test(self, ctx, request_file) -> Dict[str, Any]:
         from runner.azureml.scoring import extract_reply
 
+        if self.cfg.deployment.kind == "serverless":
+            from runner.azureml import serverless
+
+            return serverless.test(self, ctx, request_file)
         name = self._endpoint_in_use(ctx)
         if not name:
             raise AzureStepError("no endpoint to test: run the deploy step, from_run=<run dir>, or endpoint_name=...")
@@ -552,13 +586,20 @@ class AzureMLBackend(Backend):
         name = self._endpoint_in_use(ctx)
         ws = self._ws(ctx)
         out: Dict[str, Any] = {"deleted": None, "compute_deleted": None}
-        if name:
+        if name and self.cfg.deployment.kind == "serverless":
+            from runner.azureml import serverless
+
+            serverless.cleanup(self, ctx, name)
+            out["deleted"] = name
+        elif name:
             ctx.say(f"deleting endpoint {name}")
             ws.online_endpoints.begin_delete(name=name).wait()
             out["deleted"] = name
         else:
             ctx.say("no endpoint to delete")
-        if self.cfg.cleanup.delete_compute:
+        if self.cfg.compute.kind == "serverless":
+            pass  # no cluster of yours
+        elif self.cfg.cleanup.delete_compute:
             ctx.say(f"deleting compute cluster {self.cfg.compute.name}")
             ws.compute.begin_delete(self.cfg.compute.name).wait()
             out["compute_deleted"] = self.cfg.compute.name

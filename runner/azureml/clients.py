@@ -133,3 +133,9 @@ class AzureClients:
 
     def registry(self, credential: Any, registry_name: str) -> Any:
         return self.mlclient_cls(credential, registry_name=registry_name)
+
+    def post_json(self, url: str, body: Any, headers: Mapping[str, str], timeout: float) -> Any:
+        """An endpoint call that is no MLClient method (a serverless endpoint's /v1/chat/completions)."""
+        from runner.azureml.serverless import post_json
+
+        return post_json(url, body, headers, timeout)

@@ -12,6 +12,12 @@ YAML, loadable with the SDK's own `load_*`:
     endpoint.yaml      ManagedOnlineEndpoint (with traffic) MLClient.begin_create_or_update
     deployment.yaml    ManagedOnlineDeployment             online_deployments.begin_create_or_update
     request.json       the scoring request                 online_endpoints.invoke
+
+finetune.route=finetuning_job / deployment.kind=serverless (runner/azureml/finetuning_job.py, serverless.py):
+
+    finetuning_job.yaml       the `type: finetuning` job          jobs.create_or_update
+    serverless_endpoint.yaml  ServerlessEndpoint                  serverless_endpoints.begin_create_or_update
+    chat_request.json         the /v1/chat/completions body       POST {scoring_uri}/v1/chat/completions
     plan.yaml          every call in order, the steps' outputs, warnings
 
 So the plan is what a real run sends, by construction. What the planner answers in place of Azure: the foundation
@@ -32,7 +38,10 @@ from runner.atomic import write_text
 
 # The pipeline job's name is given by the service at submission; the plan refers to it by this placeholder.
 JOB_NAME_PLACEHOLDER = "PIPELINE_JOB_NAME"
-PLAN_FILES = ("compute", "pipeline_job", "model", "endpoint", "deployment")
+PLAN_FILES = ("compute", "pipeline_job", "model", "endpoint", "deployment", "finetuning_job", "serverless_endpoint")
+# What a plan assumes the service answers for the finetuning job's model and the workspace it lands in.
+REGISTERED_VERSION = "1"  # the job registers a new model name: its first version
+WORKSPACE_LOCATION, WORKSPACE_ID = "WORKSPACE_LOCATION", "WORKSPACE_ID"
 
 
 # ---- serialisation: one function per kind, used for the plan files and by the tests for the real run's objects --
@@ -170,12 +179,14 @@ def _operations():
         ModelOperations,
         OnlineDeploymentOperations,
         OnlineEndpointOperations,
+        ServerlessEndpointOperations,
         WorkspaceOperations,
     )
 
     return {"components": ComponentOperations, "compute": ComputeOperations, "jobs": JobOperations,
             "models": ModelOperations, "online_deployments": OnlineDeploymentOperations,
-            "online_endpoints": OnlineEndpointOperations, "workspaces": WorkspaceOperations}
+            "online_endpoints": OnlineEndpointOperations, "workspaces": WorkspaceOperations,
+            "serverless_endpoints": ServerlessEndpointOperations}
 
 
 class PlanningWorld:
@@ -186,6 +197,8 @@ class PlanningWorld:
         self.component_spec_path = component_spec_path
         self.computes: Dict[str, Any] = {}
         self.warnings: List[str] = []
+        self.jobs: Dict[str, Any] = {}  # submitted jobs by the name the plan gives them
+        self.serverless_endpoints: Dict[str, Any] = {}
 
     # the registry's answers
     def foundation_model(self, name: str, version: Optional[str], label: Optional[str]):
@@ -225,6 +238,23 @@ class PlanningWorld:
             component._id = str(asset_id)  # what a registry's entity carries (the entity has no setter)
         return component
 
+    def registered_model(self, name: str, version: Optional[str]):
+        """The model a finetuning job registers through its output: a new name, so its first version."""
+        from azure.ai.ml.entities import Model
+
+        version = str(version or REGISTERED_VERSION)
+        return Model(name=name, version=version, type="mlflow_model", id=f"azureml:{name}:{version}",
+                     path=f"azureml://jobs/{JOB_NAME_PLACEHOLDER}/outputs/registered_model")
+
+    def serverless_endpoint(self, name: str):
+        """A planned endpoint as the service describes it: its scoring URI is the service's to give."""
+        from azure.ai.ml.entities import ServerlessEndpoint
+
+        planned = self.serverless_endpoints.get(name)
+        uri = f"https://{name}.{WORKSPACE_LOCATION}.models.ai.azure.com"
+        return ServerlessEndpoint(name=name, model_id=getattr(planned, "model_id", None) or "(planned)",
+                                  auth_mode="key", scoring_uri=uri)
+
     def vm_sizes(self):
         from azure.ai.ml.entities import VmSize
 
@@ -250,6 +280,8 @@ def _make_ops(world: PlanningWorld):
 
         def get(self, *args, **kwargs):
             bound = self._record("get", args, kwargs)
+            if self.prefix.startswith("workspace"):  # the model a finetuning job registered
+                return world.registered_model(bound["name"], bound.get("version"))
             return world.foundation_model(bound["name"], bound.get("version"), bound.get("label"))
 
         def create_or_update(self, *args, **kwargs):
@@ -291,6 +323,14 @@ def _make_ops(world: PlanningWorld):
 
             bound = self._record("create_or_update", args, kwargs)
             job = bound["job"]
+            if getattr(job, "type", None) == "finetuning":
+                from runner.azureml.finetuning_job import finetuning_job_yaml
+
+                rec.write("finetuning_job", finetuning_job_yaml(job))
+                submitted = copy.copy(job)
+                submitted.name = JOB_NAME_PLACEHOLDER
+                world.jobs[JOB_NAME_PLACEHOLDER] = submitted
+                return submitted
             rec.write("pipeline_job", pipeline_job_yaml(
                 job, component_ref=component_reference(job.jobs[NODE_NAME].component, cfg),
                 experiment_name=bound.get("experiment_name") or job.experiment_name))
@@ -305,7 +345,9 @@ def _make_ops(world: PlanningWorld):
             self._record("get", args, kwargs)
             from types import SimpleNamespace
 
-            return SimpleNamespace(name=JOB_NAME_PLACEHOLDER, status="Completed")  # a plan assumes success
+            submitted = world.jobs.get(JOB_NAME_PLACEHOLDER)
+            return SimpleNamespace(name=JOB_NAME_PLACEHOLDER, status="Completed",  # a plan assumes success
+                                   outputs=dict(getattr(submitted, "outputs", None) or {}))
 
     class OnlineDeployments(_Ops):
         real, prefix = ops["online_deployments"], "online_deployments"
@@ -335,8 +377,40 @@ def _make_ops(world: PlanningWorld):
     class Workspaces(_Ops):
         real, prefix = ops["workspaces"], "workspaces"
 
+        def get(self, *args, **kwargs):
+            from azure.ai.ml.entities import Workspace
+
+            bound = self._record("get", args, kwargs)
+            return Workspace(name=bound.get("name") or "workspace", location=WORKSPACE_LOCATION,
+                             workspace_id=WORKSPACE_ID)
+
+    class ServerlessEndpoints(_Ops):
+        real, prefix = ops["serverless_endpoints"], "serverless_endpoints"
+
+        def begin_create_or_update(self, *args, **kwargs):
+            from runner.azureml.serverless import serverless_endpoint_yaml
+
+            endpoint = self._record("begin_create_or_update", args, kwargs)["endpoint"]
+            rec.write("serverless_endpoint", serverless_endpoint_yaml(endpoint))
+            world.serverless_endpoints[endpoint.name] = endpoint
+            return _Poller(world.serverless_endpoint(endpoint.name))
+
+        def get(self, *args, **kwargs):
+            return world.serverless_endpoint(self._record("get", args, kwargs)["name"])
+
+        def get_keys(self, *args, **kwargs):
+            from azure.ai.ml.entities import EndpointAuthKeys
+
+            self._record("get_keys", args, kwargs)
+            return EndpointAuthKeys(primary_key="(dry run: no key)", secondary_key="(dry run: no key)")
+
+        def begin_delete(self, *args, **kwargs):
+            self._record("begin_delete", args, kwargs)
+            return _Poller()
+
     return {"models": Models, "components": Components, "compute": Compute, "jobs": Jobs,
-            "online_deployments": OnlineDeployments, "online_endpoints": OnlineEndpoints, "workspaces": Workspaces}
+            "online_deployments": OnlineDeployments, "online_endpoints": OnlineEndpoints, "workspaces": Workspaces,
+            "serverless_endpoints": ServerlessEndpoints}
 
 
 class PlanningMLClient:
@@ -394,6 +468,17 @@ class PlanningClients:
     def registry(self, credential: Any, registry_name: str) -> Any:
         return PlanningMLClient(self.world, prefix="registry")
 
+    def post_json(self, url: str, body: Any, headers: Any, timeout: float) -> Any:
+        """The endpoint call a real run makes (a serverless endpoint's /v1/chat/completions): the body is written to
+        plan/chat_request.json, the key is not."""
+        rec = self.world.recorder
+        rec.calls.append({"call": f"POST {url}", "headers": sorted(headers)})
+        target = rec.plan_dir / "chat_request.json"
+        write_text(target, json.dumps(body, indent=2) + "\n")
+        rec.files["chat_request"] = rec.calls[-1]["file"] = str(target)
+        reply = "(dry run: the endpoint's reply comes here)"
+        return {"choices": [{"message": {"role": "assistant", "content": reply}}]}
+
 
 def planning_clients(cfg: Any, plan_dir: Path, component_spec_path: Path) -> PlanningClients:
     recorder = PlanRecorder(cfg, plan_dir)
@@ -428,6 +513,9 @@ def write_plan_summary(ctx: Any, world: PlanningWorld) -> Dict[str, Any]:
             "merge_notes": finetune.get("merge_notes", []),
             "effective_params": finetune.get("effective_params", {}),
             "component_inputs": finetune.get("inputs", {}),
+            "route": cfg.finetune.route,
+            **({"hyperparameters": finetune.get("hyperparameters", {}), "runs_on": finetune.get("runs_on")}
+               if cfg.finetune.route == "finetuning_job" else {}),
         },
         "register": record.output("register") or {},
         "endpoint": {**deploy, "instance_type": cfg.deployment.instance_type,

@@ -204,9 +204,9 @@ def nearest_input(key: str, spec: ComponentSpec) -> str:
 
 def check_explicit_keys(explicit_keys: Iterable[str], spec: ComponentSpec) -> None:
     """A finetune key the user set on the command line must be an input of the component."""
-    from runner.finetune_params import RUNNER_KEYS
+    from runner.schema import RUNNER_FINETUNE_KEYS
 
-    unknown = sorted(k for k in explicit_keys if k not in spec.inputs and k not in RUNNER_KEYS
+    unknown = sorted(k for k in explicit_keys if k not in spec.inputs and k not in RUNNER_FINETUNE_KEYS
                      and not k.startswith("local."))
     if unknown:
         lines = [

@@ -212,6 +212,8 @@ def preset_suggestions(*, compute_size: Optional[str] = None, gpus_per_node: Opt
                 continue
             finetune_list = current[model_cfg.name].finetune_allow_list or finetune_list
             inference_list = current[model_cfg.name].inference_allow_list or inference_list
+        if not finetune_list:  # no allow list known (phi4_mini_instruct, a serverless model): nothing to check it by
+            continue
         overrides = [f"model={preset}"]
         if compute_size is None or not _size_passes(compute_size, finetune_list, facts.name):
             compute = _compute_for(finetune_list, gpus_per_node)

@@ -1,0 +1,147 @@
+"""finetune.route=finetuning_job: the `type: finetuning` job (azure.ai.ml.finetuning) and the model it registers.
+
+The job is built by the SDK's own `create_finetuning_job` (a CustomModelFineTuningJob, YAML `type: finetuning`,
+`model_provider: custom`, `task: chat_completion`), with the finetune group's documented hyperparameters as strings
+(runner/azureml/routes.py). It runs serverless when compute=serverless, else on the cluster `compute.name` (the
+compute step made sure it exists) or on the VM sizes in `compute.instance_types` (`resources.instance_types`), with
+`compute.job_tier` as `queue_settings.job_tier`. It registers the fine-tuned model itself, through its
+`registered_model` output: the register step looks that model up rather than registering one.
+"""
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from runner.azureml.checks import AzureStepError
+
+TASK = "chat_completion"  # FineTuningTaskType.CHAT_COMPLETION; dump() writes it `chatCompletion`, load_job reads both
+OUTPUT = "registered_model"  # the job's output that registers the fine-tuned model
+TERMINAL = ("Completed", "Failed", "Canceled", "NotResponding")
+POLL_SECONDS = 30  # how often the notebook asks for the job's status
+
+
+def build_finetuning_job(*, model: str, training_data: str, validation_data: Optional[str],
+                         hyperparameters: Dict[str, str], output_model_name: str, display_name: str,
+                         experiment_name: Optional[str], compute: Optional[str] = None,
+                         instance_types: Optional[List[str]] = None, job_tier: Optional[str] = None):
+    """The job, as create_finetuning_job builds it. No compute and no instance types: serverless."""
+    from azure.ai.ml.finetuning import create_finetuning_job
+
+    kwargs = dict(model=model, task=TASK, training_data=training_data, output_model_name_prefix=output_model_name,
+                  hyperparameters=dict(hyperparameters), compute=compute, instance_types=instance_types or None,
+                  job_tier=job_tier, display_name=display_name, experiment_name=experiment_name)
+    if validation_data:
+        return create_finetuning_job(validation_data=validation_data, **kwargs)
+    # azure-ai-ml 1.35.2: create_finetuning_job without validation_data raises UnboundLocalError (it passes a
+    # variable it assigns only when there is validation data). Validation data is optional for the job itself, so
+    # the same entity is built here the way that function builds it.
+    return _job_without_validation(**kwargs)
+
+
+def _job_without_validation(*, model, task, training_data, output_model_name_prefix, hyperparameters, compute,
+                            instance_types, job_tier, **kwargs):
+    from azure.ai.ml import Input, Output
+    from azure.ai.ml.constants import AssetTypes
+    from azure.ai.ml.entities._job.finetuning.custom_model_finetuning_job import CustomModelFineTuningJob
+    from azure.ai.ml.entities._job.job_resources import JobResources
+    from azure.ai.ml.entities._job.queue_settings import QueueSettings
+
+    return CustomModelFineTuningJob(
+        task=task, model=Input(type=AssetTypes.MLFLOW_MODEL, path=model),
+        training_data=Input(type=AssetTypes.URI_FILE, path=training_data), validation_data=None,
+        hyperparameters=hyperparameters, compute=compute,
+        resources=JobResources(instance_types=instance_types) if instance_types else None,
+        queue_settings=QueueSettings(job_tier=job_tier) if job_tier else None,
+        outputs={OUTPUT: Output(type="mlflow_model", name=output_model_name_prefix)}, **kwargs)
+
+
+def finetuning_job_yaml(job: Any) -> Dict[str, Any]:
+    """The job as YAML that load_job reads back. The dump writes local files as `azureml:<path>` (an asset
+    reference); they are local files the submission uploads, so they are written as the plain paths the job holds."""
+    from runner.azureml.planning import plain
+
+    data = plain(job._to_dict())
+    for key in ("training_data", "validation_data"):
+        value = getattr(job, key, None)
+        if value is not None and getattr(value, "type", None) == "uri_file":
+            data[key] = {"type": "uri_file", "path": str(value.path)}
+    return {"$schema": "https://azuremlschemas.azureedge.net/latest/finetuningJob.schema.json", **data}
+
+
+def placement(cfg: Any) -> Dict[str, Any]:
+    """Where the job runs: serverless (nothing), a cluster of yours, or the VM sizes the service may pick."""
+    c = cfg.compute
+    if c.kind == "serverless":
+        return {"compute": None, "instance_types": None, "job_tier": c.job_tier, "runs_on": "serverless"}
+    if c.instance_types:
+        types = list(c.instance_types)
+        return {"compute": None, "instance_types": types, "job_tier": c.job_tier,
+                "runs_on": f"managed compute, instance types {', '.join(types)}"}
+    return {"compute": c.name, "instance_types": None, "job_tier": c.job_tier,
+            "runs_on": f"managed compute, cluster {c.name}"}
+
+
+def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
+    """Build, submit and (backend.wait) wait for the job; the record keeps what a later step needs."""
+    from runner.azureml.routes import display_name as job_display_name
+    from runner.azureml.routes import hyperparameters
+
+    cfg, b = backend.cfg, backend.cfg.backend
+    facts = backend._facts(ctx)
+    data = ctx.record.output("data")
+    params, notes = backend.effective_params(ctx, facts)
+    sent, left_out = hyperparameters(params, ctx.explicit_finetune_keys)
+    where = placement(cfg)
+    display_name = ctx.display_name(job_display_name(cfg.model.name, cfg.dataset.slug, sent))
+    output_name = cfg.mlflow.registered_model_name
+    job = build_finetuning_job(
+        model=facts.asset_id, training_data=str(Path(data["train_file"]).resolve()),
+        validation_data=str(Path(data["test_file"]).resolve()) if data.get("test_file") else None,
+        hyperparameters=sent, output_model_name=output_name, display_name=display_name,
+        experiment_name=b.experiment_name, compute=where["compute"], instance_types=where["instance_types"],
+        job_tier=where["job_tier"])
+    for note in notes + left_out:
+        ctx.say(note)
+    ws = backend._ws(ctx)
+    submitted = ws.jobs.create_or_update(job)
+    job_name, url = submitted.name, getattr(submitted, "studio_url", None)
+    ctx.say(f"submitted finetuning job {job_name} ({display_name}) on {where['runs_on']}; studio: {url}")
+    out = {"job_name": job_name, "studio_url": url, "display_name": display_name, "route": "finetuning_job",
+           "experiment_name": b.experiment_name, "runs_on": where["runs_on"], "hyperparameters": sent,
+           "registered_model_name": output_name, "effective_params": params,
+           "explicit_overrides": sorted(ctx.explicit_finetune_keys), "merge_notes": notes + left_out,
+           "status": "submitted"}
+    if not b.wait:
+        ctx.say("backend.wait=false: not waiting for the job; later steps check that it has completed")
+        return out
+    out["status"] = wait_for(ws, job_name, url)
+    return out
+
+
+def wait_for(ws: Any, job_name: str, url: Optional[str], sleep=time.sleep) -> str:
+    """Poll the job's status as the SDK's fine-tuning samples do, until it ends; anything but Completed stops."""
+    status = str(getattr(ws.jobs.get(job_name), "status", None))
+    while status not in TERMINAL:
+        sleep(POLL_SECONDS)
+        status = str(getattr(ws.jobs.get(job_name), "status", None))
+    if status != "Completed":
+        raise AzureStepError(f"finetuning job {job_name} is {status}, not Completed (studio: {url})")
+    return status
+
+
+def register(backend: Any, ctx: Any) -> Dict[str, Any]:
+    """The model the job registered through its `registered_model` output (the job names it; the service versions
+    it): looked up, not registered again."""
+    job_name = backend._job_name(ctx)
+    ws = backend._ws(ctx)
+    if ctx.record.output("finetune", "status") != "Completed":
+        wait_for(ws, job_name, ctx.record.output("finetune", "studio_url"))
+    job = ws.jobs.get(job_name)
+    output = (getattr(job, "outputs", None) or {}).get(OUTPUT)
+    name = getattr(output, "name", None) or ctx.record.output("finetune", "registered_model_name")
+    if not name:
+        raise AzureStepError(f"finetuning job {job_name} has no {OUTPUT} output to read the model's name from")
+    model = ws.models.get(name=name, label="latest")
+    ctx.say(f"the job registered {model.name}:{model.version} ({model.id})")
+    return {"model_id": model.id, "name": model.name, "version": str(model.version), "model_uri": model.id,
+            "source": f"azureml://jobs/{job_name}/outputs/{OUTPUT}", "registered_by": "the finetuning job"}
