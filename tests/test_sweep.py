@@ -185,3 +185,43 @@ def test_optuna_search_preset_runs_its_trials(tmp_path, ftrun_home):
     assert all(p["finetune"]["params"]["lora_r"] in (4, 8, 16) for p in plans)
     assert all("-learning_rate=" in p["display_name"] and "-lora_r=" in p["display_name"] for p in plans)
     assert len(read_summary(sweep_dir)) == 3
+
+
+def _job_dir(sweep_dir, num, eval_loss):
+    import json
+
+    job = sweep_dir / str(num)
+    job.mkdir(parents=True)
+    record = {"status": "ok", "overrides": [f"finetune.learning_rate={num}"],
+              "steps": {"finetune": {"status": "ok", "outputs": {"eval_loss": eval_loss}}}}
+    (job / "run_record.json").write_text(json.dumps(record))
+    return job
+
+
+def test_a_diverged_job_is_never_the_best_and_a_refused_best_job_fails_the_sweep(tmp_path, monkeypatch):
+    """An infinite loss must not win (maximize would pick it); when the best job's model is refused at register
+    (the quality gate), the summary is still written and says so, and the sweep's exit status is 1."""
+    from runner.errors import RunnerError
+    from runner.schema import SweepConfig
+    from runner.sweep import summary as summary_mod
+    from runner.sweep.callback import SweepSummary
+
+    sweep_dir = tmp_path / "sweep"
+    for num, loss in enumerate((float("inf"), 2.0, 1.0)):
+        _job_dir(sweep_dir, num, loss)
+    jobs = summary_mod.collect_jobs(sweep_dir)
+    assert summary_mod.pick_best(jobs, "eval_loss", "maximize")["job"] == 1
+    assert summary_mod.pick_best(jobs, "eval_loss", "minimize")["job"] == 2
+
+    def refused(best, *args, **kwargs):
+        raise RunnerError(f"quality gate: the model of job {best['job']} is not registered")
+
+    monkeypatch.setattr(summary_mod, "finish_best_job", refused)
+    result = summary_mod.summarize_sweep(sweep_dir, OmegaConf.structured(SweepConfig))
+    assert result["best_job"] == 2 and "quality gate" in result["best_run"]["error"]
+    assert (sweep_dir / "sweep_summary.md").exists()
+    monkeypatch.setattr(summary_mod, "summarize_sweep", lambda *a, **k: result)
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}, "sweep": {}})
+    with pytest.raises(SystemExit) as stop:
+        SweepSummary().on_multirun_end(config)
+    assert stop.value.code == 1

@@ -15,3 +15,5 @@ class SweepSummary(Callback):
             # The sweep went on past its failed jobs; the exit status still says that some failed.
             print(f"ftrun: {len(summary['failed'])} sweep job(s) failed: {summary['failed']}")
             raise SystemExit(1)
+        if (summary["best_run"] or {}).get("error"):  # the best job trained, but was not registered (quality gate)
+            raise SystemExit(1)

@@ -8,6 +8,7 @@ and from MLflow, so the summary can be rebuilt for any sweep directory: `python 
 import csv
 import io
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -15,6 +16,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 
 from runner.atomic import save_figure, write_text
+from runner.errors import RunnerError
 from runner.record import RECORD_FILE, final_figure
 
 COLUMNS = ["job", "overrides", "status", "train_loss", "eval_loss", "perplexity", "tokens_per_s", "wall_s",
@@ -33,6 +35,10 @@ def _job_overrides(job_dir: Path, record: Dict[str, Any]) -> str:
 
 def _figure(record: Dict[str, Any], name: str) -> Optional[float]:
     return final_figure(record, name)
+
+
+def _finite(value: Optional[float]) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def job_config(job_dir: Path, **changes):
@@ -114,7 +120,9 @@ def collect_jobs(sweep_dir) -> List[Dict[str, Any]]:
 
 
 def pick_best(jobs: List[Dict[str, Any]], metric: str, direction: str) -> Optional[Dict[str, Any]]:
-    scored = [j for j in jobs if j["status"] == "ok" and _figure(j["record"], metric) is not None]
+    """The job with the best finite figure. A diverged job is never the best (final_figure already reads NaN as
+    missing; an infinite loss would win a `maximize` sweep), and the quality gate would refuse to register it."""
+    scored = [j for j in jobs if j["status"] == "ok" and _finite(_figure(j["record"], metric))]
     if not scored:
         return None
     pick = min if direction == "minimize" else max
@@ -205,7 +213,11 @@ def summarize_sweep(sweep_dir, sweep_cfg, *, finish_best: bool = True, backend_f
     finished = None
     trained = best is not None and best["record"].get("steps", {}).get("finetune", {}).get("status") == "ok"
     if finish_best and trained and sweep_cfg.register_best:
-        finished = finish_best_job(best, sweep_cfg, sweep_dir, backend_factory)
+        try:
+            finished = finish_best_job(best, sweep_cfg, sweep_dir, backend_factory)
+        except RunnerError as exc:  # e.g. the quality gate refused it: the summary is still written, the exit is 1
+            print(f"ftrun: the best job {best['job']} was not registered: {exc}", flush=True)
+            finished = {"run_dir": str(sweep_dir / "best"), "error": str(exc)}
     summary = {
         "jobs": [{k: v for k, v in j.items() if k != "record"} for j in jobs],
         "best_job": best["job"] if best else None,
