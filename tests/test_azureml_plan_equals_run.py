@@ -202,24 +202,23 @@ def test_every_compute_and_model_preset_plans_what_the_run_submits_or_refuses_al
         assert "is not in" in real and "fine-tune compute allow list" in real
 
 
-def test_the_serverless_experiment_plans_what_the_run_submits(tmp_path, monkeypatch):
-    """experiment=phi4_mini_serverless: the finetuning job and the serverless endpoint a run hands to Azure are the
-    plan's files (the model's registry version pinned, as the other presets here are). Phi-4-mini-instruct is no
-    pipeline model (it has no cluster allow lists), so it is not in REGISTRY's compute x model grid."""
-    monkeypatch.setitem(REGISTRY, "phi4_mini_instruct", ("Phi-4-mini-instruct", None))
-    real, planned = both_ways(tmp_path, ["experiment=phi4_mini_serverless",
-                                         f"model.version={_version('phi4_mini_instruct')}"], "phi4_mini_instruct")
+def test_the_serverless_experiment_plans_what_the_run_submits(tmp_path):
+    """experiment=phi4_mini_serverless as shipped: the finetuning job and the serverless endpoint a run hands to Azure
+    are the plan's files, and both name the model version `latest` resolves to (never the label)."""
+    real, planned = both_ways(tmp_path, ["experiment=phi4_mini_serverless"])
     assert isinstance(real, dict), real
     assert sorted(real) == ["finetuning_job", "serverless_endpoint"]
+    path = real["finetuning_job"]["model"]["path"]
+    assert path == "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/1"
     assert planned == real
 
 
 @pytest.mark.parametrize("where", [[], ["compute.instance_types=[Standard_NC24ads_A100_v4]", "compute.job_tier=spot"]],
                          ids=["cluster", "instance_types"])
 def test_the_finetuning_job_on_managed_compute_plans_what_the_run_submits(tmp_path, where):
-    real, planned = both_ways(tmp_path, ["experiment=phi4_ultrachat", "finetune.route=finetuning_job", *where,
-                                         f"model.version={_version('phi4')}"], "phi4")
+    real, planned = both_ways(tmp_path, ["experiment=phi4_ultrachat", "finetune.route=finetuning_job", *where])
     assert isinstance(real, dict), real
     expected = ["deployment", "endpoint", "finetuning_job"] + ([] if where else ["compute"])
     assert sorted(real) == sorted(expected)
+    assert real["finetuning_job"]["model"]["path"] == "azureml://registries/azureml/models/Phi-4/versions/8"
     assert planned == real

@@ -87,6 +87,11 @@ def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
     from runner.azureml.routes import hyperparameters
 
     cfg, b = backend.cfg, backend.cfg.backend
+    attach, why = backend.job_to_attach(ctx)  # finetune.attach_job, or a from_run cut short after submitting
+    if attach:
+        attached = _attach(backend, ctx, attach, why)
+        if attached is not None:
+            return attached
     facts = backend._facts(ctx)
     data = ctx.record.output("data")
     params, notes = backend.effective_params(ctx, facts)
@@ -105,6 +110,10 @@ def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
     ws = backend._ws(ctx)
     submitted = ws.jobs.create_or_update(job)
     job_name, url = submitted.name, getattr(submitted, "studio_url", None)
+    # In the record at once: a wait cut short (network, Ctrl-C) must not lose a job that is running and billing
+    ctx.record.note("finetune", job_name=job_name, submitted={
+        "job_name": job_name, "studio_url": url, "display_name": display_name, "experiment_name": b.experiment_name,
+        "registered_model_name": output_name})
     ctx.say(f"submitted finetuning job {job_name} ({display_name}) on {where['runs_on']}; studio: {url}")
     out = {"job_name": job_name, "studio_url": url, "display_name": display_name, "route": "finetuning_job",
            "experiment_name": b.experiment_name, "runs_on": where["runs_on"], "hyperparameters": sent,
@@ -114,12 +123,67 @@ def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
     if not b.wait:
         ctx.say("backend.wait=false: not waiting for the job; later steps check that it has completed")
         return out
-    out["status"] = wait_for(ws, job_name, url)
+    out["status"] = _wait(backend, ctx, ws, job_name, url)
     return out
 
 
-def wait_for(ws: Any, job_name: str, url: Optional[str], sleep=time.sleep) -> str:
+def _attach(backend: Any, ctx: Any, job_name: str, why: str) -> Optional[Dict[str, Any]]:
+    """Wait for and continue from a submitted finetuning job, as the pipeline route does (backend._attach). None:
+    the from_run's job ended without a model, so a new one is submitted (an explicit attach_job to one is refused)."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    ws = backend._ws(ctx)
+    try:
+        job = ws.jobs.get(job_name)
+    except ResourceNotFoundError as exc:
+        raise AzureStepError(f"{why}: there is no job {job_name} in workspace "
+                             f"{getattr(ws, 'workspace_name', '?')}") from exc
+    status, url = str(getattr(job, "status", None)), getattr(job, "studio_url", None)
+    if status in ("Failed", "Canceled"):
+        if why == "finetune.attach_job":
+            raise AzureStepError(f"finetune.attach_job={job_name}: the job is {status} (studio: {url}); drop "
+                                 f"finetune.attach_job to submit a new one")
+        ctx.say(f"the finetuning job {job_name} of {why} is {status}: submitting a new one")
+        return None
+    ctx.say(f"attaching to finetuning job {job_name} ({status}, {why}): not submitting a new one")
+    earlier = ctx.record.noted("finetune", "submitted") or {}
+    output = (getattr(job, "outputs", None) or {}).get(OUTPUT)
+    out = {"job_name": job_name, "studio_url": url or earlier.get("studio_url"),
+           "display_name": getattr(job, "display_name", None) or earlier.get("display_name"),
+           "experiment_name": getattr(job, "experiment_name", None) or earlier.get("experiment_name"),
+           "route": "finetuning_job", "attached": why, "status": "submitted",
+           "registered_model_name": getattr(output, "name", None) or earlier.get("registered_model_name")
+           or backend.cfg.mlflow.registered_model_name}
+    ctx.record.note("finetune", job_name=job_name, submitted={k: out[k] for k in (
+        "job_name", "studio_url", "display_name", "experiment_name", "registered_model_name")})
+    if status == "Completed":
+        out["status"] = "Completed"
+    elif backend.cfg.backend.wait:
+        out["status"] = _wait(backend, ctx, ws, job_name, out["studio_url"])
+    else:
+        ctx.say("backend.wait=false: not waiting for the job; later steps check that it has completed")
+    return out
+
+
+def _wait(backend: Any, ctx: Any, ws: Any, job_name: str, url: Optional[str]) -> str:
+    """wait_for, saying how to pick the job up again when the wait is cut short (its name is in the record)."""
+    try:
+        return wait_for(ws, job_name, url)
+    except KeyboardInterrupt:
+        ctx.say(f"interrupted: finetuning job {job_name} goes on running in Azure (studio: {url}); "
+                f"{backend._continue_hint(ctx, job_name)}")
+        raise
+    except AzureStepError:
+        raise
+    except Exception as exc:  # network: the job itself runs on
+        raise AzureStepError(f"lost track of finetuning job {job_name} ({type(exc).__name__}: {str(exc)[:300]}); "
+                             f"the job itself may still be running (studio: {url}): "
+                             f"{backend._continue_hint(ctx, job_name)}") from exc
+
+
+def wait_for(ws: Any, job_name: str, url: Optional[str], sleep=None) -> str:
     """Poll the job's status as the SDK's fine-tuning samples do, until it ends; anything but Completed stops."""
+    sleep = sleep or time.sleep  # looked up at call time, so a test can stand in for the clock
     status = str(getattr(ws.jobs.get(job_name), "status", None))
     while status not in TERMINAL:
         sleep(POLL_SECONDS)
