@@ -214,11 +214,11 @@ def _settings(spec, contender):
     """The runner's (params, local) for this spec; TRL contenders use the same numbers."""
     import dataclasses
 
-    from runner.schema import FinetuneConfig, LocalFinetuneConfig
+    from runner.schema import RUNNER_FINETUNE_KEYS, FinetuneConfig, LocalFinetuneConfig
 
-    def defaults(cls):
+    def defaults(cls):  # the runner's own keys (local, route, attach_job) are no trainer parameters
         return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(cls) if f.name != "local"}
+                for f in dataclasses.fields(cls) if f.name not in RUNNER_FINETUNE_KEYS}
 
     params, local = defaults(FinetuneConfig), defaults(LocalFinetuneConfig)
     params.update(max_steps=spec["steps"], per_device_train_batch_size=spec["micro_batch"],
