@@ -157,7 +157,7 @@ def test_the_serverless_dry_run_writes_files_the_sdk_loads_back(tmp_path):
     job = quiet_load(load_job, plan / "finetuning_job.yaml")
     assert type(job).__name__ == "CustomModelFineTuningJob" and job.type == "finetuning"
     assert job.task == "chatCompletion" and str(job.model_provider).endswith("CUSTOM")
-    assert job.model.path == "azureml://registries/azureml/models/Phi-4-mini-instruct/labels/latest"
+    assert job.model.path == "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/1"
     assert job.training_data.path.endswith("ultrachat_200k/train_sft.jsonl")
     assert job.validation_data.path.endswith("ultrachat_200k/test_sft.jsonl")
     assert job.hyperparameters == {"num_train_epochs": "1", "per_device_train_batch_size": "1",
