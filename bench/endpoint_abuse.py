@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from endpoint_load import percentile, prompts  # noqa: E402  (the load bench's prompts and percentile)
+from endpoint_load import model_folder, percentile, prompts  # noqa: E402  (shared with the load bench)
 
 P99_RATIO_MAX = 2.0
 RSS_GROWTH_MAX_MB = 200.0
@@ -272,15 +272,7 @@ def main(argv=None) -> int:
 
     from runner.local.endpoint.manager import read_key, start_endpoint, stop_endpoint
 
-    tmp = None
-    if args.model:
-        model_dir = Path(args.model)
-    else:
-        from runner.local.tiny_model import build_tiny_model
-
-        tmp = tempfile.TemporaryDirectory(prefix="bench-tiny-")
-        print("building the offline tiny model ...", flush=True)
-        model_dir = build_tiny_model(Path(tmp.name) / "tiny-phi3")
+    model_dir, tmp = model_folder(args.model)
     state_dir = Path(tempfile.mkdtemp(prefix="bench-abuse-"))
     state = start_endpoint(name="abuse-bench", deployments={"demo": str(model_dir)}, traffic={"demo": 100},
                            state_dir=state_dir)

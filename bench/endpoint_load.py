@@ -31,6 +31,18 @@ def prompts(n: int):
     return out
 
 
+def model_folder(model):
+    """(the model folder to serve, the temporary folder to clean up or None): `model`, else the offline tiny model
+    built into a temporary folder."""
+    if model:
+        return Path(model), None
+    from runner.local.tiny_model import build_tiny_model
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench-tiny-")
+    print("building the offline tiny model ...", flush=True)
+    return build_tiny_model(Path(tmp.name) / "tiny-phi3"), tmp
+
+
 def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
@@ -143,15 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="a save_pretrained folder (default: the offline tiny model)")
     args = p.parse_args(argv)
 
-    tmp = None
-    if args.model:
-        model_dir = Path(args.model)
-    else:
-        from runner.local.tiny_model import build_tiny_model
-
-        tmp = tempfile.TemporaryDirectory(prefix="bench-tiny-")
-        print("building the offline tiny model ...", flush=True)
-        model_dir = build_tiny_model(Path(tmp.name) / "tiny-phi3")
+    model_dir, tmp = model_folder(args.model)
     chats = prompts(args.requests)
     print(f"{args.requests} requests, greedy, max_new_tokens={args.max_new_tokens}; endpoint: {args.clients} "
           f"concurrent clients, max_batch_size={args.max_batch_size}, window {args.batch_window_ms} ms", flush=True)

@@ -27,7 +27,6 @@ import copy
 import inspect
 import json
 import re
-import typing
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, Iterable, List, Optional
@@ -168,19 +167,6 @@ def _public_methods(cls) -> List[str]:
             and not isinstance(inspect.getattr_static(cls, name), property)]
 
 
-def _operation_groups() -> Dict[str, type]:
-    """MLClient's operations groups (property name → its operations class), from the SDK's own type hints."""
-    from azure.ai.ml import MLClient
-
-    groups = {}
-    for name, member in inspect.getmembers(MLClient):
-        if isinstance(member, property) and not name.startswith("_"):
-            ret = typing.get_type_hints(member.fget).get("return")
-            if inspect.isclass(ret) and ret.__name__.endswith("Operations"):
-                groups[name] = ret
-    return groups
-
-
 def _tier(tier: Any) -> str:
     """'Dedicated' / 'dedicated', 'LowPriority' / 'low_priority': one name for a tier."""
     return str(tier).lower().replace("_", "")
@@ -270,7 +256,9 @@ class AzureWorld:
             if not inspect.ismethod(getattr(MLClient, method)):  # classmethods (from_config) are not the instance's
                 getattr(client, method).side_effect = (lambda n: lambda *a, **k: self.answer(n, a, k))(
                     f"{prefix}.{method}")
-        for group, cls in _operation_groups().items():
+        from runner.azureml.sdk_calls import operation_groups
+
+        for group, cls in operation_groups().items():
             setattr(client, group, self._operations(cls, f"{prefix}.{group}"))
         if registry_name:  # what ModelOperations holds for a registry: the service client it GETs versions with
             client.models._registry_service_client = self._registry_service_client()

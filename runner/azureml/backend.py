@@ -408,9 +408,10 @@ class AzureMLBackend(Backend):
             return str(earlier["job_name"]), f"from_run={ctx.record.earlier.get('run_dir')}"
         return None, ""
 
-    def _attach(self, ctx, job_name: str, why: str) -> Optional[Dict[str, Any]]:
-        """Wait for and continue from a submitted job. None: the from_run's job ended without a model, so a new
-        one is submitted (an explicit finetune.attach_job to such a job is an error)."""
+    def continuable_job(self, ctx, job_name: str, why: str, kind: str) -> Optional[tuple]:
+        """(job, outputs) of a submitted `kind` job (pipeline, finetuning) this run continues from, its name noted in
+        the record; None when a from_run's job ended without a model, so a new one is submitted (an explicit
+        finetune.attach_job to such a job is an error). Both routes' _attach start here."""
         from azure.core.exceptions import ResourceNotFoundError
 
         ws = self._ws(ctx)
@@ -425,17 +426,25 @@ class AzureMLBackend(Backend):
             if why == "finetune.attach_job":
                 raise AzureStepError(f"finetune.attach_job={job_name}: the job is {status} (studio: {url}); drop "
                                      f"finetune.attach_job to submit a new one")
-            ctx.say(f"the pipeline job {job_name} of {why} is {status}: submitting a new one")
+            ctx.say(f"the {kind} job {job_name} of {why} is {status}: submitting a new one")
             return None
-        ctx.say(f"attaching to pipeline job {job_name} ({status}, {why}): not submitting a new one")
+        ctx.say(f"attaching to {kind} job {job_name} ({status}, {why}): not submitting a new one")
         earlier = ctx.record.noted("finetune", "submitted") or {}
         out = {"job_name": job_name, "studio_url": url or earlier.get("studio_url"),
                "display_name": getattr(job, "display_name", None) or earlier.get("display_name"),
                "experiment_name": getattr(job, "experiment_name", None) or earlier.get("experiment_name"),
                "attached": why, "status": "submitted"}
+        return job, out, earlier
+
+    def _attach(self, ctx, job_name: str, why: str) -> Optional[Dict[str, Any]]:
+        """Wait for and continue from a submitted pipeline job (None: submit a new one, see continuable_job)."""
+        found = self.continuable_job(ctx, job_name, why, "pipeline")
+        if found is None:
+            return None
+        job, out, _ = found
         ctx.record.note("finetune", job_name=job_name, submitted={k: out[k] for k in (
             "job_name", "studio_url", "display_name", "experiment_name")})
-        if status == "Completed":
+        if getattr(job, "status", None) == "Completed":
             out["status"] = "Completed"
         elif self.cfg.backend.wait:
             self._stream(ctx, job_name, out["studio_url"])

@@ -128,38 +128,21 @@ def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
 
 
 def _attach(backend: Any, ctx: Any, job_name: str, why: str) -> Optional[Dict[str, Any]]:
-    """Wait for and continue from a submitted finetuning job, as the pipeline route does (backend._attach). None:
-    the from_run's job ended without a model, so a new one is submitted (an explicit attach_job to one is refused)."""
-    from azure.core.exceptions import ResourceNotFoundError
-
-    ws = backend._ws(ctx)
-    try:
-        job = ws.jobs.get(job_name)
-    except ResourceNotFoundError as exc:
-        raise AzureStepError(f"{why}: there is no job {job_name} in workspace "
-                             f"{getattr(ws, 'workspace_name', '?')}") from exc
-    status, url = str(getattr(job, "status", None)), getattr(job, "studio_url", None)
-    if status in ("Failed", "Canceled"):
-        if why == "finetune.attach_job":
-            raise AzureStepError(f"finetune.attach_job={job_name}: the job is {status} (studio: {url}); drop "
-                                 f"finetune.attach_job to submit a new one")
-        ctx.say(f"the finetuning job {job_name} of {why} is {status}: submitting a new one")
+    """Wait for and continue from a submitted finetuning job, as the pipeline route does (None: submit a new one,
+    see backend.continuable_job)."""
+    found = backend.continuable_job(ctx, job_name, why, "finetuning")
+    if found is None:
         return None
-    ctx.say(f"attaching to finetuning job {job_name} ({status}, {why}): not submitting a new one")
-    earlier = ctx.record.noted("finetune", "submitted") or {}
+    job, out, earlier = found
     output = (getattr(job, "outputs", None) or {}).get(OUTPUT)
-    out = {"job_name": job_name, "studio_url": url or earlier.get("studio_url"),
-           "display_name": getattr(job, "display_name", None) or earlier.get("display_name"),
-           "experiment_name": getattr(job, "experiment_name", None) or earlier.get("experiment_name"),
-           "route": "finetuning_job", "attached": why, "status": "submitted",
-           "registered_model_name": getattr(output, "name", None) or earlier.get("registered_model_name")
-           or backend.cfg.mlflow.registered_model_name}
+    out.update(route="finetuning_job", registered_model_name=getattr(output, "name", None)
+               or earlier.get("registered_model_name") or backend.cfg.mlflow.registered_model_name)
     ctx.record.note("finetune", job_name=job_name, submitted={k: out[k] for k in (
         "job_name", "studio_url", "display_name", "experiment_name", "registered_model_name")})
-    if status == "Completed":
+    if str(getattr(job, "status", None)) == "Completed":
         out["status"] = "Completed"
     elif backend.cfg.backend.wait:
-        out["status"] = _wait(backend, ctx, ws, job_name, out["studio_url"])
+        out["status"] = _wait(backend, ctx, backend._ws(ctx), job_name, out["studio_url"])
     else:
         ctx.say("backend.wait=false: not waiting for the job; later steps check that it has completed")
     return out
