@@ -33,3 +33,21 @@ def tiny_model_dir(tmp_path_factory):
     from runner.local.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-phi3")
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model_dir):
+    """The endpoint's generator on the tiny model, in this process (no server)."""
+    from runner.local.endpoint.generation import ChatGenerator
+
+    return ChatGenerator.from_uri(str(tiny_model_dir))
+
+
+def run_batch(generator, jobs):
+    """One shared generate call over `jobs`; each job's result, in order."""
+    results = [None] * len(jobs)
+    for i, job in enumerate(jobs):
+        job.on_done = lambda r, i=i: results.__setitem__(i, r)
+    generator.run_batch(jobs)
+    assert all(r is not None for r in results), "every job gets exactly one result"
+    return results

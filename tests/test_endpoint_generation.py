@@ -7,7 +7,8 @@ import time
 import pytest
 
 from runner.local.endpoint.batching import BatcherClosed, DynamicBatcher
-from runner.local.endpoint.generation import ChatGenerator, ContextLengthError, GenerationJob, _RowSampling
+from runner.local.endpoint.generation import ContextLengthError, GenerationJob, _RowSampling
+from tests.conftest import run_batch
 
 
 def _chat(text):
@@ -17,20 +18,6 @@ def _chat(text):
 PROMPTS = ["Hi", "What is a list in Python?", "Tell me a long story about dictionaries and sets and tuples.", "Bye"]
 
 
-@pytest.fixture(scope="module")
-def generator(tiny_model_dir):
-    return ChatGenerator.from_uri(str(tiny_model_dir))
-
-
-def _run(generator, jobs):
-    results = [None] * len(jobs)
-    for i, job in enumerate(jobs):
-        job.on_done = lambda r, i=i: results.__setitem__(i, r)
-    generator.run_batch(jobs)
-    assert all(r is not None for r in results), "every job gets exactly one result"
-    return results
-
-
 def _job(generator, text, max_new_tokens, **kw):
     return GenerationJob(generator.encode_chat(_chat(text)), max_new_tokens, **kw)
 
@@ -38,8 +25,8 @@ def _job(generator, text, max_new_tokens, **kw):
 @pytest.mark.slow
 def test_batched_greedy_rows_match_one_at_a_time(generator):
     lengths = [5, 12, 3, 9]
-    solo = [_run(generator, [_job(generator, p, n)])[0] for p, n in zip(PROMPTS, lengths)]
-    batched = _run(generator, [_job(generator, p, n) for p, n in zip(PROMPTS, lengths)])
+    solo = [run_batch(generator, [_job(generator, p, n)])[0] for p, n in zip(PROMPTS, lengths)]
+    batched = run_batch(generator, [_job(generator, p, n) for p, n in zip(PROMPTS, lengths)])
     for s, b, n in zip(solo, batched, lengths):
         assert b.text == s.text
         assert b.completion_tokens == s.completion_tokens
@@ -49,8 +36,8 @@ def test_batched_greedy_rows_match_one_at_a_time(generator):
 
 @pytest.mark.slow
 def test_sampled_rows_do_not_disturb_a_greedy_row_in_the_same_batch(generator):
-    solo = _run(generator, [_job(generator, PROMPTS[1], 10)])[0]
-    mixed = _run(generator, [
+    solo = run_batch(generator, [_job(generator, PROMPTS[1], 10)])[0]
+    mixed = run_batch(generator, [
         _job(generator, PROMPTS[0], 10, do_sample=True, temperature=1.5, top_p=0.9),
         _job(generator, PROMPTS[1], 10, do_sample=True, temperature=0.0),  # temperature 0 means greedy
         _job(generator, PROMPTS[2], 10, do_sample=True, temperature=0.7, top_k=5),
@@ -61,11 +48,11 @@ def test_sampled_rows_do_not_disturb_a_greedy_row_in_the_same_batch(generator):
 
 @pytest.mark.slow
 def test_stop_string_cuts_the_reply_and_nothing_of_it_is_streamed(generator):
-    full = _run(generator, [_job(generator, PROMPTS[1], 30)])[0].text
+    full = run_batch(generator, [_job(generator, PROMPTS[1], 30)])[0].text
     assert len(full) > 10
     stop = full[len(full) // 2: len(full) // 2 + 3]
     pieces = []
-    [cut] = _run(generator, [_job(generator, PROMPTS[1], 30, stop=[stop], on_delta=pieces.append)])
+    [cut] = run_batch(generator, [_job(generator, PROMPTS[1], 30, stop=[stop], on_delta=pieces.append)])
     assert cut.finish_reason == "stop"
     assert cut.text == full[: full.find(stop)]
     assert "".join(pieces) == cut.text
@@ -74,7 +61,7 @@ def test_stop_string_cuts_the_reply_and_nothing_of_it_is_streamed(generator):
 @pytest.mark.slow
 def test_streamed_pieces_add_up_to_the_reply(generator):
     pieces = []
-    [result] = _run(generator, [_job(generator, PROMPTS[2], 25, on_delta=pieces.append)])
+    [result] = run_batch(generator, [_job(generator, PROMPTS[2], 25, on_delta=pieces.append)])
     assert len(pieces) > 1
     assert "".join(pieces) == result.text
 
@@ -85,7 +72,7 @@ def test_deadline_and_cancellation_end_rows_without_stopping_others(generator):
     cancelled = _job(generator, PROMPTS[1], 50)
     cancelled.cancelled.set()
     normal = _job(generator, PROMPTS[2], 4)
-    results = _run(generator, [late, cancelled, normal])
+    results = run_batch(generator, [late, cancelled, normal])
     assert [r.finish_reason for r in results[:2]] == ["timeout", "cancelled"]
     assert results[2].finish_reason in ("length", "stop") and results[2].completion_tokens <= 4
 

@@ -20,6 +20,7 @@ import pytest
 from runner.local.endpoint import server
 from runner.local.endpoint.generation import GREEDY_BELOW_TEMPERATURE, GenerationJob
 from runner.local.endpoint.server import ApiError, RequestLimits, parse_chat_request, parse_json, parse_score_request
+from tests.conftest import run_batch
 
 CHAT = [{"role": "user", "content": "What is a set?"}]
 
@@ -173,21 +174,6 @@ def test_an_unexpected_error_is_a_500_and_the_connection_stays_usable(monkeypatc
 
 # ---------------------------------------------------------------- batch isolation (in-process generator)
 
-@pytest.fixture(scope="module")
-def generator(tiny_model_dir):
-    from runner.local.endpoint.generation import ChatGenerator
-
-    return ChatGenerator.from_uri(str(tiny_model_dir))
-
-
-def _run(generator, jobs):
-    results = [None] * len(jobs)
-    for i, job in enumerate(jobs):
-        job.on_done = lambda r, i=i: results.__setitem__(i, r)
-    generator.run_batch(jobs)
-    return results
-
-
 def _job(generator, text, **kw):
     return GenerationJob(generator.encode_chat([{"role": "user", "content": text}]), 8, **kw)
 
@@ -197,10 +183,10 @@ def test_a_row_whose_generation_fails_fails_alone(generator):
     """A NaN temperature (only reachable in-process now) makes the sampler raise inside generate: the good rows of
     its batch still get the answers they get alone; the bad one gets the error."""
     texts = ["Hi", "What is a list?", "Bye", "Tell me about sets."]
-    solo = [_run(generator, [_job(generator, t)])[0] for t in texts]
+    solo = [run_batch(generator, [_job(generator, t)])[0] for t in texts]
     jobs = [_job(generator, t) for t in texts]
     jobs.insert(2, _job(generator, "poison", do_sample=True, temperature=float("nan")))
-    results = _run(generator, jobs)
+    results = run_batch(generator, jobs)
     bad = results.pop(2)
     assert bad.finish_reason == "error" and "probability tensor" in bad.error
     assert [r.finish_reason for r in results] != ["error"] * 4
@@ -210,8 +196,8 @@ def test_a_row_whose_generation_fails_fails_alone(generator):
 
 @pytest.mark.slow
 def test_tiny_temperatures_in_a_batch_decode_greedily(generator):
-    greedy = _run(generator, [_job(generator, "What is a set?")])[0]
-    results = _run(generator, [_job(generator, "What is a set?", do_sample=True, temperature=t)
+    greedy = run_batch(generator, [_job(generator, "What is a set?")])[0]
+    results = run_batch(generator, [_job(generator, "What is a set?", do_sample=True, temperature=t)
                                for t in (1e-38, 1e-44, 1e-300, 5e-6)])
     assert [r.finish_reason for r in results] == [greedy.finish_reason] * 4
     assert [r.text for r in results] == [greedy.text] * 4
