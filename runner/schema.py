@@ -19,7 +19,10 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from runner.errors import RunnerError
+from runner.errors import ConfigError, RunnerError  # noqa: F401  (ConfigError: its old home)
+from runner.azure_routes import route_errors
+from runner.paths import CHECKOUT, STATE_ENV, state_root  # noqa: F401
+from runner.presets import kind_errors
 
 # Keys of the finetune group that steer the runner and are no component input (never sent as one).
 RUNNER_FINETUNE_KEYS = ("local", "route", "attach_job")
@@ -427,20 +430,6 @@ class RunConfig:
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
 
 
-# The checkout that holds runner/ and conf/ (the install is editable: conf/ lives beside the package).
-CHECKOUT = Path(__file__).resolve().parent.parent
-STATE_ENV = "FTRUN_HOME"
-
-
-def state_root() -> str:
-    """Where all state lives (MLflow store, models, data, endpoints): $FTRUN_HOME if set, else `.ftrun/` in the
-    checkout. Always absolute, so `ftrun` started from another directory (or `from_run=` pointing back) finds the
-    same store, models and data instead of starting a second `.ftrun/` wherever it happens to be run."""
-    value = os.environ.get(STATE_ENV)
-    root = Path(value).expanduser() if value else CHECKOUT / ".ftrun"
-    return str(root.resolve())
-
-
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
@@ -453,10 +442,6 @@ def register_configs() -> None:
     # The root schema types every group: a group preset merged into `model`, `finetune`, ... is checked against
     # its dataclass, so presets need no schema entry of their own.
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
-
-
-class ConfigError(RunnerError):
-    """A resolved config that cannot run; the message names the key and what would be right."""
 
 
 def open_dicts(schema: type = None, prefix: str = "") -> List[str]:
@@ -572,11 +557,7 @@ def validate(cfg: Any) -> None:
             f"{dict(cfg.deployment.traffic)}"
         )
     errors += _dict_value_errors(cfg)
-    from runner.presets import kind_errors  # compute/deployment presets of the backend's kind (reads conf/)
-
-    errors += kind_errors(cfg)
-    from runner.azureml.routes import route_errors  # the Azure route's combinations (light: no azure import)
-
-    errors += route_errors(cfg)
+    errors += kind_errors(cfg)  # compute/deployment presets of the backend's kind (reads conf/)
+    errors += route_errors(cfg)  # the Azure route's combinations
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -24,7 +24,7 @@ from runner.azureml.checks import (
 )
 from runner.azureml.spec import ComponentSpec, check_explicit_keys, load_spec, resolve_spec_path, spec_from_dict
 from runner.azureml.tags import ModelFacts, archived_message, facts_from_registry
-from runner.backends import Backend
+from runner.backend_api import Backend
 from runner.finetune_params import merge_finetune_params, pipeline_display_name
 from runner.schema import ConfigError
 
@@ -34,6 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 class AzureMLBackend(Backend):
     name = "azureml"
     plans_by_running_steps = True  # dry_run: these steps, with the planning clients
+    submits_jobs = True
 
     def __init__(self, cfg, clients=None, clock=time.time):
         self.cfg = cfg

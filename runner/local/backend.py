@@ -8,11 +8,12 @@ This module only wires the config and the run record to those pieces.
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
-from runner.backends import Backend
+from runner.backend_api import Backend
+from runner.errors import MissingInput
 from runner.figures import figure
 from runner.finetune_params import merge_finetune_params, pipeline_display_name
 
@@ -238,7 +239,7 @@ class LocalBackend(Backend):
 
         run_id = ctx.record.output("finetune", "mlflow_run_id")
         if not run_id:
-            raise RuntimeError("no MLflow run to report: run the finetune step first (or from_run=<run dir>)")
+            raise MissingInput("no MLflow run to report: run the finetune step first (or from_run=<run dir>)")
         history = tracking.metric_history(self.tracking_uri, run_id)
         out = report(history, ctx.run_dir / "metrics", title=ctx.record.output("finetune", "display_name") or run_id)
         tracking.log_artifact(self.tracking_uri, run_id, out["plot"])
@@ -252,7 +253,7 @@ class LocalBackend(Backend):
 
         ft = ctx.record.output("finetune")
         if not ft.get("final_model_dir"):
-            raise RuntimeError("nothing to register: run the finetune step first (or from_run=<run dir>)")
+            raise MissingInput("nothing to register: run the finetune step first (or from_run=<run dir>)")
         tags = {
             "base_model": self.cfg.model.name,
             "base_model_dir": ctx.record.output("model", "model_dir") or "",
@@ -324,7 +325,7 @@ class LocalBackend(Backend):
             if not state:
                 raise RuntimeError(f"no local endpoint named {self.cfg.endpoint_name!r} in {self.cfg.paths.endpoints_dir}")
         if not state:
-            raise RuntimeError("no endpoint: run the deploy step first, or name one with endpoint_name=...")
+            raise MissingInput("no endpoint: run the deploy step first, or name one with endpoint_name=...")
         return state
 
     def test(self, ctx, request_file) -> Dict[str, Any]:
@@ -357,7 +358,19 @@ class LocalBackend(Backend):
         ctx.say(f"endpoint {state['name']} deleted")
         return out
 
+    def training_params(self, ctx) -> Optional[Dict[str, Any]]:
+        """The finetune step's MLflow run's own params (right also for a finetune step of an earlier run)."""
+        run_id = ctx.record.output("finetune", "mlflow_run_id")
+        if not run_id:
+            return None
+        from runner.local.registry import run_facts
+
+        return run_facts(self.tracking_uri, run_id).get("params", {})
+
+    def has_endpoint(self, ctx) -> bool:
+        return bool(ctx.live.get("endpoint") or ctx.record.output("deploy") or self.cfg.endpoint_name)
+
     def plan(self, ctx) -> Dict[str, Any]:
-        from runner.plan import write_local_plan
+        from runner.local.plan import write_local_plan
 
         return write_local_plan(ctx, self)

@@ -6,9 +6,7 @@ multi-GB model is written once and a crash never leaves a half-written `model/` 
 MlflowClient bound to the given URI; the global tracking URI is never changed.
 """
 
-import hashlib
 import os
-import re
 import shutil
 import tempfile
 from importlib import metadata
@@ -16,6 +14,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from runner.errors import RunnerError
+from runner.gate import GATE_PASSED, GATE_TAG
+from runner.staging import staging_prefix
 from runner.local.tracking import MAX_TAG_VALUE, _client, _text, store_lock
 
 ARTIFACT_PATH = "model"
@@ -82,8 +82,6 @@ def deployable_latest(tracking_uri: str, name: str) -> Dict[str, Any]:
     """The latest version of `name` (as latest_version, plus "quality_gate"), for a deploy that names no run: only
     when the MLflow run that made it FINISHED and its model passed the register step's quality gate. Anything else
     is refused naming the version and why, rather than serving whatever was registered last."""
-    from runner.steps.register import GATE_PASSED, GATE_TAG
-
     latest = latest_version(tracking_uri, name)
     if not latest:
         raise NotDeployable(f"no registered model to deploy: no version of {name!r} in {tracking_uri}; run the "
@@ -110,54 +108,6 @@ def _local_artifact_dir(artifact_uri: str) -> Optional[Path]:
     repo = get_artifact_repository(artifact_uri)
     return Path(repo.artifact_dir) if isinstance(repo, LocalArtifactRepository) else None
 
-
-# .model-<host hash>-<pid>-<pid start>-<random>: the staging folder names its owner, from the moment it exists, so
-# a later run removes only the folders of a register that was killed, never a live one of a concurrent run.
-STAGING = ".model-"
-_STAGING_NAME = re.compile(r"^\.model-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<started>\d+|x)-")
-
-
-def _host_hash(host: str) -> str:
-    return hashlib.sha256(host.encode()).hexdigest()[:8]
-
-
-def staging_prefix() -> str:
-    from runner.liveness import this_process
-
-    me = this_process()
-    started = "x" if me["pid_started"] is None else me["pid_started"]
-    return f"{STAGING}{_host_hash(me['host'])}-{me['pid']}-{started}-"
-
-
-def staging_owner_alive(folder: Path) -> Optional[bool]:
-    """Whether the register that made this staging folder still runs; None when it cannot be told (another host,
-    or a folder named before owners were recorded)."""
-    import socket
-
-    from runner.liveness import alive
-
-    m = _STAGING_NAME.match(folder.name)
-    if not m or m["host"] != _host_hash(socket.gethostname()):
-        return None
-    started = None if m["started"] == "x" else int(m["started"])
-    return alive({"host": socket.gethostname(), "pid": int(m["pid"]), "pid_started": started})
-
-
-def remove_dead_staging(artifact_root) -> List[str]:
-    """Remove the staging folders (<artifact root>/<run id>/artifacts/.model-*, as ftrun's experiments place runs;
-    one level deeper under MLflow's default <experiment id>/<run id>) of registers whose process is dead: a killed
-    register leaves a partial multi-GB model there. Returns the folders removed."""
-    root = Path(artifact_root)
-    removed = []
-    if not root.is_dir():
-        return removed
-    folders = [*root.glob(f"*/artifacts/{STAGING}*"), *root.glob(f"*/*/artifacts/{STAGING}*")]
-    for folder in folders:
-        if folder.is_dir() and staging_owner_alive(folder) is False:
-            shutil.rmtree(folder, ignore_errors=True)
-            if not folder.exists():
-                removed.append(str(folder))
-    return removed
 
 
 def _save_chat_model(model_dir: str, dest: Path, model_name: str) -> None:

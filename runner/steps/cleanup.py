@@ -15,16 +15,12 @@ class CleanupResult(StepResult):
     removed_staging: List[str] = field(default_factory=list)
 
 
-def _endpoint_known(ctx) -> bool:
-    return bool(ctx.live.get("endpoint") or ctx.record.output("deploy") or ctx.cfg.endpoint_name)
-
-
 def run(ctx, backend) -> CleanupResult:
     from runner.reaper import reap
 
     found = reap(ctx.cfg.paths.root, ctx.cfg.mlflow.artifact_location, say=ctx.say)
     at_start = ctx.record.data.get("reaped") or {}
-    if backend.name == "local" and not _endpoint_known(ctx):
+    if not backend.has_endpoint(ctx):
         ctx.say("no endpoint to delete (endpoint_name=NAME deletes one an earlier run left running)")
         result = CleanupResult()
     else:

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from runner.errors import RunnerError
+from runner.gate import GATE_PASSED, GATE_TAG  # noqa: F401  (GATE_TAG: for readers of this step)
 from runner.steps.result import StepResult
 
-GATE_PASSED = "passed"  # the quality_gate tag of a version that passed (what an implicit deploy requires)
-GATE_TAG = "quality_gate"
 # schedulers whose first step runs at learning rate 0 when warmup_steps > 0 (constant ignores warmup)
 _WARMUP_FROM_ZERO = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup"}
 
@@ -67,13 +66,12 @@ def nonfinite_reason(figures: Dict[str, Any]) -> Optional[str]:
 
 
 def _training_params(ctx, backend) -> Dict[str, Any]:
-    """The settings the run trained with: the MLflow run's own params on the local backend (right also for a
-    finetune step from an earlier run, from_run=), else this config's effective finetune parameters."""
-    run_id = ctx.record.output("finetune", "mlflow_run_id")
-    if getattr(backend, "name", None) == "local" and run_id:
-        from runner.local.registry import run_facts
-
-        return run_facts(ctx.cfg.mlflow.tracking_uri, run_id).get("params", {})
+    """The settings the run trained with: its tracking store's record of them where the backend keeps one (the
+    local MLflow run's params: right also for a finetune step from an earlier run, from_run=), else this config's
+    effective finetune parameters."""
+    recorded = backend.training_params(ctx)
+    if recorded is not None:
+        return recorded
     from omegaconf import OmegaConf
 
     from runner.finetune_params import merge_finetune_params
