@@ -256,16 +256,17 @@ def run_runner(spec, work: Path, contender: str = "runner"):
     import torch
 
     from runner.local import train as train_mod
+    from runner.local import trainer as trainer_mod
 
     stamps = _Stamps(spec["cuda"])
-    base_meter = train_mod._TokenMeter
+    base_meter = trainer_mod.TokenMeter
 
     class StampingMeter(base_meter):
         def add(self, real, total):
             stamps.add(real, total)
             super().add(real, total)
 
-    train_mod._TokenMeter = StampingMeter
+    trainer_mod.TokenMeter = StampingMeter
     params, local = _settings(spec, contender)
     result = train_mod.train(model_dir=spec["model_dir"], train_file=spec["train_file"], eval_file=None,
                              params=params, local=local, out_dir=str(work), device="cuda" if spec["cuda"] else "cpu",

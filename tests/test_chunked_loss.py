@@ -32,7 +32,7 @@ def packed(tiny_model_dir, data, tmp_path_factory):
 
 
 def _model(model_dir, lora: bool):
-    from runner.local.train import _apply_lora, _load_model
+    from runner.local.trainer import apply_lora as _apply_lora, load_model as _load_model
     from runner.local.translate import translate
 
     torch.manual_seed(0)

@@ -246,7 +246,7 @@ def test_auto_checkpointing_that_would_compile_nothing_is_refused_before_loading
 
     loaded = []
     monkeypatch.setattr(recipe.LocalRecipe, "_gradient_checkpointing", lambda self: True)  # "auto" chose it
-    monkeypatch.setattr("runner.local.train._load_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("runner.local.trainer.load_model", lambda *a, **k: loaded.append(1))
     with pytest.raises(RunnerError, match="would compile nothing"):
         run_train(tiny_model_dir, chat_data, tmp_path, compile=True, gradient_checkpointing="auto", max_steps=1)
     assert loaded == []

@@ -2,7 +2,7 @@
 
 `LocalRecipe` takes the plan from runner/local/translate.py (what every finetune key means here) and the run's
 paths; the building blocks (the Trainer subclass, callbacks, evaluation, the model loader, the final save) are in
-runner/local/train.py. `run_recipe()` drives the phases. A recipe runs in one process on one device: the torchrun
+runner/local/trainer.py. `run_recipe()` drives the phases. A recipe runs in one process on one device: the torchrun
 launch for several GPUs or DeepSpeed is decided and performed by its caller (runner/local/backend.py finetune(),
 through runner/local/distributed.py), whose workers then each run this same recipe.
 """
@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 from runner.errors import RunnerError
 from runner.local import checkpoints as ckpt
-from runner.local import distributed, training_dir
+from runner.local import launch_plan, training_dir
 from runner.local.translate import LocalTrainingPlan
 
 
@@ -70,8 +70,8 @@ class LocalRecipe:
         from runner.local.compute import base_weights_dtype
         from runner.local.packing import (PaddedCollator, TokenBudgetBatchSampler, avoid_per_shape_attention_plans,
                                           pack_conversations)
-        from runner.local.train import (_apply_lora, _Events, _load_model, _make_callbacks, _make_trainer_class,
-                                        _mixed_precision, _steps_per_epoch, _TokenMeter, count_parameters)
+        from runner.local.trainer import (Events, TokenMeter, apply_lora, count_parameters, load_model, make_callbacks,
+                                          make_trainer_class, mixed_precision, steps_per_epoch)
 
         plan, out, device = self.plan, self.out, self.device
         out.mkdir(parents=True, exist_ok=True)
@@ -106,14 +106,14 @@ class LocalRecipe:
         never_compiles = compile_refusal(plan.local, packing=plan.packing, checkpointing=checkpointing)
         if never_compiles:  # "auto" chose checkpointing: still refused before the model loads
             raise RunnerError(never_compiles)
-        precision = _mixed_precision(plan.precision, device)
-        model, packing = _load_model(self.model_dir, packing=plan.packing, trust_remote_code=self.trust_remote_code,
+        precision = mixed_precision(plan.precision, device)
+        model, packing = load_model(self.model_dir, packing=plan.packing, trust_remote_code=self.trust_remote_code,
                                      ignore_mismatched_sizes=plan.ignore_mismatched_sizes,
                                      dtype=base_weights_dtype(plan.params, plan.local, precision),
                                      packed_attention=plan.local.get("packed_attention", "per_conversation"))
         model.config.use_cache = False
         if plan.apply_lora:
-            model = _apply_lora(model, plan.lora)
+            model = apply_lora(model, plan.lora)
         if plan.local.get("compile"):
             from runner.local.speed import compile_decoder_layers
 
@@ -130,7 +130,7 @@ class LocalRecipe:
         max_tokens = plan.max_tokens_per_batch if packing else 0
         collator = pack_conversations if packing else PaddedCollator(
             tokenizer.pad_token_id, pad_to=effective_len if plan.pad_to_max_length else None)
-        steps_per_epoch = _steps_per_epoch(len(TokenBudgetBatchSampler(lengths, bs, max_tokens, plan.seed)),
+        steps_per_epoch = steps_per_epoch(len(TokenBudgetBatchSampler(lengths, bs, max_tokens, plan.seed)),
                                            plan.training_args["gradient_accumulation_steps"])
         eval_batches = (TokenBudgetBatchSampler([len(x) for x in eval_ds["input_ids"]],
                                                 plan.training_args["per_device_eval_batch_size"], max_tokens,
@@ -153,23 +153,23 @@ class LocalRecipe:
         for warning in corrupt:
             print(f"warning: {warning}", flush=True)
         metrics_file = out / "metrics.jsonl"
-        events = _Events(metrics_file, self.log_fn, enabled=self.is_main, append=resumed_from is not None)
-        meter = _TokenMeter()
+        events = Events(metrics_file, self.log_fn, enabled=self.is_main, append=resumed_from is not None)
+        meter = TokenMeter()
 
         # -- TrainingArguments, Trainer (optimizer and scheduler are built by it), callbacks --
         eval_strategy, eval_steps = plan.eval_schedule(steps_per_epoch, bool(eval_ds is not None and eval_batches))
         autocast_dtype = (torch.bfloat16 if precision["bf16"] else torch.float16) if any(precision.values()) else None
         args = TrainingArguments(**plan.training_arguments(
             output_dir=str(ckpt_dir), eval_strategy=eval_strategy, eval_steps=eval_steps,
-            deepspeed=distributed.write_deepspeed_config(out, plan.params), use_cpu=device != "cuda",
+            deepspeed=launch_plan.write_deepspeed_config(out, plan.params), use_cpu=device != "cuda",
             gradient_checkpointing=checkpointing, **precision))
-        trainer = _make_trainer_class()(model=model, args=args, train_dataset=train_ds,
+        trainer = make_trainer_class()(model=model, args=args, train_dataset=train_ds,
                                         eval_dataset=eval_ds if eval_strategy != "no" else None,
                                         data_collator=collator, processing_class=tokenizer)
         self.trainer = trainer
         for noisy in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(noisy)
-        progress_cb, best_cb, signal_cb = _make_callbacks(plan, events, meter, self.progress and self.is_main)
+        progress_cb, best_cb, signal_cb = make_callbacks(plan, events, meter, self.progress and self.is_main)
         for cb in (progress_cb, best_cb, signal_cb):
             trainer.add_callback(cb)
         trainer.setup_runner(lengths=lengths, max_tokens=max_tokens, eval_dataset=eval_ds, eval_batches=eval_batches,
@@ -192,7 +192,7 @@ class LocalRecipe:
         import torch
         from transformers.utils import logging as hf_logging
 
-        from runner.local.train import TrainingInterrupted, _perplexity, evaluate_loss
+        from runner.local.trainer import TrainingInterrupted, evaluate_loss, perplexity
 
         trainer, events, meter, signal_cb = self.trainer, self.events, self.meter, self.signal_cb
         device = self.args.device
@@ -214,7 +214,7 @@ class LocalRecipe:
                                           "finetune.per_device_eval_batch_size sets its batch)") from None
             if self.is_main:
                 ckpt.write_atomic(before_file, json.dumps({"eval_loss": eval_before}))
-            events.emit("eval", {"eval_loss": eval_before, "perplexity": _perplexity(eval_before)}, 0)
+            events.emit("eval", {"eval_loss": eval_before, "perplexity": perplexity(eval_before)}, 0)
 
         # -- the loop: the Trainer's, with a checkpoint at the end of the step on SIGTERM/SIGINT --
         signal_cb.install()
@@ -258,7 +258,7 @@ class LocalRecipe:
         if not last_eval and self.eval_batches:
             loss = evaluate_loss(trainer.model, self.eval_ds, self.eval_batches, self.collator, device,
                                  self.autocast_dtype)
-            last_eval = {"eval_loss": loss, "perplexity": _perplexity(loss)}
+            last_eval = {"eval_loss": loss, "perplexity": perplexity(loss)}
             if loaded_best is None:
                 events.emit("eval", last_eval, step)
 
@@ -307,17 +307,17 @@ class LocalRecipe:
     # ---- save ---------------------------------------------------------------------------------------------------
     def save(self) -> Dict[str, Any]:
         """The final model (LoRA merged) written atomically by rank 0, the summary event and result.json."""
-        from runner.local.train import _save_final, _zero3_state_dict
+        from runner.local.trainer import save_final, zero3_state_dict
 
         result = dict(self.figures)
-        gathered = _zero3_state_dict(self.trainer)  # a collective: every rank takes part, rank 0 gets the weights
+        gathered = zero3_state_dict(self.trainer)  # a collective: every rank takes part, rank 0 gets the weights
         if self.is_main:
-            result.update(_save_final(self.trainer.model, self.tokenizer, self.out, apply_lora=self.plan.apply_lora,
+            result.update(save_final(self.trainer.model, self.tokenizer, self.out, apply_lora=self.plan.apply_lora,
                                       merge_lora_weights=self.plan.merge_lora_weights, state_dict=gathered))
             result["wall_time_s"] = time.time() - self.started
             self.events.emit("summary", {k: v for k, v in result.items() if isinstance(v, (int, float))},
                              result["global_step"])
-            ckpt.write_atomic(self.out / distributed.RESULT_FILE, json.dumps(result, indent=1, default=str))
+            ckpt.write_atomic(self.out / launch_plan.RESULT_FILE, json.dumps(result, indent=1, default=str))
         return result
 
     # ---- cleanup ------------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ class _Row:
         return GenerationResult(self.text, reason, len(self.job.prompt_ids), len(self.tokens), error)
 
 
-def _deliver(job: GenerationJob, result: GenerationResult):
+def deliver(job: GenerationJob, result: GenerationResult):
     if job.on_done is not None:
         try:
             job.on_done(result)
@@ -285,7 +285,7 @@ class ChatGenerator:
         for row in rows:  # rows that are already late or abandoned never enter the batch
             reason = self._abandon_reason(row.job, time.monotonic())
             if reason:
-                _deliver(row.job, row.finish(reason))
+                deliver(row.job, row.finish(reason))
             else:
                 live.append(row)
         if not live:
@@ -312,7 +312,7 @@ class ChatGenerator:
                         continue
                     reason = row.add(newest[i]) or generator._abandon_reason(row.job, now)
                     if reason:
-                        _deliver(row.job, row.finish(reason))
+                        deliver(row.job, row.finish(reason))
                         stopped[i] = True
                 return stopped
 
@@ -337,7 +337,7 @@ class ChatGenerator:
             return
         for row in rows:  # generate ended (its own max length) before our criterion saw the last token
             if not row.done:
-                _deliver(row.job, row.finish("length"))
+                deliver(row.job, row.finish("length"))
 
     def _isolate(self, rows: Sequence[_Row], exc: Exception) -> None:
         """A shared generate call raised: each unfinished row runs again on its own, so an error then is that row's
@@ -349,7 +349,7 @@ class ChatGenerator:
                         len(pending))
         for row in pending:
             if len(rows) == 1 or row.emitted:
-                _deliver(row.job, row.finish("error", error))
+                deliver(row.job, row.finish("error", error))
             else:
                 self._run_group([row.job])
 
