@@ -14,3 +14,7 @@ class ConfigError(RunnerError):
 class MissingInput(RunnerError):
     """A step run without what an earlier step makes (run the earlier step too, or point from_run= at a run that
     did)."""
+
+
+class ComputeError(RunnerError):
+    """A compute setting that cannot work on this machine (message: what, why, what would be right, which key)."""

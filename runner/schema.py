@@ -14,14 +14,13 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from runner.errors import ConfigError, RunnerError  # noqa: F401  (ConfigError: its old home)
+from runner.errors import ConfigError  # noqa: F401  (raised by validate(); importable from here as before)
 from runner.azure_routes import route_errors
-from runner.paths import CHECKOUT, STATE_ENV, state_root  # noqa: F401
+from runner.paths import state_root
 from runner.presets import kind_errors
 
 # Keys of the finetune group that steer the runner and are no component input (never sent as one).
@@ -229,7 +228,7 @@ class LocalFinetuneConfig:
     max_tokens_per_batch: int = non_negative(0)  # packing: tokens per micro-batch; 0 = batch size * max_seq_length
     num_gpus: int = non_negative(0)  # 0 = all visible GPUs (multi-GPU runs are launched with torchrun)
     # auto: on only when the compute step's estimate says the micro-batch does not fit without it
-    # (runner.local.memory.use_gradient_checkpointing); true/false force it
+    # (runner.memory.terms.use_gradient_checkpointing); true/false force it
     gradient_checkpointing: Any = choice("auto", ["auto", True, False])
     # the micro-batch does not fit: false refuses (printing the largest that fits, with and without checkpointing);
     # true runs the largest that fits, with the gradient accumulation that keeps the effective batch

@@ -6,7 +6,7 @@ estimate's logits term drops when it is on."""
 import pytest
 import torch
 
-from runner.local import memory
+from runner.memory import terms as memory
 from runner.local.loss import chunked_causal_lm_loss, head_input_capture, output_head
 from tests.test_train import default_settings, write_chat_data
 

@@ -126,7 +126,7 @@ def check_memory_fit(
 ) -> Dict[str, Any]:
     """Before a cluster is created or a job submitted: does the fine-tune fit one GPU of the SKU?
 
-    The estimate is the local trainer's (runner.local.compute.estimate_memory; terms in runner/local/memory.py),
+    The estimate is the local trainer's (runner.memory.estimate.estimate_memory; terms in runner/memory/terms.py),
     per GPU, with these assumptions about the Azure component's training, which the runner cannot see:
     - GPU memory: compute.gpu_memory_gb (the preset's per-GPU size, nominal GiB) x memory_headroom; 0 = unknown,
       nothing checked.
@@ -143,17 +143,17 @@ def check_memory_fit(
     Weights + gradients + optimizer state over the budget: ConfigError (that cannot train). The micro-batch's peak
     over it: a warning naming the largest micro-batch that fits with the gradient accumulation that keeps the
     effective batch (ConfigError with refuse_activations=True). Returns the estimate and verdict."""
-    from runner.local.compute import _config_shapes, estimate_memory, memory_verdict
-    from runner.local.memory import GB, gpu_memory_bytes, known_model_config
+    from runner.memory.estimate import config_shapes, estimate_memory, memory_verdict
+    from runner.memory.terms import GB, gpu_memory_bytes, known_model_config
 
     config = dict(model_config) if model_config else known_model_config(model_name)
     if not gpu_memory_gb or gpu_memory_gb <= 0:
         return {"checked": False, "reason": "compute.gpu_memory_gb is 0 (unknown): memory not checked", "warnings": []}
     if not config:
         return {"checked": False, "warnings": [],
-                "reason": f"no config.json numbers for {model_name} (runner.local.memory.KNOWN_CONFIGS): memory not "
+                "reason": f"no config.json numbers for {model_name} (runner.memory.terms.KNOWN_CONFIGS): memory not "
                           "checked"}
-    shapes = _config_shapes(config)
+    shapes = config_shapes(config)
     world = max(int(gpus_per_node or 0), 1) * max(int(params.get("num_nodes_finetune", 1) or 1), 1)
     apply_lora = bool(params.get("apply_lora"))
     targets = list(lora_target_modules or ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])

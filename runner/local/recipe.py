@@ -67,7 +67,7 @@ class LocalRecipe:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         from runner.data.prepare import tokenize_file_with_stats
-        from runner.local.compute import base_weights_dtype
+        from runner.memory.estimate import base_weights_dtype
         from runner.local.packing import (PaddedCollator, TokenBudgetBatchSampler, avoid_per_shape_attention_plans,
                                           pack_conversations)
         from runner.local.trainer import (Events, TokenMeter, apply_lora, count_parameters, load_model, make_callbacks,
