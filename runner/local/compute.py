@@ -137,22 +137,11 @@ def memory_plan(model_dir: Optional[str], params: Dict[str, Any], local: Dict[st
 
 
 def check_local_compute(
-    *,
-    device: str,
-    gpus_requested: int,
-    params: Dict[str, Any],
-    model_dir: str,
-    memory_headroom: float = 0.9,
-    available_memory_bytes: Optional[int] = None,
-    cuda_devices: Optional[int] = None,
-    lora_target_modules: Optional[List[str]] = None,
-    lora_modules_to_save: Optional[List[str]] = None,
-    gradient_checkpointing: Any = "auto",
-    auto_fit: bool = False,
-    max_tokens_per_batch: int = 0,
-    gpu_memory_gb: float = 0,
-    packing: bool = False,
-    chunked_loss: bool = False,
+    *, device: str, gpus_requested: int, params: Dict[str, Any], model_dir: str, memory_headroom: float = 0.9,
+    available_memory_bytes: Optional[int] = None, cuda_devices: Optional[int] = None,
+    lora_target_modules: Optional[List[str]] = None, lora_modules_to_save: Optional[List[str]] = None,
+    gradient_checkpointing: Any = "auto", auto_fit: bool = False, max_tokens_per_batch: int = 0,
+    gpu_memory_gb: float = 0, packing: bool = False, chunked_loss: bool = False,
 ) -> Dict[str, Any]:
     """Decide the device and refuse what cannot run here. `available_memory_bytes` / `cuda_devices` override what
     is detected (tests, or a user who knows better); `lora_*` default to every linear layer / nothing saved.

@@ -91,6 +91,9 @@ class TokenMeter:
         self._mark_time = self.start
         self._mark_excluded = 0.0
 
+    def restart(self) -> None:
+        self.start = self._mark_time = time.perf_counter()
+
     def add(self, real: int, total: int) -> None:
         self.real += real
         self.total += total
@@ -188,30 +191,10 @@ def make_trainer_class():
             inputs = {**inputs, "use_cache": False}  # a cache would also disable the packed-sequence mask
             packed = packed_batch() if "cu_seq_lens_q" in inputs else contextlib.nullcontext()
             if getattr(self, "_chunked_loss", False) and "labels" in inputs and not return_outputs:
-                return self._chunked_compute_loss(model, inputs, packed, num_items_in_batch)
+                return chunked_trainer_loss(self, model, inputs, packed, num_items_in_batch)
             with packed:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
-
-        def _chunked_compute_loss(self, model, inputs, packed, num_items_in_batch):
-            """finetune.local.chunked_loss: the forward through the (wrapped) model with the head given zero
-            tokens, then the loss over chunks (runner/local/loss.py), normalised and scaled exactly as
-            Trainer.compute_loss does with the model's own loss."""
-            from runner.local.loss import chunked_causal_lm_loss, head_input_capture, output_head
-
-            inputs = dict(inputs)
-            labels = inputs.pop("labels")
-            head = output_head(self.accelerator.unwrap_model(model))
-            with packed, head_input_capture(head) as captured:
-                model(**inputs)  # through DDP/DeepSpeed wrappers, so their hooks see the forward
-            scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            loss = chunked_causal_lm_loss(captured.hidden, head, labels,
-                                          num_items_in_batch=num_items_in_batch if scaled else None)
-            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs \
-                    and num_items_in_batch is not None:
-                loss_scale = self.accelerator.num_processes // self.get_tp_size()
-                loss = loss * (loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu)
-            return loss
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             started = time.perf_counter()
@@ -238,7 +221,33 @@ def make_trainer_class():
     return RunnerTrainer
 
 
+def chunked_trainer_loss(trainer, model, inputs, packed, num_items_in_batch):
+    """finetune.local.chunked_loss: the forward through the (wrapped) model with the head given zero
+    tokens, then the loss over chunks (runner/local/loss.py), normalised and scaled exactly as
+    Trainer.compute_loss does with the model's own loss."""
+    from runner.local.loss import chunked_causal_lm_loss, head_input_capture, output_head
+
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    head = output_head(trainer.accelerator.unwrap_model(model))
+    with packed, head_input_capture(head) as captured:
+        model(**inputs)  # through DDP/DeepSpeed wrappers, so their hooks see the forward
+    scaled = trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
+    loss = chunked_causal_lm_loss(captured.hidden, head, labels,
+                                  num_items_in_batch=num_items_in_batch if scaled else None)
+    if trainer.args.average_tokens_across_devices and trainer.model_accepts_loss_kwargs \
+            and num_items_in_batch is not None:
+        loss_scale = trainer.accelerator.num_processes // trainer.get_tp_size()
+        loss = loss * (loss_scale if trainer.args.n_gpu <= 1 else trainer.args.n_gpu)
+    return loss
+
+
 def make_callbacks(plan, events: Events, meter: TokenMeter, progress: bool):
+    """(events and progress bar, best eval loss / early stopping, stop on a signal): the recipe's callbacks."""
+    return _progress_callback(events, meter, progress), _early_stopping_callback(plan), _signal_callback()
+
+
+def _progress_callback(events: Events, meter: TokenMeter, progress: bool):
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
@@ -284,6 +293,12 @@ def make_callbacks(plan, events: Events, meter: TokenMeter, progress: bool):
             if self.bar is not None:
                 self.bar.close()
 
+    return EventsAndProgress()
+
+
+def _early_stopping_callback(plan):
+    from transformers import TrainerCallback
+
     class EarlyStoppingOnLoss(TrainerCallback):
         """Tracks the best eval loss; with apply_early_stopping, saves on improvement and stops after `patience`
         evaluations without an improvement larger than `threshold`."""
@@ -312,6 +327,12 @@ def make_callbacks(plan, events: Events, meter: TokenMeter, progress: bool):
                     self.stopped_early = True
                     control.should_training_stop = True
                     control.should_save = True
+
+    return EarlyStoppingOnLoss()
+
+
+def _signal_callback():
+    from transformers import TrainerCallback
 
     class StopOnSignal(TrainerCallback):
         """SIGTERM/SIGINT: finish the current step, save a checkpoint, stop. A second SIGINT stops at once."""
@@ -342,7 +363,7 @@ def make_callbacks(plan, events: Events, meter: TokenMeter, progress: bool):
                 control.should_save = True
                 control.should_training_stop = True
 
-    return EventsAndProgress(), EarlyStoppingOnLoss(), StopOnSignal()
+    return StopOnSignal()
 
 
 # ---- model ---------------------------------------------------------------------------------------------------
