@@ -1,16 +1,5 @@
 """What the finetuning-job route takes: its hyperparameters as the strings Azure takes, and its display name.
 (Which route a config chooses, and the combinations Azure offers: runner/azure_routes.py.)
-
-Three routes, side by side (README, "Azure ML: three routes"):
-
-    finetune.route   compute.kind    deployment.kind          what Azure runs
-    pipeline         azure           managed_online           chat_completion_pipeline on your cluster (the notebook)
-    finetuning_job   azure           managed_online           a `type: finetuning` job on your cluster, or on the
-                     (instance_types)                          VM sizes in compute.instance_types
-    finetuning_job   serverless      serverless               a `type: finetuning` job on Azure's own capacity, the
-                                                              model served by a ServerlessEndpoint (pay per token)
-
-The facts below are Azure's, copied here so that a run is refused before anything is spent.
 """
 
 from typing import Any, Dict, Iterable, List, Mapping, Tuple

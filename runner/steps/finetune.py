@@ -2,7 +2,7 @@
 run summary and a sweep rank by."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional, Protocol
 
 from runner.errors import ConfigError, MissingInput
 from runner.steps.result import StepResult
@@ -23,7 +23,17 @@ class FinetuneResult(StepResult):
     tokens_per_s: Optional[float] = None
 
 
-def run(ctx, backend) -> FinetuneResult:
+class FinetuneActions(Protocol):
+    """What the finetune step asks of a backend."""
+
+    submits_jobs: bool
+
+    def job_to_attach(self, ctx) -> tuple: ...
+
+    def finetune(self, ctx) -> Dict[str, Any]: ...
+
+
+def run(ctx, backend: FinetuneActions) -> FinetuneResult:
     if ctx.cfg.finetune.attach_job and not backend.submits_jobs:
         raise ConfigError(f"finetune.attach_job={ctx.cfg.finetune.attach_job}: only backend=azureml submits jobs to "
                           f"attach to; drop it")

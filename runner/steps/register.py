@@ -9,7 +9,7 @@ version is then tagged `quality_gate=allowed: <reason>`, which `steps=[deploy]` 
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Protocol
 
 from runner.errors import RunnerError
 from runner.gate import GATE_PASSED, GATE_TAG  # noqa: F401  (GATE_TAG: for readers of this step)
@@ -105,7 +105,15 @@ def quality_gate(ctx, backend) -> str:
     return GATE_PASSED
 
 
-def run(ctx, backend) -> RegisterResult:
+class RegisterActions(Protocol):
+    """What the register step asks of a backend."""
+
+    def training_params(self, ctx) -> Optional[Dict[str, Any]]: ...
+
+    def register(self, ctx) -> Dict[str, Any]: ...
+
+
+def run(ctx, backend: RegisterActions) -> RegisterResult:
     verdict = quality_gate(ctx, backend)
     if verdict != GATE_PASSED:
         ctx.say(f"warning: registering a model that did not pass the quality gate: {verdict}")

@@ -1,7 +1,7 @@
 """test: one seeded row of the sample split, as the Azure ML scoring request, sent to the endpoint; the reply."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional, Protocol
 
 from runner.atomic import write_json
 from runner.data.sample_request import sample_request
@@ -17,7 +17,13 @@ class TestResult(StepResult):
     request_file: Optional[str] = None
 
 
-def run(ctx, backend) -> TestResult:
+class TestActions(Protocol):
+    """What the test step asks of a backend."""
+
+    def test(self, ctx, request_file) -> Dict[str, Any]: ...
+
+
+def run(ctx, backend: TestActions) -> TestResult:
     request_file = ctx.run_dir / REQUEST_FILE
     write_json(request_file, sample_request(ctx.cfg, ctx.record.output("data", "sample_file")))
     outputs = backend.test(ctx, request_file)
