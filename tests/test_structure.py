@@ -42,12 +42,10 @@ NOT_YET_PRIVATE = [
 ]
 NOT_YET_LONG = [
     "runner/azureml/backend.py: 623 lines",
-    "runner/local/endpoint/server.py: 1077 lines",
     "runner/azureml/backend.py finetune",
     "runner/azureml/checks.py check_memory_fit",
     "runner/azureml/planning.py _make_ops",
     "runner/local/backend.py finetune",
-    "runner/local/endpoint/server.py create_app",
 ]
 
 
