@@ -23,7 +23,8 @@ from runner.azureml.checks import (
     reconcile_gpus,
 )
 from runner.azureml.spec import ComponentSpec, check_explicit_keys, load_spec, resolve_spec_path, spec_from_dict
-from runner.azureml.tags import ModelFacts, archived_message, facts_from_registry
+from runner.azureml.suggest import archived_message
+from runner.azureml.tags import ModelFacts, facts_from_registry
 from runner.backend_api import Backend
 from runner.finetune_params import merge_finetune_params, pipeline_display_name
 from runner.schema import ConfigError
@@ -175,10 +176,10 @@ class AzureMLBackend(Backend):
             foundation_model = registry.models.get(m.name, version=str(m.version))
         else:
             foundation_model = registry.models.get(m.name, label=m.label)
-        from runner.azureml.tags import _system_metadata, allow_list_message
+        from runner.azureml.tags import allow_list_message, system_metadata
 
         body, unread = None, ""
-        if not self.cfg.dry_run and not _system_metadata(foundation_model) and foundation_model.version:
+        if not self.cfg.dry_run and not system_metadata(foundation_model) and foundation_model.version:
             # the entity lost the version's system metadata and isArchived: the registry's raw body has them
             from runner.azureml.registry_rest import model_version_body
 
