@@ -992,6 +992,22 @@ def _remove_own_files(key_file: Path, key: str, state_file: Optional[Path]) -> N
             pass
 
 
+def _also_on_hangup(server, uvicorn_capture):
+    """uvicorn's signal capture plus SIGHUP, handled as SIGTERM is (drain, then stop); restored afterwards."""
+    from contextlib import ExitStack, contextmanager
+
+    from runner.signals import handled_by
+
+    @contextmanager
+    def both():
+        with ExitStack() as stack:
+            stack.enter_context(handled_by(server.handle_exit, [signal.SIGHUP]))
+            stack.enter_context(uvicorn_capture)
+            yield
+
+    return both()
+
+
 def main(argv=None) -> int:
     import uvicorn
 
@@ -1039,6 +1055,10 @@ def main(argv=None) -> int:
         def handle_exit(self, sig, frame):
             drain(f"signal {sig}")
             super().handle_exit(sig, frame)
+
+        def capture_signals(self):
+            # uvicorn installs its own SIGINT/SIGTERM handlers (even over an inherited SIG_IGN); SIGHUP drains too
+            return _also_on_hangup(self, super().capture_signals())
 
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 1,
