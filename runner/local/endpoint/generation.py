@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 log = logging.getLogger("runner.endpoint.generation")
 
@@ -42,6 +42,9 @@ class GenerationJob:
     top_p: float = 1.0
     top_k: int = 0
     stop: Sequence[str] = ()
+    presence_penalty: float = 0.0  # OpenAI's penalties and logit_bias (runner/local/endpoint/penalties.py)
+    frequency_penalty: float = 0.0
+    logit_bias: Dict[int, float] = field(default_factory=dict)
     deadline: Optional[float] = None  # time.monotonic() after which the row is abandoned ("timeout")
     on_delta: Optional[Callable[[str], None]] = None  # streaming: called with each new piece of text
     on_done: Optional[Callable[["GenerationResult"], None]] = None
@@ -280,6 +283,8 @@ class ChatGenerator:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+        from runner.local.endpoint.penalties import TokenPenalties, needs_adjusting
+
         rows = [_Row(job, self.tokenizer, set(self.eos_ids), self.tokenizer_lock) for job in jobs]
         live = []
         for row in rows:  # rows that are already late or abandoned never enter the batch
@@ -318,6 +323,9 @@ class ChatGenerator:
 
         sampling = _RowSampling([r.job for r in rows])
         any_sampling = not bool(sampling.greedy.all())
+        processors = [sampling] if any_sampling else []
+        if any(needs_adjusting(r.job) for r in rows):  # penalties and biases come first, on the raw logits
+            processors.insert(0, TokenPenalties([r.job for r in rows], width))
         try:
             with torch.inference_mode():
                 self.model.generate(
@@ -327,7 +335,7 @@ class ChatGenerator:
                     do_sample=any_sampling,
                     # sampling settings live in the per-row processor; generate's own warpers stay neutral
                     temperature=None, top_p=None, top_k=None,
-                    logits_processor=LogitsProcessorList([sampling]) if any_sampling else None,
+                    logits_processor=LogitsProcessorList(processors) if processors else None,
                     stopping_criteria=StoppingCriteriaList([_PerRowStop()]),
                     eos_token_id=self.eos_ids,
                     pad_token_id=self.pad_id,

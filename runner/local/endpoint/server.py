@@ -321,10 +321,24 @@ def parse_chat_request(body, limits: RequestLimits = DEFAULT_LIMITS
     n = 1 if body.get("n") is None else _integer(body["n"], "n", low=1, high=MAX_CHOICES)
     stream = False if body.get("stream") is None else _boolean(body["stream"], "stream")
     stream_options = _object(body.get("stream_options") or {}, "stream_options")
-    settings = {"do_sample": temperature > 0, "temperature": temperature, "top_p": top_p, "top_k": 0,
-                "max_new_tokens": max_tokens, "stop": _stop_strings(body.get("stop"), "stop", limits)}
+    top_k = 0 if body.get("top_k") is None else _integer(body["top_k"], "top_k", low=0, high=MAX_TOP_K)
+    settings = {"do_sample": temperature > 0, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                "max_new_tokens": max_tokens, "stop": _stop_strings(body.get("stop"), "stop", limits),
+                **_openai_extras(body)}
     options = {"model": model, "n": n, "stream": stream, "include_usage": bool(stream_options.get("include_usage"))}
     return messages, settings, options
+
+
+def _openai_extras(body) -> Dict[str, Any]:
+    """Every other OpenAI field: refused by name unless implemented (runner/local/endpoint/openai_params.py);
+    the penalties and logit_bias go to the generation."""
+    from runner.local.endpoint import openai_params
+
+    try:
+        openai_params.check_fields(body)
+        return {**openai_params.penalties(body), "logit_bias": openai_params.logit_bias(body)}
+    except openai_params.FieldError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
 
 
 # ---------------------------------------------------------------- the endpoint
@@ -724,8 +738,15 @@ def create_app(settings: EndpointSettings) -> FastAPI:
         except ContextLengthError as exc:
             param = "max_new_tokens" if sampling["max_new_tokens"] else "messages"
             raise ApiError(413, str(exc), param=param, kind="context_length_exceeded") from None
+        bias = sampling.get("logit_bias") or {}
+        vocab = generator.model.config.get_text_config().vocab_size
+        if any(token >= vocab for token in bias):
+            raise ApiError(400, f"logit_bias names token {max(bias)}; the model's vocabulary has {vocab} tokens",
+                           param="logit_bias")
         return [GenerationJob(prompt, max_new, do_sample=sampling["do_sample"], temperature=sampling["temperature"],
                               top_p=sampling["top_p"], top_k=sampling["top_k"], stop=sampling["stop"],
+                              presence_penalty=sampling.get("presence_penalty", 0.0),
+                              frequency_penalty=sampling.get("frequency_penalty", 0.0), logit_bias=bias,
                               deadline=deadline) for _ in range(count)]
 
     async def _make_jobs(deployment: _Deployment, messages, sampling, count: int, deadline: float):
