@@ -48,6 +48,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from runner.atomic import write_text
 from runner.local.endpoint.batching import BatcherClosed, DynamicBatcher
+from runner.local.endpoint.drain import DrainUnreadBodies
 from runner.local.endpoint.generation import ContextLengthError, GenerationJob, GenerationResult
 
 log = logging.getLogger("runner.endpoint")
@@ -649,6 +650,7 @@ def create_app(settings: EndpointSettings) -> FastAPI:
                   openapi_url=None)
     app.state.endpoint = state
     app.add_middleware(ContainErrors)
+    app.add_middleware(DrainUnreadBodies)  # an early 413/401 is sent after the body's rest is read (drain.py)
     app.add_middleware(CloseUnreadBodies)  # outermost: a 500 sent before the body was read closes too
 
     @app.exception_handler(ApiError)
