@@ -82,3 +82,21 @@ def test_kept_alive_endpoint_is_deleted_on_each_stop_signal_with_sigint_ignored(
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+@pytest.mark.slow
+def test_the_endpoint_server_drains_and_ends_on_sighup(tiny_model_dir, tmp_path):
+    from runner.local.endpoint.manager import launch_server, stop_endpoint, wait_ready
+
+    state = launch_server(name="hangup-ep", deployments={"demo": str(tiny_model_dir)}, traffic={"demo": 100},
+                          host="127.0.0.1", port=0, state_dir=tmp_path, request_timeout_ms=30000, max_batch_size=2,
+                          batch_window_ms=5)
+    try:
+        wait_ready(state, timeout_s=120, progress=False)
+        os.kill(state["pid"], signal.SIGHUP)  # its default action would kill it without draining
+        assert manager._wait_exit(state["pid"], "hangup-ep", 20, state["instance"])
+        log = (tmp_path / "hangup-ep.log").read_text()
+        assert "signal 1: draining" in log and "endpoint hangup-ep stopped" in log
+        assert not manager._listening("127.0.0.1", state["port"])
+    finally:
+        stop_endpoint(state, state_dir=tmp_path)
