@@ -3,6 +3,7 @@ batch of rows with different lengths (as a served batch has: short answers, long
 
     python bench/decode_loop.py                       # the tiny model built offline, batch 16, 8..128 new tokens
     python bench/decode_loop.py --model <save_pretrained folder> --batch 32 --max-new-tokens 256
+    python bench/decode_loop.py --same-length      # no row ends early: the loop's own overhead
 
 Both sides decode greedily the same prompts with the same per-row token budgets (generate cannot stop one row
 early, so its rows run to the longest budget and are cut afterwards), in alternating rounds. Prints wall time of
@@ -24,6 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--same-length", action="store_true",
+                   help="every row gets --max-new-tokens: nothing to drop, so this shows the loop's own overhead")
     args = p.parse_args(argv)
 
     import torch
@@ -37,6 +40,8 @@ def main(argv=None) -> int:
         encoded = [generator.encode_chat(m) for m in prompts(args.batch)]
         # budgets spread from 1/16 of the longest to the longest: most rows end well before the last one
         budgets = [max(1, args.max_new_tokens * (i % 16 + 1) // 16) for i in range(args.batch)]
+        if args.same_length:
+            budgets = [args.max_new_tokens] * args.batch
         # every row always runs to its budget on both sides (no eos): the same tokens are produced
         no_eos = {t: -1e9 for t in generator.eos_ids}
 
