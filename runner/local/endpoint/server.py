@@ -10,8 +10,9 @@ Run as its own process: `python -m runner.local.endpoint.server --name ... --key
 once and readiness turns 200 when every deployment's model is loaded (in a background thread).
 
 Request bodies are capped (`--max-request-bytes`): a larger Content-Length is refused with 413 before the body is
-read, a body without one (chunked) is read only up to the cap, and a response sent before the body was read closes
-the connection, so the rest is never read. With `--owner-pid` the server also ends, removing its key and state
+read, a body without one (chunked) is kept only up to the cap, and a response sent before the body was read goes
+out once the rest has been read and discarded (bounded: drain.py), so a plain client reads it instead of a reset;
+beyond that bound the connection closes. With `--owner-pid` the server also ends, removing its key and state
 files, when that process (ftrun) is gone without having stopped it.
 
 Hostile input harms only its own request: every sampling parameter must be finite and in range (NaN, Infinity and
