@@ -168,6 +168,23 @@ def test_openai_client_with_a_wrong_key_gets_an_authentication_error(endpoint):
         client.chat.completions.create(model="blue", messages=CHAT, max_tokens=2)
 
 
+def test_openai_client_fields_are_honoured_or_refused_by_name(endpoint):
+    """Through the openai client: the penalties change a greedy reply, tools are refused naming `tools`."""
+    import openai
+
+    client = openai.OpenAI(base_url=endpoint["openai_base_url"], api_key=read_key(endpoint), max_retries=0)
+    plain = client.chat.completions.create(model="blue", messages=CHAT, max_tokens=24, temperature=0)
+    penalised = client.chat.completions.create(model="blue", messages=CHAT, max_tokens=24, temperature=0,
+                                               presence_penalty=2.0, frequency_penalty=2.0)
+    assert penalised.choices[0].message.content != plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="blue", messages=CHAT, max_tokens=2,
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert err.value.status_code == 400 and err.value.body["param"] == "tools"
+    too_big = post(endpoint, "/v1/chat/completions", {"messages": CHAT, "logit_bias": {"999999": 5}})
+    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "logit_bias"
+
+
 def test_beyond_the_context_is_413(endpoint):
     too_many = post(endpoint, "/score", score_body([CHAT], max_new_tokens=5000))
     assert too_many.status_code == 413 and too_many.json()["error"]["param"] == "max_new_tokens"

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from runner.backends import Backend
 from runner.figures import figure
-from runner.finetune_params import merge_finetune_params, pipeline_display_name
+from runner.finetune_params import dataset_label, merge_finetune_params, pipeline_display_name
 
 
 def _plain(node) -> Any:
@@ -37,7 +37,8 @@ class LocalBackend(Backend):
         return merge_finetune_params(self.cfg.finetune, defaults, ctx.explicit_finetune_keys)
 
     def display_name(self, params) -> str:
-        return pipeline_display_name(self.cfg.model.name, params, self.cfg.compute.gpus_per_node or 1)
+        return pipeline_display_name(self.cfg.model.name, params, self.cfg.compute.gpus_per_node or 1,
+                                     dataset_label(self.cfg.dataset.name))
 
     def _model_dir(self, ctx) -> str:
         model_dir = ctx.record.output("model", "model_dir")

@@ -10,8 +10,9 @@ Run as its own process: `python -m runner.local.endpoint.server --name ... --key
 once and readiness turns 200 when every deployment's model is loaded (in a background thread).
 
 Request bodies are capped (`--max-request-bytes`): a larger Content-Length is refused with 413 before the body is
-read, a body without one (chunked) is read only up to the cap, and a response sent before the body was read closes
-the connection, so the rest is never read. With `--owner-pid` the server also ends, removing its key and state
+read, a body without one (chunked) is kept only up to the cap, and a response sent before the body was read goes
+out once the rest has been read and discarded (bounded: drain.py), so a plain client reads it instead of a reset;
+beyond that bound the connection closes. With `--owner-pid` the server also ends, removing its key and state
 files, when that process (ftrun) is gone without having stopped it.
 
 Hostile input harms only its own request: every sampling parameter must be finite and in range (NaN, Infinity and
@@ -48,6 +49,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from runner.atomic import write_text
 from runner.local.endpoint.batching import BatcherClosed, DynamicBatcher
+from runner.local.endpoint.drain import DrainUnreadBodies
 from runner.local.endpoint.generation import ContextLengthError, GenerationJob, GenerationResult
 
 log = logging.getLogger("runner.endpoint")
@@ -321,10 +323,24 @@ def parse_chat_request(body, limits: RequestLimits = DEFAULT_LIMITS
     n = 1 if body.get("n") is None else _integer(body["n"], "n", low=1, high=MAX_CHOICES)
     stream = False if body.get("stream") is None else _boolean(body["stream"], "stream")
     stream_options = _object(body.get("stream_options") or {}, "stream_options")
-    settings = {"do_sample": temperature > 0, "temperature": temperature, "top_p": top_p, "top_k": 0,
-                "max_new_tokens": max_tokens, "stop": _stop_strings(body.get("stop"), "stop", limits)}
+    top_k = 0 if body.get("top_k") is None else _integer(body["top_k"], "top_k", low=0, high=MAX_TOP_K)
+    settings = {"do_sample": temperature > 0, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                "max_new_tokens": max_tokens, "stop": _stop_strings(body.get("stop"), "stop", limits),
+                **_openai_extras(body)}
     options = {"model": model, "n": n, "stream": stream, "include_usage": bool(stream_options.get("include_usage"))}
     return messages, settings, options
+
+
+def _openai_extras(body) -> Dict[str, Any]:
+    """Every other OpenAI field: refused by name unless implemented (runner/local/endpoint/openai_params.py);
+    the penalties and logit_bias go to the generation."""
+    from runner.local.endpoint import openai_params
+
+    try:
+        openai_params.check_fields(body)
+        return {**openai_params.penalties(body), "logit_bias": openai_params.logit_bias(body)}
+    except openai_params.FieldError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
 
 
 # ---------------------------------------------------------------- the endpoint
@@ -635,6 +651,7 @@ def create_app(settings: EndpointSettings) -> FastAPI:
                   openapi_url=None)
     app.state.endpoint = state
     app.add_middleware(ContainErrors)
+    app.add_middleware(DrainUnreadBodies)  # an early 413/401 is sent after the body's rest is read (drain.py)
     app.add_middleware(CloseUnreadBodies)  # outermost: a 500 sent before the body was read closes too
 
     @app.exception_handler(ApiError)
@@ -724,8 +741,15 @@ def create_app(settings: EndpointSettings) -> FastAPI:
         except ContextLengthError as exc:
             param = "max_new_tokens" if sampling["max_new_tokens"] else "messages"
             raise ApiError(413, str(exc), param=param, kind="context_length_exceeded") from None
+        bias = sampling.get("logit_bias") or {}
+        vocab = generator.model.config.get_text_config().vocab_size
+        if any(token >= vocab for token in bias):
+            raise ApiError(400, f"logit_bias names token {max(bias)}; the model's vocabulary has {vocab} tokens",
+                           param="logit_bias")
         return [GenerationJob(prompt, max_new, do_sample=sampling["do_sample"], temperature=sampling["temperature"],
                               top_p=sampling["top_p"], top_k=sampling["top_k"], stop=sampling["stop"],
+                              presence_penalty=sampling.get("presence_penalty", 0.0),
+                              frequency_penalty=sampling.get("frequency_penalty", 0.0), logit_bias=bias,
                               deadline=deadline) for _ in range(count)]
 
     async def _make_jobs(deployment: _Deployment, messages, sampling, count: int, deadline: float):
@@ -992,6 +1016,22 @@ def _remove_own_files(key_file: Path, key: str, state_file: Optional[Path]) -> N
             pass
 
 
+def _also_on_hangup(server, uvicorn_capture):
+    """uvicorn's signal capture plus SIGHUP, handled as SIGTERM is (drain, then stop); restored afterwards."""
+    from contextlib import ExitStack, contextmanager
+
+    from runner.signals import handled_by
+
+    @contextmanager
+    def both():
+        with ExitStack() as stack:
+            stack.enter_context(handled_by(server.handle_exit, [signal.SIGHUP]))
+            stack.enter_context(uvicorn_capture)
+            yield
+
+    return both()
+
+
 def main(argv=None) -> int:
     import uvicorn
 
@@ -1039,6 +1079,10 @@ def main(argv=None) -> int:
         def handle_exit(self, sig, frame):
             drain(f"signal {sig}")
             super().handle_exit(sig, frame)
+
+        def capture_signals(self):
+            # uvicorn installs its own SIGINT/SIGTERM handlers (even over an inherited SIG_IGN); SIGHUP drains too
+            return _also_on_hangup(self, super().capture_signals())
 
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 1,
