@@ -25,7 +25,10 @@ class LocalBackend(Backend):
     name = "local"
 
     def __init__(self, cfg):
+        from runner.local.tracking import artifact_roots
+
         self.cfg = cfg
+        artifact_roots[cfg.mlflow.tracking_uri] = str(cfg.mlflow.artifact_location)
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     @property
@@ -64,9 +67,15 @@ class LocalBackend(Backend):
 
     # ---- steps ----------------------------------------------------------------------------------------------
     def connect(self, ctx) -> Dict[str, Any]:
+        from runner.local.store import open_store
+
         for key in ("root", "data_dir", "models_dir", "endpoints_dir"):
             Path(self.cfg.paths[key]).mkdir(parents=True, exist_ok=True)
         ctx.say(f"state folder {Path(self.cfg.paths.root).resolve()}")
+        # the store is opened and checked first: a broken one is refused here, before anything is spent
+        for line in open_store(self.tracking_uri, self.cfg.mlflow.artifact_location,
+                               repair=bool(self.cfg.mlflow.get("repair_store", False))):
+            ctx.say(line)
         ctx.say(f"MLflow tracking + registry at {self.tracking_uri}")
         return {"state_dir": str(Path(self.cfg.paths.root).resolve()), "tracking_uri": self.tracking_uri}
 
