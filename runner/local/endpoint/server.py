@@ -49,6 +49,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from runner.atomic import write_text
 from runner.local.endpoint.batching import BatcherClosed, DynamicBatcher
 from runner.local.endpoint.generation import ContextLengthError, GenerationJob, GenerationResult
+from runner.local.endpoint.wire_shapes import check_score_shape, message_content
 
 log = logging.getLogger("runner.endpoint")
 
@@ -178,8 +179,7 @@ def parse_messages(value, path: str, limits: RequestLimits = DEFAULT_LIMITS) -> 
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise ApiError(400, f"{where}.role must be one of {list(ROLES)}, got {json.dumps(role)}", param=f"{where}.role")
-        if not isinstance(content, str):
-            raise ApiError(400, f"{where}.content must be a string, got {json.dumps(content)}", param=f"{where}.content")
+        content = message_content(content, f"{where}.content")  # a string, or text parts (wire_shapes.py)
         chars += len(content)
         if chars > limits.max_prompt_chars:
             raise ApiError(413, f"{path} holds more than {limits.max_prompt_chars} characters of content; this "
@@ -217,6 +217,7 @@ def parse_json(raw: bytes) -> Any:
 def parse_score_request(body, limits: RequestLimits = DEFAULT_LIMITS) -> Tuple[List[Dict[str, str]], Dict[str, Any]]:
     """The Azure ML chat-completion scoring format → (messages, sampling settings)."""
     _object(body, "body")
+    score_parameters = check_score_shape(body)  # unknown keys, non-object parameters (wire_shapes.py)
     if "input_data" not in body:
         raise ApiError(400, "input_data is required: {\"input_data\": {\"input_string\": [...], \"parameters\": {...}}}",
                        param="input_data")
@@ -234,7 +235,7 @@ def parse_score_request(body, limits: RequestLimits = DEFAULT_LIMITS) -> Tuple[L
         messages = parse_messages(turns, "input_data.input_string", limits)
     if "params" in body and body["params"] is not None:
         _object(body["params"], "params")
-    params = _object(data.get("parameters") or {}, "input_data.parameters")
+    params = score_parameters
     where = "input_data.parameters"
     unknown = sorted(set(params) - set(SCORE_PARAMETERS))
     if unknown:
