@@ -592,6 +592,19 @@ def slow_client_protocol(header_timeout_s: float):
     return SlowClientTimeoutProtocol
 
 
+def admission(app, settings: EndpointSettings):
+    """(app, h11 protocol, uvicorn limit_concurrency): admitted keyed requests count against max_connections, and
+    connections still sending headers have their own budget (admission.py says why). FTRUN_ENDPOINT_ADMISSION=uvicorn
+    restores uvicorn's own limit_concurrency, for bench/endpoint_abuse.py's side-by-side only."""
+    from runner.local.endpoint.admission import PENDING_PER_ADMITTED, AdmissionLimit, admission_protocol
+
+    protocol = slow_client_protocol(settings.header_timeout_s)
+    if os.environ.get("FTRUN_ENDPOINT_ADMISSION") == "uvicorn":
+        return app, protocol, settings.max_connections
+    return (AdmissionLimit(app, settings.max_connections, settings.key),
+            admission_protocol(protocol, PENDING_PER_ADMITTED * settings.max_connections), None)
+
+
 def _max_token_chars(generator) -> int:
     """The most characters one token of this tokenizer stands for (at least 1), computed once per model."""
     cached = getattr(generator, "_max_token_chars", None)
@@ -1041,11 +1054,11 @@ def main(argv=None) -> int:
             drain(f"signal {sig}")
             super().handle_exit(sig, frame)
 
+    app, protocol, limit_concurrency = admission(app, settings)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 1,
-                            http=slow_client_protocol(settings.header_timeout_s),
-                            timeout_keep_alive=settings.keep_alive_timeout_s,
-                            limit_concurrency=settings.max_connections)
+                            http=protocol, timeout_keep_alive=settings.keep_alive_timeout_s,
+                            limit_concurrency=limit_concurrency)
     server = _Server(config)
     state.on_load_failure = lambda: setattr(server, "should_exit", True)
     if args.port_file:
