@@ -45,10 +45,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from runner.atomic import write_text
 from runner.local.endpoint.batching import BatcherClosed, DynamicBatcher
 from runner.local.endpoint.generation import ContextLengthError, GenerationJob, GenerationResult
+from runner.local.endpoint.server_log import RotatingStderrHandler, one_line_disconnect
 from runner.local.endpoint.wire_shapes import check_score_shape, message_content
 
 log = logging.getLogger("runner.endpoint")
@@ -538,6 +540,8 @@ class ContainErrors:
 
         try:
             await self.app(scope, receive, send_tracked)
+        except ClientDisconnect:  # gone mid-body: one short line, not a traceback (nothing to answer)
+            log.info(one_line_disconnect(scope))
         except Exception as exc:
             log.error("%s %s failed:\n%s", scope.get("method"), scope.get("path"), traceback.format_exc())
             if not started:
@@ -1010,8 +1014,9 @@ def main(argv=None) -> int:
     import uvicorn
 
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = RotatingStderrHandler()  # the server log is bounded (server_log.py)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     deployments = json.loads(args.deployments)
     traffic = json.loads(args.traffic) if args.traffic else {next(iter(deployments)): 100}
     key = Path(args.key_file).read_text(encoding="utf-8").strip()
