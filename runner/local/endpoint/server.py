@@ -51,7 +51,7 @@ from runner.atomic import write_text
 from runner.local.endpoint.batching import BatcherClosed, DynamicBatcher
 from runner.local.endpoint.generation import ContextLengthError, GenerationJob, GenerationResult
 from runner.local.endpoint.server_log import RotatingStderrHandler, one_line_disconnect
-from runner.local.endpoint.wire_shapes import check_score_shape, message_content
+from runner.local.endpoint.wire_shapes import ShapeError, check_score_shape, message_content
 
 log = logging.getLogger("runner.endpoint")
 
@@ -168,6 +168,13 @@ def _stop_strings(value, path: str, limits: RequestLimits = DEFAULT_LIMITS) -> L
     return items
 
 
+def _shape(check, *args):
+    try:
+        return check(*args)
+    except ShapeError as exc:
+        raise ApiError(400, exc.message, param=exc.param) from None
+
+
 def parse_messages(value, path: str, limits: RequestLimits = DEFAULT_LIMITS) -> List[Dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise ApiError(400, f"{path} must be a non-empty list of {{role, content}} messages", param=path)
@@ -181,7 +188,7 @@ def parse_messages(value, path: str, limits: RequestLimits = DEFAULT_LIMITS) -> 
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise ApiError(400, f"{where}.role must be one of {list(ROLES)}, got {json.dumps(role)}", param=f"{where}.role")
-        content = message_content(content, f"{where}.content")  # a string, or text parts (wire_shapes.py)
+        content = _shape(message_content, content, f"{where}.content")  # a string, or text parts (wire_shapes.py)
         chars += len(content)
         if chars > limits.max_prompt_chars:
             raise ApiError(413, f"{path} holds more than {limits.max_prompt_chars} characters of content; this "
@@ -219,7 +226,7 @@ def parse_json(raw: bytes) -> Any:
 def parse_score_request(body, limits: RequestLimits = DEFAULT_LIMITS) -> Tuple[List[Dict[str, str]], Dict[str, Any]]:
     """The Azure ML chat-completion scoring format → (messages, sampling settings)."""
     _object(body, "body")
-    score_parameters = check_score_shape(body)  # unknown keys, non-object parameters (wire_shapes.py)
+    score_parameters = _shape(check_score_shape, body)  # unknown keys, non-object parameters (wire_shapes.py)
     if "input_data" not in body:
         raise ApiError(400, "input_data is required: {\"input_data\": {\"input_string\": [...], \"parameters\": {...}}}",
                        param="input_data")

@@ -15,10 +15,17 @@ SCORE_TOP_KEYS = ("input_data", "params")
 SCORE_INPUT_KEYS = ("input_string", "parameters")
 
 
-def _error(message: str, param: str):
-    from runner.local.endpoint.server import ApiError
+class ShapeError(ValueError):
+    """A 400 naming `param`; server.py turns it into its ApiError (the server runs as __main__, so this module
+    cannot import that class: it would be another one)."""
 
-    return ApiError(400, message, param=param)
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+def _error(message: str, param: str) -> ShapeError:
+    return ShapeError(message, param)
 
 
 def _unknown(obj: Dict[str, Any], allowed, where: str) -> None:
@@ -29,7 +36,10 @@ def _unknown(obj: Dict[str, Any], allowed, where: str) -> None:
 
 
 def check_score_shape(body: Dict[str, Any]) -> Dict[str, Any]:
-    """Refuses unknown keys at the top level and in input_data; returns input_data.parameters as an object."""
+    """Refuses unknown keys at the top level and in input_data; returns input_data.parameters as an object.
+    A body without input_data is left to the caller's "input_data is required"."""
+    if "input_data" not in body:
+        return {}
     _unknown(body, SCORE_TOP_KEYS, "")
     data = body.get("input_data")
     if isinstance(data, dict):
