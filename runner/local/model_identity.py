@@ -22,13 +22,18 @@ class ModelFilesMissing(RunnerError):
     """The registered version's model folder is gone."""
 
 
+# MLflow writes this into a version's folder when the version is loaded by its models:/ URI (the endpoint does):
+# bookkeeping, not the model.
+NOT_MODEL_FILES = {"registered_model_meta"}
+
+
 def content_sha256(folder) -> str:
     """One checksum over a folder's files: each file's relative path and sha256, in sorted order."""
     from runner.atomic import sha256_file
 
     root = Path(folder)
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in NOT_MODEL_FILES):
         digest.update(f"{path.relative_to(root).as_posix()}\0{sha256_file(path)}\n".encode())
     return digest.hexdigest()
 

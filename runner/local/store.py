@@ -128,6 +128,9 @@ def _initialise(path: Path) -> None:
     """MLflow's tables at the newest revision, in a fresh file."""
     from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine
 
+    from runner.quiet import quiet_mlflow
+
+    quiet_mlflow()  # its migrations log at INFO: not actionable
     engine = create_sqlalchemy_engine(_sqlite_uri(path))
     try:
         _initialize_tables(engine)
@@ -174,6 +177,10 @@ def _stamp() -> str:
 def _migrate_copy(db: Path) -> Path:
     """A migrated copy of `db` (leftover alembic temp tables dropped first); the original is not touched."""
     from mlflow.store.db.utils import _upgrade_db, create_sqlalchemy_engine
+
+    from runner.quiet import quiet_mlflow
+
+    quiet_mlflow()
 
     work = _aside(db, "migrating")
     shutil.copy2(db, work)
