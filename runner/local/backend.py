@@ -348,7 +348,7 @@ class LocalBackend(Backend):
         from runner.local.endpoint.manager import invoke
 
         state = self._endpoint_state(ctx)
-        registered = ctx.record.output("register")
+        registered = ctx.record.output("register") or {}
         deployed = ctx.record.output("deploy", "model_uri") or state.get("model_uri")
         if registered.get("model_uri") and deployed == registered["model_uri"]:
             from runner.local.model_identity import verify_registered_model
