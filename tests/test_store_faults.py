@@ -137,3 +137,18 @@ def test_corrupt_pages_are_found_by_the_integrity_check(tmp_path, good_store):
     data[4096 * 3: 4096 * 3 + 512] = os.urandom(512)  # a page in the middle overwritten
     db.write_bytes(bytes(data))
     assert store.inspect_store(db)["state"] in ("corrupt",)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["zero bytes", "missing"])
+def test_repair_of_an_emptied_or_missing_store_says_what_is_lost(tmp_path, fault):
+    home = tmp_path / "home"
+    db = _state_with(home, b"")
+    if fault == "missing":
+        db.unlink()
+    said = store.repair_store(f"sqlite:///{db}", str(home / "mlartifacts"))
+    assert store.inspect_store(db)["state"] == "ok"
+    assert any("not recovered" in line and "1 run(s)" in line for line in said), said
+    assert (home / "mlartifacts" / ("a" * 32)).is_dir()  # the earlier run's files are untouched
+    if fault == "zero bytes":
+        assert len(list(home.glob("mlflow.db.broken-*"))) == 1
