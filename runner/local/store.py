@@ -27,6 +27,9 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 REPAIR_HINT = "mlflow.repair_store=true"
 
 
+_checked: set = set()  # tracking URIs whose store this process has checked and found sound
+
+
 class StoreBroken(RunnerError):
     """The MLflow store cannot be used as it is; the message names the file and what to do."""
 
@@ -108,12 +111,17 @@ def check_store(tracking_uri: str, artifact_location: Optional[str]) -> Optional
     db = sqlite_file(tracking_uri)
     if db is None:
         return None
+    if tracking_uri in _checked and db.exists():  # once per process (connect, then the first client)
+        return {"state": "ok", "detail": "checked before in this process"}
     found = inspect_store(db)
+    if found["state"] == "ok":
+        _checked.add(tracking_uri)
     if found["state"] == "missing":
         evidence = evidence_of_store(artifact_location)
         if evidence:
             raise StoreBroken(_refusal(db, found, evidence))
         build_new_store(db)
+        _checked.add(tracking_uri)
         return {"state": "created", "detail": "a new store"}
     if found["state"] != "ok":
         raise StoreBroken(_refusal(db, found, []))
