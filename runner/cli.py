@@ -5,6 +5,7 @@ Only hydra/omegaconf are imported at module level: heavy libraries load inside t
 
 import logging
 import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -102,6 +103,11 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: list, multirun: bool, sw
         _mark_job_failed(run_dir, exc, sweep)
         return _worst(cfg)
     except Exception as exc:
+        short = _short_failure(cfg, exc)
+        if short and not multirun:  # a fault the user can act on: a few lines here, the traceback in ftrun.log
+            console.file_only(traceback.format_exc())
+            _print_short(f"ftrun: {short}\n  (traceback in {run_dir / 'ftrun.log'})")
+            sys.exit(1)
         if not multirun:
             console.file_only(traceback.format_exc())  # Hydra prints it to the console after main() returns
             raise
@@ -111,6 +117,24 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: list, multirun: bool, sw
         return _worst(cfg)
     value = record.objective(cfg.sweep.metric)
     return value if value is not None else _worst(cfg)
+
+
+def _short_failure(cfg: DictConfig, exc: BaseException):
+    from runner.failures import short_failure
+    from runner.local.tracking import sqlite_file
+
+    try:
+        store = sqlite_file(str(cfg.mlflow.tracking_uri))
+        return short_failure(exc, str(store) if store else None, str(cfg.paths.root))
+    except Exception:  # the config itself may be what failed: keep the traceback
+        return None
+
+
+def _print_short(text: str) -> None:
+    """Straight to descriptor 2, which the console log tees into ftrun.log too: the short message sits under the
+    traceback there."""
+    sys.stderr.flush()
+    os.write(2, (text + "\n").encode("utf-8", "replace"))
 
 
 def _worst(cfg: DictConfig) -> float:

@@ -30,7 +30,8 @@ METRICS_PER_BATCH = 1000
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")  # MLflow keys: alphanumerics, _ - . space /
 
 
-_ready_stores: set = set()  # tracking URIs whose tables this process has seen created (under the store lock)
+_ready_stores: set = set()
+artifact_roots: Dict[str, str] = {}  # tracking URI -> its runs' artifact folder (the store check's evidence)  # tracking URIs whose tables this process has seen created (under the store lock)
 
 
 def sqlite_file(tracking_uri: str) -> Optional[Path]:
@@ -65,10 +66,14 @@ def _client(tracking_uri: str):
     # MLflow builds (and migrates) a store's tables the first time a process uses it (the client's constructor
     # does it for the tracking tables, the first registry call for the registry's): done here under the lock, so
     # no two processes run the migrations at once.
+    from runner.local.store import check_store
+
     with store_lock(tracking_uri):
         db = sqlite_file(tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
+            # checked (and a missing one built aside) before MLflow may create or migrate anything in place
+            check_store(tracking_uri, artifact_roots.get(tracking_uri, str(db.parent / "mlartifacts")))
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)

@@ -46,11 +46,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from runner.atomic import write_text
 from runner.local.endpoint.batching import BatcherClosed, DynamicBatcher
 from runner.local.endpoint.drain import DrainUnreadBodies
 from runner.local.endpoint.generation import ContextLengthError, GenerationJob, GenerationResult
+from runner.local.endpoint.server_log import RotatingStderrHandler, one_line_disconnect
+from runner.local.endpoint.wire_shapes import ShapeError, check_score_shape, message_content
 
 log = logging.getLogger("runner.endpoint")
 
@@ -167,6 +170,13 @@ def _stop_strings(value, path: str, limits: RequestLimits = DEFAULT_LIMITS) -> L
     return items
 
 
+def _shape(check, *args):
+    try:
+        return check(*args)
+    except ShapeError as exc:
+        raise ApiError(400, exc.message, param=exc.param) from None
+
+
 def parse_messages(value, path: str, limits: RequestLimits = DEFAULT_LIMITS) -> List[Dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise ApiError(400, f"{path} must be a non-empty list of {{role, content}} messages", param=path)
@@ -180,8 +190,7 @@ def parse_messages(value, path: str, limits: RequestLimits = DEFAULT_LIMITS) -> 
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise ApiError(400, f"{where}.role must be one of {list(ROLES)}, got {json.dumps(role)}", param=f"{where}.role")
-        if not isinstance(content, str):
-            raise ApiError(400, f"{where}.content must be a string, got {json.dumps(content)}", param=f"{where}.content")
+        content = _shape(message_content, content, f"{where}.content")  # a string, or text parts (wire_shapes.py)
         chars += len(content)
         if chars > limits.max_prompt_chars:
             raise ApiError(413, f"{path} holds more than {limits.max_prompt_chars} characters of content; this "
@@ -219,6 +228,7 @@ def parse_json(raw: bytes) -> Any:
 def parse_score_request(body, limits: RequestLimits = DEFAULT_LIMITS) -> Tuple[List[Dict[str, str]], Dict[str, Any]]:
     """The Azure ML chat-completion scoring format → (messages, sampling settings)."""
     _object(body, "body")
+    score_parameters = _shape(check_score_shape, body)  # unknown keys, non-object parameters (wire_shapes.py)
     if "input_data" not in body:
         raise ApiError(400, "input_data is required: {\"input_data\": {\"input_string\": [...], \"parameters\": {...}}}",
                        param="input_data")
@@ -236,7 +246,7 @@ def parse_score_request(body, limits: RequestLimits = DEFAULT_LIMITS) -> Tuple[L
         messages = parse_messages(turns, "input_data.input_string", limits)
     if "params" in body and body["params"] is not None:
         _object(body["params"], "params")
-    params = _object(data.get("parameters") or {}, "input_data.parameters")
+    params = score_parameters
     where = "input_data.parameters"
     unknown = sorted(set(params) - set(SCORE_PARAMETERS))
     if unknown:
@@ -553,6 +563,8 @@ class ContainErrors:
 
         try:
             await self.app(scope, receive, send_tracked)
+        except ClientDisconnect:  # gone mid-body: one short line, not a traceback (nothing to answer)
+            log.info(one_line_disconnect(scope))
         except Exception as exc:
             log.error("%s %s failed:\n%s", scope.get("method"), scope.get("path"), traceback.format_exc())
             if not started:
@@ -605,6 +617,19 @@ def slow_client_protocol(header_timeout_s: float):
             super().connection_lost(exc)
 
     return SlowClientTimeoutProtocol
+
+
+def admission(app, settings: EndpointSettings):
+    """(app, h11 protocol, uvicorn limit_concurrency): admitted keyed requests count against max_connections, and
+    connections still sending headers have their own budget (admission.py says why). FTRUN_ENDPOINT_ADMISSION=uvicorn
+    restores uvicorn's own limit_concurrency, for bench/endpoint_abuse.py's side-by-side only."""
+    from runner.local.endpoint.admission import PENDING_PER_ADMITTED, AdmissionLimit, admission_protocol
+
+    protocol = slow_client_protocol(settings.header_timeout_s)
+    if os.environ.get("FTRUN_ENDPOINT_ADMISSION") == "uvicorn":
+        return app, protocol, settings.max_connections
+    return (AdmissionLimit(app, settings.max_connections, settings.key),
+            admission_protocol(protocol, PENDING_PER_ADMITTED * settings.max_connections), None)
 
 
 def _max_token_chars(generator) -> int:
@@ -1036,8 +1061,9 @@ def main(argv=None) -> int:
     import uvicorn
 
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = RotatingStderrHandler()  # the server log is bounded (server_log.py)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     deployments = json.loads(args.deployments)
     traffic = json.loads(args.traffic) if args.traffic else {next(iter(deployments)): 100}
     key = Path(args.key_file).read_text(encoding="utf-8").strip()
@@ -1084,11 +1110,11 @@ def main(argv=None) -> int:
             # uvicorn installs its own SIGINT/SIGTERM handlers (even over an inherited SIG_IGN); SIGHUP drains too
             return _also_on_hangup(self, super().capture_signals())
 
+    app, protocol, limit_concurrency = admission(app, settings)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 1,
-                            http=slow_client_protocol(settings.header_timeout_s),
-                            timeout_keep_alive=settings.keep_alive_timeout_s,
-                            limit_concurrency=settings.max_connections)
+                            http=protocol, timeout_keep_alive=settings.keep_alive_timeout_s,
+                            limit_concurrency=limit_concurrency)
     server = _Server(config)
     state.on_load_failure = lambda: setattr(server, "should_exit", True)
     if args.port_file:
