@@ -4,6 +4,8 @@ hostile ones hit the same endpoint, side by side on one server.
     python bench/endpoint_abuse.py                 # tiny model built offline, 32 good clients, 20 s per phase
     python bench/endpoint_abuse.py --quick         # a smoke run: 4 good clients, 3 s per phase, 5 slow connections
     python bench/endpoint_abuse.py --seconds 60 --clients 32 --model <save_pretrained folder>
+    python bench/endpoint_abuse.py --idle-connections 300 --seconds 20 --compare-uvicorn
+                                                   # 300 half-header connections vs a keyed client every 0.5 s
 
 The abusers run in a process of their own (so their client-side work does not slow the good clients' threads):
 NaN and tiny (1e-38) temperatures on both routes, deeply nested JSON, empty-message floods (140,000 messages, 3.9
@@ -246,6 +248,136 @@ def run_abusers(url: str, key: str, seconds: float, slow_connections: int, only=
     return {kind: dict(c) for kind, c in outcomes.items()}
 
 
+# ---------------------------------------------------------------- idle (half-header) connections
+
+HALF_HEADER = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"  # and then nothing
+
+
+def hold_half_headers(host: str, port: int, count: int, stop: threading.Event, counts: collections.Counter):
+    """`count` connections that send half a request header and then nothing, each reopened when the server closes
+    it, until `stop` is set. One thread, non-blocking sockets (so 300 of them cost the attacker almost nothing)."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+
+    def open_one():
+        try:
+            sock = socket.create_connection((host, port), timeout=5)
+            sock.sendall(HALF_HEADER)
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_READ)
+            counts["opened"] += 1
+        except OSError:
+            counts["could not connect"] += 1
+
+    for _ in range(count):
+        open_one()
+    while not stop.is_set():
+        for key, _ in sel.select(timeout=0.05):
+            sock = key.fileobj
+            try:
+                data = sock.recv(4096)
+            except OSError:
+                data = b""
+            if not data:  # closed by the server: reopen, as an attacker would
+                sel.unregister(sock)
+                sock.close()
+                counts["closed by the server"] += 1
+                open_one()
+            elif data.startswith(b"HTTP/1.1 503"):
+                counts["503 to a half header"] += 1
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()
+
+
+def keyed_requests(url: str, headers: dict, seconds: float, every_s: float = 0.5) -> dict:
+    """One keyed client sending a short /score request every `every_s` seconds: statuses and latencies."""
+    import httpx
+
+    body = {"input_data": {"input_string": [{"role": "user", "content": "What is a set?"}],
+                           "parameters": {"max_new_tokens": 4}}}
+    statuses, latencies = collections.Counter(), []
+    end = time.monotonic() + seconds
+    with httpx.Client(timeout=30) as client:
+        while time.monotonic() < end:
+            started = time.monotonic()
+            try:
+                status = client.post(url + "/score", json=body, headers=headers).status_code
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            statuses[str(status)] += 1
+            if status == 200:
+                latencies.append(time.monotonic() - started)
+            time.sleep(max(0.0, every_s - (time.monotonic() - started)))
+    return {"statuses": dict(statuses), "latencies": latencies}
+
+
+def idle_connections_case(url: str, headers: dict, connections: int, seconds: float) -> dict:
+    """The keyed client alone (baseline), then while `connections` half-header connections are held open."""
+    host, port = url.split("//")[1].rsplit(":", 1)
+    baseline = keyed_requests(url, headers, seconds / 2)
+    stop, counts = threading.Event(), collections.Counter()
+    holder = threading.Thread(target=hold_half_headers, args=(host, int(port), connections, stop, counts))
+    holder.start()
+    time.sleep(1.0)  # all of them open before the keyed client starts
+    try:
+        held = keyed_requests(url, headers, seconds)
+    finally:
+        stop.set()
+        holder.join()
+    p99_base = percentile(baseline["latencies"], 99) if baseline["latencies"] else float("inf")
+    p99_held = percentile(held["latencies"], 99) if held["latencies"] else float("inf")
+    return {"baseline": baseline, "held": held, "connections": dict(counts), "p99_baseline_s": p99_base,
+            "p99_held_s": p99_held, "ratio": p99_held / p99_base}
+
+
+def print_idle_case(result: dict, connections: int) -> bool:
+    ok_base = sum(result["baseline"]["statuses"].values())
+    ok = result["held"]["statuses"].get("200", 0)
+    sent = sum(result["held"]["statuses"].values())
+    print(f"\nidle connections: {connections} half-header connections held (reopened when closed): "
+          f"{result['connections']}")
+    print(f"  keyed client alone:      {result['baseline']['statuses']} of {ok_base}, p99 "
+          f"{result['p99_baseline_s'] * 1000:.0f} ms")
+    print(f"  keyed client while held: {result['held']['statuses']} of {sent}, p99 {result['p99_held_s'] * 1000:.0f} ms"
+          f" ({result['ratio']:.2f}x the baseline)")
+    passed = ok == sent and result["ratio"] <= P99_RATIO_MAX
+    print(f"{'PASS' if passed else 'FAIL'}  idle connections: {ok}/{sent} keyed requests 200, p99 ratio "
+          f"{result['ratio']:.2f}x (target all 200, <= {P99_RATIO_MAX:g}x)")
+    return passed
+
+
+def idle_main(args) -> int:
+    """--idle-connections N: only the idle-connection case, on our admission and on uvicorn's limit_concurrency."""
+    from runner.local.endpoint.manager import read_key, start_endpoint, stop_endpoint
+
+    model_dir, tmp = model_folder(args.model)
+    results = {}
+    mechanisms = ["own", "uvicorn"] if args.compare_uvicorn else ["own"]
+    try:
+        for mechanism in mechanisms:
+            os.environ["FTRUN_ENDPOINT_ADMISSION"] = mechanism  # read by the server process at start
+            state_dir = Path(tempfile.mkdtemp(prefix="bench-idle-"))
+            state = start_endpoint(name=f"idle-{mechanism}", deployments={"demo": str(model_dir)},
+                                   traffic={"demo": 100}, state_dir=state_dir)
+            try:
+                headers = {"Authorization": f"Bearer {read_key(state)}"}
+                keyed_requests(state["url"], headers, 1.0)  # warm-up
+                print(f"\n== admission: {'runner (admission.py)' if mechanism == 'own' else 'uvicorn limit_concurrency'}"
+                      f", max_connections 256, header timeout 10 s", flush=True)
+                results[mechanism] = print_idle_case(
+                    idle_connections_case(state["url"], headers, args.idle_connections, args.seconds),
+                    args.idle_connections)
+            finally:
+                stop_endpoint(state["name"], state_dir=state_dir)
+                shutil.rmtree(state_dir, ignore_errors=True)
+    finally:
+        os.environ.pop("FTRUN_ENDPOINT_ADMISSION", None)
+        if tmp:
+            tmp.cleanup()
+    return 0 if results["own"] else 1
+
+
 # ---------------------------------------------------------------- the run
 
 def main(argv=None) -> int:
@@ -257,11 +389,18 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 3 s phases, 4 clients, 5 slow connections")
     p.add_argument("--model", default=None, help="a save_pretrained folder (default: the offline tiny model)")
     p.add_argument("--only", default=None, help="comma-separated abuser kinds, to see what each one costs")
+    p.add_argument("--idle-connections", type=int, default=0,
+                   help="only the idle-connection case: N half-header connections held for --seconds while a keyed "
+                        "client sends a request every 0.5 s (e.g. 300)")
+    p.add_argument("--compare-uvicorn", action="store_true",
+                   help="with --idle-connections: run the case on uvicorn's limit_concurrency too, side by side")
     p.add_argument("--abuse-url", default=None, help=argparse.SUPPRESS)  # the abusers' own process
     p.add_argument("--abuse-key-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.clients, args.slow_connections = min(args.seconds, 3.0), 4, 5
+    if args.idle_connections:
+        return idle_main(args)
     if args.abuse_url:
         key = Path(args.abuse_key_file).read_text().strip()
         only = args.only.split(",") if args.only else None

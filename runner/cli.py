@@ -5,7 +5,7 @@ Only hydra/omegaconf are imported at module level: heavy libraries load inside t
 
 import logging
 import math
-import signal
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -58,7 +58,6 @@ def unknown_override_keys(args: list) -> list:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    _stop_like_ctrl_c()
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -76,7 +75,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sweep = job_sweep_context(hc)
     from runner.console_log import LOG_NAME, ConsoleLog
 
-    with ConsoleLog(run_dir / LOG_NAME) as console:
+    from runner.signals import stop_raises_interrupt
+
+    # SIGINT, SIGTERM and SIGHUP end ftrun the way Ctrl-C does (KeyboardInterrupt("SIGTERM") in the main thread),
+    # so the run record marks the step, a failed run releases its endpoint and a kept-alive endpoint is deleted,
+    # also when ftrun was started with SIGINT ignored (a background job). Training swaps in its own handler while
+    # it runs, to save a checkpoint first. The previous handlers are back when the job ends.
+    with stop_raises_interrupt(), ConsoleLog(run_dir / LOG_NAME) as console:
         return _run_job(cfg, run_dir, list(hc.overrides.task), multirun, sweep, console)
 
 
@@ -98,6 +103,11 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: list, multirun: bool, sw
         _mark_job_failed(run_dir, exc, sweep)
         return _worst(cfg)
     except Exception as exc:
+        short = _short_failure(cfg, exc)
+        if short and not multirun:  # a fault the user can act on: a few lines here, the traceback in ftrun.log
+            console.file_only(traceback.format_exc())
+            _print_short(f"ftrun: {short}\n  (traceback in {run_dir / 'ftrun.log'})")
+            sys.exit(1)
         if not multirun:
             console.file_only(traceback.format_exc())  # Hydra prints it to the console after main() returns
             raise
@@ -107,6 +117,24 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: list, multirun: bool, sw
         return _worst(cfg)
     value = record.objective(cfg.sweep.metric)
     return value if value is not None else _worst(cfg)
+
+
+def _short_failure(cfg: DictConfig, exc: BaseException):
+    from runner.failures import short_failure
+    from runner.local.store import sqlite_file
+
+    try:
+        store = sqlite_file(str(cfg.mlflow.tracking_uri))
+        return short_failure(exc, str(store) if store else None, str(cfg.paths.root))
+    except Exception:  # the config itself may be what failed: keep the traceback
+        return None
+
+
+def _print_short(text: str) -> None:
+    """Straight to descriptor 2, which the console log tees into ftrun.log too: the short message sits under the
+    traceback there."""
+    sys.stderr.flush()
+    os.write(2, (text + "\n").encode("utf-8", "replace"))
 
 
 def _worst(cfg: DictConfig) -> float:
@@ -124,30 +152,6 @@ def _mark_job_failed(run_dir: Path, exc: BaseException, sweep) -> None:
         return
     write_json(path, {"run_dir": str(run_dir.resolve()), "status": "failed", "sweep": sweep, "steps": {},
                              "error": {"step": "config", "message": f"{type(exc).__name__}: {exc}"}})
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-
-def _stop_like_ctrl_c() -> None:
-    """SIGTERM and SIGHUP end ftrun the way Ctrl-C does: KeyboardInterrupt("SIGTERM") in the main thread, so the
-    run record marks the step, a failed run releases its endpoint and a kept-alive endpoint is deleted. (Their
-    default action ended ftrun on the spot and left its endpoint serving.) Training swaps in its own handler while
-    it runs, to save a checkpoint first."""
-
-    def again(signum, frame):  # a repeated signal must not cut short the cleanup the first one started
-        print(f"ftrun: {signal.Signals(signum).name} again: still cleaning up", file=sys.stderr, flush=True)
-
-    def stop(signum, frame):
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, again)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    for sig in STOP_SIGNALS:
-        try:
-            signal.signal(sig, stop)
-        except ValueError:  # not the main thread (a launcher's worker): signals stay with whoever owns them
-            return
 
 
 if __name__ == "__main__":

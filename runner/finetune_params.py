@@ -89,12 +89,24 @@ def effective_batch_size(params: Mapping[str, Any], gpus_per_node: int) -> int:
     )
 
 
-def pipeline_display_name(model_name: str, params: Mapping[str, Any], gpus_per_node: int) -> str:
-    """The notebook's get_pipeline_display_name(), from the effective parameters."""
+def dataset_label(dataset_name: Any) -> str:
+    """What a run name says about its data: the notebook's "ultrachat" for ultrachat_200k (so its runs keep the
+    notebook's names), otherwise the dataset's slug ("sample", the file's stem, ...): a run on the offline sample
+    must not be recorded as an ultrachat run."""
+    from runner.data.names import dataset_slug
+
+    slug = dataset_slug(dataset_name)
+    return "ultrachat" if slug.lower().startswith("ultrachat") else slug
+
+
+def pipeline_display_name(model_name: str, params: Mapping[str, Any], gpus_per_node: int,
+                          dataset: str = "ultrachat") -> str:
+    """The notebook's get_pipeline_display_name(), from the effective parameters and the data used
+    (`dataset_label`)."""
     ds = f"ds{params.get('deepspeed_stage', 2)}" if params.get("apply_deepspeed") else "nods"
     lora = "lora" if params.get("apply_lora") else "nolora"
     return (
-        f"{model_name}-ultrachat-bs{effective_batch_size(params, gpus_per_node)}"
+        f"{model_name}-{dataset}-bs{effective_batch_size(params, gpus_per_node)}"
         f"-{params.get('lr_scheduler_type', 'linear')}-{ds}-{lora}"
         f"-save_limit{params.get('save_total_limit', -1)}-seqlen{params.get('max_seq_length', -1)}"
     )

@@ -382,6 +382,8 @@ class MlflowConfig:
     artifact_location: str = "${paths.root}/mlartifacts"
     experiment_name: str = "${backend.experiment_name}"
     registered_model_name: str = "${ftrun_model_name:${model.name},${dataset.slug}}"  # e.g. tiny-phi3-sample
+    # true: the connect step repairs a broken SQLite store instead of refusing it (runner/local/store.py)
+    repair_store: bool = False
 
 
 @dataclass

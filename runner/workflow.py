@@ -95,17 +95,11 @@ def run(
     steps = selected_steps(cfg.steps)
     if sweep:  # sweep jobs train and evaluate; the best one is registered/deployed after the sweep
         steps = [s for s in steps if s in cfg.sweep.job_steps]
+    from runner.quiet import third_party_bars_off
+
     try:
-        for i, name in enumerate(steps, 1):
-            print(f"==> [{i}/{len(steps)}] {name}", flush=True)
-            outputs = _run_one(ctx, name, lambda c, n=name: run_step(n, c, backend))
-            if name == "finetune" and outputs.get("status") == "submitted" and name != steps[-1]:
-                # backend.wait=false: the job runs on; the later steps need its result, so they wait for a
-                # later run (`from_run=` this run dir) or, in a sweep, for the summary to collect every job.
-                record.data["deferred_steps"] = steps[i:]
-                print(f"    job submitted without waiting; deferred: {steps[i:]} (run them later with "
-                      f"from_run={run_dir})", flush=True)
-                break
+        with third_party_bars_off():  # one progress display per step: the runner's own
+            _run_steps(ctx, steps, backend, run_dir)
     except BaseException:
         _release_after_failure(ctx, backend)
         raise
@@ -114,6 +108,21 @@ def run(
     record.close()
     _print_summary(record)
     return record
+
+
+def _run_steps(ctx: StepContext, steps, backend, run_dir: Path) -> None:
+    """The selected steps in order; a finetune submitted without waiting defers the rest."""
+    record = ctx.record
+    for i, name in enumerate(steps, 1):
+        print(f"==> [{i}/{len(steps)}] {name}", flush=True)
+        outputs = _run_one(ctx, name, lambda c, n=name: run_step(n, c, backend))
+        if name == "finetune" and outputs.get("status") == "submitted" and name != steps[-1]:
+            # backend.wait=false: the job runs on; the later steps need its result, so they wait for a
+            # later run (`from_run=` this run dir) or, in a sweep, for the summary to collect every job.
+            record.data["deferred_steps"] = steps[i:]
+            print(f"    job submitted without waiting; deferred: {steps[i:]} (run them later with "
+                  f"from_run={run_dir})", flush=True)
+            break
 
 
 def _write_plan(ctx: StepContext, write: Callable[[StepContext], Dict[str, Any]]) -> RunRecord:

@@ -126,3 +126,50 @@ def test_the_abuse_bench_in_quick_mode_reports_no_good_client_errors(tiny_model_
         assert "{}" not in line, f"the {kind} abuser sent nothing: {line}"
     assert "'400'" in next(l for l in out.splitlines() if l.strip().startswith("nan-temperature"))
     assert "'413'" in next(l for l in out.splitlines() if l.strip().startswith("empty-message-flood"))
+
+
+def _urllib_post(url, body: bytes, headers):
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _httpx_post(url, body: bytes, headers):
+    r = httpx.post(url, content=body, headers=headers, timeout=30)
+    return r.status_code, r.json()
+
+
+@pytest.mark.parametrize("client", [_urllib_post, _httpx_post], ids=["urllib", "httpx"])
+def test_a_30mb_body_sent_in_one_go_gets_the_413_json_not_a_reset(endpoint, client):
+    """A plain client writes the whole body before reading: the server reads and discards the rest (bounded), so
+    the 413 reaches it instead of "Connection reset by peer"; a concurrent normal request is unharmed."""
+    headers = {"Authorization": f"Bearer {read_key(endpoint)}", "Content-Type": "application/json"}
+    body = b'{"input_data": {"input_string": [{"role": "user", "content": "' + b"a" * BIG + b'"}]}}'
+    outcome, normal = {}, {}
+
+    def send_big():
+        started = time.monotonic()
+        try:
+            outcome["status"], outcome["body"] = client(endpoint["scoring_uri"], body, headers)
+        except Exception as exc:  # a reset: what the report saw
+            outcome["error"] = repr(exc)
+        outcome["seconds"] = time.monotonic() - started
+
+    big = threading.Thread(target=send_big)
+    big.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    r = httpx.post(endpoint["scoring_uri"], json=NORMAL, headers=headers, timeout=10)
+    normal["status"], normal["seconds"] = r.status_code, time.monotonic() - started
+    big.join(60)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["status"] == 413 and outcome["seconds"] < 5, outcome
+    assert outcome["body"]["error"]["type"] == "request_too_large" and str(CAP) in outcome["body"]["error"]["message"]
+    assert normal["status"] == 200 and normal["seconds"] < 2, normal

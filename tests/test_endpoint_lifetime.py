@@ -1,5 +1,5 @@
 """An endpoint's lifetime is its ftrun's: with deployment.keep_alive=true a real `ftrun` deletes it on SIGTERM and
-SIGHUP as on Ctrl-C, and when ftrun is killed outright the server ends by itself and removes its files."""
+SIGHUP as on Ctrl-C (SIGINT too when ftrun was started with it ignored, as a background job is), and when ftrun is killed outright the server ends by itself and removes its files."""
 
 import json
 import os
@@ -34,7 +34,7 @@ def earlier_run(tmp_path: Path, model_dir) -> Path:
 class Ftrun:
     """`ftrun steps=[deploy,cleanup] deployment.keep_alive=true` as its own process, its output read by a thread."""
 
-    def __init__(self, tmp_path: Path, home: Path, model_dir, *overrides):
+    def __init__(self, tmp_path: Path, home: Path, model_dir, *overrides, sigint_ignored: bool = False):
         self.run_dir = tmp_path / "run"
         self.lines: "queue.Queue[str]" = queue.Queue()
         self.output = []
@@ -42,7 +42,9 @@ class Ftrun:
             [sys.executable, "-m", "runner.cli", "steps=[deploy,cleanup]", "deployment.keep_alive=true",
              f"from_run={earlier_run(tmp_path, model_dir)}", f"hydra.run.dir={self.run_dir}", *overrides],
             cwd=REPO, env={**os.environ, "FTRUN_HOME": str(home)}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)
+            stderr=subprocess.STDOUT, text=True,
+            # as a background job of a script starts it (`ftrun ... &`, nohup): SIGINT ignored
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -95,9 +97,12 @@ def gone(state, state_file) -> None:
     assert not state_file.exists(), "the state file is left behind"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
-def test_sigterm_or_sighup_deletes_a_kept_alive_endpoint_like_ctrl_c(tmp_path, ftrun_home, tiny_model_dir, sig):
-    ftrun = Ftrun(tmp_path, ftrun_home, tiny_model_dir)
+@pytest.mark.parametrize("sig, sigint_ignored", [(signal.SIGTERM, False), (signal.SIGHUP, False),
+                                                 (signal.SIGINT, True)],
+                         ids=["SIGTERM", "SIGHUP", "SIGINT-to-a-background-ftrun"])
+def test_sigterm_or_sighup_deletes_a_kept_alive_endpoint_like_ctrl_c(tmp_path, ftrun_home, tiny_model_dir, sig,
+                                                                    sigint_ignored):
+    ftrun = Ftrun(tmp_path, ftrun_home, tiny_model_dir, sigint_ignored=sigint_ignored)
     state = state_file = None
     try:
         ftrun.wait_for(SERVING, timeout=300)

@@ -139,6 +139,10 @@ def test_traffic_split_and_deployment_header(endpoint):
     ("/score", score_body([CHAT], max_new_tokens=0), "input_data.parameters.max_new_tokens"),
     ("/score", score_body([CHAT], beam_width=3), "input_data.parameters.beam_width"),
     ("/score", score_body([CHAT, CHAT]), "input_data.input_string"),
+    ("/score", {"input_data": {"input_string": [CHAT], "parameters": []}}, "input_data.parameters"),
+    ("/score", {"input_data": {"input_string": [CHAT], "paramters": {}}}, "input_data.paramters"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content[0].type"),
     ("/v1/chat/completions", {"model": "blue"}, "messages"),
     ("/v1/chat/completions", {"messages": CHAT, "n": 0}, "n"),
     ("/v1/chat/completions", {"messages": CHAT, "top_p": 0}, "top_p"),
@@ -166,6 +170,23 @@ def test_openai_client_with_a_wrong_key_gets_an_authentication_error(endpoint):
     client = openai.OpenAI(base_url=endpoint["openai_base_url"], api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         client.chat.completions.create(model="blue", messages=CHAT, max_tokens=2)
+
+
+def test_openai_client_fields_are_honoured_or_refused_by_name(endpoint):
+    """Through the openai client: the penalties change a greedy reply, tools are refused naming `tools`."""
+    import openai
+
+    client = openai.OpenAI(base_url=endpoint["openai_base_url"], api_key=read_key(endpoint), max_retries=0)
+    plain = client.chat.completions.create(model="blue", messages=CHAT, max_tokens=24, temperature=0)
+    penalised = client.chat.completions.create(model="blue", messages=CHAT, max_tokens=24, temperature=0,
+                                               presence_penalty=2.0, frequency_penalty=2.0)
+    assert penalised.choices[0].message.content != plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="blue", messages=CHAT, max_tokens=2,
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert err.value.status_code == 400 and err.value.body["param"] == "tools"
+    too_big = post(endpoint, "/v1/chat/completions", {"messages": CHAT, "logit_bias": {"999999": 5}})
+    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "logit_bias"
 
 
 def test_beyond_the_context_is_413(endpoint):

@@ -49,3 +49,13 @@ def test_display_name_follows_the_notebook():
     assert pipeline_display_name("M", params, 4) == "M-ultrachat-bs64-linear-nods-nolora-save_limit-1-seqlen2048"
     params.update(apply_deepspeed=True, apply_lora=True)
     assert pipeline_display_name("M", params, 4) == "M-ultrachat-bs64-linear-ds3-lora-save_limit-1-seqlen2048"
+
+
+def test_run_names_say_which_data_was_used():
+    from runner.finetune_params import dataset_label
+
+    assert dataset_label("HuggingFaceH4/ultrachat_200k") == "ultrachat"  # the notebook's own run names
+    assert dataset_label("sample") == "sample"
+    assert dataset_label("/home/me/support_chats.jsonl") == "support_chats"
+    params = {"per_device_train_batch_size": 1, "apply_lora": True, "max_seq_length": 512}
+    assert pipeline_display_name("M", params, 1, dataset_label("sample")).startswith("M-sample-bs1-")

@@ -117,7 +117,7 @@ def save_half_and_die(model_dir, dest, name):  # killed while writing a multi-GB
     os.kill(os.getpid(), signal.SIGKILL)
 
 registry._save_chat_model = save_half_and_die
-registry._log_model(registry._client(uri), run_id, "unused", "m")
+registry._log_model(registry.mlflow_client(uri), run_id, "unused", "m")
 """
 
 

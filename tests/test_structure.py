@@ -34,8 +34,6 @@ NOT_YET_CIRCLES = [
     ["runner.azureml.finetuning_job", "runner.azureml.planning", "runner.azureml.serverless"],
 ]
 NOT_YET_PRIVATE = [
-    ("runner.local.registry", "runner.local.tracking._client"),
-    ("runner.local.registry", "runner.local.tracking._text"),
 ]
 NOT_YET_LONG = [
     "runner/azureml/backend.py (file)",
@@ -43,6 +41,7 @@ NOT_YET_LONG = [
     "runner/azureml/checks.py check_memory_fit",
     "runner/azureml/planning.py _make_ops",
     "runner/local/backend.py finetune",
+    "runner/local/endpoint/server.py main",
 ]
 
 

@@ -132,7 +132,8 @@ def test_local_dry_run_writes_a_plan_without_heavy_imports(tmp_path):
     messages = request["input_data"]["input_string"][0]
     assert messages and messages[0]["role"] in ("user", "system")
     assert request["input_data"]["parameters"]["max_new_tokens"] > 0 and request["params"] == {}
-    assert "tiny-phi3-ultrachat-bs8-cosine-nods-nolora-save_limit2-seqlen512" in (plan / "plan.yaml").read_text()
+    # named after the data it used (the offline sample), not the notebook's ultrachat
+    assert "tiny-phi3-sample-bs8-cosine-nods-nolora-save_limit2-seqlen512" in (plan / "plan.yaml").read_text()
 
 
 def test_a_step_refuses_to_run_without_what_an_earlier_step_makes(tmp_path):

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from runner.backend_api import Backend
 from runner.errors import MissingInput
 from runner.figures import figure
-from runner.finetune_params import merge_finetune_params, pipeline_display_name
+from runner.finetune_params import dataset_label, merge_finetune_params, pipeline_display_name
 
 
 def _plain(node) -> Any:
@@ -26,7 +26,10 @@ class LocalBackend(Backend):
     name = "local"
 
     def __init__(self, cfg):
+        from runner.local.tracking import artifact_roots
+
         self.cfg = cfg
+        artifact_roots[cfg.mlflow.tracking_uri] = str(cfg.mlflow.artifact_location)
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     @property
@@ -38,7 +41,8 @@ class LocalBackend(Backend):
         return merge_finetune_params(self.cfg.finetune, defaults, ctx.explicit_finetune_keys)
 
     def display_name(self, params) -> str:
-        return pipeline_display_name(self.cfg.model.name, params, self.cfg.compute.gpus_per_node or 1)
+        return pipeline_display_name(self.cfg.model.name, params, self.cfg.compute.gpus_per_node or 1,
+                                     dataset_label(self.cfg.dataset.name))
 
     def _model_dir(self, ctx) -> str:
         model_dir = ctx.record.output("model", "model_dir")
@@ -65,9 +69,15 @@ class LocalBackend(Backend):
 
     # ---- steps ----------------------------------------------------------------------------------------------
     def connect(self, ctx) -> Dict[str, Any]:
+        from runner.local.store import open_store
+
         for key in ("root", "data_dir", "models_dir", "endpoints_dir"):
             Path(self.cfg.paths[key]).mkdir(parents=True, exist_ok=True)
         ctx.say(f"state folder {Path(self.cfg.paths.root).resolve()}")
+        # the store is opened and checked first: a broken one is refused here, before anything is spent
+        for line in open_store(self.tracking_uri, self.cfg.mlflow.artifact_location,
+                               repair=bool(self.cfg.mlflow.get("repair_store", False))):
+            ctx.say(line)
         ctx.say(f"MLflow tracking + registry at {self.tracking_uri}")
         return {"state_dir": str(Path(self.cfg.paths.root).resolve()), "tracking_uri": self.tracking_uri}
 
@@ -272,6 +282,9 @@ class LocalBackend(Backend):
             tags=tags,
             description=f"{self.cfg.model.name} fine tuned model for ultrachat 200k chat-completion",
         )
+        from runner.local.model_identity import identity
+
+        out.update(identity(self.tracking_uri, out["model_uri"]))  # what deploy/test check the version against
         ctx.say(f"registered {out['model_uri']}" + (" (already registered for this run)" if out.get("reused") else ""))
         return out
 
@@ -284,8 +297,12 @@ class LocalBackend(Backend):
     def deploy(self, ctx) -> Dict[str, Any]:
         from runner.local.endpoint.manager import CONNECTION_KEYS, REQUEST_LIMIT_KEYS, start_endpoint
 
+        from runner.local.model_identity import model_folder, verify_registered_model
+
         dep = self.cfg.deployment
         model_uri = ctx.record.output("register", "model_uri")
+        if model_uri:  # still the model the record registered, and its files present: before any process starts
+            verify_registered_model(self.tracking_uri, ctx.record.output("register"))
         chosen = {}
         if not model_uri:  # no register step here or in from_run: the latest version, if a good run made it
             from runner.local.registry import deployable_latest
@@ -294,6 +311,7 @@ class LocalBackend(Backend):
             ctx.say(f"no register step in this run (or from_run): deploying the latest version {chosen['model_uri']} "
                     f"(MLflow run {chosen['run_id']}, quality gate {chosen['quality_gate']})")
             model_uri = chosen["model_uri"]
+            model_folder(self.tracking_uri, model_uri)  # its files present, before any process starts
         state = start_endpoint(
             name=self._endpoint_name(ctx),
             deployments={name: model_uri for name in dep.traffic},
@@ -332,6 +350,12 @@ class LocalBackend(Backend):
         from runner.local.endpoint.manager import invoke
 
         state = self._endpoint_state(ctx)
+        registered = ctx.record.output("register") or {}
+        deployed = ctx.record.output("deploy", "model_uri") or state.get("model_uri")
+        if registered.get("model_uri") and deployed == registered["model_uri"]:
+            from runner.local.model_identity import verify_registered_model
+
+            verify_registered_model(self.tracking_uri, registered)
         if state.get("alive") is False:  # never send the key to whatever now holds a dead server's port
             raise RuntimeError(f"endpoint {state['name']!r}: its server (pid {state['pid']}) is not running any more, "
                                f"or is not the server its state file names; deploy it again")

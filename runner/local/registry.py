@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Mapping, Optional
 from runner.errors import RunnerError
 from runner.gate import GATE_PASSED, GATE_TAG
 from runner.staging import staging_prefix
-from runner.local.tracking import MAX_TAG_VALUE, _client, _text, store_lock
+from runner.local.store import store_lock
+from runner.local.tracking import MAX_TAG_VALUE, clipped_text, mlflow_client
 
 ARTIFACT_PATH = "model"
 # What a fresh environment needs to load and run the model. Pinned from the installed versions (an inferred list
@@ -59,7 +60,7 @@ def _describe(v) -> Dict[str, Any]:
 
 def latest_version(tracking_uri: str, name: str) -> Optional[Dict[str, Any]]:
     """The highest version of a registered model as {name, version, model_uri, run_id, source, tags}, or None."""
-    versions = _versions(_client(tracking_uri), name)
+    versions = _versions(mlflow_client(tracking_uri), name)
     return _describe(max(versions, key=lambda v: int(v.version))) if versions else None
 
 
@@ -68,7 +69,7 @@ def run_facts(tracking_uri: str, run_id: str) -> Dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
     try:
-        run = _client(tracking_uri).get_run(run_id)
+        run = mlflow_client(tracking_uri).get_run(run_id)
     except MlflowException:
         return {}
     return {"status": run.info.status, "params": dict(run.data.params), "tags": dict(run.data.tags)}
@@ -101,7 +102,7 @@ def deployable_latest(tracking_uri: str, name: str) -> Dict[str, Any]:
     return {**latest, "quality_gate": gate}
 
 
-def _local_artifact_dir(artifact_uri: str) -> Optional[Path]:
+def local_artifact_dir(artifact_uri: str) -> Optional[Path]:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
@@ -132,7 +133,7 @@ def _save_chat_model(model_dir: str, dest: Path, model_name: str) -> None:
 def _log_model(client, run_id: str, model_dir: str, model_name: str) -> str:
     """The run's `model` artifact (saved now unless an earlier attempt already did), as the version source URI."""
     artifact_uri = client.get_run(run_id).info.artifact_uri
-    local = _local_artifact_dir(artifact_uri)
+    local = local_artifact_dir(artifact_uri)
     if local is not None:
         final = local / ARTIFACT_PATH
         if not (final / "MLmodel").is_file():  # MLmodel is written last: its presence means a complete save
@@ -161,13 +162,13 @@ def register_model(*, tracking_uri: str, run_id: str, model_dir: str, registered
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved Hugging Face model folder (no config.json): the "
                                 "finetune step's final_model_dir must be written with save_pretrained")
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     for v in _versions(client, registered_name):
         if v.run_id == run_id or v.tags.get("mlflow_run_id") == run_id:
             return {**_describe(v), "reused": True}
 
     source = _log_model(client, run_id, model_dir, registered_name)
-    version_tags = {str(k): _text(v, MAX_TAG_VALUE) for k, v in tags.items()}
+    version_tags = {str(k): clipped_text(v, MAX_TAG_VALUE) for k, v in tags.items()}
     version_tags["mlflow_run_id"] = run_id
     with store_lock(tracking_uri):  # runs sharing the store: one creates the name, versions are numbered in turn
         try:

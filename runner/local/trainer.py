@@ -209,6 +209,11 @@ def make_trainer_class():
 
         def _save_checkpoint(self, model, trial):
             started = time.perf_counter()
+            if self.args.should_save:
+                from runner.disk_space import checkpoint_bytes, ensure_free
+
+                ensure_free(self.args.output_dir, checkpoint_bytes(model, self.args.output_dir),
+                            f"checkpoint-{self.state.global_step}")
             super()._save_checkpoint(model, trial)  # args.save_total_limit is None: no rotation in there
             if self.args.should_save:
                 folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
@@ -441,6 +446,9 @@ def save_final(model, tokenizer, out: Path, *, apply_lora: bool, merge_lora_weig
     model.config.use_cache = True
     if getattr(model.config, "_attn_implementation", None) in PACKED_ATTENTIONS.values():
         model.set_attn_implementation("sdpa")  # the saved model must load without this module
+    from runner.disk_space import ensure_free, tensor_bytes
+
+    ensure_free(out, tensor_bytes(model), "the final model's weights")
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=out))
     try:
         model.save_pretrained(tmp, state_dict=state_dict)  # state_dict: ZeRO-3's gathered weights, else None

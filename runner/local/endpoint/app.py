@@ -12,12 +12,15 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from runner.local.endpoint.api_errors import ApiError
+from runner.local.endpoint.drain import DrainUnreadBodies
 from runner.local.endpoint.engine import Deployment, EndpointState
 from runner.local.endpoint.limits import CloseUnreadBodies, check_key, has_key, read_body
 from runner.local.endpoint.parse_pool import ParserPool
 from runner.local.endpoint.protocol import DEPLOYMENT_HEADER, INLINE_PARSE_BYTES, chat_completion, parse_request
+from runner.local.endpoint.server_log import one_line_disconnect
 from runner.local.endpoint.settings import EndpointSettings
 
 log = logging.getLogger("runner.endpoint")
@@ -46,6 +49,8 @@ class ContainErrors:
 
         try:
             await self.app(scope, receive, send_tracked)
+        except ClientDisconnect:  # gone mid-body: one short line, not a traceback (nothing to answer)
+            log.info(one_line_disconnect(scope))
         except Exception as exc:
             log.error("%s %s failed:\n%s", scope.get("method"), scope.get("path"), traceback.format_exc())
             if not started:
@@ -75,6 +80,7 @@ def create_app(settings: EndpointSettings) -> FastAPI:
                   openapi_url=None)
     app.state.endpoint = state
     app.add_middleware(ContainErrors)
+    app.add_middleware(DrainUnreadBodies)  # an early 413/401 is sent after the body's rest is read (drain.py)
     app.add_middleware(CloseUnreadBodies)  # outermost: a 500 sent before the body was read closes too
 
     @app.exception_handler(ApiError)

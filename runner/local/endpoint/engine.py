@@ -114,8 +114,15 @@ class EndpointState:
         except ContextLengthError as exc:
             param = "max_new_tokens" if sampling["max_new_tokens"] else "messages"
             raise ApiError(413, str(exc), param=param, kind="context_length_exceeded") from None
+        bias = sampling.get("logit_bias") or {}
+        vocab = generator.model.config.get_text_config().vocab_size
+        if any(token >= vocab for token in bias):
+            raise ApiError(400, f"logit_bias names token {max(bias)}; the model's vocabulary has {vocab} tokens",
+                           param="logit_bias")
         return [GenerationJob(prompt, max_new, do_sample=sampling["do_sample"], temperature=sampling["temperature"],
                               top_p=sampling["top_p"], top_k=sampling["top_k"], stop=sampling["stop"],
+                              presence_penalty=sampling.get("presence_penalty", 0.0),
+                              frequency_penalty=sampling.get("frequency_penalty", 0.0), logit_bias=bias,
                               deadline=deadline) for _ in range(count)]
 
     def submit(self, deployment: Deployment, jobs: List[GenerationJob]):

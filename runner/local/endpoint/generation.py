@@ -1,7 +1,8 @@
 """Model loading and batched chat generation for the local endpoint.
 
-One `ChatGenerator` wraps a causal LM + its tokenizer. `run_batch` runs many requests through shared
-`model.generate` calls even when their sampling settings differ: a per-row logits processor applies each row's own
+One `ChatGenerator` wraps a causal LM + its tokenizer. `run_batch` runs many requests through shared decoding
+loops (runner/local/endpoint/decoding.py: rows that end leave the batch at the next step, so a cancelled row stops
+costing forward passes) even when their sampling settings differ: a per-row logits processor applies each row's own
 temperature / top_p / top_k (greedy rows keep only their argmax), and a per-row stopping criterion ends each row at
 its own max_new_tokens, stop string, deadline or cancellation. A row's result is handed back the moment the row is
 done, not when the whole batch ends, so short answers do not wait for long ones.
@@ -16,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 log = logging.getLogger("runner.endpoint.generation")
 
@@ -42,6 +43,9 @@ class GenerationJob:
     top_p: float = 1.0
     top_k: int = 0
     stop: Sequence[str] = ()
+    presence_penalty: float = 0.0  # OpenAI's penalties and logit_bias (runner/local/endpoint/penalties.py)
+    frequency_penalty: float = 0.0
+    logit_bias: Dict[int, float] = field(default_factory=dict)
     deadline: Optional[float] = None  # time.monotonic() after which the row is abandoned ("timeout")
     on_delta: Optional[Callable[[str], None]] = None  # streaming: called with each new piece of text
     on_done: Optional[Callable[["GenerationResult"], None]] = None
@@ -218,6 +222,7 @@ class ChatGenerator:
         self.eos_ids = sorted(eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.context_length = self._context_length()
+        self.on_forward: Optional[Callable[[int], None]] = None  # told each forward pass's batch size (tests, stats)
 
     @classmethod
     def from_uri(cls, uri: str, device: str = "cpu") -> "ChatGenerator":
@@ -278,7 +283,9 @@ class ChatGenerator:
 
     def _run_group(self, jobs: Sequence[GenerationJob]) -> None:
         import torch
-        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+        from runner.local.endpoint.decoding import decode
+        from runner.local.endpoint.penalties import TokenPenalties, needs_adjusting
 
         rows = [_Row(job, self.tokenizer, set(self.eos_ids), self.tokenizer_lock) for job in jobs]
         live = []
@@ -301,41 +308,35 @@ class ChatGenerator:
 
         generator = self
 
-        class _PerRowStop(StoppingCriteria):
-            def __call__(self, ids, scores, **kwargs):
-                now = time.monotonic()
-                newest = ids[:, -1].tolist()
-                stopped = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-                for i, row in enumerate(rows):
-                    if row.done:
-                        stopped[i] = True
-                        continue
-                    reason = row.add(newest[i]) or generator._abandon_reason(row.job, now)
-                    if reason:
-                        deliver(row.job, row.finish(reason))
-                        stopped[i] = True
-                return stopped
+        def on_step(active, newest):
+            """Each live row takes its new token; returns which of them have ended (they leave the batch)."""
+            now, ended = time.monotonic(), []
+            for i, token in zip(active, newest):
+                row = rows[i]
+                reason = row.add(token) or generator._abandon_reason(row.job, now)
+                if reason:
+                    deliver(row.job, row.finish(reason))
+                ended.append(row.done)
+            return ended
 
-        sampling = _RowSampling([r.job for r in rows])
-        any_sampling = not bool(sampling.greedy.all())
+        sample = not all(r.job.greedy for r in rows)
+
+        def processors_for(active):
+            jobs = [rows[i].job for i in active]
+            # while the batch samples, greedy rows too go through _RowSampling, which leaves them their argmax only
+            processors = [_RowSampling(jobs)] if sample else []
+            if any(needs_adjusting(job) for job in jobs):  # penalties and biases first, on the raw logits
+                processors.insert(0, TokenPenalties(jobs, width))
+            return processors
+
         try:
-            with torch.inference_mode():
-                self.model.generate(
-                    input_ids=input_ids.to(self.model.device),
-                    attention_mask=attention.to(self.model.device),
-                    max_new_tokens=max(r.job.max_new_tokens for r in rows),
-                    do_sample=any_sampling,
-                    # sampling settings live in the per-row processor; generate's own warpers stay neutral
-                    temperature=None, top_p=None, top_k=None,
-                    logits_processor=LogitsProcessorList([sampling]) if any_sampling else None,
-                    stopping_criteria=StoppingCriteriaList([_PerRowStop()]),
-                    eos_token_id=self.eos_ids,
-                    pad_token_id=self.pad_id,
-                )
+            decode(self.model, input_ids, attention, max_new_tokens=max(r.job.max_new_tokens for r in rows),
+                   sample=sample, processors_for=processors_for, on_step=on_step,
+                   on_forward=self.on_forward)
         except Exception as exc:  # the server keeps serving; only the row that causes an error fails
             self._isolate(rows, exc)
             return
-        for row in rows:  # generate ended (its own max length) before our criterion saw the last token
+        for row in rows:  # the loop ended (its max length) before a row's own end was seen
             if not row.done:
                 deliver(row.job, row.finish("length"))
 

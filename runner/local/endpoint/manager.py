@@ -411,17 +411,21 @@ def stop_endpoint(name_or_state: Union[str, Dict[str, Any]], *, state_dir) -> Di
 def serve_until_interrupted(state: Dict[str, Any], *, state_dir=None, poll_s: float = 1.0) -> Dict[str, Any]:
     """deployment.keep_alive=true: keep serving until Ctrl-C (or the server exits), then delete the endpoint.
 
-    ftrun turns SIGTERM and SIGHUP into KeyboardInterrupt("SIGTERM"/"SIGHUP") (runner/cli.py), so they end here
-    the same way."""
+    SIGINT, SIGTERM and SIGHUP all end the wait (KeyboardInterrupt("SIGTERM") ...), with this function's own
+    handlers (runner/signals.py), so it also stops when started with SIGINT ignored (a background job); the
+    previous handlers are back when it returns. A repeated signal does not cut the deletion short."""
+    from runner.signals import stop_raises_interrupt
+
     state_dir = state_dir or Path(state["key_file"]).parent
-    try:  # the notice is inside the try: a Ctrl-C right after it must still delete the endpoint
-        print(f"endpoint {state['name']} serving at {state['url']} (OpenAI base URL {state['url']}/v1); "
-              f"key in {state['key_file']}. Ctrl-C to delete it.", flush=True)
-        while _is_our_server(int(state["pid"]), state["name"], state.get("instance")):
-            time.sleep(poll_s)
-        ended_by = "server exited"
-        print(f"endpoint {state['name']}: the server exited on its own", flush=True)
-    except KeyboardInterrupt as exc:
-        ended_by = str(exc) or "Ctrl-C"
-        print(f"\n{ended_by}: deleting endpoint {state['name']}", flush=True)
-    return {**stop_endpoint(state, state_dir=state_dir), "ended_by": ended_by}
+    with stop_raises_interrupt():
+        try:  # the notice is inside the try: a Ctrl-C right after it must still delete the endpoint
+            print(f"endpoint {state['name']} serving at {state['url']} (OpenAI base URL {state['url']}/v1); "
+                  f"key in {state['key_file']}. Ctrl-C to delete it.", flush=True)
+            while _is_our_server(int(state["pid"]), state["name"], state.get("instance")):
+                time.sleep(poll_s)
+            ended_by = "server exited"
+            print(f"endpoint {state['name']}: the server exited on its own", flush=True)
+        except KeyboardInterrupt as exc:
+            ended_by = str(exc) or "Ctrl-C"
+            print(f"\n{ended_by}: deleting endpoint {state['name']}", flush=True)
+        return {**stop_endpoint(state, state_dir=state_dir), "ended_by": ended_by}

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from runner.local.endpoint.api_errors import ApiError
 from runner.local.endpoint.limits import DEFAULT_LIMITS, RequestLimits
+from runner.local.endpoint.wire_shapes import ShapeError, check_score_shape, message_content
 
 DEPLOYMENT_HEADER = "azureml-model-deployment"
 ROLES = ("system", "user", "assistant")
@@ -87,6 +88,13 @@ def _stop_strings(value, path: str, limits: RequestLimits = DEFAULT_LIMITS) -> L
     return items
 
 
+def _shape(check, *args):
+    try:
+        return check(*args)
+    except ShapeError as exc:
+        raise ApiError(400, exc.message, param=exc.param) from None
+
+
 def parse_messages(value, path: str, limits: RequestLimits = DEFAULT_LIMITS) -> List[Dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise ApiError(400, f"{path} must be a non-empty list of {{role, content}} messages", param=path)
@@ -100,8 +108,7 @@ def parse_messages(value, path: str, limits: RequestLimits = DEFAULT_LIMITS) -> 
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise ApiError(400, f"{where}.role must be one of {list(ROLES)}, got {json.dumps(role)}", param=f"{where}.role")
-        if not isinstance(content, str):
-            raise ApiError(400, f"{where}.content must be a string, got {json.dumps(content)}", param=f"{where}.content")
+        content = _shape(message_content, content, f"{where}.content")  # a string, or text parts (wire_shapes.py)
         chars += len(content)
         if chars > limits.max_prompt_chars:
             raise ApiError(413, f"{path} holds more than {limits.max_prompt_chars} characters of content; this "
@@ -139,6 +146,7 @@ def parse_json(raw: bytes) -> Any:
 def parse_score_request(body, limits: RequestLimits = DEFAULT_LIMITS) -> Tuple[List[Dict[str, str]], Dict[str, Any]]:
     """The Azure ML chat-completion scoring format → (messages, sampling settings)."""
     _object(body, "body")
+    score_parameters = _shape(check_score_shape, body)  # unknown keys, non-object parameters (wire_shapes.py)
     if "input_data" not in body:
         raise ApiError(400, "input_data is required: {\"input_data\": {\"input_string\": [...], \"parameters\": {...}}}",
                        param="input_data")
@@ -156,7 +164,7 @@ def parse_score_request(body, limits: RequestLimits = DEFAULT_LIMITS) -> Tuple[L
         messages = parse_messages(turns, "input_data.input_string", limits)
     if "params" in body and body["params"] is not None:
         _object(body["params"], "params")
-    params = _object(data.get("parameters") or {}, "input_data.parameters")
+    params = score_parameters
     where = "input_data.parameters"
     unknown = sorted(set(params) - set(SCORE_PARAMETERS))
     if unknown:
@@ -224,10 +232,25 @@ def parse_chat_request(body, limits: RequestLimits = DEFAULT_LIMITS
     n = 1 if body.get("n") is None else _integer(body["n"], "n", low=1, high=MAX_CHOICES)
     stream = False if body.get("stream") is None else _boolean(body["stream"], "stream")
     stream_options = _object(body.get("stream_options") or {}, "stream_options")
-    settings = {"do_sample": temperature > 0, "temperature": temperature, "top_p": top_p, "top_k": 0,
-                "max_new_tokens": max_tokens, "stop": _stop_strings(body.get("stop"), "stop", limits)}
+    top_k = 0 if body.get("top_k") is None else _integer(body["top_k"], "top_k", low=0, high=MAX_TOP_K)
+    settings = {"do_sample": temperature > 0, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                "max_new_tokens": max_tokens, "stop": _stop_strings(body.get("stop"), "stop", limits),
+                **_openai_extras(body)}
     options = {"model": model, "n": n, "stream": stream, "include_usage": bool(stream_options.get("include_usage"))}
     return messages, settings, options
+
+
+
+def _openai_extras(body) -> Dict[str, Any]:
+    """Every other OpenAI field: refused by name unless implemented (runner/local/endpoint/openai_params.py);
+    the penalties and logit_bias go to the generation."""
+    from runner.local.endpoint import openai_params
+
+    try:
+        openai_params.check_fields(body)
+        return {**openai_params.penalties(body), "logit_bias": openai_params.logit_bias(body)}
+    except openai_params.FieldError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
 
 
 # ---- OpenAI response bodies

@@ -11,8 +11,9 @@ Run as its own process: `python -m runner.local.endpoint.server --name ... --key
 once and readiness turns 200 when every deployment's model is loaded (in a background thread).
 
 Request bodies are capped (`--max-request-bytes`): a larger Content-Length is refused with 413 before the body is
-read, a body without one (chunked) is read only up to the cap, and a response sent before the body was read closes
-the connection, so the rest is never read. With `--owner-pid` the server also ends, removing its key and state
+read, a body without one (chunked) is kept only up to the cap, and a response sent before the body was read goes
+out once the rest has been read and discarded (bounded: drain.py), so a plain client reads it instead of a reset;
+beyond that bound the connection closes. With `--owner-pid` the server also ends, removing its key and state
 files, when that process (ftrun) is gone without having stopped it.
 
 Hostile input harms only its own request: every sampling parameter must be finite and in range (NaN, Infinity and
@@ -40,6 +41,7 @@ from runner.atomic import write_text
 from runner.local.endpoint.app import create_app
 from runner.local.endpoint.engine import EndpointState
 from runner.local.endpoint.limits import DEFAULT_LIMITS, MAX_REQUEST_BYTES, RequestLimits, slow_client_protocol
+from runner.local.endpoint.server_log import RotatingStderrHandler
 from runner.local.endpoint.settings import EndpointSettings
 
 log = logging.getLogger("runner.endpoint")
@@ -173,12 +175,42 @@ def _remove_own_files(key_file: Path, key: str, state_file: Optional[Path]) -> N
             pass
 
 
+def admission(app, settings: EndpointSettings):
+    """(app, h11 protocol, uvicorn limit_concurrency): admitted keyed requests count against max_connections, and
+    connections still sending headers have their own budget (admission.py says why). FTRUN_ENDPOINT_ADMISSION=uvicorn
+    restores uvicorn's own limit_concurrency, for bench/endpoint_abuse.py's side-by-side only."""
+    from runner.local.endpoint.admission import PENDING_PER_ADMITTED, AdmissionLimit, admission_protocol
+
+    protocol = slow_client_protocol(settings.header_timeout_s)
+    if os.environ.get("FTRUN_ENDPOINT_ADMISSION") == "uvicorn":
+        return app, protocol, settings.max_connections
+    return (AdmissionLimit(app, settings.max_connections, settings.key),
+            admission_protocol(protocol, PENDING_PER_ADMITTED * settings.max_connections), None)
+
+
+def _also_on_hangup(server, uvicorn_capture):
+    """uvicorn's signal capture plus SIGHUP, handled as SIGTERM is (drain, then stop); restored afterwards."""
+    from contextlib import ExitStack, contextmanager
+
+    from runner.signals import handled_by
+
+    @contextmanager
+    def both():
+        with ExitStack() as stack:
+            stack.enter_context(handled_by(server.handle_exit, [signal.SIGHUP]))
+            stack.enter_context(uvicorn_capture)
+            yield
+
+    return both()
+
+
 def main(argv=None) -> int:
     import uvicorn
 
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = RotatingStderrHandler()  # the server log is bounded (server_log.py)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     deployments = json.loads(args.deployments)
     traffic = json.loads(args.traffic) if args.traffic else {next(iter(deployments)): 100}
     key = Path(args.key_file).read_text(encoding="utf-8").strip()
@@ -221,11 +253,15 @@ def main(argv=None) -> int:
             drain(f"signal {sig}")
             super().handle_exit(sig, frame)
 
+        def capture_signals(self):
+            # uvicorn installs its own SIGINT/SIGTERM handlers (even over an inherited SIG_IGN); SIGHUP drains too
+            return _also_on_hangup(self, super().capture_signals())
+
+    app, protocol, limit_concurrency = admission(app, settings)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 1,
-                            http=slow_client_protocol(settings.header_timeout_s),
-                            timeout_keep_alive=settings.keep_alive_timeout_s,
-                            limit_concurrency=settings.max_connections)
+                            http=protocol, timeout_keep_alive=settings.keep_alive_timeout_s,
+                            limit_concurrency=limit_concurrency)
     server = _Server(config)
     state.on_load_failure = lambda: setattr(server, "should_exit", True)
     if args.port_file:
