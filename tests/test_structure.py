@@ -40,8 +40,6 @@ NOT_YET_LONG = [
     "runner/azureml/backend.py finetune",
     "runner/azureml/checks.py check_memory_fit",
     "runner/azureml/planning.py _make_ops",
-    "runner/local/backend.py finetune",
-    "runner/local/endpoint/server.py main",
 ]
 
 

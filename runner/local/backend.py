@@ -146,63 +146,23 @@ class LocalBackend(Backend):
         return out
 
     def finetune(self, ctx) -> Dict[str, Any]:
-        from runner.local import distributed, tracking, training_dir
+        from runner.local import distributed, tracking
         from runner.local.compute import cuda_device_count
         from runner.local.train import resolve_device, train
-        from runner.local.translate import translate
 
         cfg = self.cfg
         data = ctx.record.output("data")  # the step (runner/steps/finetune.py) made sure the files are there
         model_dir = self._model_dir(ctx)
-        params, notes = self.effective_params(ctx)
-        local = _plain(cfg.finetune.local)
-        # What the compute step decided the trainer runs: auto_fit's micro-batch and accumulation, and gradient
-        # checkpointing with "auto" resolved (absent from an older run record: the config's values stand).
-        decided = ctx.record.output("compute") or {}
-        for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-            if decided.get(key) is not None and decided[key] != params[key]:
-                notes.append(f"{key}: {params[key]!r} -> {decided[key]!r} (compute step, finetune.local.auto_fit)")
-                params[key] = decided[key]
-        if decided.get("gradient_checkpointing") is not None:
-            local["gradient_checkpointing"] = bool(decided["gradient_checkpointing"])
-        plan = translate(params, local)  # refuses a missing or unknown key; notes the keys that mean nothing here
-        notes = notes + plan.notes
-        for note in notes:
-            ctx.say(note)
+        params, local, notes, plan = self._trainer_settings(ctx)
         device = resolve_device(ctx.record.output("compute", "device") or "cpu")
         plan.check(device)  # before a tracking run is opened or a worker launched
         # One process on one device, or torchrun workers (several GPUs, DeepSpeed) that each run the same train()
         nproc = distributed.processes_needed(params, local, device, cuda_device_count() if device == "cuda" else 0)
         display_name = ctx.display_name(self.display_name(params))
         key = self.training_key(ctx, params)
-        # A folder of its own, locked while this run lives (runner/local/training_dir.py says why and how resume
-        # finds an earlier one).
-        claimed = training_dir.claim(Path(cfg.paths.root) / "training" / key, resume=bool(params.get(
-            "resume_from_checkpoint")))
-        out_dir = claimed["out_dir"]
-        if claimed["resumed_folder"]:
-            ctx.say(f"resuming in {out_dir}")
-        tags = {
-            "display_name": display_name,
-            "backend": "local",
-            "base_model": cfg.model.name,
-            "base_model_dir": model_dir,
-            "data_manifest_sha256": data.get("manifest_sha256", ""),
-            "config_sha256": ctx.record.data["config_sha256"],
-            "training_key": key,
-            "training_dir": str(Path(out_dir).resolve()),
-            "run_dir": str(ctx.run_dir.resolve()),
-            "overrides": " ".join(ctx.task_overrides),
-            **ctx.tracking_tags(),
-        }
-        run_id = tracking.start_run(
-            tracking_uri=self.tracking_uri,
-            experiment_name=cfg.mlflow.experiment_name,
-            artifact_location=str(Path(cfg.mlflow.artifact_location).resolve()),
-            run_name=display_name,
-            params={**params, **{f"local.{k}": v for k, v in _plain(cfg.finetune.local).items()}},
-            tags=tags,
-        )
+        out_dir = self._training_folder(ctx, key, params)
+        run_id = self._start_tracking_run(ctx, params, display_name=display_name, key=key, out_dir=out_dir,
+                                          model_dir=model_dir, data=data)
         ctx.say(f"MLflow run {run_id} ({display_name})")
         tracking.log_artifact(self.tracking_uri, run_id, str(ctx.run_dir / "resolved_config.yaml"))
         status = "FAILED"
@@ -242,6 +202,66 @@ class LocalBackend(Backend):
             f"in {result.get('global_step')} steps, {result.get('tokens_per_s', 0):,.0f} tokens/s"
         )
         return result
+
+    def _trainer_settings(self, ctx) -> tuple:
+        """(params, finetune.local, notes, the trainer's plan): the effective parameters with what the compute step
+        decided (auto_fit's micro-batch and accumulation, gradient checkpointing with "auto" resolved; absent from
+        an older run record: the config's values stand), translated for this machine; each note said once."""
+        from runner.local.translate import translate
+
+        params, notes = self.effective_params(ctx)
+        local = _plain(self.cfg.finetune.local)
+        decided = ctx.record.output("compute") or {}
+        for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if decided.get(key) is not None and decided[key] != params[key]:
+                notes.append(f"{key}: {params[key]!r} -> {decided[key]!r} (compute step, finetune.local.auto_fit)")
+                params[key] = decided[key]
+        if decided.get("gradient_checkpointing") is not None:
+            local["gradient_checkpointing"] = bool(decided["gradient_checkpointing"])
+        plan = translate(params, local)  # refuses a missing or unknown key; notes the keys that mean nothing here
+        notes = notes + plan.notes
+        for note in notes:
+            ctx.say(note)
+        return params, local, notes, plan
+
+    def _training_folder(self, ctx, key: str, params: Dict[str, Any]):
+        """A folder of its own, locked while this run lives (runner/local/training_dir.py says why and how resume
+        finds an earlier one)."""
+        from runner.local import training_dir
+
+        claimed = training_dir.claim(Path(self.cfg.paths.root) / "training" / key, resume=bool(params.get(
+            "resume_from_checkpoint")))
+        if claimed["resumed_folder"]:
+            ctx.say(f"resuming in {claimed['out_dir']}")
+        return claimed["out_dir"]
+
+    def _start_tracking_run(self, ctx, params, *, display_name: str, key: str, out_dir, model_dir, data) -> str:
+        """The MLflow run of this fine-tune, tagged with its lineage, params as the trainer gets them."""
+        from runner.local import tracking
+
+        cfg = self.cfg
+        tags = {
+            "display_name": display_name,
+            "backend": "local",
+            "base_model": cfg.model.name,
+            "base_model_dir": model_dir,
+            "data_manifest_sha256": data.get("manifest_sha256", ""),
+            "config_sha256": ctx.record.data["config_sha256"],
+            "training_key": key,
+            "training_dir": str(Path(out_dir).resolve()),
+            "run_dir": str(ctx.run_dir.resolve()),
+            "overrides": " ".join(ctx.task_overrides),
+            **ctx.tracking_tags(),
+        }
+        run_id = tracking.start_run(
+            tracking_uri=self.tracking_uri,
+            experiment_name=cfg.mlflow.experiment_name,
+            artifact_location=str(Path(cfg.mlflow.artifact_location).resolve()),
+            run_name=display_name,
+            params={**params, **{f"local.{k}": v for k, v in _plain(cfg.finetune.local).items()}},
+            tags=tags,
+        )
+        return run_id
 
     def metrics(self, ctx) -> Dict[str, Any]:
         from runner.local import tracking

@@ -204,13 +204,8 @@ def _also_on_hangup(server, uvicorn_capture):
     return both()
 
 
-def main(argv=None) -> int:
-    import uvicorn
-
-    args = _parse_args(argv)
-    handler = RotatingStderrHandler()  # the server log is bounded (server_log.py)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+def settings_from_args(args: argparse.Namespace) -> EndpointSettings:
+    """The one settings object the app runs with, from the command line (the key read once from its file)."""
     deployments = json.loads(args.deployments)
     traffic = json.loads(args.traffic) if args.traffic else {next(iter(deployments)): 100}
     key = Path(args.key_file).read_text(encoding="utf-8").strip()
@@ -229,6 +224,17 @@ def main(argv=None) -> int:
     for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "max_connections"):
         if not getattr(settings, name) > 0:
             raise SystemExit(f"deployment.{name} must be > 0, got {getattr(settings, name)}")
+    return settings
+
+
+def main(argv=None) -> int:
+    import uvicorn
+
+    args = _parse_args(argv)
+    handler = RotatingStderrHandler()  # the server log is bounded (server_log.py)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    settings = settings_from_args(args)
     app = create_app(settings)
     state: EndpointState = app.state.endpoint
     sock = _bind(args.host, args.port)
@@ -267,7 +273,7 @@ def main(argv=None) -> int:
     if args.port_file:
         write_text(Path(args.port_file), json.dumps({"port": port, "pid": os.getpid()}))
     log.info("endpoint %s listening on http://%s:%d (deployments %s, traffic %s)", args.name, args.host, port,
-             deployments, traffic)
+             settings.deployments, settings.traffic)
     watch = None
     if args.owner_pid is not None:
         def owner_gone():
@@ -285,7 +291,7 @@ def main(argv=None) -> int:
         if watch is not None:
             watch.stop()
             if watch.gone.is_set():  # nobody is left to delete the endpoint: its files go with it
-                _remove_own_files(Path(args.key_file), key, Path(args.state_file) if args.state_file else None)
+                _remove_own_files(Path(args.key_file), settings.key, Path(args.state_file) if args.state_file else None)
                 log.info("endpoint %s stopped after its owner was gone; key and state files removed", args.name)
     return 1 if state.load_error else 0
 
