@@ -225,7 +225,7 @@ def test_the_test_step_never_sends_the_key_to_a_server_its_state_file_does_not_n
         "scoring_uri": "http://127.0.0.1:9/score", "port": 9, "host": "127.0.0.1",
         "key_file": str(endpoints / "stale-one.key")}))
     (endpoints / "stale-one.key").write_text("secret")
-    ctx = SimpleNamespace(live={}, record=SimpleNamespace(output=lambda *a: None))
+    ctx = SimpleNamespace(endpoint=None, record=SimpleNamespace(output=lambda *a: None))
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"input_data": {"input_string": [[{"role": "user", "content": "hi"}]]}}))
     with pytest.raises(RuntimeError, match="is not running any more"):

@@ -292,7 +292,7 @@ class LocalBackend(Backend):
             "config_sha256": ctx.record.data["config_sha256"],
             "display_name": ft.get("display_name", ""),
             "training_key": ft.get("training_key", ""),
-            "quality_gate": ctx.live.get("quality_gate", ""),  # the register step's verdict (runner/steps/register.py)
+            "quality_gate": ctx.quality_gate or "",  # the register step's verdict (runner/steps/register.py)
         }
         out = register_model(
             tracking_uri=self.tracking_uri,
@@ -350,14 +350,14 @@ class LocalBackend(Backend):
             max_request_bytes=dep.max_request_bytes,
             limits={k: getattr(dep, k) for k in (*REQUEST_LIMIT_KEYS, *CONNECTION_KEYS)},
         )
-        ctx.live["endpoint"] = state
+        ctx.endpoint = state
         ctx.say(f"endpoint {state['name']} serving {model_uri} at {state['scoring_uri']}")
         return {**state, "model_uri": model_uri, **({"model_version": chosen["version"]} if chosen else {})}
 
     def _endpoint_state(self, ctx) -> Dict[str, Any]:
         from runner.local.endpoint.manager import find_endpoint
 
-        state = ctx.live.get("endpoint") or ctx.record.output("deploy")
+        state = ctx.endpoint or ctx.record.output("deploy")
         if self.cfg.endpoint_name:
             state = find_endpoint(self.cfg.endpoint_name, state_dir=self.cfg.paths.endpoints_dir)
             if not state:
@@ -398,7 +398,7 @@ class LocalBackend(Backend):
         else:
             # the state itself, not its name: only the server this run started (its instance token) is stopped
             out = stop_endpoint(state, state_dir=self.cfg.paths.endpoints_dir)
-        ctx.live.pop("endpoint", None)
+        ctx.endpoint = None
         ctx.say(f"endpoint {state['name']} deleted")
         return out
 
@@ -412,7 +412,7 @@ class LocalBackend(Backend):
         return run_facts(self.tracking_uri, run_id).get("params", {})
 
     def has_endpoint(self, ctx) -> bool:
-        return bool(ctx.live.get("endpoint") or ctx.record.output("deploy") or self.cfg.endpoint_name)
+        return bool(ctx.endpoint or ctx.record.output("deploy") or self.cfg.endpoint_name)
 
     def plan(self, ctx) -> Dict[str, Any]:
         from runner.local.plan import write_local_plan

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Protocol
 
 from runner.errors import RunnerError
-from runner.gate import GATE_PASSED, GATE_TAG  # noqa: F401  (GATE_TAG: for readers of this step)
+from runner.gate import GATE_PASSED
 from runner.steps.result import StepResult
 
 # schedulers whose first step runs at learning rate 0 when warmup_steps > 0 (constant ignores warmup)
@@ -117,7 +117,7 @@ def run(ctx, backend: RegisterActions) -> RegisterResult:
     verdict = quality_gate(ctx, backend)
     if verdict != GATE_PASSED:
         ctx.say(f"warning: registering a model that did not pass the quality gate: {verdict}")
-    ctx.live[GATE_TAG] = verdict  # the backend tags the version with it
+    ctx.quality_gate = verdict  # the backend tags the version with it
     result = RegisterResult.from_outputs(backend.register(ctx))
     result.quality_gate = verdict
     return result
