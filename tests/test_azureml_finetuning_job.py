@@ -71,7 +71,7 @@ def test_create_finetuning_job_without_validation_data_is_worked_around(tmp_path
                                            validation_data=str(tmp_path / "v.jsonl"),
                                            hyperparameters=args["hyperparameters"], output_model_name="ft-model",
                                            display_name="d", experiment_name="e")
-    assert type(with_validation) is type(job) and with_validation.task == job.task == "chat_completion"
+    assert type(with_validation) is type(job) and with_validation.task == job.task == "ChatCompletion"  # FineTuningTaskType.CHAT_COMPLETION
 
 
 def test_hyperparameters_are_the_documented_keys_as_strings_the_job_schema_takes(tmp_path):

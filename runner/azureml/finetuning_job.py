@@ -1,7 +1,7 @@
 """finetune.route=finetuning_job: the `type: finetuning` job (azure.ai.ml.finetuning) and the model it registers.
 
 The job is built by the SDK's own `create_finetuning_job` (a CustomModelFineTuningJob, YAML `type: finetuning`,
-`model_provider: custom`, `task: chat_completion`), with the finetune group's documented hyperparameters as strings
+`model_provider: custom`, `task: chatCompletion`, the SDK's FineTuningTaskType), with the finetune group's documented hyperparameters as strings
 (runner/azureml/routes.py). It runs serverless when compute=serverless, else on the cluster `compute.name` (the
 compute step made sure it exists) or on the VM sizes in `compute.instance_types` (`resources.instance_types`), with
 `compute.job_tier` as `queue_settings.job_tier`. It registers the fine-tuned model itself, through its
@@ -14,7 +14,17 @@ from typing import Any, Dict, List, Optional
 
 from runner.azureml.checks import AzureStepError
 
-TASK = "chat_completion"  # FineTuningTaskType.CHAT_COMPLETION; dump() writes it `chatCompletion`, load_job reads both
+
+
+def task_type() -> str:
+    """The SDK's own FineTuningTaskType.CHAT_COMPLETION ("ChatCompletion"): the REST body then says `taskType:
+    chatCompletion`, as Azure's samples send. A hand-written "chat_completion" dumps to the same YAML but goes on the
+    wire as `chat_completion` (runner/azureml/wire.py shows the difference)."""
+    from azure.ai.ml.finetuning import FineTuningTaskType  # lazy: azure is heavy
+
+    return FineTuningTaskType.CHAT_COMPLETION
+
+
 OUTPUT = "registered_model"  # the job's output that registers the fine-tuned model
 TERMINAL = ("Completed", "Failed", "Canceled", "NotResponding")
 POLL_SECONDS = 30  # how often the notebook asks for the job's status
@@ -27,7 +37,7 @@ def build_finetuning_job(*, model: str, training_data: str, validation_data: Opt
     """The job, as create_finetuning_job builds it. No compute and no instance types: serverless."""
     from azure.ai.ml.finetuning import create_finetuning_job
 
-    kwargs = dict(model=model, task=TASK, training_data=training_data, output_model_name_prefix=output_model_name,
+    kwargs = dict(model=model, task=task_type(), training_data=training_data, output_model_name_prefix=output_model_name,
                   hyperparameters=dict(hyperparameters), compute=compute, instance_types=instance_types or None,
                   job_tier=job_tier, display_name=display_name, experiment_name=experiment_name)
     if validation_data:

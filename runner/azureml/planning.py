@@ -19,6 +19,8 @@ finetune.route=finetuning_job / deployment.kind=serverless (runner/azureml/finet
     serverless_endpoint.yaml  ServerlessEndpoint                  serverless_endpoints.begin_create_or_update
     chat_request.json         the /v1/chat/completions body       POST {scoring_uri}/v1/chat/completions
     plan.yaml          every call in order, the steps' outputs, warnings
+    <kind>.rest.json   beside each entity file but the pipeline job: the REST body the SDK sends for it
+                       (runner/azureml/wire.py), its field types checked against the REST model's
 
 So the plan is what a real run sends, by construction. What the planner answers in place of Azure: the foundation
 model from the model preset (a real run reads the registry), the component from the recorded contract
@@ -134,8 +136,16 @@ class PlanRecorder:
         self.calls.append(entry)
         return bound
 
-    def write(self, kind: str, data: Dict[str, Any]) -> str:
-        """The object the last recorded call was handed, as plan/<kind>.yaml."""
+    def write(self, kind: str, data: Dict[str, Any], entity: Any = None) -> str:
+        """The object the last recorded call was handed, as plan/<kind>.yaml; with `entity`, also the REST body the
+        SDK would send for it, as plan/<kind>.rest.json (its types checked: runner/azureml/wire.py)."""
+        if entity is not None:
+            from runner.azureml.wire import wire_body
+
+            rest = self.plan_dir / f"{kind}.rest.json"
+            rest.parent.mkdir(parents=True, exist_ok=True)
+            write_text(rest, json.dumps(wire_body(entity), indent=2, sort_keys=True) + "\n")
+            self.files[f"{kind}.rest"] = self.calls[-1]["rest_file"] = str(rest)
         path = write_yaml(self.plan_dir / f"{kind}.yaml", data)
         self.files[kind] = self.calls[-1]["file"] = str(path)
         return str(path)
@@ -286,7 +296,7 @@ def _make_ops(world: PlanningWorld):
 
         def create_or_update(self, *args, **kwargs):
             model = self._record("create_or_update", args, kwargs)["model"]
-            rec.write("model", entity_yaml(model))
+            rec.write("model", entity_yaml(model), model)
             registered = copy.copy(model)
             registered._id = f"azureml:{model.name}:{model.version}"  # what a deployment may reference
             return registered
@@ -326,7 +336,7 @@ def _make_ops(world: PlanningWorld):
             if getattr(job, "type", None) == "finetuning":
                 from runner.azureml.finetuning_job import finetuning_job_yaml
 
-                rec.write("finetuning_job", finetuning_job_yaml(job))
+                rec.write("finetuning_job", finetuning_job_yaml(job), job)
                 submitted = copy.copy(job)
                 submitted.name = JOB_NAME_PLACEHOLDER
                 world.jobs[JOB_NAME_PLACEHOLDER] = submitted
@@ -354,7 +364,7 @@ def _make_ops(world: PlanningWorld):
 
         def begin_create_or_update(self, *args, **kwargs):
             deployment = self._record("begin_create_or_update", args, kwargs)["deployment"]
-            rec.write("deployment", entity_yaml(deployment))
+            rec.write("deployment", entity_yaml(deployment), deployment)
             return _Poller(deployment)
 
     class OnlineEndpoints(_Ops):
@@ -391,7 +401,7 @@ def _make_ops(world: PlanningWorld):
             from runner.azureml.serverless import serverless_endpoint_yaml
 
             endpoint = self._record("begin_create_or_update", args, kwargs)["endpoint"]
-            rec.write("serverless_endpoint", serverless_endpoint_yaml(endpoint))
+            rec.write("serverless_endpoint", serverless_endpoint_yaml(endpoint), endpoint)
             world.serverless_endpoints[endpoint.name] = endpoint
             return _Poller(world.serverless_endpoint(endpoint.name))
 
@@ -437,10 +447,10 @@ class PlanningMLClient:
         # MLClient takes any keyword and hands it to the operations group of the entity's type, which may not
         dispatch("begin_create_or_update", entity, {k: v for k, v in kwargs.items() if k != "entity"})
         if isinstance(entity, AmlCompute):
-            recorder.write("compute", entity_yaml(entity))
+            recorder.write("compute", entity_yaml(entity), entity)
             self._world.computes[entity.name] = entity
         elif isinstance(entity, OnlineEndpoint):
-            recorder.write("endpoint", entity_yaml(entity))  # the last call (with traffic) stays
+            recorder.write("endpoint", entity_yaml(entity), entity)  # the last call (with traffic) stays
         else:
             raise TypeError(f"dry run: begin_create_or_update of an unexpected {type(entity).__name__}")
         return _Poller(entity)
