@@ -312,7 +312,7 @@ class DeploymentConfig:
     deployment_name: str = "demo"
     traffic: Dict[str, int] = field(default_factory=lambda: {"demo": 100})
     auth_mode: str = choice("key", ["key", "aml_token"])
-    instance_type: str = "Standard_NC6s_v3"
+    instance_type: str = "Standard_NC24ads_A100_v4"  # NCv3 (the notebook's NC6s_v3) is retired
     instance_count: int = positive(1)
     liveness_initial_delay: int = non_negative(600)  # seconds (ProbeSettings.initial_delay)
     request_timeout_ms: int = positive(90000)  # OnlineRequestSettings.request_timeout_ms

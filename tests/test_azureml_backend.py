@@ -186,7 +186,7 @@ def test_notebook_run_makes_the_notebooks_calls_in_order(tmp_path, mlflow_job, c
     registered_id = record.output("register", "model_id")
     assert registered_id.endswith(f"/models/Phi-3-mini-4k-instruct-ultrachat-200k/versions/{TIMESTAMP}")
     assert (deployment.name, deployment.endpoint_name, deployment.model, deployment.instance_type,
-            deployment.instance_count) == ("demo", endpoint.name, registered_id, "Standard_NC6s_v3", 1)
+            deployment.instance_count) == ("demo", endpoint.name, registered_id, "Standard_NC24ads_A100_v4", 1)
     assert deployment.liveness_probe.initial_delay == 600
     assert deployment.request_settings.request_timeout_ms == 90000
     assert world.created[2] is endpoint and endpoint.traffic == {"demo": 100}
@@ -281,7 +281,7 @@ def test_failed_deployment_deletes_the_endpoint(tmp_path):
     ctx.record.start("register")
     ctx.record.finish("register", {"model_id": "azureml:m:1", "name": "m"})
     world.poller_errors["workspace.online_deployments.begin_create_or_update"] = RuntimeError(
-        "quota exceeded for Standard_NC6s_v3")
+        "quota exceeded for Standard_NC24ads_A100_v4")
     with pytest.raises(RuntimeError, match="quota exceeded"):
         backend.deploy(ctx)
     assert world.find("workspace.online_endpoints.begin_delete")[0].kwargs == {"name": f"ultrachat-completion-{TIMESTAMP}"}

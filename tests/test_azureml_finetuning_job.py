@@ -308,8 +308,8 @@ def test_the_job_on_instance_types_creates_no_cluster(tmp_path):
     assert job.compute is None
     assert job.resources.instance_types == ["Standard_NC24ads_A100_v4", "Standard_NC48ads_A100_v4"]
     assert not [n for n in world.names() if "compute" in n]
-    with pytest.raises(ConfigError, match="compute.instance_types=Standard_NC6s_v3 is not in Phi-4"):
-        real_run(tmp_path / "b", overrides[:-2] + ["compute.instance_types=[Standard_NC6s_v3]", "model.version=8",
+    with pytest.raises(ConfigError, match="compute.instance_types=Standard_ND40rs_v2 is not in Phi-4"):
+        real_run(tmp_path / "b", overrides[:-2] + ["compute.instance_types=[Standard_ND40rs_v2]", "model.version=8",
                                                    "steps=[connect,model,compute,data,finetune]"], model="Phi-4")
 
 

@@ -128,7 +128,7 @@ ARCHIVED_RUNS = [
     ["experiment=phi3_ultrachat", "compute=nd40rs_v2"],
     ["backend=azureml", "model=phi35_mini_instruct", "compute=nc24ads_a100_v4", "deployment=azure"],
     ["backend=azureml", "model=phi3_mini_4k_instruct", "compute=nd96asr_v4", "deployment=azure"],
-    ["backend=azureml", "model=phi3_mini_4k_instruct", "compute=nc12s_v3", "deployment=azure"],
+    ["backend=azureml", "model=phi3_mini_4k_instruct", "compute=nd40rs_v2", "deployment=azure"],
 ]
 
 

@@ -46,7 +46,9 @@ def route_errors(cfg: Any) -> List[str]:
             return [f"finetune.route={cfg.finetune.route} is an Azure ML route; backend={cfg.backend.name} trains "
                     f"on this machine (finetune.route=pipeline, or backend=azureml)"]
         return []
-    errors = []
+    from runner.azureml.retired_skus import retired_sku_errors
+
+    errors = retired_sku_errors(cfg)
     route, model = cfg.finetune.route, cfg.model.name
     if route == "pipeline":
         if is_serverless_compute(cfg):
