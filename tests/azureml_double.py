@@ -190,6 +190,8 @@ class AzureWorld:
                       VmSize(name="Standard_ND40rs_v2", gpus=8)]
         self.failing_tiers: set = set()  # tiers whose cluster creation fails (e.g. {"dedicated"}: no quota)
         self.poller_errors: Dict[str, Exception] = {}  # call name → what its poller's wait()/result() raises
+        self.in_progress_polls = 3  # how many looks at a poller say InProgress before the service is done
+        self.pollers: List[Dict[str, Any]] = []
         self.job_name = job_name
         self.job_status = "Completed"  # "Failed": jobs.stream raises the SDK's JobException, jobs.get says Failed
         self.job_error = "Out of memory on node 0 (CUDA error)"
@@ -217,16 +219,36 @@ class AzureWorld:
         return model_from_rest(self.model_body)
 
     # ---- the classes handed to AzureClients ---------------------------------------------------------------
-    def poller(self, name: str, result: Any = None, error: Optional[Exception] = None):
-        """An autospec of azure-core's LROPoller whose wait()/result() are recorded as `<name>.wait` / `.result`."""
+    def poller(self, name: str, result: Any = None, error: Optional[Exception] = None, on_done=None):
+        """An autospec of azure-core's LROPoller, as the service's operations behave: InProgress for
+        `in_progress_polls` looks (done() False, status() "InProgress") unless waited for; wait()/result() (recorded
+        as `<name>.wait` / `.result`) poll it to its end, Succeeded (then `on_done()` makes the operation's effect
+        visible, e.g. the endpoint's scoring URI) or Failed (raising the operation's error). Every poller is kept in
+        `world.pollers`; `unfinished()` names those nobody waited for."""
         from azure.core.polling import LROPoller
 
         poller = mock.create_autospec(LROPoller, instance=True)
         world = self
+        state = {"name": name, "looks": 0, "status": "InProgress", "waited": False}
+
+        def settle():
+            if state["status"] == "InProgress":
+                failure = error or world.poller_errors.get(name)
+                state["status"] = "Failed" if failure else "Succeeded"
+                if not failure and on_done is not None:
+                    on_done()
+
+        def look():
+            state["looks"] += 1
+            if state["looks"] > world.in_progress_polls:  # the service finishes on its own, in time
+                settle()
+            return state["status"]
 
         def finish(method):
             def run(timeout=None):
                 world.calls.append(Call((f"{name}.{method}", (), {})))
+                state["waited"] = True
+                settle()
                 failure = error or world.poller_errors.get(name)
                 if failure:
                     raise failure
@@ -235,9 +257,14 @@ class AzureWorld:
 
         poller.wait.side_effect = finish("wait")
         poller.result.side_effect = finish("result")
-        poller.done.return_value = True
-        poller.status.return_value = "Failed" if (error or self.poller_errors.get(name)) else "Succeeded"
+        poller.done.side_effect = lambda: look() != "InProgress"
+        poller.status.side_effect = look
+        self.pollers.append(state)
         return poller
+
+    def unfinished(self) -> List[str]:
+        """The long-running operations the runner started and never waited for."""
+        return [p["name"] for p in self.pollers if not p["waited"]]
 
     def _operations(self, cls, prefix: str):
         ops = mock.create_autospec(cls, instance=True)
@@ -401,7 +428,9 @@ class AzureWorld:
                     raise HttpResponseError(message=f"(BadRequest) vmPriority {priority!r} is not one of "
                                                     f"{[p.value for p in VmPriority]}")
                 if _tier(entity.tier) in {_tier(t) for t in self.failing_tiers}:
-                    return self.poller(name, error=RuntimeError(f"no quota for tier {entity.tier}"))
+                    return self.poller(name, error=HttpResponseError(message=(
+                        f"(QuotaExceeded) Operation could not be completed as it results in exceeding approved "
+                        f"{entity.tier} cores quota for {entity.size}")))
                 self.computes[entity.name] = AmlCompute(name=entity.name, size=entity.size, tier=entity.tier,
                                                         provisioning_state="Succeeded")
                 result = self.computes[entity.name]
@@ -587,12 +616,17 @@ class AzureWorld:
                     m.version == ours.group(4) for m in self.workspace_models.get(ours.group(3), [])):
                 return self.poller(name, error=ResourceNotFoundError(f"model {endpoint.model_id} not found"))
             uri = self.serverless_scoring_uri or f"https://{endpoint.name}.{self.location}.models.ai.azure.com"
+            # what `get` shows while the service provisions it: no scoring URI until the operation has ended
             created = ServerlessEndpoint(name=endpoint.name, model_id=endpoint.model_id, auth_mode="key",
                                          location=endpoint.location or self.location,
-                                         provisioning_state="succeeded", scoring_uri=uri)
+                                         provisioning_state="Creating")
             self.serverless_endpoints[endpoint.name] = created
+
+            def provisioned():
+                created.provisioning_state, created.scoring_uri = "Succeeded", uri
+
             self.created.append(endpoint)
-            return self.poller(name, result=created)
+            return self.poller(name, result=created, on_done=provisioned)
         endpoint_name = args[0] if args else kwargs["name"]
         if endpoint_name not in self.serverless_endpoints:
             raise ResourceNotFoundError(f"serverless endpoint {endpoint_name} not found")
@@ -600,9 +634,9 @@ class AzureWorld:
             return self.serverless_endpoints[endpoint_name]
         if method == "get_keys":
             return EndpointAuthKeys(primary_key=self.serverless_keys[0], secondary_key=self.serverless_keys[1])
-        if method == "begin_delete":
-            del self.serverless_endpoints[endpoint_name]
-            return self.poller(name)
+        if method == "begin_delete":  # gone when the operation has ended; "Deleting" until then
+            self.serverless_endpoints[endpoint_name].provisioning_state = "Deleting"
+            return self.poller(name, on_done=lambda: self.serverless_endpoints.pop(endpoint_name, None))
         raise AssertionError(f"the test double has no answer for {name}")
 
     def _registry_bodies(self) -> List[Dict[str, Any]]:

@@ -120,17 +120,17 @@ def test_notebook_run_makes_the_notebooks_calls_in_order(tmp_path, mlflow_job, c
         "MLClient", "MLClient",                                        # workspace, then registry
         "registry.models.get",
         "workspace.compute.get",                                       # not found → create dedicated
-        "workspace.begin_create_or_update", "workspace.begin_create_or_update.wait",
+        "workspace.begin_create_or_update", "workspace.begin_create_or_update.result",
         "workspace.compute.get", "workspace.compute.list_sizes",
         "registry.components.get",
         "workspace.jobs.create_or_update", "workspace.jobs.stream",
         "workspace.workspaces.get",                                    # MLflow tracking URI for the metrics
         "workspace.models.create_or_update",
-        "workspace.begin_create_or_update", "workspace.begin_create_or_update.wait",          # endpoint
-        "workspace.online_deployments.begin_create_or_update", "workspace.online_deployments.begin_create_or_update.wait",
+        "workspace.begin_create_or_update", "workspace.begin_create_or_update.result",          # endpoint
+        "workspace.online_deployments.begin_create_or_update", "workspace.online_deployments.begin_create_or_update.result",
         "workspace.begin_create_or_update", "workspace.begin_create_or_update.result",        # traffic
         "workspace.online_endpoints.invoke",
-        "workspace.online_endpoints.begin_delete", "workspace.online_endpoints.begin_delete.wait",
+        "workspace.online_endpoints.begin_delete", "workspace.online_endpoints.begin_delete.result",
     ]
     calls = world.calls
     assert calls[1].args == (MANAGEMENT_SCOPE,)
@@ -635,9 +635,12 @@ def test_the_double_refuses_what_the_sdk_would(tmp_path):
     assert [(m.name, m.version, m.latest_version, m.tags) for m in registry.models.list()] == [
         ("Phi-4", None, "8", {})]
     poller = ws.online_endpoints.begin_delete(name="ep")
-    assert isinstance(poller, LROPoller) and poller.done()
+    # as the service: InProgress for the first looks, done once waited for
+    assert isinstance(poller, LROPoller) and not poller.done() and poller.status() == "InProgress"
     with pytest.raises(TypeError):
         poller.wait(1, 2)
+    poller.wait()
+    assert poller.done() and poller.status() == "Succeeded" and world.unfinished() == []
     # what the service refuses: AmlCompute(tier="LowPriority") goes on the wire as vmPriority "Lowpriority"
     from azure.ai.ml.entities import AmlCompute
     from azure.core.exceptions import HttpResponseError

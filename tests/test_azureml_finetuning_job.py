@@ -71,7 +71,7 @@ def test_create_finetuning_job_without_validation_data_is_worked_around(tmp_path
                                            validation_data=str(tmp_path / "v.jsonl"),
                                            hyperparameters=args["hyperparameters"], output_model_name="ft-model",
                                            display_name="d", experiment_name="e")
-    assert type(with_validation) is type(job) and with_validation.task == job.task == "ChatCompletion"  # FineTuningTaskType.CHAT_COMPLETION
+    assert type(with_validation) is type(job) and with_validation.task == job.task == "chatCompletion"  # from FineTuningTaskType.CHAT_COMPLETION
 
 
 def test_hyperparameters_are_the_documented_keys_as_strings_the_job_schema_takes(tmp_path):
@@ -152,8 +152,9 @@ def test_the_serverless_dry_run_writes_files_the_sdk_loads_back(tmp_path):
     overrides = ["experiment=phi4_mini_serverless", "dry_run=true"]
     run(compose_cfg(overrides), run_dir=tmp_path / "run", task_overrides=overrides)
     plan = tmp_path / "run" / "plan"
-    assert sorted(p.name for p in plan.iterdir()) == ["chat_request.json", "finetuning_job.yaml", "plan.yaml",
-                                                     "serverless_endpoint.yaml"]
+    assert sorted(p.name for p in plan.iterdir()) == ["chat_request.json", "finetuning_job.rest.json",
+                                                     "finetuning_job.yaml", "plan.yaml",
+                                                     "serverless_endpoint.rest.json", "serverless_endpoint.yaml"]
     job = quiet_load(load_job, plan / "finetuning_job.yaml")
     assert type(job).__name__ == "CustomModelFineTuningJob" and job.type == "finetuning"
     assert job.task == "chatCompletion" and str(job.model_provider).endswith("CUSTOM")

@@ -22,6 +22,7 @@ from runner.azureml.checks import (
     gpus_for_size,
     reconcile_gpus,
 )
+from runner.azureml.lro import finish, is_quota_error
 from runner.azureml.spec import ComponentSpec, check_explicit_keys, load_spec, resolve_spec_path, spec_from_dict
 from runner.azureml.tags import ModelFacts, archived_message, facts_from_registry
 from runner.backends import Backend
@@ -259,11 +260,13 @@ class AzureMLBackend(Backend):
         for tier in tiers:
             ctx.say(f"creating compute cluster {c.name} ({c.size}, {tier}, max {c.max_instances} instances)")
             try:
-                ws.begin_create_or_update(build_compute(c, tier)).wait()
+                finish(ws.begin_create_or_update(build_compute(c, tier)), f"creating compute cluster {c.name}")
                 return tier
-            except TypeError:  # a call the SDK refuses is the runner's bug, not the tier's quota: no retry
-                raise
-            except Exception as exc:  # quota or capacity: the notebook retries as low priority
+            except Exception as exc:
+                # Only the tier's quota is a reason to try the next tier (the notebook retries as low priority);
+                # anything else (a refused call, a bad size, the network) would fail the same way again.
+                if not is_quota_error(exc):
+                    raise
                 errors.append(f"{tier}: {type(exc).__name__}: {str(exc)[:300]}")
         raise AzureStepError(f"could not create compute cluster {c.name} of size {c.size} in the workspace: "
                            + "; ".join(errors))
@@ -553,18 +556,19 @@ class AzureMLBackend(Backend):
         ws = self._ws(ctx)
         endpoint = build_endpoint(name=name, registered_model_name=model_name, auth_mode=d.auth_mode)
         ctx.say(f"creating endpoint {name}")
-        ws.begin_create_or_update(endpoint).wait()
+        finish(ws.begin_create_or_update(endpoint), f"creating endpoint {name}")
         try:
             deployment = build_deployment(d, endpoint_name=name, model_id=model_id)
             ctx.say(f"creating deployment {d.deployment_name} ({d.instance_type} x{d.instance_count})")
-            ws.online_deployments.begin_create_or_update(deployment).wait()
+            finish(ws.online_deployments.begin_create_or_update(deployment), f"creating deployment {d.deployment_name}")
             endpoint.traffic = dict(OmegaConf.to_container(d.traffic))
-            result = ws.begin_create_or_update(endpoint).result()
+            result = finish(ws.begin_create_or_update(endpoint), f"routing traffic of endpoint {name}",
+                            needs=("scoring_uri",))
         except BaseException:
             # The endpoint exists but cannot serve: delete it rather than leave it billing.
             ctx.say(f"deployment failed; deleting endpoint {name}")
             try:
-                ws.online_endpoints.begin_delete(name=name).wait()
+                finish(ws.online_endpoints.begin_delete(name=name), f"deleting endpoint {name}")
             except Exception as exc:
                 ctx.say(f"warning: could not delete endpoint {name}: {exc}")
             raise
@@ -602,7 +606,7 @@ class AzureMLBackend(Backend):
             out["deleted"] = name
         elif name:
             ctx.say(f"deleting endpoint {name}")
-            ws.online_endpoints.begin_delete(name=name).wait()
+            finish(ws.online_endpoints.begin_delete(name=name), f"deleting endpoint {name}")
             out["deleted"] = name
         else:
             ctx.say("no endpoint to delete")
@@ -610,7 +614,7 @@ class AzureMLBackend(Backend):
             pass  # no cluster of yours
         elif self.cfg.cleanup.delete_compute:
             ctx.say(f"deleting compute cluster {self.cfg.compute.name}")
-            ws.compute.begin_delete(self.cfg.compute.name).wait()
+            finish(ws.compute.begin_delete(self.cfg.compute.name), f"deleting compute cluster {self.cfg.compute.name}")
             out["compute_deleted"] = self.cfg.compute.name
         else:
             ctx.say(f"compute cluster {self.cfg.compute.name} kept (cleanup.delete_compute=true deletes it)")

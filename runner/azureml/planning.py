@@ -153,19 +153,34 @@ class PlanRecorder:
 
 
 class _Poller:
-    """What an LROPoller offers the steps: wait(), result(), done()."""
+    """What an LROPoller offers the steps (wait, result, done, status), behaving as the service's: InProgress for
+    the first IN_PROGRESS_POLLS looks, done once waited for. A step that does not wait sees InProgress, as it would
+    for real."""
 
-    def __init__(self, result: Any = None):
-        self._result = result
+    IN_PROGRESS_POLLS = 3
+
+    def __init__(self, result: Any = None, what: str = ""):
+        self._result, self.what = result, what
+        self._looks, self._finished = 0, False
+
+    def _look(self) -> str:
+        self._looks += 1
+        if self._looks > self.IN_PROGRESS_POLLS:
+            self._finished = True
+        return "Succeeded" if self._finished else "InProgress"
 
     def wait(self, timeout: Optional[float] = None) -> None:
-        return None
+        self._finished = True
 
     def result(self, timeout: Optional[float] = None) -> Any:
+        self._finished = True
         return self._result
 
     def done(self) -> bool:
-        return True
+        return self._look() != "InProgress"
+
+    def status(self) -> str:
+        return self._look()
 
 
 class _Ops:
@@ -451,6 +466,9 @@ class PlanningMLClient:
             self._world.computes[entity.name] = entity
         elif isinstance(entity, OnlineEndpoint):
             recorder.write("endpoint", entity_yaml(entity), entity)  # the last call (with traffic) stays
+            # what the service answers when it has created it: the endpoint with its scoring URI
+            entity = copy.copy(entity)
+            entity._scoring_uri = f"https://{entity.name}.{WORKSPACE_LOCATION}.inference.ml.azure.com/score"  # read-only
         else:
             raise TypeError(f"dry run: begin_create_or_update of an unexpected {type(entity).__name__}")
         return _Poller(entity)
