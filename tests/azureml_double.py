@@ -393,6 +393,7 @@ class AzureWorld:
         from azure.core.exceptions import ResourceNotFoundError
 
         self.check_keywords(name, args, kwargs)
+        self.check_wire(name, args, kwargs)
         self.calls.append(Call((name, args, kwargs)))
         if name == "registry.models.get":
             return self._get_model(*args, **kwargs)
@@ -534,13 +535,32 @@ class AzureWorld:
         """What the real client does with keywords the autospec's `**kwargs` lets through: MLClient's own
         (begin_)create_or_update hands them to the operations group its dispatch picks, which raises TypeError on
         one it does not take; and no call may ask for a local Docker deployment (`local=True`)."""
-        from runner.azureml.sdk_calls import dispatch, refuse_local
+        from runner.azureml.sdk_calls import check_kwargs_read, dispatch, operation_groups, refuse_local
 
         method = name.split(".", 1)[1]
         if method in ("begin_create_or_update", "create_or_update"):  # MLClient's own methods
             entity = args[0] if args else kwargs.get("entity")
             dispatch(method, entity, {k: v for k, v in kwargs.items() if k != "entity"})
         refuse_local(name, kwargs)
+        parts = name.split(".")
+        if len(parts) == 3 and parts[1] in operation_groups():  # what the group's **kwargs really reads
+            check_kwargs_read(name, getattr(operation_groups()[parts[1]], parts[2]), kwargs)
+
+    @staticmethod
+    def check_wire(name: str, args: tuple, kwargs: dict) -> None:
+        """The REST body the SDK would send for a created entity, its field types checked against the REST model
+        (runner/azureml/wire.py): the service refuses a string where it reads an int."""
+        from azure.ai.ml.entities import AmlCompute, Model, OnlineDeployment, OnlineEndpoint, ServerlessEndpoint
+        from azure.ai.ml.entities._job.finetuning.finetuning_job import FineTuningJob
+
+        from runner.azureml.wire import wire_body
+
+        if name not in SPENDING or "delete" in name:
+            return
+        for value in list(args) + list(kwargs.values()):
+            if isinstance(value, (AmlCompute, Model, OnlineDeployment, OnlineEndpoint, ServerlessEndpoint,
+                                  FineTuningJob)):
+                wire_body(value)
 
     # ---- finetuning jobs, the models they register, serverless endpoints ---------------------------------------
     def _submit_finetuning_job(self, job):

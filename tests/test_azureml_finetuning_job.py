@@ -249,6 +249,10 @@ def test_the_serverless_experiment_runs_against_the_double(tmp_path, chat_server
     assert body["messages"][-1]["role"] == "user" and body["max_tokens"] == 200 and "do_sample" not in body
     assert steps["test"]["outputs"]["reply"] == "Paris."
     assert steps["cleanup"]["outputs"]["deleted"] == steps["deploy"]["outputs"]["endpoint_name"]
+    # every long-running operation was waited for to its end: the endpoint had its scoring URI when deploy
+    # returned, and the delete has ended (the double's pollers say InProgress until waited for)
+    assert world.unfinished() == []
+    assert steps["deploy"]["outputs"]["scoring_uri"] == chat_server.uri
     assert world.serverless_endpoints == {}
     written = [p.read_text(errors="replace") for p in (tmp_path / "run").rglob("*") if p.is_file()
                and p.suffix in (".json", ".log", ".yaml")]

@@ -126,9 +126,10 @@ class PlanRecorder:
         for real); returns the bound arguments by parameter name."""
         kwargs = kwargs or {}
         bound = inspect.signature(real_method).bind(None, *args, **kwargs).arguments
-        from runner.azureml.sdk_calls import refuse_local
+        from runner.azureml.sdk_calls import check_kwargs_read, refuse_local
 
         refuse_local(name, kwargs)  # accepted by the SDK, but it deploys to local Docker
+        check_kwargs_read(name, real_method, kwargs)  # taken by **kwargs, but never read (or a TypeError later)
         entry: Dict[str, Any] = {"call": name}
         shown = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
         if shown:
