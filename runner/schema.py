@@ -129,6 +129,9 @@ class ModelConfig:
     finetune_compute_allow_list: List[str] = field(default_factory=list)
     inference_compute_allow_list: List[str] = field(default_factory=list)
     model_specific_defaults: Dict[str, Any] = field(default_factory=dict)
+    # regions where the model fine-tuned serverless can be deployed (its registry tag maas-finetuning-deploy-regions,
+    # which wins when present): compute=serverless refuses a workspace elsewhere before submitting the job
+    serverless_regions: List[str] = field(default_factory=list)
     apply_model_specific_defaults: bool = True
     allow_archived: bool = False  # an archived/retired model is refused before anything is spent unless true
     # The registry facts above (lists, dates, archived, defaults, latest_version) were copied for this model name;

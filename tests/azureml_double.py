@@ -207,6 +207,7 @@ class AzureWorld:
         self.other_versions: Dict[str, List[Dict[str, Any]]] = {}
         # finetuning jobs (finetune.route=finetuning_job) and what they register, serverless endpoints
         self.location, self.workspace_id = "eastus2", "0f0e0d0c-aaaa-bbbb-cccc-123456789abc"
+        self.workspace_kind = "project"  # an AI Foundry hub's project ("default": a plain Azure ML workspace)
         self.finetuning_jobs: Dict[str, Any] = {}
         self.workspace_models: Dict[str, List[Any]] = {}  # name -> versions, oldest first
         self.serverless_endpoints: Dict[str, Any] = {}
@@ -466,8 +467,14 @@ class AzureWorld:
         if name == "workspace.jobs.get":
             return PipelineJob(name=args[0] if args else kwargs["name"], status=self.job_status)
         if name == "workspace.workspaces.get":
-            return Workspace(name=(args[0] if args else kwargs.get("name")) or "ws",
-                             mlflow_tracking_uri=self.tracking_uri, location=self.location,
+            ws_name = (args[0] if args else kwargs.get("name")) or "ws"
+            if self.workspace_kind == "project":  # WorkspaceOperations.get answers a Project for kind 'project'
+                from azure.ai.ml.entities import Project
+
+                return Project(name=ws_name, location=self.location, mlflow_tracking_uri=self.tracking_uri,
+                               workspace_id=self.workspace_id, hub_id=("/subscriptions/sub/resourceGroups/rg/providers/"
+                                                                       "Microsoft.MachineLearningServices/workspaces/hub"))
+            return Workspace(name=ws_name, mlflow_tracking_uri=self.tracking_uri, location=self.location,
                              workspace_id=self.workspace_id)
         if name == "workspace.models.create_or_update":
             model = args[0] if args else kwargs["model"]

@@ -98,3 +98,29 @@ def test_an_endpoint_not_waited_for_has_no_scoring_uri_yet():
     with pytest.raises(RuntimeError, match="boom"):
         finish(ws.serverless_endpoints.begin_delete("ep-abc"), "deleting ep-abc")
     assert "ep-abc" in world.serverless_endpoints  # a failed delete leaves it
+
+
+@pytest.mark.parametrize("kind, location, refusal", [
+    ("project", "swedencentral", r"workspace ws-demo is in swedencentral, where Phi-4-mini-instruct fine-tuned "
+                                 r"serverless cannot be deployed: its maas-finetuning-deploy-regions are eastus2, "
+                                 r"eastus, northcentralus, westus3, westus, southcentralus"),
+    ("default", "eastus2", r"workspace ws-demo is a 'default' workspace: serverless fine-tuning .* hub's project"),
+])
+def test_a_serverless_fine_tune_outside_the_models_regions_or_a_project_is_refused_before_submission(
+        tmp_path, kind, location, refusal):
+    """As Azure's serverless sample checks the model's maas-finetuning-deploy-regions tag against the workspace's
+    location, but before the job is submitted (the sample checks at deploy, after the training was paid for)."""
+    from runner.azureml.backend import AzureMLBackend
+    from runner.schema import ConfigError
+    from tests.azureml_double import rest_body
+
+    world = AzureWorld()
+    world.model_body = rest_body("Phi-4-mini-instruct")
+    world.location, world.workspace_kind = location, kind
+    overrides = ["experiment=phi4_mini_serverless", "dataset=sample", "backend.subscription_id=s",
+                 "backend.resource_group=r", "backend.workspace_name=ws-demo", f"backend.config_path={tmp_path}/x"]
+    cfg = compose_cfg(overrides)
+    with pytest.raises(ConfigError, match=refusal):
+        run(cfg, run_dir=tmp_path / "run", task_overrides=overrides,
+            backend=AzureMLBackend(cfg, clients=world.clients()))
+    assert world.spending() == [] and "workspace.workspaces.get" in world.names()

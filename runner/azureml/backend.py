@@ -194,12 +194,33 @@ class AzureMLBackend(Backend):
         except ConfigError as exc:
             self._refused(ctx, "model", facts, exc)
             raise
+        warnings += self._serverless_workspace_check(ctx, foundation_model, facts)
         for w in warnings:
             ctx.say(f"warning: {w}")
         ctx.live.update(foundation_model=foundation_model, facts=facts)
         ctx.say(f"foundation model {facts.asset_id}")
         return {"model_id": facts.asset_id, "name": facts.name, "version": facts.version, "facts": facts.to_dict(),
                 "warnings": warnings}
+
+    def _serverless_workspace_check(self, ctx, foundation_model, facts: ModelFacts) -> list:
+        """compute=serverless: the workspace must be a project in a region the model's serverless fine-tuning
+        supports, known before the job is submitted (runner/azureml/serverless_region.py). Returns warnings."""
+        from runner.azureml.routes import is_serverless_compute
+        from runner.azureml.serverless_region import REGIONS_TAG, check_serverless_workspace, serverless_regions
+        from runner.azureml.tags import preset_facts_apply
+
+        if not is_serverless_compute(self.cfg):
+            return []
+        regions = serverless_regions(foundation_model, self.cfg.model, preset_facts_apply(self.cfg.model, facts.name))
+        warnings = [] if regions is not None else [
+            f"model {facts.name} names no {REGIONS_TAG} (registry tag or model.serverless_regions): the workspace's "
+            f"region is not checked before the job is submitted"]
+        if self.cfg.dry_run:
+            return warnings + [f"the workspace's region and kind are a real run's to check: it refuses a workspace "
+                               f"that is not a project in {', '.join(regions or ['(unknown)'])} before submitting"]
+        ws = self._ws(ctx)
+        check_serverless_workspace(ws.workspaces.get(ws.workspace_name), regions, facts.name)
+        return warnings
 
     def compute(self, ctx) -> Dict[str, Any]:
         from azure.core.exceptions import ResourceNotFoundError
