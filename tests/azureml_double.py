@@ -47,7 +47,8 @@ PHI3_SPEC = FIXTURES / "phi-3-mini-4k-instruct.model.yaml"  # the registry spec'
 #   Phi-3.5-mini-instruct 6:   archived; allow lists in properties (finetune-recommended-sku) and system metadata.
 #   Phi-4 8:                   current; allow lists only in system metadata (SKU.*RecommendedSkus), which the SDK drops.
 #   Phi-4-mini-instruct:       current; fine-tunes serverless. Made here in the registry's shape (its registry spec is
-#                              not published): no allow lists, no model_specific_defaults; the version is a stand-in.
+#                              not published): no allow lists, no model_specific_defaults; version 3, the newest public
+#                              catalog data names (a stand-in); tag maas-finetuning-deploy-regions as the notebook lists.
 REST_BODIES = {
     "Phi-3-mini-4k-instruct": FIXTURES / "phi-3-mini-4k-instruct.rest.json",
     "Phi-3.5-mini-instruct": FIXTURES / "phi-3.5-mini-instruct.rest.json",

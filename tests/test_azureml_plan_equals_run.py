@@ -256,7 +256,7 @@ def test_the_serverless_experiment_plans_what_the_run_submits(tmp_path):
     assert isinstance(real, dict), real
     assert sorted(real) == ["finetuning_job", "serverless_endpoint", "wire"]
     path = real["finetuning_job"]["model"]["path"]
-    assert path == "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/1"
+    assert path == "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/3"
     assert planned == real
 
 

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from runner.azureml.checks import (
     AzureStepError,
+    check_deployment_name,
     check_endpoint_name,
     check_finetune_size,
     check_inference_size,
@@ -153,8 +154,10 @@ class AzureMLBackend(Backend):
             check_hyperparameter_keys(ctx.explicit_finetune_keys)
         elif spec is not None:
             check_explicit_keys(ctx.explicit_finetune_keys, spec)
-        if "deploy" in self.cfg.steps:
+        if "deploy" in self.cfg.steps:  # the names the service would refuse, before anything is spent
             check_endpoint_name(self.endpoint_name(ctx))
+            if self.cfg.deployment.kind != "serverless":
+                check_deployment_name(self.cfg.deployment.deployment_name)
         self._connect_clients(ctx)
         ws = ctx.live["workspace"]
         ctx.say(f"workspace {getattr(ws, 'workspace_name', '?')} (resource group "
@@ -215,6 +218,12 @@ class AzureMLBackend(Backend):
         warnings = [] if regions is not None else [
             f"model {facts.name} names no {REGIONS_TAG} (registry tag or model.serverless_regions): the workspace's "
             f"region is not checked before the job is submitted"]
+        from runner.azureml.routes import SERVERLESS_UNLISTED
+
+        if facts.name in SERVERLESS_UNLISTED:
+            warnings.append(f"model {facts.name}: serverless fine-tuning is a stand-in here; Azure's published table "
+                            f"of serverless fine-tunable models does not list it, and the service may refuse the job "
+                            f"(model=phi4_mini_instruct is listed)")
         if self.cfg.dry_run:
             return warnings + [f"the workspace's region and kind are a real run's to check: it refuses a workspace "
                                f"that is not a project in {', '.join(regions or ['(unknown)'])} before submitting"]

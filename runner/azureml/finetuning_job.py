@@ -8,6 +8,7 @@ compute step made sure it exists) or on the VM sizes in `compute.instance_types`
 `registered_model` output: the register step looks that model up rather than registering one.
 """
 
+import re
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -65,6 +66,16 @@ def _job_without_validation(*, model, task, training_data, output_model_name_pre
         outputs={OUTPUT: Output(type="mlflow_model", name=output_model_name_prefix)}, **kwargs)
 
 
+def output_model_name(base: str, timestamp: str, sweep: Optional[Dict[str, Any]] = None) -> str:
+    """The model name this job's `registered_model` output registers: its own, so that concurrent runs and the jobs
+    of a sweep never register under one name (and `register` never picks up another job's model): the run's
+    timestamp, and a sweep job's number."""
+    name = f"{base}-{timestamp}"
+    if sweep and sweep.get("job_num") is not None:
+        name += f"-job{sweep['job_num']}"
+    return name
+
+
 def finetuning_job_yaml(job: Any) -> Dict[str, Any]:
     """The job as YAML that load_job reads back. The dump writes local files as `azureml:<path>` (an asset
     reference); they are local files the submission uploads, so they are written as the plain paths the job holds."""
@@ -108,7 +119,7 @@ def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
     sent, left_out = hyperparameters(params, ctx.explicit_finetune_keys)
     where = placement(cfg)
     display_name = ctx.display_name(job_display_name(cfg.model.name, cfg.dataset.slug, sent))
-    output_name = cfg.mlflow.registered_model_name
+    output_name = output_model_name(cfg.mlflow.registered_model_name, backend._timestamp(ctx), ctx.sweep)
     job = build_finetuning_job(
         model=facts.asset_id, training_data=str(Path(data["train_file"]).resolve()),
         validation_data=str(Path(data["test_file"]).resolve()) if data.get("test_file") else None,
@@ -198,7 +209,14 @@ def register(backend: Any, ctx: Any) -> Dict[str, Any]:
     name = getattr(output, "name", None) or ctx.record.output("finetune", "registered_model_name")
     if not name:
         raise AzureStepError(f"finetuning job {job_name} has no {OUTPUT} output to read the model's name from")
+    # the name is this job's own (output_model_name), so its latest version is the one this job registered; a model
+    # whose path names another job's output is not ours (a name shared with a job from before unique names)
     model = ws.models.get(name=name, label="latest")
+    source = re.match(r"^azureml://jobs/([^/]+)/", str(getattr(model, "path", "") or ""))
+    if source and source.group(1) != job_name:
+        raise AzureStepError(f"model {model.name}:{model.version} was registered by job {source.group(1)}, not by "
+                             f"{job_name}: register it from its own job (finetune.attach_job={job_name} with a model "
+                             f"name of its own)")
     ctx.say(f"the job registered {model.name}:{model.version} ({model.id})")
     return {"model_id": model.id, "name": model.name, "version": str(model.version), "model_uri": model.id,
             "source": f"azureml://jobs/{job_name}/outputs/{OUTPUT}", "registered_by": "the finetuning job"}
