@@ -124,3 +124,69 @@ def test_a_serverless_fine_tune_outside_the_models_regions_or_a_project_is_refus
         run(cfg, run_dir=tmp_path / "run", task_overrides=overrides,
             backend=AzureMLBackend(cfg, clients=world.clients()))
     assert world.spending() == [] and "workspace.workspaces.get" in world.names()
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("ultrachat-completion-", "must not end with '-'"), ("ab", "is 2 characters"), ("1abc", "must start with a letter"),
+    ("a_bc", "only letters, digits and '-'"), ("a" * 33, "is 33 characters")])
+def test_endpoint_and_deployment_names_are_checked_as_the_service_does(name, problem):
+    from runner.azureml.checks import check_deployment_name, check_endpoint_name, name_problem
+    from runner.schema import ConfigError
+
+    assert problem in name_problem(name)
+    with pytest.raises(ConfigError, match="endpoint name"):
+        check_endpoint_name(name)
+    with pytest.raises(ConfigError, match="deployment.deployment_name"):
+        check_deployment_name(name)
+    assert name_problem("ultrachat-completion-1795600000") == "" and name_problem("demo") == ""
+
+
+@pytest.mark.parametrize("overrides, refusal", [
+    (["endpoint_name=my-endpoint-"], "endpoint name 'my-endpoint-' .*must not end with '-'"),
+    (["deployment.deployment_name=demo-"], "deployment.deployment_name='demo-' must not end with '-'"),
+])
+def test_the_dry_run_refuses_names_the_service_would(tmp_path, overrides, refusal):
+    from runner.schema import ConfigError
+
+    overrides = ["experiment=phi4_ultrachat", "dataset=sample", "dry_run=true", *overrides]
+    cfg = compose_cfg(overrides[:-1] if "deployment_name" in overrides[-1] else overrides)
+    if "deployment_name" in overrides[-1]:  # with its traffic entry, so that only the name is wrong
+        cfg.deployment.deployment_name, cfg.deployment.traffic = "demo-", {"demo-": 100}
+    with pytest.raises(ConfigError, match=refusal):
+        run(cfg, run_dir=tmp_path / "run", task_overrides=overrides)
+    assert not (tmp_path / "run" / "plan" / "compute.yaml").exists()  # refused before anything was planned
+
+
+def test_only_a_quota_error_falls_back_to_low_priority(tmp_path):
+    """A cluster the service refuses for another reason (a bad request) is not retried as low priority."""
+    from azure.core.exceptions import HttpResponseError
+
+    from runner.azureml.backend import AzureMLBackend
+
+    world = AzureWorld()
+    world.poller_errors["workspace.begin_create_or_update"] = HttpResponseError(
+        message="(BadRequest) The specified subnet does not exist")
+    overrides = ["experiment=phi4_ultrachat", "dataset=sample", "steps=[connect,model,compute]",
+                 "backend.subscription_id=s", "backend.resource_group=r", "backend.workspace_name=w",
+                 f"backend.config_path={tmp_path}/x"]
+    cfg = compose_cfg(overrides)
+    with pytest.raises(HttpResponseError, match="subnet"):
+        run(cfg, run_dir=tmp_path / "run", task_overrides=overrides,
+            backend=AzureMLBackend(cfg, clients=world.clients()))
+    created = [c.args[0] for c in world.find("workspace.begin_create_or_update")]
+    assert [str(c.tier) for c in created] == ["dedicated"]  # no low-priority retry
+
+
+def test_the_dry_runs_operations_have_the_sdks_methods_and_signatures(tmp_path):
+    from runner.azureml.planning import planning_clients
+    from runner.azureml.spec import DEFAULT_SPEC
+
+    cfg = compose_cfg(["experiment=phi4_ultrachat", "dry_run=true"])
+    clients = planning_clients(cfg, tmp_path / "plan", DEFAULT_SPEC)
+    ws = clients.workspace(clients.credential(cfg.backend), cfg.backend)
+    with pytest.raises(AttributeError):
+        ws.compute.submit  # not a ComputeOperations method
+    with pytest.raises(TypeError):
+        ws.compute.begin_start()  # ComputeOperations.begin_start(name) needs its name
+    with pytest.raises(NotImplementedError, match="compute.begin_start"):
+        ws.compute.begin_start("gpu-cluster-big")  # real, but nothing the plan answers

@@ -196,6 +196,20 @@ class _Ops:
     def _record(self, method: str, args: tuple, kwargs: dict) -> Dict[str, Any]:
         return self.recorder.call(f"{self.prefix}.{method}", getattr(self.real, method), args, kwargs)
 
+    def __getattr__(self, method: str):
+        """Every other method of the SDK's class exists here too, checked against its real signature (a wrong
+        argument is the TypeError it would be); one the planner has no answer for says so rather than pretending.
+        A name the SDK's class does not have is an AttributeError, as on the real client."""
+        if method.startswith("_") or not callable(getattr(self.real, method, None)):
+            raise AttributeError(f"{type(self.real).__name__ if self.real else 'operations'} has no attribute "
+                                 f"{method!r} ({getattr(self.real, '__name__', '?')} does not)")
+
+        def unplanned(*args, **kwargs):
+            self._record(method, args, kwargs)
+            raise NotImplementedError(f"dry run: {self.prefix}.{method} is a real azure-ai-ml call the planner has no "
+                                      f"answer for (runner/azureml/planning.py)")
+        return unplanned
+
 
 def _operations():
     from azure.ai.ml.operations import (
