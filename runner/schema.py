@@ -139,6 +139,8 @@ class ModelConfig:
     facts_for: Optional[str] = None
     # the registry version `label: latest` resolved to when the facts were copied: what a dry run answers for it
     latest_version: Optional[str] = None
+    # true when latest_version was not copied from the registry (e.g. from public catalog data): the plan says so
+    latest_version_stand_in: bool = False
 
 
 @dataclass

@@ -650,5 +650,6 @@ def test_the_double_refuses_what_the_sdk_would(tmp_path):
     ws.begin_create_or_update(AmlCompute(name="c", size="Standard_ND96asr_v4", tier="low_priority")).wait()
     names = world.names()
     assert names[names.index("registry.models.get"):] == [
-        "registry.models.get", "registry.models.list", "workspace.online_endpoints.begin_delete", "workspace.begin_create_or_update",
+        "registry.models.get", "registry.models.list", "workspace.online_endpoints.begin_delete",
+        "workspace.online_endpoints.begin_delete.wait", "workspace.begin_create_or_update",
         "workspace.begin_create_or_update", "workspace.begin_create_or_update.wait"]

@@ -259,10 +259,11 @@ class PlanningWorld:
         if not version and label == "latest" and m.latest_version:
             # What models.get(name, label="latest") answers: the version the label resolves to, never the label.
             version = str(m.latest_version)
-            self.warnings.append(
-                f"model {name}: label 'latest' planned as version {version}, the model preset's latest_version (a "
-                f"stand-in copied from public data, not read from the registry); a real run resolves the label "
-                f"itself, and may get a newer version")
+            if m.get("latest_version_stand_in"):
+                self.warnings.append(
+                    f"model {name}: label 'latest' planned as version {version}, the model preset's latest_version (a "
+                    f"stand-in from public data, not read from the registry); a real run resolves the label itself, "
+                    f"and may get another version")
         elif not version:
             self.warnings.append(f"model {name}: label {label!r} has no version in the model preset "
                                  f"(model.latest_version); the plan refers to the label, a real run to the version "
