@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from runner.azureml.checks import AzureStepError
+from runner.azureml.entities import plain
 
 
 
@@ -79,8 +80,6 @@ def output_model_name(base: str, timestamp: str, sweep: Optional[Dict[str, Any]]
 def finetuning_job_yaml(job: Any) -> Dict[str, Any]:
     """The job as YAML that load_job reads back. The dump writes local files as `azureml:<path>` (an asset
     reference); they are local files the submission uploads, so they are written as the plain paths the job holds."""
-    from runner.azureml.planning import plain
-
     data = plain(job._to_dict())
     for key in ("training_data", "validation_data"):
         value = getattr(job, key, None)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from runner.atomic import write_text
+from runner.azureml.entities import entity_yaml, plain
 
 # The pipeline job's name is given by the service at submission; the plan refers to it by this placeholder.
 JOB_NAME_PLACEHOLDER = "PIPELINE_JOB_NAME"
@@ -47,16 +48,6 @@ WORKSPACE_LOCATION, WORKSPACE_ID = "WORKSPACE_LOCATION", "WORKSPACE_ID"
 
 
 # ---- serialisation: one function per kind, used for the plan files and by the tests for the real run's objects --
-
-
-def plain(data: Any) -> Any:
-    """OrderedDicts and other mappings the SDK returns → plain JSON-able data."""
-    return json.loads(json.dumps(data, default=str))
-
-
-def entity_yaml(entity: Any) -> Dict[str, Any]:
-    """entity._to_dict() without empty keys (some entities' dump() writes nothing: ManagedOnlineEndpoint)."""
-    return plain({k: v for k, v in entity._to_dict().items() if v is not None})
 
 
 def component_reference(component: Any, cfg: Any) -> str:

@@ -11,6 +11,7 @@ import json
 from typing import Any, Dict, Mapping
 
 from runner.azureml.checks import AzureStepError, check_endpoint_name
+from runner.azureml.entities import plain
 from runner.azureml.lro import finish
 
 CHAT_PATH = "/v1/chat/completions"
@@ -32,8 +33,6 @@ def build_serverless_endpoint(*, name: str, model_id: str):
 def serverless_endpoint_yaml(endpoint: Any) -> Dict[str, Any]:
     """What load_serverless_endpoint reads back: the entity's own fields (its as_dict() fails without system_data,
     which only the service fills in), without the read-only ones."""
-    from runner.azureml.planning import plain
-
     readonly = {"location", "provisioning_state", "scoring_uri", "id", "headers", "system_data"}
     return plain({k: v for k, v in dict(endpoint).items() if k not in readonly and v is not None})
 

@@ -61,6 +61,9 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise SystemExit(f"cannot bind {host}:{port}: {exc}")
+    # listening from here on: a client that connects between the port file and uvicorn's start waits in the backlog
+    # instead of being refused (the manager hands out the URL as soon as the port file exists)
+    sock.listen(2048)
     return sock
 
 
