@@ -305,11 +305,15 @@ class PlanningWorld:
 
 def _make_ops(world: PlanningWorld):
     """The operations groups of the planning MLClients, each method mirroring the real one's signature."""
+    ops = _operations()
+    return {**_asset_ops(world, ops), **_job_ops(world, ops), **_endpoint_ops(world, ops)}
+
+
+def _asset_ops(world: PlanningWorld, ops):
+    """models, components, compute: answered from the presets and the recorded contract; a new model written."""
     from azure.core.exceptions import ResourceNotFoundError
 
-    ops = _operations()
     rec = world.recorder
-    cfg = world.cfg
 
     class Models(_Ops):
         real, prefix = ops["models"], "models"
@@ -351,6 +355,13 @@ def _make_ops(world: PlanningWorld):
             self._record("begin_delete", args, kwargs)
             return _Poller()
 
+    return {"models": Models, "components": Components, "compute": Compute}
+
+
+def _job_ops(world: PlanningWorld, ops):
+    """jobs: the pipeline or finetuning job written as YAML; a submitted job completes."""
+    rec, cfg = world.recorder, world.cfg
+
     class Jobs(_Ops):
         real, prefix = ops["jobs"], "jobs"
 
@@ -384,6 +395,13 @@ def _make_ops(world: PlanningWorld):
             submitted = world.jobs.get(JOB_NAME_PLACEHOLDER)
             return SimpleNamespace(name=JOB_NAME_PLACEHOLDER, status="Completed",  # a plan assumes success
                                    outputs=dict(getattr(submitted, "outputs", None) or {}))
+
+    return {"jobs": Jobs}
+
+
+def _endpoint_ops(world: PlanningWorld, ops):
+    """online deployments and endpoints, the workspace, serverless endpoints: written, answered, deleted."""
+    rec = world.recorder
 
     class OnlineDeployments(_Ops):
         real, prefix = ops["online_deployments"], "online_deployments"
@@ -444,8 +462,7 @@ def _make_ops(world: PlanningWorld):
             self._record("begin_delete", args, kwargs)
             return _Poller()
 
-    return {"models": Models, "components": Components, "compute": Compute, "jobs": Jobs,
-            "online_deployments": OnlineDeployments, "online_endpoints": OnlineEndpoints, "workspaces": Workspaces,
+    return {"online_deployments": OnlineDeployments, "online_endpoints": OnlineEndpoints, "workspaces": Workspaces,
             "serverless_endpoints": ServerlessEndpoints}
 
 
