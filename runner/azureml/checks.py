@@ -118,23 +118,22 @@ def reconcile_gpus(listed: Optional[int], configured: int, size: str) -> int:
     return listed
 
 
-def check_endpoint_name(name: str) -> None:
+NAME_RULE = "3-32 characters, starts with a letter, holds only letters, digits and '-' and does not end with '-'"
+
+
+def _check_name(name: str, what: str, kind: str) -> None:
     problem = name_problem(name)
     if problem:
-        raise ConfigError(
-            f"endpoint name {name!r} (endpoint_name, or deployment.endpoint_name_prefix + timestamp) {problem}: an "
-            f"endpoint name is 3-32 characters, starts with a letter, holds only letters, digits and '-' and does not "
-            f"end with '-'"
-        )
+        raise ConfigError(f"{what} {problem}: {kind} is {NAME_RULE}")
+
+
+def check_endpoint_name(name: str) -> None:
+    _check_name(name, f"endpoint name {name!r} (endpoint_name, or deployment.endpoint_name_prefix + timestamp)",
+                "an endpoint name")
 
 
 def check_deployment_name(name: str) -> None:
-    problem = name_problem(name)
-    if problem:
-        raise ConfigError(
-            f"deployment.deployment_name={name!r} {problem}: a deployment name is 3-32 characters, starts with a "
-            f"letter, holds only letters, digits and '-' and does not end with '-'"
-        )
+    _check_name(name, f"deployment.deployment_name={name!r}", "a deployment name")
 
 
 def check_memory_fit(
