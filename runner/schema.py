@@ -129,6 +129,9 @@ class ModelConfig:
     finetune_compute_allow_list: List[str] = field(default_factory=list)
     inference_compute_allow_list: List[str] = field(default_factory=list)
     model_specific_defaults: Dict[str, Any] = field(default_factory=dict)
+    # regions where the model fine-tuned serverless can be deployed (its registry tag maas-finetuning-deploy-regions,
+    # which wins when present): compute=serverless refuses a workspace elsewhere before submitting the job
+    serverless_regions: List[str] = field(default_factory=list)
     apply_model_specific_defaults: bool = True
     allow_archived: bool = False  # an archived/retired model is refused before anything is spent unless true
     # The registry facts above (lists, dates, archived, defaults, latest_version) were copied for this model name;
@@ -136,6 +139,8 @@ class ModelConfig:
     facts_for: Optional[str] = None
     # the registry version `label: latest` resolved to when the facts were copied: what a dry run answers for it
     latest_version: Optional[str] = None
+    # true when latest_version was not copied from the registry (e.g. from public catalog data): the plan says so
+    latest_version_stand_in: bool = False
 
 
 @dataclass
@@ -312,7 +317,7 @@ class DeploymentConfig:
     deployment_name: str = "demo"
     traffic: Dict[str, int] = field(default_factory=lambda: {"demo": 100})
     auth_mode: str = choice("key", ["key", "aml_token"])
-    instance_type: str = "Standard_NC6s_v3"
+    instance_type: str = "Standard_NC24ads_A100_v4"  # NCv3 (the notebook's NC6s_v3) is retired
     instance_count: int = positive(1)
     liveness_initial_delay: int = non_negative(600)  # seconds (ProbeSettings.initial_delay)
     request_timeout_ms: int = positive(90000)  # OnlineRequestSettings.request_timeout_ms

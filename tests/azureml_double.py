@@ -47,7 +47,8 @@ PHI3_SPEC = FIXTURES / "phi-3-mini-4k-instruct.model.yaml"  # the registry spec'
 #   Phi-3.5-mini-instruct 6:   archived; allow lists in properties (finetune-recommended-sku) and system metadata.
 #   Phi-4 8:                   current; allow lists only in system metadata (SKU.*RecommendedSkus), which the SDK drops.
 #   Phi-4-mini-instruct:       current; fine-tunes serverless. Made here in the registry's shape (its registry spec is
-#                              not published): no allow lists, no model_specific_defaults; the version is a stand-in.
+#                              not published): no allow lists, no model_specific_defaults; version 3, the newest public
+#                              catalog data names (a stand-in); tag maas-finetuning-deploy-regions as the notebook lists.
 REST_BODIES = {
     "Phi-3-mini-4k-instruct": FIXTURES / "phi-3-mini-4k-instruct.rest.json",
     "Phi-3.5-mini-instruct": FIXTURES / "phi-3.5-mini-instruct.rest.json",
@@ -190,6 +191,8 @@ class AzureWorld:
                       VmSize(name="Standard_ND40rs_v2", gpus=8)]
         self.failing_tiers: set = set()  # tiers whose cluster creation fails (e.g. {"dedicated"}: no quota)
         self.poller_errors: Dict[str, Exception] = {}  # call name → what its poller's wait()/result() raises
+        self.in_progress_polls = 3  # how many looks at a poller say InProgress before the service is done
+        self.pollers: List[Dict[str, Any]] = []
         self.job_name = job_name
         self.job_status = "Completed"  # "Failed": jobs.stream raises the SDK's JobException, jobs.get says Failed
         self.job_error = "Out of memory on node 0 (CUDA error)"
@@ -205,6 +208,7 @@ class AzureWorld:
         self.other_versions: Dict[str, List[Dict[str, Any]]] = {}
         # finetuning jobs (finetune.route=finetuning_job) and what they register, serverless endpoints
         self.location, self.workspace_id = "eastus2", "0f0e0d0c-aaaa-bbbb-cccc-123456789abc"
+        self.workspace_kind = "project"  # an AI Foundry hub's project ("default": a plain Azure ML workspace)
         self.finetuning_jobs: Dict[str, Any] = {}
         self.workspace_models: Dict[str, List[Any]] = {}  # name -> versions, oldest first
         self.serverless_endpoints: Dict[str, Any] = {}
@@ -217,16 +221,36 @@ class AzureWorld:
         return model_from_rest(self.model_body)
 
     # ---- the classes handed to AzureClients ---------------------------------------------------------------
-    def poller(self, name: str, result: Any = None, error: Optional[Exception] = None):
-        """An autospec of azure-core's LROPoller whose wait()/result() are recorded as `<name>.wait` / `.result`."""
+    def poller(self, name: str, result: Any = None, error: Optional[Exception] = None, on_done=None):
+        """An autospec of azure-core's LROPoller, as the service's operations behave: InProgress for
+        `in_progress_polls` looks (done() False, status() "InProgress") unless waited for; wait()/result() (recorded
+        as `<name>.wait` / `.result`) poll it to its end, Succeeded (then `on_done()` makes the operation's effect
+        visible, e.g. the endpoint's scoring URI) or Failed (raising the operation's error). Every poller is kept in
+        `world.pollers`; `unfinished()` names those nobody waited for."""
         from azure.core.polling import LROPoller
 
         poller = mock.create_autospec(LROPoller, instance=True)
         world = self
+        state = {"name": name, "looks": 0, "status": "InProgress", "waited": False}
+
+        def settle():
+            if state["status"] == "InProgress":
+                failure = error or world.poller_errors.get(name)
+                state["status"] = "Failed" if failure else "Succeeded"
+                if not failure and on_done is not None:
+                    on_done()
+
+        def look():
+            state["looks"] += 1
+            if state["looks"] > world.in_progress_polls:  # the service finishes on its own, in time
+                settle()
+            return state["status"]
 
         def finish(method):
             def run(timeout=None):
                 world.calls.append(Call((f"{name}.{method}", (), {})))
+                state["waited"] = True
+                settle()
                 failure = error or world.poller_errors.get(name)
                 if failure:
                     raise failure
@@ -235,9 +259,14 @@ class AzureWorld:
 
         poller.wait.side_effect = finish("wait")
         poller.result.side_effect = finish("result")
-        poller.done.return_value = True
-        poller.status.return_value = "Failed" if (error or self.poller_errors.get(name)) else "Succeeded"
+        poller.done.side_effect = lambda: look() != "InProgress"
+        poller.status.side_effect = look
+        self.pollers.append(state)
         return poller
+
+    def unfinished(self) -> List[str]:
+        """The long-running operations the runner started and never waited for."""
+        return [p["name"] for p in self.pollers if not p["waited"]]
 
     def _operations(self, cls, prefix: str):
         ops = mock.create_autospec(cls, instance=True)
@@ -366,6 +395,7 @@ class AzureWorld:
         from azure.core.exceptions import ResourceNotFoundError
 
         self.check_keywords(name, args, kwargs)
+        self.check_wire(name, args, kwargs)
         self.calls.append(Call((name, args, kwargs)))
         if name == "registry.models.get":
             return self._get_model(*args, **kwargs)
@@ -401,7 +431,9 @@ class AzureWorld:
                     raise HttpResponseError(message=f"(BadRequest) vmPriority {priority!r} is not one of "
                                                     f"{[p.value for p in VmPriority]}")
                 if _tier(entity.tier) in {_tier(t) for t in self.failing_tiers}:
-                    return self.poller(name, error=RuntimeError(f"no quota for tier {entity.tier}"))
+                    return self.poller(name, error=HttpResponseError(message=(
+                        f"(QuotaExceeded) Operation could not be completed as it results in exceeding approved "
+                        f"{entity.tier} cores quota for {entity.size}")))
                 self.computes[entity.name] = AmlCompute(name=entity.name, size=entity.size, tier=entity.tier,
                                                         provisioning_state="Succeeded")
                 result = self.computes[entity.name]
@@ -436,8 +468,14 @@ class AzureWorld:
         if name == "workspace.jobs.get":
             return PipelineJob(name=args[0] if args else kwargs["name"], status=self.job_status)
         if name == "workspace.workspaces.get":
-            return Workspace(name=(args[0] if args else kwargs.get("name")) or "ws",
-                             mlflow_tracking_uri=self.tracking_uri, location=self.location,
+            ws_name = (args[0] if args else kwargs.get("name")) or "ws"
+            if self.workspace_kind == "project":  # WorkspaceOperations.get answers a Project for kind 'project'
+                from azure.ai.ml.entities import Project
+
+                return Project(name=ws_name, location=self.location, mlflow_tracking_uri=self.tracking_uri,
+                               workspace_id=self.workspace_id, hub_id=("/subscriptions/sub/resourceGroups/rg/providers/"
+                                                                       "Microsoft.MachineLearningServices/workspaces/hub"))
+            return Workspace(name=ws_name, mlflow_tracking_uri=self.tracking_uri, location=self.location,
                              workspace_id=self.workspace_id)
         if name == "workspace.models.create_or_update":
             model = args[0] if args else kwargs["model"]
@@ -505,13 +543,32 @@ class AzureWorld:
         """What the real client does with keywords the autospec's `**kwargs` lets through: MLClient's own
         (begin_)create_or_update hands them to the operations group its dispatch picks, which raises TypeError on
         one it does not take; and no call may ask for a local Docker deployment (`local=True`)."""
-        from runner.azureml.sdk_calls import dispatch, refuse_local
+        from runner.azureml.sdk_calls import check_kwargs_read, dispatch, operation_groups, refuse_local
 
         method = name.split(".", 1)[1]
         if method in ("begin_create_or_update", "create_or_update"):  # MLClient's own methods
             entity = args[0] if args else kwargs.get("entity")
             dispatch(method, entity, {k: v for k, v in kwargs.items() if k != "entity"})
         refuse_local(name, kwargs)
+        parts = name.split(".")
+        if len(parts) == 3 and parts[1] in operation_groups():  # what the group's **kwargs really reads
+            check_kwargs_read(name, getattr(operation_groups()[parts[1]], parts[2]), kwargs)
+
+    @staticmethod
+    def check_wire(name: str, args: tuple, kwargs: dict) -> None:
+        """The REST body the SDK would send for a created entity, its field types checked against the REST model
+        (runner/azureml/wire.py): the service refuses a string where it reads an int."""
+        from azure.ai.ml.entities import AmlCompute, Model, OnlineDeployment, OnlineEndpoint, ServerlessEndpoint
+        from azure.ai.ml.entities._job.finetuning.finetuning_job import FineTuningJob
+
+        from runner.azureml.wire import wire_body
+
+        if name not in SPENDING or "delete" in name:
+            return
+        for value in list(args) + list(kwargs.values()):
+            if isinstance(value, (AmlCompute, Model, OnlineDeployment, OnlineEndpoint, ServerlessEndpoint,
+                                  FineTuningJob)):
+                wire_body(value)
 
     # ---- finetuning jobs, the models they register, serverless endpoints ---------------------------------------
     def _submit_finetuning_job(self, job):
@@ -587,12 +644,17 @@ class AzureWorld:
                     m.version == ours.group(4) for m in self.workspace_models.get(ours.group(3), [])):
                 return self.poller(name, error=ResourceNotFoundError(f"model {endpoint.model_id} not found"))
             uri = self.serverless_scoring_uri or f"https://{endpoint.name}.{self.location}.models.ai.azure.com"
+            # what `get` shows while the service provisions it: no scoring URI until the operation has ended
             created = ServerlessEndpoint(name=endpoint.name, model_id=endpoint.model_id, auth_mode="key",
                                          location=endpoint.location or self.location,
-                                         provisioning_state="succeeded", scoring_uri=uri)
+                                         provisioning_state="Creating")
             self.serverless_endpoints[endpoint.name] = created
+
+            def provisioned():
+                created.provisioning_state, created.scoring_uri = "Succeeded", uri
+
             self.created.append(endpoint)
-            return self.poller(name, result=created)
+            return self.poller(name, result=created, on_done=provisioned)
         endpoint_name = args[0] if args else kwargs["name"]
         if endpoint_name not in self.serverless_endpoints:
             raise ResourceNotFoundError(f"serverless endpoint {endpoint_name} not found")
@@ -600,9 +662,9 @@ class AzureWorld:
             return self.serverless_endpoints[endpoint_name]
         if method == "get_keys":
             return EndpointAuthKeys(primary_key=self.serverless_keys[0], secondary_key=self.serverless_keys[1])
-        if method == "begin_delete":
-            del self.serverless_endpoints[endpoint_name]
-            return self.poller(name)
+        if method == "begin_delete":  # gone when the operation has ended; "Deleting" until then
+            self.serverless_endpoints[endpoint_name].provisioning_state = "Deleting"
+            return self.poller(name, on_done=lambda: self.serverless_endpoints.pop(endpoint_name, None))
         raise AssertionError(f"the test double has no answer for {name}")
 
     def _registry_bodies(self) -> List[Dict[str, Any]]:

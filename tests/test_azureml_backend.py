@@ -120,17 +120,17 @@ def test_notebook_run_makes_the_notebooks_calls_in_order(tmp_path, mlflow_job, c
         "MLClient", "MLClient",                                        # workspace, then registry
         "registry.models.get",
         "workspace.compute.get",                                       # not found → create dedicated
-        "workspace.begin_create_or_update", "workspace.begin_create_or_update.wait",
+        "workspace.begin_create_or_update", "workspace.begin_create_or_update.result",
         "workspace.compute.get", "workspace.compute.list_sizes",
         "registry.components.get",
         "workspace.jobs.create_or_update", "workspace.jobs.stream",
         "workspace.workspaces.get",                                    # MLflow tracking URI for the metrics
         "workspace.models.create_or_update",
-        "workspace.begin_create_or_update", "workspace.begin_create_or_update.wait",          # endpoint
-        "workspace.online_deployments.begin_create_or_update", "workspace.online_deployments.begin_create_or_update.wait",
+        "workspace.begin_create_or_update", "workspace.begin_create_or_update.result",          # endpoint
+        "workspace.online_deployments.begin_create_or_update", "workspace.online_deployments.begin_create_or_update.result",
         "workspace.begin_create_or_update", "workspace.begin_create_or_update.result",        # traffic
         "workspace.online_endpoints.invoke",
-        "workspace.online_endpoints.begin_delete", "workspace.online_endpoints.begin_delete.wait",
+        "workspace.online_endpoints.begin_delete", "workspace.online_endpoints.begin_delete.result",
     ]
     calls = world.calls
     assert calls[1].args == (MANAGEMENT_SCOPE,)
@@ -186,7 +186,7 @@ def test_notebook_run_makes_the_notebooks_calls_in_order(tmp_path, mlflow_job, c
     registered_id = record.output("register", "model_id")
     assert registered_id.endswith(f"/models/Phi-3-mini-4k-instruct-ultrachat-200k/versions/{TIMESTAMP}")
     assert (deployment.name, deployment.endpoint_name, deployment.model, deployment.instance_type,
-            deployment.instance_count) == ("demo", endpoint.name, registered_id, "Standard_NC6s_v3", 1)
+            deployment.instance_count) == ("demo", endpoint.name, registered_id, "Standard_NC24ads_A100_v4", 1)
     assert deployment.liveness_probe.initial_delay == 600
     assert deployment.request_settings.request_timeout_ms == 90000
     assert world.created[2] is endpoint and endpoint.traffic == {"demo": 100}
@@ -281,7 +281,7 @@ def test_failed_deployment_deletes_the_endpoint(tmp_path):
     ctx.record.start("register")
     ctx.record.finish("register", {"model_id": "azureml:m:1", "name": "m"})
     world.poller_errors["workspace.online_deployments.begin_create_or_update"] = RuntimeError(
-        "quota exceeded for Standard_NC6s_v3")
+        "quota exceeded for Standard_NC24ads_A100_v4")
     with pytest.raises(RuntimeError, match="quota exceeded"):
         backend.deploy(ctx)
     assert world.find("workspace.online_endpoints.begin_delete")[0].kwargs == {"name": f"ultrachat-completion-{TIMESTAMP}"}
@@ -635,9 +635,12 @@ def test_the_double_refuses_what_the_sdk_would(tmp_path):
     assert [(m.name, m.version, m.latest_version, m.tags) for m in registry.models.list()] == [
         ("Phi-4", None, "8", {})]
     poller = ws.online_endpoints.begin_delete(name="ep")
-    assert isinstance(poller, LROPoller) and poller.done()
+    # as the service: InProgress for the first looks, done once waited for
+    assert isinstance(poller, LROPoller) and not poller.done() and poller.status() == "InProgress"
     with pytest.raises(TypeError):
         poller.wait(1, 2)
+    poller.wait()
+    assert poller.done() and poller.status() == "Succeeded" and world.unfinished() == []
     # what the service refuses: AmlCompute(tier="LowPriority") goes on the wire as vmPriority "Lowpriority"
     from azure.ai.ml.entities import AmlCompute
     from azure.core.exceptions import HttpResponseError
@@ -647,5 +650,6 @@ def test_the_double_refuses_what_the_sdk_would(tmp_path):
     ws.begin_create_or_update(AmlCompute(name="c", size="Standard_ND96asr_v4", tier="low_priority")).wait()
     names = world.names()
     assert names[names.index("registry.models.get"):] == [
-        "registry.models.get", "registry.models.list", "workspace.online_endpoints.begin_delete", "workspace.begin_create_or_update",
+        "registry.models.get", "registry.models.list", "workspace.online_endpoints.begin_delete",
+        "workspace.online_endpoints.begin_delete.wait", "workspace.begin_create_or_update",
         "workspace.begin_create_or_update", "workspace.begin_create_or_update.wait"]

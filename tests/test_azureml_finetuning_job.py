@@ -2,6 +2,7 @@
 the ServerlessEndpoint, its /v1/chat/completions call and its deletion; the dry run's files, loaded back by the SDK."""
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -71,7 +72,7 @@ def test_create_finetuning_job_without_validation_data_is_worked_around(tmp_path
                                            validation_data=str(tmp_path / "v.jsonl"),
                                            hyperparameters=args["hyperparameters"], output_model_name="ft-model",
                                            display_name="d", experiment_name="e")
-    assert type(with_validation) is type(job) and with_validation.task == job.task == "chat_completion"
+    assert type(with_validation) is type(job) and with_validation.task == job.task == "chatCompletion"  # from FineTuningTaskType.CHAT_COMPLETION
 
 
 def test_hyperparameters_are_the_documented_keys_as_strings_the_job_schema_takes(tmp_path):
@@ -152,20 +153,22 @@ def test_the_serverless_dry_run_writes_files_the_sdk_loads_back(tmp_path):
     overrides = ["experiment=phi4_mini_serverless", "dry_run=true"]
     run(compose_cfg(overrides), run_dir=tmp_path / "run", task_overrides=overrides)
     plan = tmp_path / "run" / "plan"
-    assert sorted(p.name for p in plan.iterdir()) == ["chat_request.json", "finetuning_job.yaml", "plan.yaml",
-                                                     "serverless_endpoint.yaml"]
+    assert sorted(p.name for p in plan.iterdir()) == ["chat_request.json", "finetuning_job.rest.json",
+                                                     "finetuning_job.yaml", "plan.yaml",
+                                                     "serverless_endpoint.rest.json", "serverless_endpoint.yaml"]
     job = quiet_load(load_job, plan / "finetuning_job.yaml")
     assert type(job).__name__ == "CustomModelFineTuningJob" and job.type == "finetuning"
     assert job.task == "chatCompletion" and str(job.model_provider).endswith("CUSTOM")
-    assert job.model.path == "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/1"
+    assert job.model.path == "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/3"
     assert job.training_data.path.endswith("ultrachat_200k/train_sft.jsonl")
     assert job.validation_data.path.endswith("ultrachat_200k/test_sft.jsonl")
     assert job.hyperparameters == {"num_train_epochs": "1", "per_device_train_batch_size": "1",
                                    "learning_rate": "0.00002"}
     assert job.compute is None and job.resources is None  # serverless
-    assert job.outputs["registered_model"].name == "Phi-4-mini-instruct-ultrachat-200k"
+    # the run's own model name: mlflow.registered_model_name + the run's timestamp (never shared between runs)
+    assert re.fullmatch(r"Phi-4-mini-instruct-ultrachat-200k-\d{10}", job.outputs["registered_model"].name)
     endpoint = quiet_load(load_serverless_endpoint, plan / "serverless_endpoint.yaml")
-    assert endpoint.model_id.endswith("/models/Phi-4-mini-instruct-ultrachat-200k/versions/1")
+    assert endpoint.model_id.endswith(f"/models/{job.outputs['registered_model'].name}/versions/1")
     assert endpoint.model_id.startswith("azureml://locations/") and endpoint.auth_mode == "key"
     request = json.loads((plan / "chat_request.json").read_text())
     assert request["messages"][0]["role"] == "user" and request["max_tokens"] == 200
@@ -237,17 +240,21 @@ def test_the_serverless_experiment_runs_against_the_double(tmp_path, chat_server
     assert steps["finetune"]["outputs"]["job_name"] == world.job_name
     assert steps["finetune"]["outputs"]["status"] == "Completed"
     registered = steps["register"]["outputs"]
-    assert (registered["name"], registered["version"]) == ("Phi-4-mini-instruct-sample", "1")
+    assert (registered["name"], registered["version"]) == (f"Phi-4-mini-instruct-sample-{int(CLOCK)}", "1")
     assert "workspace.models.create_or_update" not in world.names()  # the job's output registered it
     endpoint = world.find("workspace.serverless_endpoints.begin_create_or_update")[0].args[0]
     assert endpoint.model_id == (f"azureml://locations/eastus2/workspaces/{world.workspace_id}/models/"
-                                 f"Phi-4-mini-instruct-sample/versions/1")
+                                 f"Phi-4-mini-instruct-sample-{int(CLOCK)}/versions/1")
     # the endpoint was called once, at its chat-completions path, with its key, in the OpenAI shape
     [(path, headers, body)] = chat_server.requests
     assert path == "/v1/chat/completions" and headers["Authorization"] == f"Bearer {world.serverless_keys[0]}"
     assert body["messages"][-1]["role"] == "user" and body["max_tokens"] == 200 and "do_sample" not in body
     assert steps["test"]["outputs"]["reply"] == "Paris."
     assert steps["cleanup"]["outputs"]["deleted"] == steps["deploy"]["outputs"]["endpoint_name"]
+    # every long-running operation was waited for to its end: the endpoint had its scoring URI when deploy
+    # returned, and the delete has ended (the double's pollers say InProgress until waited for)
+    assert world.unfinished() == []
+    assert steps["deploy"]["outputs"]["scoring_uri"] == chat_server.uri
     assert world.serverless_endpoints == {}
     written = [p.read_text(errors="replace") for p in (tmp_path / "run").rglob("*") if p.is_file()
                and p.suffix in (".json", ".log", ".yaml")]
@@ -293,7 +300,7 @@ def test_the_job_on_a_cluster_deploys_to_a_managed_online_endpoint(tmp_path):
     assert job.compute == "gpu-cluster-big" and job.queue_settings.job_tier == "standard"
     assert "workspace.begin_create_or_update" in world.names()  # the cluster, then the endpoint
     deployment = world.find("workspace.online_deployments.begin_create_or_update")[0].args[0]
-    assert deployment.model.endswith("/models/Phi-4-sample/versions/1")  # the model the job registered
+    assert deployment.model.endswith(f"/models/Phi-4-sample-{int(CLOCK)}/versions/1")  # the model the job registered
     assert world.find("workspace.online_endpoints.invoke") and world.find("workspace.online_endpoints.begin_delete")
 
 
@@ -308,8 +315,8 @@ def test_the_job_on_instance_types_creates_no_cluster(tmp_path):
     assert job.compute is None
     assert job.resources.instance_types == ["Standard_NC24ads_A100_v4", "Standard_NC48ads_A100_v4"]
     assert not [n for n in world.names() if "compute" in n]
-    with pytest.raises(ConfigError, match="compute.instance_types=Standard_NC6s_v3 is not in Phi-4"):
-        real_run(tmp_path / "b", overrides[:-2] + ["compute.instance_types=[Standard_NC6s_v3]", "model.version=8",
+    with pytest.raises(ConfigError, match="compute.instance_types=Standard_ND40rs_v2 is not in Phi-4"):
+        real_run(tmp_path / "b", overrides[:-2] + ["compute.instance_types=[Standard_ND40rs_v2]", "model.version=8",
                                                    "steps=[connect,model,compute,data,finetune]"], model="Phi-4")
 
 

@@ -62,7 +62,7 @@ def test_notebook_plan_loads_back_with_the_sdk(tmp_path):
     assert endpoint.traffic == {"demo": 100}
     deployment = load(plan, "deployment")
     assert (deployment.name, deployment.endpoint_name, deployment.instance_type) == (
-        "demo", endpoint.name, "Standard_NC6s_v3")
+        "demo", endpoint.name, "Standard_NC24ads_A100_v4")
     assert deployment.model.removeprefix("azureml:") == f"{model.name}:{model.version}"
     assert deployment.liveness_probe.initial_delay == 600
     assert deployment.request_settings.request_timeout_ms == 90000

@@ -12,6 +12,7 @@ where the model's path refers to it) and the registered model by its ARM id (the
 same model; both are compared as (name, version)).
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -31,7 +32,7 @@ CLOCK = 1795600000.0
 STEPS = "steps=[connect,model,compute,data,finetune,register,deploy,test,cleanup]"
 WS = ["backend.subscription_id=sub-0000", "backend.resource_group=rg-demo", "backend.workspace_name=ws-demo"]
 MODEL_PRESETS = ["phi3_mini_4k_instruct", "phi35_mini_instruct", "phi4"]
-AZURE_COMPUTES = ["nc12s_v3", "nc24ads_a100_v4", "nc24rs_v3", "nc40ads_h100_v5", "nc48ads_a100_v4",
+AZURE_COMPUTES = ["nc24ads_a100_v4", "nc40ads_h100_v5", "nc48ads_a100_v4",
                   "nc80adis_h100_v5", "nc96ads_a100_v4", "nd40rs_v2", "nd96amsr_a100_v4", "nd96asr_v4",
                   "nd96isr_h100_v5"]
 EXPERIMENT_DIR = Path(__file__).resolve().parent.parent / "conf" / "experiment"
@@ -59,9 +60,49 @@ def _normalise(kind, data):
     return data
 
 
+def _normalise_wire(kind, body):
+    """The service's names in a REST body, as _normalise does for the YAML."""
+    text = json.dumps(body, sort_keys=True)
+    text = re.sub(r"azureml://jobs/[^/\"]+/", f"azureml://jobs/{JOB_NAME_PLACEHOLDER}/", text)
+    text = re.sub(r'"(?:azureml:)?(?:/subscriptions/[^"]*/models/([^/"]+)/versions/([^/"]+)|azureml:([^:"/]+):([^"]+))"',
+                  lambda m: f'"model {m.group(1) or m.group(3)}:{m.group(2) or m.group(4)}"', text)
+    text = re.sub(r'"azureml://locations/[^/"]+/workspaces/[^/"]+/models/', '"azureml://(workspace)/models/', text)
+    return json.loads(text)
+
+
+def submitted_wire(world):
+    """The REST body the SDK would send for each entity the real run handed to Azure (the last of each kind), by
+    the function the plan used (runner/azureml/wire.py)."""
+    from azure.ai.ml.entities import AmlCompute, OnlineEndpoint
+
+    from runner.azureml.wire import wire_body
+
+    kinds = {"workspace.models.create_or_update": ("model", "model"),
+             "workspace.online_deployments.begin_create_or_update": ("deployment", "deployment"),
+             "workspace.serverless_endpoints.begin_create_or_update": ("serverless_endpoint", "endpoint")}
+    out = {}
+    for call in world.calls:
+        if call.name == "workspace.begin_create_or_update":
+            entity = call.args[0] if call.args else call.kwargs["entity"]
+            out["compute" if isinstance(entity, AmlCompute) else "endpoint"] = wire_body(entity)
+        elif call.name == "workspace.jobs.create_or_update":
+            job = call.args[0] if call.args else call.kwargs["job"]
+            if getattr(job, "type", None) == "finetuning":
+                out["finetuning_job"] = wire_body(job)
+        elif call.name in kinds:
+            kind, key = kinds[call.name]
+            out[kind] = wire_body(call.args[0] if call.args else call.kwargs[key])
+    return {k: _normalise_wire(k, v) for k, v in out.items()}
+
+
+def planned_wire(plan_dir):
+    return {p.name[:-len(".rest.json")]: _normalise_wire(p.name, json.loads(p.read_text()))
+            for p in plan_dir.glob("*.rest.json")}
+
+
 def submitted_objects(world, cfg):
     """The real run's objects, serialised as the plan serialises them: the last of each kind (the endpoint is
-    submitted twice, the second time with its traffic)."""
+    submitted twice, the second time with its traffic); under "wire", the REST bodies the SDK would send."""
     from azure.ai.ml.entities import AmlCompute, OnlineEndpoint
 
     out = {}
@@ -90,12 +131,16 @@ def submitted_objects(world, cfg):
 
             endpoint = call.args[0] if call.args else call.kwargs["endpoint"]
             out["serverless_endpoint"] = serverless_endpoint_yaml(endpoint)
-    return {k: _normalise(k, v) for k, v in out.items()}
+    out = {k: _normalise(k, v) for k, v in out.items()}
+    out["wire"] = submitted_wire(world)
+    return out
 
 
 def planned_objects(plan_dir):
-    return {p.stem: _normalise(p.stem, yaml.safe_load(p.read_text()))
-            for p in plan_dir.glob("*.yaml") if p.stem != "plan"}
+    out = {p.stem: _normalise(p.stem, yaml.safe_load(p.read_text()))
+           for p in plan_dir.glob("*.yaml") if p.stem != "plan"}
+    out["wire"] = planned_wire(plan_dir)
+    return out
 
 
 def world_for(cfg):
@@ -181,7 +226,7 @@ def test_notebook_presets_plan_what_the_run_submits(tmp_path, finetune, tier):
     real, planned = both_ways(tmp_path, ["experiment=phi3_ultrachat", f"finetune={finetune}",
                                          f"compute.tier={tier}", "model.allow_archived=true"])
     assert isinstance(real, dict), real
-    assert sorted(real) == ["compute", "deployment", "endpoint", "model", "pipeline_job"]
+    assert sorted(real) == ["compute", "deployment", "endpoint", "model", "pipeline_job", "wire"]
     assert planned == real
 
 
@@ -189,7 +234,9 @@ def test_notebook_presets_plan_what_the_run_submits(tmp_path, finetune, tier):
 @pytest.mark.parametrize("compute", AZURE_COMPUTES)
 def test_every_compute_and_model_preset_plans_what_the_run_submits_or_refuses_alike(tmp_path, model, compute):
     # an endpoint size the model allows, so that each cluster size allowed for fine-tuning plans the whole run
-    instance = compose_cfg([f"model={model}"]).model.inference_compute_allow_list[0]
+    from runner.azureml.retired_skus import retired
+
+    instance = next(s for s in compose_cfg([f"model={model}"]).model.inference_compute_allow_list if not retired(s))
     real, planned = both_ways(tmp_path, ["backend=azureml", f"model={model}", f"compute={compute}",
                                          "deployment=azure", f"deployment.instance_type={instance}",
                                          "model.allow_archived=true"])
@@ -197,7 +244,7 @@ def test_every_compute_and_model_preset_plans_what_the_run_submits_or_refuses_al
     allowed = compose_cfg([f"model={model}", f"compute={compute}"])
     if allowed.compute.size in allowed.model.finetune_compute_allow_list:
         assert isinstance(real, dict) and sorted(real) == ["compute", "deployment", "endpoint", "model",
-                                                           "pipeline_job"], real
+                                                           "pipeline_job", "wire"], real
     else:
         assert "is not in" in real and "fine-tune compute allow list" in real
 
@@ -207,10 +254,21 @@ def test_the_serverless_experiment_plans_what_the_run_submits(tmp_path):
     are the plan's files, and both name the model version `latest` resolves to (never the label)."""
     real, planned = both_ways(tmp_path, ["experiment=phi4_mini_serverless"])
     assert isinstance(real, dict), real
-    assert sorted(real) == ["finetuning_job", "serverless_endpoint"]
+    assert sorted(real) == ["finetuning_job", "serverless_endpoint", "wire"]
     path = real["finetuning_job"]["model"]["path"]
-    assert path == "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/1"
+    assert path == "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/3"
     assert planned == real
+
+
+def test_the_serverless_plan_says_chat_completion_and_so_does_the_rest_body_sent(tmp_path):
+    """The task value: the plan's YAML and the REST body the SDK sends for the submitted job both say
+    `chatCompletion` (FineTuningTaskType.CHAT_COMPLETION), and the plan's REST body is the run's."""
+    real, planned = both_ways(tmp_path, ["experiment=phi4_mini_serverless"])
+    assert planned["finetuning_job"]["task"] == real["finetuning_job"]["task"] == "chatCompletion"
+    details = real["wire"]["finetuning_job"]["properties"]["fineTuningDetails"]
+    assert details["taskType"] == "chatCompletion"
+    assert planned["wire"]["finetuning_job"] == real["wire"]["finetuning_job"]
+    assert sorted(planned["wire"]) == ["finetuning_job", "serverless_endpoint"]
 
 
 @pytest.mark.parametrize("where", [[], ["compute.instance_types=[Standard_NC24ads_A100_v4]", "compute.job_tier=spot"]],
@@ -218,7 +276,7 @@ def test_the_serverless_experiment_plans_what_the_run_submits(tmp_path):
 def test_the_finetuning_job_on_managed_compute_plans_what_the_run_submits(tmp_path, where):
     real, planned = both_ways(tmp_path, ["experiment=phi4_ultrachat", "finetune.route=finetuning_job", *where])
     assert isinstance(real, dict), real
-    expected = ["deployment", "endpoint", "finetuning_job"] + ([] if where else ["compute"])
+    expected = ["deployment", "endpoint", "finetuning_job", "wire"] + ([] if where else ["compute"])
     assert sorted(real) == sorted(expected)
     assert real["finetuning_job"]["model"]["path"] == "azureml://registries/azureml/models/Phi-4/versions/8"
     assert planned == real

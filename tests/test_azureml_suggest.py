@@ -128,7 +128,7 @@ ARCHIVED_RUNS = [
     ["experiment=phi3_ultrachat", "compute=nd40rs_v2"],
     ["backend=azureml", "model=phi35_mini_instruct", "compute=nc24ads_a100_v4", "deployment=azure"],
     ["backend=azureml", "model=phi3_mini_4k_instruct", "compute=nd96asr_v4", "deployment=azure"],
-    ["backend=azureml", "model=phi3_mini_4k_instruct", "compute=nc12s_v3", "deployment=azure"],
+    ["backend=azureml", "model=phi3_mini_4k_instruct", "compute=nd40rs_v2", "deployment=azure"],
 ]
 
 
@@ -164,7 +164,9 @@ def test_every_printed_suggestion_composes_and_passes_validation_and_the_allow_l
 def test_a_suggestion_keeps_the_runs_cluster_when_the_new_model_allows_it():
     cfg = compose_cfg(["experiment=phi3_ultrachat"])
     [phi4] = suggestions_for(cfg, exclude=[cfg.model.name])
-    assert phi4.overrides == ["model=phi4", "deployment.instance_type=Standard_NC24ads_A100_v4"]
+    # the endpoint's size (deployment=azure's Standard_NC24ads_A100_v4, since the notebook's NC6s_v3 is retired) is in
+    # Phi-4's inference list too: nothing else to change
+    assert phi4.overrides == ["model=phi4"]
     cfg = compose_cfg(["experiment=phi3_ultrachat", "compute=nd40rs_v2"])  # V100: not in Phi-4's list
     [phi4] = suggestions_for(cfg, exclude=[cfg.model.name])
     assert phi4.overrides[:2] == ["model=phi4", "compute=nd96asr_v4"]  # the 8-GPU size in Phi-4's list
@@ -175,8 +177,7 @@ def test_the_real_run_suggests_only_what_the_registry_lists_as_current():
     facts = facts_from_config(cfg.model)
     ops = registry_ops([container("Phi-4", "8")], latest={"Phi-4": phi4_as_the_sdk_returns_it()})
     message = archived_message(facts, cfg.model, cfg=cfg, registry_models=ops)
-    assert "registry azureml" in message and printed_commands(message) == [
-        "model=phi4 deployment.instance_type=Standard_NC24ads_A100_v4"]
+    assert "registry azureml" in message and printed_commands(message) == ["model=phi4"]
     # the registry no longer lists Phi-4 as current: nothing is suggested that the model step would refuse
     gone = archived_message(facts, cfg.model, cfg=cfg, registry_models=registry_ops([container("Other", "1")]))
     assert printed_commands(gone) == [] and "model.allow_archived=true" in gone
@@ -214,4 +215,4 @@ def test_a_registry_that_cannot_be_listed_falls_back_to_the_presets():
     ops.list.side_effect = HttpResponseError("403 Forbidden")
     message = archived_message(facts_from_config(cfg.model), cfg.model, cfg=cfg, registry_models=ops)
     assert "could not be listed: HttpResponseError" in message
-    assert printed_commands(message) == ["model=phi4 deployment.instance_type=Standard_NC24ads_A100_v4"]
+    assert printed_commands(message) == ["model=phi4"]

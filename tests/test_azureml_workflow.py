@@ -61,7 +61,7 @@ def test_workflow_runs_the_azure_steps_in_order_and_records_them(tmp_path, monke
     assert record.output("deploy", "endpoint_name") == f"ultrachat-completion-{TIMESTAMP}"
     assert record.output("metrics", "final")["eval_loss"] == pytest.approx(0.9)
     assert world.names()[-2:] == ["workspace.online_endpoints.begin_delete",
-                                  "workspace.online_endpoints.begin_delete.wait"]
+                                  "workspace.online_endpoints.begin_delete.result"]
 
 
 def test_a_later_step_can_pick_up_the_job_from_an_earlier_run(tmp_path):
@@ -107,7 +107,7 @@ def test_full_workflow_with_the_shared_data_and_test_steps(tmp_path):
     request = json.loads(open(invoke.kwargs["request_file"]).read())
     assert request["input_data"]["input_string"]
     assert world.names()[-2:] == ["workspace.online_endpoints.begin_delete",
-                                  "workspace.online_endpoints.begin_delete.wait"]
+                                  "workspace.online_endpoints.begin_delete.result"]
     saved = load_record(tmp_path / "run")
     assert saved["steps"]["test"]["status"] == "failed" and saved["steps"]["cleanup"]["status"] == "ok"
 

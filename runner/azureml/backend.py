@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from runner.azureml.checks import (
     AzureStepError,
+    check_deployment_name,
     check_endpoint_name,
     check_finetune_size,
     check_inference_size,
@@ -22,6 +23,7 @@ from runner.azureml.checks import (
     gpus_for_size,
     reconcile_gpus,
 )
+from runner.azureml.lro import finish, is_quota_error
 from runner.azureml.spec import ComponentSpec, check_explicit_keys, load_spec, resolve_spec_path, spec_from_dict
 from runner.azureml.tags import ModelFacts, archived_message, facts_from_registry
 from runner.backends import Backend
@@ -152,8 +154,10 @@ class AzureMLBackend(Backend):
             check_hyperparameter_keys(ctx.explicit_finetune_keys)
         elif spec is not None:
             check_explicit_keys(ctx.explicit_finetune_keys, spec)
-        if "deploy" in self.cfg.steps:
+        if "deploy" in self.cfg.steps:  # the names the service would refuse, before anything is spent
             check_endpoint_name(self.endpoint_name(ctx))
+            if self.cfg.deployment.kind != "serverless":
+                check_deployment_name(self.cfg.deployment.deployment_name)
         self._connect_clients(ctx)
         ws = ctx.live["workspace"]
         ctx.say(f"workspace {getattr(ws, 'workspace_name', '?')} (resource group "
@@ -193,12 +197,39 @@ class AzureMLBackend(Backend):
         except ConfigError as exc:
             self._refused(ctx, "model", facts, exc)
             raise
+        warnings += self._serverless_workspace_check(ctx, foundation_model, facts)
         for w in warnings:
             ctx.say(f"warning: {w}")
         ctx.live.update(foundation_model=foundation_model, facts=facts)
         ctx.say(f"foundation model {facts.asset_id}")
         return {"model_id": facts.asset_id, "name": facts.name, "version": facts.version, "facts": facts.to_dict(),
                 "warnings": warnings}
+
+    def _serverless_workspace_check(self, ctx, foundation_model, facts: ModelFacts) -> list:
+        """compute=serverless: the workspace must be a project in a region the model's serverless fine-tuning
+        supports, known before the job is submitted (runner/azureml/serverless_region.py). Returns warnings."""
+        from runner.azureml.routes import is_serverless_compute
+        from runner.azureml.serverless_region import REGIONS_TAG, check_serverless_workspace, serverless_regions
+        from runner.azureml.tags import preset_facts_apply
+
+        if not is_serverless_compute(self.cfg):
+            return []
+        regions = serverless_regions(foundation_model, self.cfg.model, preset_facts_apply(self.cfg.model, facts.name))
+        warnings = [] if regions is not None else [
+            f"model {facts.name} names no {REGIONS_TAG} (registry tag or model.serverless_regions): the workspace's "
+            f"region is not checked before the job is submitted"]
+        from runner.azureml.routes import SERVERLESS_UNLISTED
+
+        if facts.name in SERVERLESS_UNLISTED:
+            warnings.append(f"model {facts.name}: serverless fine-tuning is a stand-in here; Azure's published table "
+                            f"of serverless fine-tunable models does not list it, and the service may refuse the job "
+                            f"(model=phi4_mini_instruct is listed)")
+        if self.cfg.dry_run:
+            return warnings + [f"the workspace's region and kind are a real run's to check: it refuses a workspace "
+                               f"that is not a project in {', '.join(regions or ['(unknown)'])} before submitting"]
+        ws = self._ws(ctx)
+        check_serverless_workspace(ws.workspaces.get(ws.workspace_name), regions, facts.name)
+        return warnings
 
     def compute(self, ctx) -> Dict[str, Any]:
         from azure.core.exceptions import ResourceNotFoundError
@@ -259,11 +290,13 @@ class AzureMLBackend(Backend):
         for tier in tiers:
             ctx.say(f"creating compute cluster {c.name} ({c.size}, {tier}, max {c.max_instances} instances)")
             try:
-                ws.begin_create_or_update(build_compute(c, tier)).wait()
+                finish(ws.begin_create_or_update(build_compute(c, tier)), f"creating compute cluster {c.name}")
                 return tier
-            except TypeError:  # a call the SDK refuses is the runner's bug, not the tier's quota: no retry
-                raise
-            except Exception as exc:  # quota or capacity: the notebook retries as low priority
+            except Exception as exc:
+                # Only the tier's quota is a reason to try the next tier (the notebook retries as low priority);
+                # anything else (a refused call, a bad size, the network) would fail the same way again.
+                if not is_quota_error(exc):
+                    raise
                 errors.append(f"{tier}: {type(exc).__name__}: {str(exc)[:300]}")
         raise AzureStepError(f"could not create compute cluster {c.name} of size {c.size} in the workspace: "
                            + "; ".join(errors))
@@ -553,18 +586,19 @@ class AzureMLBackend(Backend):
         ws = self._ws(ctx)
         endpoint = build_endpoint(name=name, registered_model_name=model_name, auth_mode=d.auth_mode)
         ctx.say(f"creating endpoint {name}")
-        ws.begin_create_or_update(endpoint).wait()
+        finish(ws.begin_create_or_update(endpoint), f"creating endpoint {name}")
         try:
             deployment = build_deployment(d, endpoint_name=name, model_id=model_id)
             ctx.say(f"creating deployment {d.deployment_name} ({d.instance_type} x{d.instance_count})")
-            ws.online_deployments.begin_create_or_update(deployment).wait()
+            finish(ws.online_deployments.begin_create_or_update(deployment), f"creating deployment {d.deployment_name}")
             endpoint.traffic = dict(OmegaConf.to_container(d.traffic))
-            result = ws.begin_create_or_update(endpoint).result()
+            result = finish(ws.begin_create_or_update(endpoint), f"routing traffic of endpoint {name}",
+                            needs=("scoring_uri",))
         except BaseException:
             # The endpoint exists but cannot serve: delete it rather than leave it billing.
             ctx.say(f"deployment failed; deleting endpoint {name}")
             try:
-                ws.online_endpoints.begin_delete(name=name).wait()
+                finish(ws.online_endpoints.begin_delete(name=name), f"deleting endpoint {name}")
             except Exception as exc:
                 ctx.say(f"warning: could not delete endpoint {name}: {exc}")
             raise
@@ -602,7 +636,7 @@ class AzureMLBackend(Backend):
             out["deleted"] = name
         elif name:
             ctx.say(f"deleting endpoint {name}")
-            ws.online_endpoints.begin_delete(name=name).wait()
+            finish(ws.online_endpoints.begin_delete(name=name), f"deleting endpoint {name}")
             out["deleted"] = name
         else:
             ctx.say("no endpoint to delete")
@@ -610,7 +644,7 @@ class AzureMLBackend(Backend):
             pass  # no cluster of yours
         elif self.cfg.cleanup.delete_compute:
             ctx.say(f"deleting compute cluster {self.cfg.compute.name}")
-            ws.compute.begin_delete(self.cfg.compute.name).wait()
+            finish(ws.compute.begin_delete(self.cfg.compute.name), f"deleting compute cluster {self.cfg.compute.name}")
             out["compute_deleted"] = self.cfg.compute.name
         else:
             ctx.say(f"compute cluster {self.cfg.compute.name} kept (cleanup.delete_compute=true deletes it)")

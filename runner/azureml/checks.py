@@ -18,8 +18,22 @@ class AzureStepError(RunnerError):
 # The notebook's list of GPU sizes the fine-tune components cannot use (K80), checked when a model has no allow list.
 UNSUPPORTED_GPU_SIZES = ["standard_nc6", "standard_nc12", "standard_nc24", "standard_nc24r"]
 
-# Managed online endpoint names: 3-32 characters, a letter first, then letters, digits and '-'.
-_ENDPOINT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{2,31}$")
+# Endpoint and deployment names as the service checks them: 3-32 characters, a letter first, then letters, digits and
+# '-', and not ending in '-'.
+_SERVICE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")
+
+
+def name_problem(name: str) -> str:
+    """What is wrong with an endpoint or deployment name, '' if nothing."""
+    if not 3 <= len(name) <= 32:
+        return f"is {len(name)} characters (3-32 allowed)"
+    if not name[0].isalpha() or not name.isascii():
+        return "must start with a letter"
+    if name.endswith("-"):
+        return "must not end with '-'"
+    if not _SERVICE_NAME.match(name):
+        return "may hold only letters, digits and '-'"
+    return ""
 
 
 def allowed_compute_hint(allow_list: List[str]) -> str:
@@ -105,10 +119,21 @@ def reconcile_gpus(listed: Optional[int], configured: int, size: str) -> int:
 
 
 def check_endpoint_name(name: str) -> None:
-    if not _ENDPOINT_NAME.match(name):
+    problem = name_problem(name)
+    if problem:
         raise ConfigError(
-            f"endpoint name {name!r} (deployment.endpoint_name_prefix + timestamp) must be 3-32 characters, start "
-            f"with a letter and hold only letters, digits and '-': shorten deployment.endpoint_name_prefix"
+            f"endpoint name {name!r} (endpoint_name, or deployment.endpoint_name_prefix + timestamp) {problem}: an "
+            f"endpoint name is 3-32 characters, starts with a letter, holds only letters, digits and '-' and does not "
+            f"end with '-'"
+        )
+
+
+def check_deployment_name(name: str) -> None:
+    problem = name_problem(name)
+    if problem:
+        raise ConfigError(
+            f"deployment.deployment_name={name!r} {problem}: a deployment name is 3-32 characters, starts with a "
+            f"letter, holds only letters, digits and '-' and does not end with '-'"
         )
 
 

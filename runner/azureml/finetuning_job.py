@@ -1,20 +1,31 @@
 """finetune.route=finetuning_job: the `type: finetuning` job (azure.ai.ml.finetuning) and the model it registers.
 
 The job is built by the SDK's own `create_finetuning_job` (a CustomModelFineTuningJob, YAML `type: finetuning`,
-`model_provider: custom`, `task: chat_completion`), with the finetune group's documented hyperparameters as strings
+`model_provider: custom`, `task: chatCompletion`, the SDK's FineTuningTaskType), with the finetune group's documented hyperparameters as strings
 (runner/azureml/routes.py). It runs serverless when compute=serverless, else on the cluster `compute.name` (the
 compute step made sure it exists) or on the VM sizes in `compute.instance_types` (`resources.instance_types`), with
 `compute.job_tier` as `queue_settings.job_tier`. It registers the fine-tuned model itself, through its
 `registered_model` output: the register step looks that model up rather than registering one.
 """
 
+import re
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from runner.azureml.checks import AzureStepError
 
-TASK = "chat_completion"  # FineTuningTaskType.CHAT_COMPLETION; dump() writes it `chatCompletion`, load_job reads both
+
+
+def task_type() -> str:
+    """The SDK's own FineTuningTaskType.CHAT_COMPLETION ("ChatCompletion"): the REST body then says `taskType:
+    chatCompletion`, as Azure's samples send. A hand-written "chat_completion" dumps to the same YAML but goes on the
+    wire as `chat_completion` (runner/azureml/wire.py shows the difference)."""
+    from azure.ai.ml.finetuning import FineTuningTaskType  # lazy: azure is heavy
+
+    return FineTuningTaskType.CHAT_COMPLETION
+
+
 OUTPUT = "registered_model"  # the job's output that registers the fine-tuned model
 TERMINAL = ("Completed", "Failed", "Canceled", "NotResponding")
 POLL_SECONDS = 30  # how often the notebook asks for the job's status
@@ -27,7 +38,7 @@ def build_finetuning_job(*, model: str, training_data: str, validation_data: Opt
     """The job, as create_finetuning_job builds it. No compute and no instance types: serverless."""
     from azure.ai.ml.finetuning import create_finetuning_job
 
-    kwargs = dict(model=model, task=TASK, training_data=training_data, output_model_name_prefix=output_model_name,
+    kwargs = dict(model=model, task=task_type(), training_data=training_data, output_model_name_prefix=output_model_name,
                   hyperparameters=dict(hyperparameters), compute=compute, instance_types=instance_types or None,
                   job_tier=job_tier, display_name=display_name, experiment_name=experiment_name)
     if validation_data:
@@ -53,6 +64,16 @@ def _job_without_validation(*, model, task, training_data, output_model_name_pre
         resources=JobResources(instance_types=instance_types) if instance_types else None,
         queue_settings=QueueSettings(job_tier=job_tier) if job_tier else None,
         outputs={OUTPUT: Output(type="mlflow_model", name=output_model_name_prefix)}, **kwargs)
+
+
+def output_model_name(base: str, timestamp: str, sweep: Optional[Dict[str, Any]] = None) -> str:
+    """The model name this job's `registered_model` output registers: its own, so that concurrent runs and the jobs
+    of a sweep never register under one name (and `register` never picks up another job's model): the run's
+    timestamp, and a sweep job's number."""
+    name = f"{base}-{timestamp}"
+    if sweep and sweep.get("job_num") is not None:
+        name += f"-job{sweep['job_num']}"
+    return name
 
 
 def finetuning_job_yaml(job: Any) -> Dict[str, Any]:
@@ -98,7 +119,7 @@ def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
     sent, left_out = hyperparameters(params, ctx.explicit_finetune_keys)
     where = placement(cfg)
     display_name = ctx.display_name(job_display_name(cfg.model.name, cfg.dataset.slug, sent))
-    output_name = cfg.mlflow.registered_model_name
+    output_name = output_model_name(cfg.mlflow.registered_model_name, backend._timestamp(ctx), ctx.sweep)
     job = build_finetuning_job(
         model=facts.asset_id, training_data=str(Path(data["train_file"]).resolve()),
         validation_data=str(Path(data["test_file"]).resolve()) if data.get("test_file") else None,
@@ -188,7 +209,14 @@ def register(backend: Any, ctx: Any) -> Dict[str, Any]:
     name = getattr(output, "name", None) or ctx.record.output("finetune", "registered_model_name")
     if not name:
         raise AzureStepError(f"finetuning job {job_name} has no {OUTPUT} output to read the model's name from")
+    # the name is this job's own (output_model_name), so its latest version is the one this job registered; a model
+    # whose path names another job's output is not ours (a name shared with a job from before unique names)
     model = ws.models.get(name=name, label="latest")
+    source = re.match(r"^azureml://jobs/([^/]+)/", str(getattr(model, "path", "") or ""))
+    if source and source.group(1) != job_name:
+        raise AzureStepError(f"model {model.name}:{model.version} was registered by job {source.group(1)}, not by "
+                             f"{job_name}: register it from its own job (finetune.attach_job={job_name} with a model "
+                             f"name of its own)")
     ctx.say(f"the job registered {model.name}:{model.version} ({model.id})")
     return {"model_id": model.id, "name": model.name, "version": str(model.version), "model_uri": model.id,
             "source": f"azureml://jobs/{job_name}/outputs/{OUTPUT}", "registered_by": "the finetuning job"}

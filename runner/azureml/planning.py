@@ -19,6 +19,8 @@ finetune.route=finetuning_job / deployment.kind=serverless (runner/azureml/finet
     serverless_endpoint.yaml  ServerlessEndpoint                  serverless_endpoints.begin_create_or_update
     chat_request.json         the /v1/chat/completions body       POST {scoring_uri}/v1/chat/completions
     plan.yaml          every call in order, the steps' outputs, warnings
+    <kind>.rest.json   beside each entity file but the pipeline job: the REST body the SDK sends for it
+                       (runner/azureml/wire.py), its field types checked against the REST model's
 
 So the plan is what a real run sends, by construction. What the planner answers in place of Azure: the foundation
 model from the model preset (a real run reads the registry), the component from the recorded contract
@@ -124,9 +126,10 @@ class PlanRecorder:
         for real); returns the bound arguments by parameter name."""
         kwargs = kwargs or {}
         bound = inspect.signature(real_method).bind(None, *args, **kwargs).arguments
-        from runner.azureml.sdk_calls import refuse_local
+        from runner.azureml.sdk_calls import check_kwargs_read, refuse_local
 
         refuse_local(name, kwargs)  # accepted by the SDK, but it deploys to local Docker
+        check_kwargs_read(name, real_method, kwargs)  # taken by **kwargs, but never read (or a TypeError later)
         entry: Dict[str, Any] = {"call": name}
         shown = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
         if shown:
@@ -134,8 +137,16 @@ class PlanRecorder:
         self.calls.append(entry)
         return bound
 
-    def write(self, kind: str, data: Dict[str, Any]) -> str:
-        """The object the last recorded call was handed, as plan/<kind>.yaml."""
+    def write(self, kind: str, data: Dict[str, Any], entity: Any = None) -> str:
+        """The object the last recorded call was handed, as plan/<kind>.yaml; with `entity`, also the REST body the
+        SDK would send for it, as plan/<kind>.rest.json (its types checked: runner/azureml/wire.py)."""
+        if entity is not None:
+            from runner.azureml.wire import wire_body
+
+            rest = self.plan_dir / f"{kind}.rest.json"
+            rest.parent.mkdir(parents=True, exist_ok=True)
+            write_text(rest, json.dumps(wire_body(entity), indent=2, sort_keys=True) + "\n")
+            self.files[f"{kind}.rest"] = self.calls[-1]["rest_file"] = str(rest)
         path = write_yaml(self.plan_dir / f"{kind}.yaml", data)
         self.files[kind] = self.calls[-1]["file"] = str(path)
         return str(path)
@@ -143,19 +154,34 @@ class PlanRecorder:
 
 
 class _Poller:
-    """What an LROPoller offers the steps: wait(), result(), done()."""
+    """What an LROPoller offers the steps (wait, result, done, status), behaving as the service's: InProgress for
+    the first IN_PROGRESS_POLLS looks, done once waited for. A step that does not wait sees InProgress, as it would
+    for real."""
 
-    def __init__(self, result: Any = None):
-        self._result = result
+    IN_PROGRESS_POLLS = 3
+
+    def __init__(self, result: Any = None, what: str = ""):
+        self._result, self.what = result, what
+        self._looks, self._finished = 0, False
+
+    def _look(self) -> str:
+        self._looks += 1
+        if self._looks > self.IN_PROGRESS_POLLS:
+            self._finished = True
+        return "Succeeded" if self._finished else "InProgress"
 
     def wait(self, timeout: Optional[float] = None) -> None:
-        return None
+        self._finished = True
 
     def result(self, timeout: Optional[float] = None) -> Any:
+        self._finished = True
         return self._result
 
     def done(self) -> bool:
-        return True
+        return self._look() != "InProgress"
+
+    def status(self) -> str:
+        return self._look()
 
 
 class _Ops:
@@ -169,6 +195,20 @@ class _Ops:
 
     def _record(self, method: str, args: tuple, kwargs: dict) -> Dict[str, Any]:
         return self.recorder.call(f"{self.prefix}.{method}", getattr(self.real, method), args, kwargs)
+
+    def __getattr__(self, method: str):
+        """Every other method of the SDK's class exists here too, checked against its real signature (a wrong
+        argument is the TypeError it would be); one the planner has no answer for says so rather than pretending.
+        A name the SDK's class does not have is an AttributeError, as on the real client."""
+        if method.startswith("_") or not callable(getattr(self.real, method, None)):
+            raise AttributeError(f"{type(self.real).__name__ if self.real else 'operations'} has no attribute "
+                                 f"{method!r} ({getattr(self.real, '__name__', '?')} does not)")
+
+        def unplanned(*args, **kwargs):
+            self._record(method, args, kwargs)
+            raise NotImplementedError(f"dry run: {self.prefix}.{method} is a real azure-ai-ml call the planner has no "
+                                      f"answer for (runner/azureml/planning.py)")
+        return unplanned
 
 
 def _operations():
@@ -219,6 +259,11 @@ class PlanningWorld:
         if not version and label == "latest" and m.latest_version:
             # What models.get(name, label="latest") answers: the version the label resolves to, never the label.
             version = str(m.latest_version)
+            if m.get("latest_version_stand_in"):
+                self.warnings.append(
+                    f"model {name}: label 'latest' planned as version {version}, the model preset's latest_version (a "
+                    f"stand-in from public data, not read from the registry); a real run resolves the label itself, "
+                    f"and may get another version")
         elif not version:
             self.warnings.append(f"model {name}: label {label!r} has no version in the model preset "
                                  f"(model.latest_version); the plan refers to the label, a real run to the version "
@@ -286,7 +331,7 @@ def _make_ops(world: PlanningWorld):
 
         def create_or_update(self, *args, **kwargs):
             model = self._record("create_or_update", args, kwargs)["model"]
-            rec.write("model", entity_yaml(model))
+            rec.write("model", entity_yaml(model), model)
             registered = copy.copy(model)
             registered._id = f"azureml:{model.name}:{model.version}"  # what a deployment may reference
             return registered
@@ -326,7 +371,7 @@ def _make_ops(world: PlanningWorld):
             if getattr(job, "type", None) == "finetuning":
                 from runner.azureml.finetuning_job import finetuning_job_yaml
 
-                rec.write("finetuning_job", finetuning_job_yaml(job))
+                rec.write("finetuning_job", finetuning_job_yaml(job), job)
                 submitted = copy.copy(job)
                 submitted.name = JOB_NAME_PLACEHOLDER
                 world.jobs[JOB_NAME_PLACEHOLDER] = submitted
@@ -354,7 +399,7 @@ def _make_ops(world: PlanningWorld):
 
         def begin_create_or_update(self, *args, **kwargs):
             deployment = self._record("begin_create_or_update", args, kwargs)["deployment"]
-            rec.write("deployment", entity_yaml(deployment))
+            rec.write("deployment", entity_yaml(deployment), deployment)
             return _Poller(deployment)
 
     class OnlineEndpoints(_Ops):
@@ -391,7 +436,7 @@ def _make_ops(world: PlanningWorld):
             from runner.azureml.serverless import serverless_endpoint_yaml
 
             endpoint = self._record("begin_create_or_update", args, kwargs)["endpoint"]
-            rec.write("serverless_endpoint", serverless_endpoint_yaml(endpoint))
+            rec.write("serverless_endpoint", serverless_endpoint_yaml(endpoint), endpoint)
             world.serverless_endpoints[endpoint.name] = endpoint
             return _Poller(world.serverless_endpoint(endpoint.name))
 
@@ -437,10 +482,13 @@ class PlanningMLClient:
         # MLClient takes any keyword and hands it to the operations group of the entity's type, which may not
         dispatch("begin_create_or_update", entity, {k: v for k, v in kwargs.items() if k != "entity"})
         if isinstance(entity, AmlCompute):
-            recorder.write("compute", entity_yaml(entity))
+            recorder.write("compute", entity_yaml(entity), entity)
             self._world.computes[entity.name] = entity
         elif isinstance(entity, OnlineEndpoint):
-            recorder.write("endpoint", entity_yaml(entity))  # the last call (with traffic) stays
+            recorder.write("endpoint", entity_yaml(entity), entity)  # the last call (with traffic) stays
+            # what the service answers when it has created it: the endpoint with its scoring URI
+            entity = copy.copy(entity)
+            entity._scoring_uri = f"https://{entity.name}.{WORKSPACE_LOCATION}.inference.ml.azure.com/score"  # read-only
         else:
             raise TypeError(f"dry run: begin_create_or_update of an unexpected {type(entity).__name__}")
         return _Poller(entity)

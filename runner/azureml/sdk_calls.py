@@ -10,6 +10,7 @@ Some keywords are accepted by the SDK and must still never come from the runner:
 companions) deploys to local Docker instead of Azure. `refuse_local()` says so.
 """
 
+import functools
 import inspect
 import typing
 from typing import Any, Dict, Mapping, Tuple
@@ -23,6 +24,7 @@ class LocalDeploymentRequested(TypeError):
     """A keyword that would send the call to local Docker instead of Azure."""
 
 
+@functools.lru_cache(maxsize=1)
 def operation_groups() -> Dict[str, type]:
     """MLClient's operations groups (property name → operations class), from the SDK's own type hints."""
     from azure.ai.ml import MLClient
@@ -81,3 +83,40 @@ def refuse_local(call: str, kwargs: Mapping[str, Any]) -> None:
         raise LocalDeploymentRequested(
             f"{call} was called with {', '.join(f'{k}={kwargs[k]!r}' for k in asked)}: that deploys to local "
             f"Docker, not to Azure ML; the runner never asks for it")
+
+
+# Operations whose signature ends in **kwargs, and the keywords azure-ai-ml 1.35.2 really reads on that path:
+# - JobOperations.create_or_update(job, *, description, compute, tags, experiment_name, skip_validation, **kwargs):
+#   its body replaces `kwargs` with the client's own (`kwargs = {**self._kwargs}`) before the REST call, so any other
+#   keyword is silently dropped: a misspelt `experiment_nme=` would submit to the default experiment.
+# - ServerlessEndpointOperations.begin_create_or_update / get / get_keys / begin_delete (endpoint or name, **kwargs):
+#   the keywords go on to the service client's call and down azure-core's pipeline; what the pipeline's policies
+#   and the LRO poller do not pop reaches the HTTP transport's session.request, a TypeError there.
+AZURE_CORE_CALL_OPTIONS = frozenset({
+    "headers", "user_agent", "logging_enable", "retry_total", "retry_connect", "retry_read", "retry_status",
+    "retry_backoff_factor", "retry_backoff_max", "retry_mode", "timeout", "connection_timeout", "read_timeout",
+    "polling", "polling_interval", "continuation_token"})
+KWARGS_READ = {
+    "jobs.create_or_update": frozenset(),  # the named keywords only: the signature checks those
+    "serverless_endpoints.begin_create_or_update": AZURE_CORE_CALL_OPTIONS,
+    "serverless_endpoints.begin_delete": AZURE_CORE_CALL_OPTIONS,
+    "serverless_endpoints.get": AZURE_CORE_CALL_OPTIONS - {"polling", "polling_interval", "continuation_token"},
+    "serverless_endpoints.get_keys": AZURE_CORE_CALL_OPTIONS - {"polling", "polling_interval", "continuation_token"},
+}
+
+
+def check_kwargs_read(call: str, method: Any, kwargs: Mapping[str, Any]) -> None:
+    """For an operation in KWARGS_READ (`call` is "<group>.<method>", any prefix before it ignored): a keyword
+    that is neither a named parameter of the SDK's `method` nor read on its path is a TypeError, as a wrong keyword of
+    a method without **kwargs would be."""
+    key = ".".join(call.split(".")[-2:])
+    if key not in KWARGS_READ:
+        return
+    named = {name for name, p in inspect.signature(method).parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(k for k in kwargs if k not in named and k not in KWARGS_READ[key])
+    if unknown:
+        raise TypeError(f"{call}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}: azure-ai-ml "
+                        f"takes {', '.join(sorted(named - {'self'}))} there"
+                        + (" and azure-core's per-call options" if KWARGS_READ[key] else
+                           " (other keywords are dropped unread)"))

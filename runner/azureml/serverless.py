@@ -11,6 +11,7 @@ import json
 from typing import Any, Dict, Mapping
 
 from runner.azureml.checks import AzureStepError, check_endpoint_name
+from runner.azureml.lro import finish
 
 CHAT_PATH = "/v1/chat/completions"
 # The notebook's sample parameters under their chat-completions names (do_sample has none: sampling is implied by
@@ -83,9 +84,10 @@ def deploy(backend: Any, ctx: Any) -> Dict[str, Any]:
                                   name=model_name, version=version)
     endpoint = build_serverless_endpoint(name=name, model_id=model_id)
     ctx.say(f"creating serverless endpoint {name} for {model_name}:{version}")
-    result = ws.serverless_endpoints.begin_create_or_update(endpoint).result()
+    result = finish(ws.serverless_endpoints.begin_create_or_update(endpoint), f"creating serverless endpoint {name}",
+                    needs=("scoring_uri",))
     return {"endpoint_name": name, "endpoint_kind": "serverless", "model_id": model_id,
-            "scoring_uri": getattr(result, "scoring_uri", None)}
+            "scoring_uri": result.scoring_uri}
 
 
 def test(backend: Any, ctx: Any, request_file) -> Dict[str, Any]:
@@ -107,4 +109,4 @@ def test(backend: Any, ctx: Any, request_file) -> Dict[str, Any]:
 
 def cleanup(backend: Any, ctx: Any, name: str) -> None:
     ctx.say(f"deleting serverless endpoint {name}")
-    backend._ws(ctx).serverless_endpoints.begin_delete(name=name).result()
+    finish(backend._ws(ctx).serverless_endpoints.begin_delete(name=name), f"deleting serverless endpoint {name}")
