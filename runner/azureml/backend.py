@@ -26,7 +26,7 @@ from runner.azureml.checks import (
 )
 from runner.azureml import finetuning_job, pipeline_job
 from runner.azureml.lro import finish, is_quota_error
-from runner.azureml.spec import ComponentSpec, check_explicit_keys, load_spec, resolve_spec_path, spec_from_dict
+from runner.azureml.spec import ComponentSpec, load_spec, resolve_spec_path, spec_from_dict
 from runner.azureml.suggest import archived_message
 from runner.azureml.tags import ModelFacts, facts_from_registry
 from runner.backend_api import Backend
@@ -175,13 +175,8 @@ class AzureMLBackend(Backend):
     # ---- steps ----------------------------------------------------------------------------------------------
     def connect(self, ctx) -> Dict[str, Any]:
         # Checks that need only the config come first: nothing is worth a login if the run cannot go through.
-        spec = self.local_spec()
-        if self.cfg.finetune.route == "finetuning_job":  # the job takes its own few hyperparameters
-            from runner.azureml.routes import check_hyperparameter_keys
-
-            check_hyperparameter_keys(ctx.explicit_finetune_keys)
-        elif spec is not None:
-            check_explicit_keys(ctx.explicit_finetune_keys, spec)
+        self.local_spec()  # the pinned component contract, if one is set, must load (on either route)
+        self.route.check_explicit_keys(self, ctx)  # each route takes its own keys
         if "deploy" in self.cfg.steps:  # the names the service would refuse, before anything is spent
             check_endpoint_name(self.endpoint_name(ctx))
             if self.cfg.deployment.kind != "serverless":
@@ -266,10 +261,8 @@ class AzureMLBackend(Backend):
 
         c = self.cfg.compute
         facts = self.facts(ctx)
-        if c.kind == "serverless" or (self.cfg.finetune.route == "finetuning_job" and c.instance_types):
-            from runner.azureml.finetuning_job import placement
-
-            where = placement(self.cfg)["runs_on"]  # no cluster of yours to get or create
+        if not self.route.uses_cluster(self.cfg):
+            where = self.route.placement(self.cfg)["runs_on"]  # no cluster of yours to get or create
             ctx.say(f"compute: the finetuning job runs on {where}")
             return {"name": None if c.kind == "serverless" else c.name, "runs_on": where,
                     "instance_types": list(c.instance_types) or None, "gpus_per_node": c.gpus_per_node or None}

@@ -101,6 +101,18 @@ def placement(cfg: Any) -> Dict[str, Any]:
             "runs_on": f"managed compute, cluster {c.name}"}
 
 
+def check_explicit_keys(backend: Any, ctx: Any) -> None:
+    """The job takes its own few hyperparameters: any other command-line finetune key is refused."""
+    from runner.azureml.routes import check_hyperparameter_keys
+
+    check_hyperparameter_keys(ctx.explicit_finetune_keys)
+
+
+def uses_cluster(cfg: Any) -> bool:
+    """A cluster of yours to get or create: not serverless, nor on the VM sizes of compute.instance_types."""
+    return not (cfg.compute.kind == "serverless" or cfg.compute.instance_types)
+
+
 def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
     """Build, submit and (backend.wait) wait for the job; the record keeps what a later step needs."""
     from runner.azureml.routes import display_name as job_display_name

@@ -11,6 +11,24 @@ from runner.errors import MissingInput
 from runner.schema import ConfigError
 
 
+def check_explicit_keys(backend: Any, ctx: Any) -> None:
+    """A command-line finetune key the component does not take is refused (against the pinned contract)."""
+    from runner.azureml.spec import check_explicit_keys as check_against_spec
+
+    spec = backend.local_spec()
+    if spec is not None:
+        check_against_spec(ctx.explicit_finetune_keys, spec)
+
+
+def uses_cluster(cfg: Any) -> bool:
+    return True  # the component runs on compute.name
+
+
+def placement(cfg: Any) -> Dict[str, Any]:
+    return {"compute": cfg.compute.name, "instance_types": None, "job_tier": None,
+            "runs_on": f"managed compute, cluster {cfg.compute.name}"}
+
+
 def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
     """Build the pipeline job from the live component, submit it and (backend.wait) follow it to the end."""
     from runner.azureml.spec import check_live_component, check_required, prepare_inputs
