@@ -22,7 +22,7 @@ LoRA, fp32 weights + bf16 autocast for full fine-tuning), the same LoRA settings
 micro-batch, max length, learning rate and number of optimizer steps, assistant-only loss, no evaluation, no
 checkpoints. TRL's max_length is set to --max-seq-length (its own default is 1024).
 
-The model: Phi-3-mini-4k-instruct's published shape (runner/local/memory.KNOWN_CONFIGS, 3.8B parameters), random
+The model: Phi-3-mini-4k-instruct's published shape (runner/memory/terms.KNOWN_CONFIGS, 3.8B parameters), random
 init (seeded) in bf16 on the GPU, saved once to a work folder: nothing comes from the hub. Its tokenizer is the
 project's offline byte-level BPE (runner/local/tiny_model.py, ~2k ids; the model keeps its 32,064-row embedding and
 head, so the compute per token is the real model's).
@@ -134,7 +134,7 @@ def build_model(out_dir: Path, smoke: bool) -> Path:
     import torch
     from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
 
-    from runner.local.memory import KNOWN_CONFIGS
+    from runner.memory.terms import KNOWN_CONFIGS
     from runner.local.tiny_model import _default_corpus, train_tokenizer
 
     tokenizer = train_tokenizer(_default_corpus(0), 2048, 4096)
@@ -246,7 +246,7 @@ def _estimate(spec, contender):
     if ckpt == "auto":
         import torch
 
-        from runner.local.memory import use_gradient_checkpointing
+        from runner.memory.terms import use_gradient_checkpointing
 
         ckpt = use_gradient_checkpointing("auto", est["bytes"]["total"], torch.cuda.mem_get_info()[0] * 0.9)
     return (est["total_gb_with_checkpointing"] if ckpt else est["total_gb"]), bool(ckpt)
@@ -256,16 +256,17 @@ def run_runner(spec, work: Path, contender: str = "runner"):
     import torch
 
     from runner.local import train as train_mod
+    from runner.local import trainer as trainer_mod
 
     stamps = _Stamps(spec["cuda"])
-    base_meter = train_mod._TokenMeter
+    base_meter = trainer_mod.TokenMeter
 
     class StampingMeter(base_meter):
         def add(self, real, total):
             stamps.add(real, total)
             super().add(real, total)
 
-    train_mod._TokenMeter = StampingMeter
+    trainer_mod.TokenMeter = StampingMeter
     params, local = _settings(spec, contender)
     result = train_mod.train(model_dir=spec["model_dir"], train_file=spec["train_file"], eval_file=None,
                              params=params, local=local, out_dir=str(work), device="cuda" if spec["cuda"] else "cpu",
@@ -285,7 +286,7 @@ def run_trl(spec, work: Path, contender: str):
     from trl_probes import count_batches, last_loss
     from trl import SFTConfig, SFTTrainer
 
-    from runner.local.compute import base_weights_dtype
+    from runner.memory.estimate import base_weights_dtype
 
     params, local = _settings(spec, contender)
     precision = {"bf16": spec["cuda"], "fp16": False}
@@ -349,9 +350,9 @@ def worker(contender: str, spec_file: str) -> None:
 # ---- the parent ------------------------------------------------------------------------------------------------
 
 def estimate_outside_bound(r) -> bool:
-    """A runner row whose estimate breaks the trust bound (runner.local.memory.ratio_bounds_ok: never more than 5%
+    """A runner row whose estimate breaks the trust bound (runner.memory.terms.ratio_bounds_ok: never more than 5%
     below the measured peak, at most 25% above). TRL rows are not held to it: the estimate is the runner's."""
-    from runner.local.memory import ratio_bounds_ok
+    from runner.memory.terms import ratio_bounds_ok
 
     if r.get("failed") or not r["contender"].startswith("runner") or not (r["peak_gb"] and r["estimate_gb"]):
         return False

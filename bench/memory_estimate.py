@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    from runner.local.compute import _config_shapes, estimate_memory
-    from runner.local.memory import GB, GiB, ratio_bounds_ok
+    from runner.memory.estimate import config_shapes, estimate_memory
+    from runner.memory.terms import GB, GiB, ratio_bounds_ok
     from tests.test_memory_estimate import MEASURED, MEASURED_PARAMS, PHI3_MINI, TARGETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     unit = GB if args.peak_unit == "GB" else GiB
 
-    shapes = _config_shapes(PHI3_MINI)
+    shapes = config_shapes(PHI3_MINI)
     params = {**MEASURED_PARAMS, "lora_dropout": args.lora_dropout}
     print(f"Phi-3-mini shape, LoRA r=8 ({', '.join(TARGETS)}), bf16, lora_dropout={args.lora_dropout}, "
           f"no gradient checkpointing; recorded peaks read as {args.peak_unit}; bound [0.95, 1.25]")

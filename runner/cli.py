@@ -121,7 +121,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: list, multirun: bool, sw
 
 def _short_failure(cfg: DictConfig, exc: BaseException):
     from runner.failures import short_failure
-    from runner.local.tracking import sqlite_file
+    from runner.local.store import sqlite_file
 
     try:
         store = sqlite_file(str(cfg.mlflow.tracking_uri))

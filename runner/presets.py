@@ -6,13 +6,13 @@ runs only when a message needs it (a refusal), and it must not depend on the com
 
 from typing import Any, Dict, List
 
-from runner.schema import CHECKOUT
+from runner.paths import CHECKOUT
 
 CONF_DIR = CHECKOUT / "conf"
 
 # What each backend needs of the compute and deployment presets (their `kind`): a local run cannot use an Azure
 # cluster, and an Azure run cannot train on `size: cpu` or deploy to a local endpoint. The first kind listed is the
-# one a refusal suggests; the others are the Azure routes' own (runner/azureml/routes.py checks which goes with which).
+# one a refusal suggests; the others are the Azure routes' own (runner/azure_routes.py checks which goes with which).
 BACKEND_KINDS = {"local": {"compute": ["local"], "deployment": ["local"]},
                  "azureml": {"compute": ["azure", "serverless"], "deployment": ["managed_online", "serverless"]}}
 # deployment.kind=azure is the name managed_online had before serverless endpoints existed: one kind, two spellings,

@@ -1,6 +1,6 @@
 """What dead processes left behind in the state root, found and settled at the start of the next run and by the
 cleanup step: run records still saying `running` (marked `died`, see runner/record.settle) and the register step's
-staging folders (removed, see runner/local/registry.remove_dead_staging). Only this host's dead processes count:
+staging folders (removed, see runner/staging.py). Only this host's dead processes count:
 a live run's record and staging folder are never touched."""
 
 import json
@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List
 
 from runner.liveness import alive
 from runner.record import live_run_entries, load_record
+from runner.staging import remove_dead_staging
 
 
 def reap(state_root, artifact_root=None, say: Callable[[str], None] = print) -> Dict[str, List[str]]:
@@ -31,8 +32,6 @@ def reap(state_root, artifact_root=None, say: Callable[[str], None] = print) -> 
             entry.unlink(missing_ok=True)
     removed: List[str] = []
     if artifact_root and Path(artifact_root).is_dir():
-        from runner.local.registry import remove_dead_staging  # light: mlflow loads only inside its functions
-
         removed = remove_dead_staging(artifact_root)
         for folder in removed:
             say(f"    removed {folder}: the staging folder of a register that was killed")

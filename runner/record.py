@@ -164,16 +164,14 @@ def final_figure(record: Dict[str, Any], name: str) -> Optional[float]:
     the metrics step's table (Azure: read from the workspace's MLflow after the job)."""
     import math
 
-    from runner.steps.finetune import FinetuneResult
-    from runner.steps.metrics import MetricsResult
+    def outputs(step: str) -> Optional[Dict[str, Any]]:  # a step's recorded result, flat, when it ran ok
+        entry = (record.get("steps") or {}).get(step) or {}
+        return entry.get("outputs") or {} if entry.get("status") == "ok" else None
 
-    finetune = FinetuneResult.from_record(record, "finetune")
-    value = getattr(finetune, name, None) if finetune and name in FinetuneResult.field_names() else None
-    if value is None and finetune:
-        value = finetune.details.get(name)
-    if value is None:
-        metrics = MetricsResult.from_record(record, "metrics")
-        value = metrics.final.get(name) if metrics else None
+    finetune, metrics = outputs("finetune"), outputs("metrics")
+    value = finetune.get(name) if finetune is not None else None
+    if value is None and metrics is not None:
+        value = (metrics.get("final") or {}).get(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         return None
     return float(value)

@@ -14,12 +14,14 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from runner.errors import RunnerError
+from runner.errors import ConfigError  # noqa: F401  (raised by validate(); importable from here as before)
+from runner.azure_routes import route_errors
+from runner.paths import state_root
+from runner.presets import kind_errors
 
 # Keys of the finetune group that steer the runner and are no component input (never sent as one).
 RUNNER_FINETUNE_KEYS = ("local", "route", "attach_job")
@@ -231,7 +233,7 @@ class LocalFinetuneConfig:
     max_tokens_per_batch: int = non_negative(0)  # packing: tokens per micro-batch; 0 = batch size * max_seq_length
     num_gpus: int = non_negative(0)  # 0 = all visible GPUs (multi-GPU runs are launched with torchrun)
     # auto: on only when the compute step's estimate says the micro-batch does not fit without it
-    # (runner.local.memory.use_gradient_checkpointing); true/false force it
+    # (runner.memory.terms.use_gradient_checkpointing); true/false force it
     gradient_checkpointing: Any = choice("auto", ["auto", True, False])
     # the micro-batch does not fit: false refuses (printing the largest that fits, with and without checkpointing);
     # true runs the largest that fits, with the gradient accumulation that keeps the effective batch
@@ -434,20 +436,6 @@ class RunConfig:
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
 
 
-# The checkout that holds runner/ and conf/ (the install is editable: conf/ lives beside the package).
-CHECKOUT = Path(__file__).resolve().parent.parent
-STATE_ENV = "FTRUN_HOME"
-
-
-def state_root() -> str:
-    """Where all state lives (MLflow store, models, data, endpoints): $FTRUN_HOME if set, else `.ftrun/` in the
-    checkout. Always absolute, so `ftrun` started from another directory (or `from_run=` pointing back) finds the
-    same store, models and data instead of starting a second `.ftrun/` wherever it happens to be run."""
-    value = os.environ.get(STATE_ENV)
-    root = Path(value).expanduser() if value else CHECKOUT / ".ftrun"
-    return str(root.resolve())
-
-
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
@@ -460,10 +448,6 @@ def register_configs() -> None:
     # The root schema types every group: a group preset merged into `model`, `finetune`, ... is checked against
     # its dataclass, so presets need no schema entry of their own.
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
-
-
-class ConfigError(RunnerError):
-    """A resolved config that cannot run; the message names the key and what would be right."""
 
 
 def open_dicts(schema: type = None, prefix: str = "") -> List[str]:
@@ -579,11 +563,7 @@ def validate(cfg: Any) -> None:
             f"{dict(cfg.deployment.traffic)}"
         )
     errors += _dict_value_errors(cfg)
-    from runner.presets import kind_errors  # compute/deployment presets of the backend's kind (reads conf/)
-
-    errors += kind_errors(cfg)
-    from runner.azureml.routes import route_errors  # the Azure route's combinations (light: no azure import)
-
-    errors += route_errors(cfg)
+    errors += kind_errors(cfg)  # compute/deployment presets of the backend's kind (reads conf/)
+    errors += route_errors(cfg)  # the Azure route's combinations
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

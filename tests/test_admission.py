@@ -12,7 +12,7 @@ import pytest
 import uvicorn
 
 from runner.local.endpoint.admission import AdmissionLimit, admission_protocol
-from runner.local.endpoint.server import slow_client_protocol
+from runner.local.endpoint.limits import slow_client_protocol
 
 KEY = "k" * 32
 

@@ -234,7 +234,7 @@ def test_notebook_presets_plan_what_the_run_submits(tmp_path, finetune, tier):
 @pytest.mark.parametrize("compute", AZURE_COMPUTES)
 def test_every_compute_and_model_preset_plans_what_the_run_submits_or_refuses_alike(tmp_path, model, compute):
     # an endpoint size the model allows, so that each cluster size allowed for fine-tuning plans the whole run
-    from runner.azureml.retired_skus import retired
+    from runner.retired_skus import retired
 
     instance = next(s for s in compose_cfg([f"model={model}"]).model.inference_compute_allow_list if not retired(s))
     real, planned = both_ways(tmp_path, ["backend=azureml", f"model={model}", f"compute={compute}",

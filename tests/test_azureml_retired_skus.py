@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.azureml.retired_skus import retired, retired_table
+from runner.retired_skus import retired, retired_table
 from runner.schema import ConfigError
 from tests.conftest import compose_cfg
 

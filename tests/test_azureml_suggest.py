@@ -22,7 +22,8 @@ from runner.azureml.suggest import (
     registry_finetune_models,
     suggestions_for,
 )
-from runner.azureml.tags import archived_message, facts_from_config
+from runner.azureml.suggest import archived_message
+from runner.azureml.tags import facts_from_config
 from runner.schema import ConfigError, validate
 from tests.conftest import compose_cfg
 

@@ -9,12 +9,12 @@ from runner.azureml.tags import (
     ModelFacts,
     TagError,
     allow_list_message,
-    archived_message,
     facts_from_config,
     facts_from_registry,
     parse_dict_tag,
     parse_list_tag,
 )
+from runner.azureml.suggest import archived_message
 from runner.schema import ConfigError
 from tests.azureml_double import model_from_rest, registry_model, registry_phi3_model, rest_body
 from tests.conftest import compose_cfg

@@ -6,7 +6,7 @@ estimate's logits term drops when it is on."""
 import pytest
 import torch
 
-from runner.local import memory
+from runner.memory import terms as memory
 from runner.local.loss import chunked_causal_lm_loss, head_input_capture, output_head
 from tests.test_train import default_settings, write_chat_data
 
@@ -32,7 +32,7 @@ def packed(tiny_model_dir, data, tmp_path_factory):
 
 
 def _model(model_dir, lora: bool):
-    from runner.local.train import _apply_lora, _load_model
+    from runner.local.trainer import apply_lora as _apply_lora, load_model as _load_model
     from runner.local.translate import translate
 
     torch.manual_seed(0)

@@ -106,7 +106,7 @@ def valid_combinations():
 
 def current_sizes(sizes):
     """The sizes of a model's allow list that Azure has not retired (runner/azureml/data/retired_skus.yaml)."""
-    from runner.azureml.retired_skus import retired
+    from runner.retired_skus import retired
 
     return [s for s in sizes if not retired(s)]
 

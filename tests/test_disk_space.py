@@ -26,7 +26,7 @@ def test_refused_with_both_figures(tmp_path, monkeypatch):
 def test_final_model_save_is_refused_before_writing(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from runner.local.train import _save_final
+    from runner.local.trainer import save_final as _save_final
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

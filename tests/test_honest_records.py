@@ -117,10 +117,11 @@ def save_half_and_die(model_dir, dest, name):  # killed while writing a multi-GB
     os.kill(os.getpid(), signal.SIGKILL)
 
 registry._save_chat_model = save_half_and_die
-registry._log_model(registry._client(uri), run_id, "unused", "m")
+registry._log_model(registry.mlflow_client(uri), run_id, "unused", "m")
 """
 
 
+@pytest.mark.slow  # a register process, killed: ~20 s
 def test_a_killed_registers_staging_folder_is_removed_and_a_live_one_kept(tmp_path):
     uri, artifacts = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "mlartifacts"
     proc = subprocess.run([sys.executable, "-c", KILLED_REGISTER, uri, str(artifacts)], cwd=REPO,

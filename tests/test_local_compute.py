@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from runner.local.compute import ComputeError, check_local_compute, estimate_memory, parameter_inventory
+from runner.local.compute import ComputeError, check_local_compute
+from runner.memory.estimate import estimate_memory, parameter_inventory
 
 GiB = 1024**3
 # Phi-3-mini-4k-instruct's config.json (the fields the estimate reads); 3,821,079,552 parameters as published.
@@ -174,7 +175,7 @@ def test_detected_memory_on_this_machine(tiny_model_dir):
 def test_weights_counted_in_the_dtype_the_trainer_holds(phi3_dir):
     """A frozen LoRA base loads 16-bit (base_weights_dtype), full fine-tuning under plain AMP keeps fp32
     weights and grads, DeepSpeed casts to 16-bit and keeps an fp32 master copy: both full cases are 16 bytes/param."""
-    from runner.local.compute import base_weights_dtype
+    from runner.memory.estimate import base_weights_dtype
 
     shapes, cfg, _ = parameter_inventory(phi3_dir)
     total = sum(math.prod(s) for s in shapes.values())

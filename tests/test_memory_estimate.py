@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.local.compute import ComputeError, _config_shapes, check_local_compute, estimate_memory
-from runner.local.memory import (GB, GiB, checkpointing_setting, fit_micro_batch, largest_fitting_batch,
+from runner.local.compute import ComputeError, check_local_compute
+from runner.memory.estimate import config_shapes, estimate_memory
+from runner.memory.terms import (GB, GiB, checkpointing_setting, fit_micro_batch, largest_fitting_batch,
                                  ratio_bounds_ok, use_gradient_checkpointing)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ MEASURED_PARAMS = {"apply_lora": True, "precision": 16, "lora_r": 8, "lora_dropo
 
 
 def phi3_estimate(**params):
-    return estimate_memory(_config_shapes(PHI3_MINI), PHI3_MINI, {**MEASURED_PARAMS, **params}, apply_lora=True,
+    return estimate_memory(config_shapes(PHI3_MINI), PHI3_MINI, {**MEASURED_PARAMS, **params}, apply_lora=True,
                            lora_target_modules=TARGETS)
 
 
@@ -121,7 +122,7 @@ def test_activation_terms_match_the_bytes_autograd_saves(mode, half, kv_heads):
 
     per_token = (saved([700, 324]) - saved([300, 212])) / 512  # the difference drops per-call constants
     cfg = {"model_type": "phi3", **dims}
-    est = estimate_memory(_config_shapes(cfg), cfg, {"precision": 16 if half else 32, "lora_r": 8},
+    est = estimate_memory(config_shapes(cfg), cfg, {"precision": 16 if half else 32, "lora_r": 8},
                           apply_lora=mode == "lora", lora_target_modules=TARGETS, tokens=1)
     # what autograd holds in the forward: the estimate's peak minus the two fp32 vocab-wide gradients (8V) that
     # exist only at the start of the backward
@@ -306,7 +307,7 @@ def test_chunked_loss_lowers_the_compute_steps_estimate(phi3_dir):
     from runner.local.compute import memory_plan
 
     plain = phi3_estimate(per_device_train_batch_size=4, max_seq_length=2048)
-    chunked = estimate_memory(_config_shapes(PHI3_MINI), PHI3_MINI,
+    chunked = estimate_memory(config_shapes(PHI3_MINI), PHI3_MINI,
                               {**MEASURED_PARAMS, "per_device_train_batch_size": 4, "max_seq_length": 2048},
                               apply_lora=True, lora_target_modules=TARGETS, chunked_loss=True)
     assert chunked["bytes"]["total"] < plain["bytes"]["total"]

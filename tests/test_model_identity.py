@@ -15,10 +15,10 @@ from tests.conftest import compose_cfg
 
 def _run_with_model(client, exp_id: str, payload: str) -> tuple:
     """An MLflow run whose `model` artifact folder holds a minimal model (MLmodel + one weights file)."""
-    from runner.local.registry import _local_artifact_dir
+    from runner.local.registry import local_artifact_dir
 
     run = client.create_run(exp_id)
-    folder = _local_artifact_dir(run.info.artifact_uri) / "model"
+    folder = local_artifact_dir(run.info.artifact_uri) / "model"
     folder.mkdir(parents=True)
     (folder / "MLmodel").write_text("flavors: {}\n")
     (folder / "model.safetensors").write_text(payload)
@@ -29,9 +29,9 @@ def _run_with_model(client, exp_id: str, payload: str) -> tuple:
 def setup(tmp_path):
     cfg = compose_cfg()
     backend = LocalBackend(cfg)
-    from runner.local.tracking import _client, ensure_experiment
+    from runner.local.tracking import ensure_experiment, mlflow_client
 
-    client = _client(cfg.mlflow.tracking_uri)
+    client = mlflow_client(cfg.mlflow.tracking_uri)
     exp_id = ensure_experiment(client, "identity", str(Path(cfg.mlflow.artifact_location)))
     return cfg, backend, client, exp_id, tmp_path
 

@@ -5,7 +5,8 @@ import pytest
 
 from runner.local.endpoint import openai_params
 from runner.local.endpoint.generation import GenerationJob
-from runner.local.endpoint.server import ApiError, parse_chat_request
+from runner.local.endpoint.api_errors import ApiError
+from runner.local.endpoint.protocol import parse_chat_request
 from tests.conftest import run_batch
 
 CHAT = [{"role": "user", "content": "Tell me about lists and sets."}]

@@ -144,6 +144,7 @@ def test_varlen_attention_equals_per_conversation_attention(tiny_model_dir, conv
         torch.testing.assert_close(ckpt_grads[name], grads[name], atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow  # torch.compile of the tiny model's layers: ~30 s
 def test_varlen_layers_compile_as_one_graph_even_under_checkpointing(tiny_model_dir, conversations, monkeypatch):
     """compile + checkpointing + varlen: the layer around the kernel has no graph break, so dynamo compiles the
     checkpointed layer (with per-conversation attention it compiles nothing: refused, see compile_refusal); loss and
@@ -246,7 +247,7 @@ def test_auto_checkpointing_that_would_compile_nothing_is_refused_before_loading
 
     loaded = []
     monkeypatch.setattr(recipe.LocalRecipe, "_gradient_checkpointing", lambda self: True)  # "auto" chose it
-    monkeypatch.setattr("runner.local.train._load_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("runner.local.trainer.load_model", lambda *a, **k: loaded.append(1))
     with pytest.raises(RunnerError, match="would compile nothing"):
         run_train(tiny_model_dir, chat_data, tmp_path, compile=True, gradient_checkpointing="auto", max_steps=1)
     assert loaded == []

@@ -30,9 +30,9 @@ def _oom_trainer_class(where):
     import torch
     from transformers import Trainer
 
-    from runner.local import train as train_mod
+    from runner.local import trainer as trainer_mod
 
-    base = train_mod._make_trainer_class()
+    base = trainer_mod.make_trainer_class()
 
     class OomTrainer(base):
         def training_step(self, *args, **kwargs):
@@ -59,12 +59,12 @@ def _train(model_dir, data, out_dir, **extra):
 
 @pytest.mark.parametrize("where", ["step", "save"])
 def test_oom_is_a_clear_error_and_the_run_resumes(tiny_model_dir, data, tmp_path, monkeypatch, where):
-    from runner.local import train as train_mod
+    from runner.local import trainer as trainer_mod
 
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
         cls = _oom_trainer_class(where)
-        patch.setattr(train_mod, "_make_trainer_class", lambda: cls)
+        patch.setattr(trainer_mod, "make_trainer_class", lambda: cls)
         with pytest.raises(RunnerError) as info:
             _train(tiny_model_dir, data, out)
     message = str(info.value)
@@ -98,10 +98,10 @@ def test_oom_is_a_clear_error_and_the_run_resumes(tiny_model_dir, data, tmp_path
 
 def test_oom_message_without_a_checkpoint(tiny_model_dir, data, tmp_path, monkeypatch):
     """An OOM before the first checkpoint: the message says a rerun starts from step 0."""
-    from runner.local import train as train_mod
+    from runner.local import trainer as trainer_mod
 
     cls = _oom_trainer_class("step")
-    monkeypatch.setattr(train_mod, "_make_trainer_class", lambda: cls)
+    monkeypatch.setattr(trainer_mod, "make_trainer_class", lambda: cls)
     with pytest.raises(RunnerError) as info:
         _train(tiny_model_dir, data, tmp_path / "out", save_steps=50)
     assert "No checkpoint was complete before the OOM" in str(info.value)
@@ -112,12 +112,12 @@ def test_oom_in_the_eval_before_training(tiny_model_dir, data, tmp_path, monkeyp
     """The eval before the first step runs out of memory: the same error, naming the eval batch key too."""
     import torch
 
-    from runner.local import train as train_mod
+    from runner.local import trainer as trainer_mod
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB (injected)")
 
-    monkeypatch.setattr(train_mod, "evaluate_loss", oom)
+    monkeypatch.setattr(trainer_mod, "evaluate_loss", oom)
     params_extra = dict(evaluation_strategy="steps", eval_before_training=True)
     from runner.local.train import train
 

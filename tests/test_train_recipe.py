@@ -59,7 +59,9 @@ def test_train_never_launches(monkeypatch, tmp_path):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(train_mod, "_cuda_count", lambda: 2)
     launched = []
-    monkeypatch.setattr(train_mod.distributed, "launch", lambda *a, **k: launched.append(a))
+    from runner.local import distributed
+
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: launched.append(a))
     params, local = default_settings()
     with pytest.raises(RunnerError, match="2 torchrun worker.*distributed.launch"):
         train_mod.train(model_dir=str(tmp_path / "no-model"), train_file=str(tmp_path / "x"), eval_file=None,

@@ -2,7 +2,8 @@
 
 import pytest
 
-from runner.local.endpoint.server import ApiError, parse_chat_request, parse_score_request
+from runner.local.endpoint.api_errors import ApiError
+from runner.local.endpoint.protocol import parse_chat_request, parse_score_request
 
 CHAT = [{"role": "user", "content": "hi"}]
 

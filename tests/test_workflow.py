@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from runner.backends import Backend
+from runner.backend_api import Backend
 from runner.record import load_record
 from runner.schema import STEPS
 from runner.workflow import run

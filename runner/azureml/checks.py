@@ -118,40 +118,32 @@ def reconcile_gpus(listed: Optional[int], configured: int, size: str) -> int:
     return listed
 
 
-def check_endpoint_name(name: str) -> None:
+NAME_RULE = "3-32 characters, starts with a letter, holds only letters, digits and '-' and does not end with '-'"
+
+
+def _check_name(name: str, what: str, kind: str) -> None:
     problem = name_problem(name)
     if problem:
-        raise ConfigError(
-            f"endpoint name {name!r} (endpoint_name, or deployment.endpoint_name_prefix + timestamp) {problem}: an "
-            f"endpoint name is 3-32 characters, starts with a letter, holds only letters, digits and '-' and does not "
-            f"end with '-'"
-        )
+        raise ConfigError(f"{what} {problem}: {kind} is {NAME_RULE}")
+
+
+def check_endpoint_name(name: str) -> None:
+    _check_name(name, f"endpoint name {name!r} (endpoint_name, or deployment.endpoint_name_prefix + timestamp)",
+                "an endpoint name")
 
 
 def check_deployment_name(name: str) -> None:
-    problem = name_problem(name)
-    if problem:
-        raise ConfigError(
-            f"deployment.deployment_name={name!r} {problem}: a deployment name is 3-32 characters, starts with a "
-            f"letter, holds only letters, digits and '-' and does not end with '-'"
-        )
+    _check_name(name, f"deployment.deployment_name={name!r}", "a deployment name")
 
 
 def check_memory_fit(
-    *,
-    model_name: str,
-    params: Dict[str, Any],
-    gpu_memory_gb: float,
-    gpus_per_node: int,
-    size: str = "",
-    model_config: Optional[Dict[str, Any]] = None,
-    lora_target_modules: Optional[List[str]] = None,
-    memory_headroom: float = 0.9,
-    refuse_activations: bool = False,
+    *, model_name: str, params: Dict[str, Any], gpu_memory_gb: float, gpus_per_node: int, size: str = "",
+    model_config: Optional[Dict[str, Any]] = None, lora_target_modules: Optional[List[str]] = None,
+    memory_headroom: float = 0.9, refuse_activations: bool = False,
 ) -> Dict[str, Any]:
     """Before a cluster is created or a job submitted: does the fine-tune fit one GPU of the SKU?
 
-    The estimate is the local trainer's (runner.local.compute.estimate_memory; terms in runner/local/memory.py),
+    The estimate is the local trainer's (runner.memory.estimate.estimate_memory; terms in runner/memory/terms.py),
     per GPU, with these assumptions about the Azure component's training, which the runner cannot see:
     - GPU memory: compute.gpu_memory_gb (the preset's per-GPU size, nominal GiB) x memory_headroom; 0 = unknown,
       nothing checked.
@@ -168,17 +160,17 @@ def check_memory_fit(
     Weights + gradients + optimizer state over the budget: ConfigError (that cannot train). The micro-batch's peak
     over it: a warning naming the largest micro-batch that fits with the gradient accumulation that keeps the
     effective batch (ConfigError with refuse_activations=True). Returns the estimate and verdict."""
-    from runner.local.compute import _config_shapes, estimate_memory, memory_verdict
-    from runner.local.memory import GB, gpu_memory_bytes, known_model_config
+    from runner.memory.estimate import config_shapes, estimate_memory, memory_verdict
+    from runner.memory.terms import GB, gpu_memory_bytes, known_model_config
 
     config = dict(model_config) if model_config else known_model_config(model_name)
     if not gpu_memory_gb or gpu_memory_gb <= 0:
         return {"checked": False, "reason": "compute.gpu_memory_gb is 0 (unknown): memory not checked", "warnings": []}
     if not config:
         return {"checked": False, "warnings": [],
-                "reason": f"no config.json numbers for {model_name} (runner.local.memory.KNOWN_CONFIGS): memory not "
+                "reason": f"no config.json numbers for {model_name} (runner.memory.terms.KNOWN_CONFIGS): memory not "
                           "checked"}
-    shapes = _config_shapes(config)
+    shapes = config_shapes(config)
     world = max(int(gpus_per_node or 0), 1) * max(int(params.get("num_nodes_finetune", 1) or 1), 1)
     apply_lora = bool(params.get("apply_lora"))
     targets = list(lora_target_modules or ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
@@ -193,21 +185,8 @@ def check_memory_fit(
               "estimate_gb": {k: round(b[k] / GB, 3) for k in ("weights", "gradients", "optimizer", "activations",
                                                                "total")},
               "tokens_per_micro_batch": est["tokens_per_micro_batch"], "warnings": []}
-    mode = "LoRA" if apply_lora else "full"
     if b["state"] > budget:
-        hints = []
-        if not apply_lora:
-            hints.append("finetune.apply_lora=true")
-        if not params.get("apply_deepspeed") and world > 1:
-            hints.append("finetune.apply_deepspeed=true (ZeRO shards the optimizer state over the GPUs)")
-        elif params.get("apply_deepspeed") and int(params.get("deepspeed_stage", 2)) < 3 and world > 1:
-            hints.append("finetune.deepspeed_stage=3 (shards the weights too)")
-        hints.append("a compute size with more GPU memory")
-        raise ConfigError(
-            f"{mode} fine-tuning of {model_name} ({est['params_total'] / 1e9:.3g}B parameters) needs "
-            f"~{b['state'] / GB:.1f} GB per GPU for weights + gradients + optimizer state alone, but {where} allows "
-            f"{budget / GB:.1f} GB; try {' or '.join(hints)}"
-        )
+        _refuse_state(model_name, est, params, budget=budget, where=where, world=world)
     verdict = memory_verdict(est, params, budget_bytes=budget, where=where, checkpointing=False)
     result.update(fits=bool(verdict["fits"]), fit=verdict["summary"], message=verdict["message"])
     if not verdict["fits"]:
@@ -221,3 +200,26 @@ def check_memory_fit(
             raise ConfigError(message)
         result["warnings"].append(message)
     return result
+
+
+def _refuse_state(model_name: str, est: Dict[str, Any], params: Dict[str, Any], *, budget: float, where: str,
+                  world: int) -> None:
+    """ConfigError: weights + gradients + optimizer state alone exceed one GPU's budget; the message says what helps."""
+    from runner.memory.terms import GB
+
+    b = est["bytes"]
+    apply_lora = bool(params.get("apply_lora"))
+    mode = "LoRA" if apply_lora else "full"
+    hints = []
+    if not apply_lora:
+        hints.append("finetune.apply_lora=true")
+    if not params.get("apply_deepspeed") and world > 1:
+        hints.append("finetune.apply_deepspeed=true (ZeRO shards the optimizer state over the GPUs)")
+    elif params.get("apply_deepspeed") and int(params.get("deepspeed_stage", 2)) < 3 and world > 1:
+        hints.append("finetune.deepspeed_stage=3 (shards the weights too)")
+    hints.append("a compute size with more GPU memory")
+    raise ConfigError(
+        f"{mode} fine-tuning of {model_name} ({est['params_total'] / 1e9:.3g}B parameters) needs "
+        f"~{b['state'] / GB:.1f} GB per GPU for weights + gradients + optimizer state alone, but {where} allows "
+        f"{budget / GB:.1f} GB; try {' or '.join(hints)}"
+    )

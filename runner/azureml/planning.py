@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from runner.atomic import write_text
+from runner.azureml.entities import entity_yaml, plain
 
 # The pipeline job's name is given by the service at submission; the plan refers to it by this placeholder.
 JOB_NAME_PLACEHOLDER = "PIPELINE_JOB_NAME"
@@ -47,16 +48,6 @@ WORKSPACE_LOCATION, WORKSPACE_ID = "WORKSPACE_LOCATION", "WORKSPACE_ID"
 
 
 # ---- serialisation: one function per kind, used for the plan files and by the tests for the real run's objects --
-
-
-def plain(data: Any) -> Any:
-    """OrderedDicts and other mappings the SDK returns → plain JSON-able data."""
-    return json.loads(json.dumps(data, default=str))
-
-
-def entity_yaml(entity: Any) -> Dict[str, Any]:
-    """entity._to_dict() without empty keys (some entities' dump() writes nothing: ManagedOnlineEndpoint)."""
-    return plain({k: v for k, v in entity._to_dict().items() if v is not None})
 
 
 def component_reference(component: Any, cfg: Any) -> str:
@@ -314,11 +305,15 @@ class PlanningWorld:
 
 def _make_ops(world: PlanningWorld):
     """The operations groups of the planning MLClients, each method mirroring the real one's signature."""
+    ops = _operations()
+    return {**_asset_ops(world, ops), **_job_ops(world, ops), **_endpoint_ops(world, ops)}
+
+
+def _asset_ops(world: PlanningWorld, ops):
+    """models, components, compute: answered from the presets and the recorded contract; a new model written."""
     from azure.core.exceptions import ResourceNotFoundError
 
-    ops = _operations()
     rec = world.recorder
-    cfg = world.cfg
 
     class Models(_Ops):
         real, prefix = ops["models"], "models"
@@ -360,6 +355,13 @@ def _make_ops(world: PlanningWorld):
             self._record("begin_delete", args, kwargs)
             return _Poller()
 
+    return {"models": Models, "components": Components, "compute": Compute}
+
+
+def _job_ops(world: PlanningWorld, ops):
+    """jobs: the pipeline or finetuning job written as YAML; a submitted job completes."""
+    rec, cfg = world.recorder, world.cfg
+
     class Jobs(_Ops):
         real, prefix = ops["jobs"], "jobs"
 
@@ -393,6 +395,13 @@ def _make_ops(world: PlanningWorld):
             submitted = world.jobs.get(JOB_NAME_PLACEHOLDER)
             return SimpleNamespace(name=JOB_NAME_PLACEHOLDER, status="Completed",  # a plan assumes success
                                    outputs=dict(getattr(submitted, "outputs", None) or {}))
+
+    return {"jobs": Jobs}
+
+
+def _endpoint_ops(world: PlanningWorld, ops):
+    """online deployments and endpoints, the workspace, serverless endpoints: written, answered, deleted."""
+    rec = world.recorder
 
     class OnlineDeployments(_Ops):
         real, prefix = ops["online_deployments"], "online_deployments"
@@ -453,8 +462,7 @@ def _make_ops(world: PlanningWorld):
             self._record("begin_delete", args, kwargs)
             return _Poller()
 
-    return {"models": Models, "components": Components, "compute": Compute, "jobs": Jobs,
-            "online_deployments": OnlineDeployments, "online_endpoints": OnlineEndpoints, "workspaces": Workspaces,
+    return {"online_deployments": OnlineDeployments, "online_endpoints": OnlineEndpoints, "workspaces": Workspaces,
             "serverless_endpoints": ServerlessEndpoints}
 
 

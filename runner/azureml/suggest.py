@@ -12,8 +12,11 @@ that declare fine-tuning for the task (chat-completion), from what azure-ai-ml 1
 preset's allow lists stand in then, as in the model step (runner/azureml/tags.py).
 """
 
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+from runner.azureml.tags import ModelFacts, facts_from_config, facts_from_registry, parse_list_tag, system_metadata
 
 TASK = "chat-completion"
 
@@ -47,8 +50,6 @@ class Suggestion:
 
 def _split(value: Any) -> List[str]:
     """A task list from a list, a literal, or a comma-separated string ("chat-completion,text-generation")."""
-    from runner.azureml.tags import parse_list_tag
-
     return [t.strip().lower() for t in parse_list_tag(value, "finetuning-tasks") if t.strip()]
 
 
@@ -71,15 +72,13 @@ def finetune_tasks(model: Any) -> List[str]:
     theirs only in system metadata, which azure-ai-ml drops; for them a fine-tuning tag (model_specific_defaults,
     finetune_compute_allow_list) or property (finetune-recommended-sku) says the model is fine-tunable, for its own
     task (model_task)."""
-    from runner.azureml.tags import _system_metadata
-
     properties = dict(getattr(model, "properties", None) or {})
     tags = dict(getattr(model, "tags", None) or {})
     for source in (properties, tags):
         for key in ("finetuning-tasks", "finetuning_tasks", "finetuningTasks"):
             if source.get(key):
                 return _split(source[key])
-    tasks = _system_metadata(model).get("tasks")
+    tasks = system_metadata(model).get("tasks")
     if isinstance(tasks, Mapping) and tasks.get("fineTuningTasks"):
         return _split(tasks["fineTuningTasks"])
     fine_tunable = (tags.get("model_specific_defaults") or tags.get("finetune_compute_allow_list")
@@ -115,7 +114,6 @@ def registry_finetune_models(models: Any, *, task: str = TASK, names: Optional[I
     left out."""
     from azure.core.exceptions import HttpResponseError
 
-    from runner.azureml.tags import facts_from_registry
     from runner.schema import ModelConfig
 
     wanted = set(names) if names is not None else None
@@ -193,8 +191,6 @@ def preset_suggestions(*, compute_size: Optional[str] = None, gpus_per_node: Opt
     refused model). live: the registry's current models (registry_finetune_models); when given, a preset is
     suggested only if its model is among them, with the registry's allow lists where it shows them. first: the
     preset to put first (the refused model's replacement_config)."""
-    from runner.azureml.tags import facts_from_config
-
     excluded = {str(e).lower() for e in exclude}
     current = {m.name: m for m in live} if live is not None else None
     found: List[Suggestion] = []
@@ -239,3 +235,40 @@ def suggestions_for(cfg: Any, *, exclude: Iterable[str] = (), live: Optional[Lis
 def registry_preset_names() -> List[str]:
     """The registry model names the presets stand for (what registry_finetune_models needs to look up)."""
     return sorted({str(m.name) for m in model_presets().values() if not m.build_tiny})
+
+
+def archived_message(facts: ModelFacts, model_cfg: Any, *, cfg: Any = None, registry_models: Any = None,
+                     today: Optional[dt.date] = None) -> str:
+    """The refusal of an archived/retired model, with the current models to switch to.
+
+    Each suggestion is a model preset plus what to add to the command line so that the run passes the model
+    step's checks (preset_suggestions): not archived, the cluster and endpoint sizes in its allow lists.
+    cfg: the run's config (its cluster and endpoint sizes; without it a compute preset and an endpoint size are
+    always named). registry_models: the registry's ModelOperations (a real run): only models the registry lists as
+    current and declaring chat-completion fine-tuning are suggested, with the registry's allow lists."""
+    when = f", fine-tuning retired {facts.finetune_retirement_date}" if facts.finetune_retirement_date else ""
+    why = "; ".join(facts.archived_because)
+    live, unread = None, ""
+    if registry_models is not None:
+        from azure.core.exceptions import AzureError
+
+        try:
+            live = registry_finetune_models(registry_models, names=registry_preset_names())
+        except AzureError as exc:  # the refusal must still say something useful
+            unread = f" (registry {model_cfg.registry} could not be listed: {type(exc).__name__})"
+    suggestions = preset_suggestions(
+        compute_size=str(cfg.compute.size) if cfg is not None else None,
+        gpus_per_node=cfg.compute.gpus_per_node if cfg is not None else None,
+        instance_type=str(cfg.deployment.instance_type) if cfg is not None else None,
+        registry=model_cfg.registry, exclude=[facts.name, model_cfg.name], live=live,
+        first=model_cfg.replacement_config, today=today)
+    where = f"registry {model_cfg.registry}" if live is not None else f"the model presets{unread}"
+    if suggestions:
+        listed = "; ".join(f"{s.model_name}: `{s.command}`" for s in suggestions)
+        switch = (f" Current models for {TASK} fine-tuning in {where} (add to your command line; each passes "
+                  f"the checks): {listed}")
+    else:
+        switch = (f" No model preset in conf/model/ is current for {TASK} fine-tuning in {where}: add one for a "
+                  f"current model and choose it with model=<preset>")
+    return (f"model {facts.name} is archived{when} ({why}).{switch}; or set model.allow_archived=true to "
+            f"go ahead anyway.")

@@ -156,7 +156,7 @@ _LIST_PLACES = {
 _PRESET_KEYS = {"finetune": "finetune_compute_allow_list", "inference": "inference_compute_allow_list"}
 
 
-def _system_metadata(model: Any) -> Dict[str, Any]:
+def system_metadata(model: Any) -> Dict[str, Any]:
     """The model's system metadata if the entity kept it (azure-ai-ml 1.35 does not for registry models)."""
     meta = getattr(model, "_system_metadata", None) or getattr(model, "system_metadata", None) or {}
     if isinstance(meta, str):
@@ -191,7 +191,7 @@ def facts_from_registry(model: Any, model_cfg: Any, today: Optional[dt.date] = N
     today = today or dt.date.today()
     tags = dict(getattr(model, "tags", None) or {})
     properties = dict(getattr(model, "properties", None) or {})
-    meta = _system_metadata(model)
+    meta = system_metadata(model)
     meta_where = "system metadata"
     raw = dict((rest_body or {}).get("properties") or {})
     if not meta and raw.get("systemMetadata"):  # what the SDK's entity drops, from the registry's own REST body
@@ -288,42 +288,3 @@ def allow_list_message(facts: ModelFacts, planned: bool = False) -> str:
                  + ("the model preset's list is used" if any(s.startswith("model preset") for s in fallback)
                     else "only K80 sizes are refused") + ")")
     return text
-
-
-def archived_message(facts: ModelFacts, model_cfg: Any, *, cfg: Any = None, registry_models: Any = None,
-                     today: Optional[dt.date] = None) -> str:
-    """The refusal of an archived/retired model, with the current models to switch to.
-
-    Each suggestion is a model preset plus what to add to the command line so that the run passes the model
-    step's checks (runner/azureml/suggest.py): not archived, the cluster and endpoint sizes in its allow lists.
-    cfg: the run's config (its cluster and endpoint sizes; without it a compute preset and an endpoint size are
-    always named). registry_models: the registry's ModelOperations (a real run): only models the registry lists as
-    current and declaring chat-completion fine-tuning are suggested, with the registry's allow lists."""
-    from runner.azureml.suggest import TASK, preset_suggestions, registry_finetune_models, registry_preset_names
-
-    when = f", fine-tuning retired {facts.finetune_retirement_date}" if facts.finetune_retirement_date else ""
-    why = "; ".join(facts.archived_because)
-    live, unread = None, ""
-    if registry_models is not None:
-        from azure.core.exceptions import AzureError
-
-        try:
-            live = registry_finetune_models(registry_models, names=registry_preset_names())
-        except AzureError as exc:  # the refusal must still say something useful
-            unread = f" (registry {model_cfg.registry} could not be listed: {type(exc).__name__})"
-    suggestions = preset_suggestions(
-        compute_size=str(cfg.compute.size) if cfg is not None else None,
-        gpus_per_node=cfg.compute.gpus_per_node if cfg is not None else None,
-        instance_type=str(cfg.deployment.instance_type) if cfg is not None else None,
-        registry=model_cfg.registry, exclude=[facts.name, model_cfg.name], live=live,
-        first=model_cfg.replacement_config, today=today)
-    where = f"registry {model_cfg.registry}" if live is not None else f"the model presets{unread}"
-    if suggestions:
-        listed = "; ".join(f"{s.model_name}: `{s.command}`" for s in suggestions)
-        switch = (f" Current models for {TASK} fine-tuning in {where} (add to your command line; each passes "
-                  f"the checks): {listed}")
-    else:
-        switch = (f" No model preset in conf/model/ is current for {TASK} fine-tuning in {where}: add one for a "
-                  f"current model and choose it with model=<preset>")
-    return (f"model {facts.name} is archived{when} ({why}).{switch}; or set model.allow_archived=true to "
-            f"go ahead anyway.")

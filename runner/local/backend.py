@@ -8,11 +8,12 @@ This module only wires the config and the run record to those pieces.
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
-from runner.backends import Backend
+from runner.backend_api import Backend
+from runner.errors import MissingInput
 from runner.figures import figure
 from runner.finetune_params import dataset_label, merge_finetune_params, pipeline_display_name
 
@@ -145,63 +146,23 @@ class LocalBackend(Backend):
         return out
 
     def finetune(self, ctx) -> Dict[str, Any]:
-        from runner.local import distributed, tracking, training_dir
+        from runner.local import distributed, tracking
         from runner.local.compute import cuda_device_count
         from runner.local.train import resolve_device, train
-        from runner.local.translate import translate
 
         cfg = self.cfg
         data = ctx.record.output("data")  # the step (runner/steps/finetune.py) made sure the files are there
         model_dir = self._model_dir(ctx)
-        params, notes = self.effective_params(ctx)
-        local = _plain(cfg.finetune.local)
-        # What the compute step decided the trainer runs: auto_fit's micro-batch and accumulation, and gradient
-        # checkpointing with "auto" resolved (absent from an older run record: the config's values stand).
-        decided = ctx.record.output("compute") or {}
-        for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-            if decided.get(key) is not None and decided[key] != params[key]:
-                notes.append(f"{key}: {params[key]!r} -> {decided[key]!r} (compute step, finetune.local.auto_fit)")
-                params[key] = decided[key]
-        if decided.get("gradient_checkpointing") is not None:
-            local["gradient_checkpointing"] = bool(decided["gradient_checkpointing"])
-        plan = translate(params, local)  # refuses a missing or unknown key; notes the keys that mean nothing here
-        notes = notes + plan.notes
-        for note in notes:
-            ctx.say(note)
+        params, local, notes, plan = self._trainer_settings(ctx)
         device = resolve_device(ctx.record.output("compute", "device") or "cpu")
         plan.check(device)  # before a tracking run is opened or a worker launched
         # One process on one device, or torchrun workers (several GPUs, DeepSpeed) that each run the same train()
         nproc = distributed.processes_needed(params, local, device, cuda_device_count() if device == "cuda" else 0)
         display_name = ctx.display_name(self.display_name(params))
         key = self.training_key(ctx, params)
-        # A folder of its own, locked while this run lives (runner/local/training_dir.py says why and how resume
-        # finds an earlier one).
-        claimed = training_dir.claim(Path(cfg.paths.root) / "training" / key, resume=bool(params.get(
-            "resume_from_checkpoint")))
-        out_dir = claimed["out_dir"]
-        if claimed["resumed_folder"]:
-            ctx.say(f"resuming in {out_dir}")
-        tags = {
-            "display_name": display_name,
-            "backend": "local",
-            "base_model": cfg.model.name,
-            "base_model_dir": model_dir,
-            "data_manifest_sha256": data.get("manifest_sha256", ""),
-            "config_sha256": ctx.record.data["config_sha256"],
-            "training_key": key,
-            "training_dir": str(Path(out_dir).resolve()),
-            "run_dir": str(ctx.run_dir.resolve()),
-            "overrides": " ".join(ctx.task_overrides),
-            **ctx.tracking_tags(),
-        }
-        run_id = tracking.start_run(
-            tracking_uri=self.tracking_uri,
-            experiment_name=cfg.mlflow.experiment_name,
-            artifact_location=str(Path(cfg.mlflow.artifact_location).resolve()),
-            run_name=display_name,
-            params={**params, **{f"local.{k}": v for k, v in _plain(cfg.finetune.local).items()}},
-            tags=tags,
-        )
+        out_dir = self._training_folder(ctx, key, params)
+        run_id = self._start_tracking_run(ctx, params, display_name=display_name, key=key, out_dir=out_dir,
+                                          model_dir=model_dir, data=data)
         ctx.say(f"MLflow run {run_id} ({display_name})")
         tracking.log_artifact(self.tracking_uri, run_id, str(ctx.run_dir / "resolved_config.yaml"))
         status = "FAILED"
@@ -242,13 +203,73 @@ class LocalBackend(Backend):
         )
         return result
 
+    def _trainer_settings(self, ctx) -> tuple:
+        """(params, finetune.local, notes, the trainer's plan): the effective parameters with what the compute step
+        decided (auto_fit's micro-batch and accumulation, gradient checkpointing with "auto" resolved; absent from
+        an older run record: the config's values stand), translated for this machine; each note said once."""
+        from runner.local.translate import translate
+
+        params, notes = self.effective_params(ctx)
+        local = _plain(self.cfg.finetune.local)
+        decided = ctx.record.output("compute") or {}
+        for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if decided.get(key) is not None and decided[key] != params[key]:
+                notes.append(f"{key}: {params[key]!r} -> {decided[key]!r} (compute step, finetune.local.auto_fit)")
+                params[key] = decided[key]
+        if decided.get("gradient_checkpointing") is not None:
+            local["gradient_checkpointing"] = bool(decided["gradient_checkpointing"])
+        plan = translate(params, local)  # refuses a missing or unknown key; notes the keys that mean nothing here
+        notes = notes + plan.notes
+        for note in notes:
+            ctx.say(note)
+        return params, local, notes, plan
+
+    def _training_folder(self, ctx, key: str, params: Dict[str, Any]):
+        """A folder of its own, locked while this run lives (runner/local/training_dir.py says why and how resume
+        finds an earlier one)."""
+        from runner.local import training_dir
+
+        claimed = training_dir.claim(Path(self.cfg.paths.root) / "training" / key, resume=bool(params.get(
+            "resume_from_checkpoint")))
+        if claimed["resumed_folder"]:
+            ctx.say(f"resuming in {claimed['out_dir']}")
+        return claimed["out_dir"]
+
+    def _start_tracking_run(self, ctx, params, *, display_name: str, key: str, out_dir, model_dir, data) -> str:
+        """The MLflow run of this fine-tune, tagged with its lineage, params as the trainer gets them."""
+        from runner.local import tracking
+
+        cfg = self.cfg
+        tags = {
+            "display_name": display_name,
+            "backend": "local",
+            "base_model": cfg.model.name,
+            "base_model_dir": model_dir,
+            "data_manifest_sha256": data.get("manifest_sha256", ""),
+            "config_sha256": ctx.record.data["config_sha256"],
+            "training_key": key,
+            "training_dir": str(Path(out_dir).resolve()),
+            "run_dir": str(ctx.run_dir.resolve()),
+            "overrides": " ".join(ctx.task_overrides),
+            **ctx.tracking_tags(),
+        }
+        run_id = tracking.start_run(
+            tracking_uri=self.tracking_uri,
+            experiment_name=cfg.mlflow.experiment_name,
+            artifact_location=str(Path(cfg.mlflow.artifact_location).resolve()),
+            run_name=display_name,
+            params={**params, **{f"local.{k}": v for k, v in _plain(cfg.finetune.local).items()}},
+            tags=tags,
+        )
+        return run_id
+
     def metrics(self, ctx) -> Dict[str, Any]:
         from runner.local import tracking
         from runner.metrics_report import report
 
         run_id = ctx.record.output("finetune", "mlflow_run_id")
         if not run_id:
-            raise RuntimeError("no MLflow run to report: run the finetune step first (or from_run=<run dir>)")
+            raise MissingInput("no MLflow run to report: run the finetune step first (or from_run=<run dir>)")
         history = tracking.metric_history(self.tracking_uri, run_id)
         out = report(history, ctx.run_dir / "metrics", title=ctx.record.output("finetune", "display_name") or run_id)
         tracking.log_artifact(self.tracking_uri, run_id, out["plot"])
@@ -262,7 +283,7 @@ class LocalBackend(Backend):
 
         ft = ctx.record.output("finetune")
         if not ft.get("final_model_dir"):
-            raise RuntimeError("nothing to register: run the finetune step first (or from_run=<run dir>)")
+            raise MissingInput("nothing to register: run the finetune step first (or from_run=<run dir>)")
         tags = {
             "base_model": self.cfg.model.name,
             "base_model_dir": ctx.record.output("model", "model_dir") or "",
@@ -271,7 +292,7 @@ class LocalBackend(Backend):
             "config_sha256": ctx.record.data["config_sha256"],
             "display_name": ft.get("display_name", ""),
             "training_key": ft.get("training_key", ""),
-            "quality_gate": ctx.live.get("quality_gate", ""),  # the register step's verdict (runner/steps/register.py)
+            "quality_gate": ctx.quality_gate or "",  # the register step's verdict (runner/steps/register.py)
         }
         out = register_model(
             tracking_uri=self.tracking_uri,
@@ -329,20 +350,20 @@ class LocalBackend(Backend):
             max_request_bytes=dep.max_request_bytes,
             limits={k: getattr(dep, k) for k in (*REQUEST_LIMIT_KEYS, *CONNECTION_KEYS)},
         )
-        ctx.live["endpoint"] = state
+        ctx.endpoint = state
         ctx.say(f"endpoint {state['name']} serving {model_uri} at {state['scoring_uri']}")
         return {**state, "model_uri": model_uri, **({"model_version": chosen["version"]} if chosen else {})}
 
     def _endpoint_state(self, ctx) -> Dict[str, Any]:
         from runner.local.endpoint.manager import find_endpoint
 
-        state = ctx.live.get("endpoint") or ctx.record.output("deploy")
+        state = ctx.endpoint or ctx.record.output("deploy")
         if self.cfg.endpoint_name:
             state = find_endpoint(self.cfg.endpoint_name, state_dir=self.cfg.paths.endpoints_dir)
             if not state:
                 raise RuntimeError(f"no local endpoint named {self.cfg.endpoint_name!r} in {self.cfg.paths.endpoints_dir}")
         if not state:
-            raise RuntimeError("no endpoint: run the deploy step first, or name one with endpoint_name=...")
+            raise MissingInput("no endpoint: run the deploy step first, or name one with endpoint_name=...")
         return state
 
     def test(self, ctx, request_file) -> Dict[str, Any]:
@@ -377,11 +398,23 @@ class LocalBackend(Backend):
         else:
             # the state itself, not its name: only the server this run started (its instance token) is stopped
             out = stop_endpoint(state, state_dir=self.cfg.paths.endpoints_dir)
-        ctx.live.pop("endpoint", None)
+        ctx.endpoint = None
         ctx.say(f"endpoint {state['name']} deleted")
         return out
 
+    def training_params(self, ctx) -> Optional[Dict[str, Any]]:
+        """The finetune step's MLflow run's own params (right also for a finetune step of an earlier run)."""
+        run_id = ctx.record.output("finetune", "mlflow_run_id")
+        if not run_id:
+            return None
+        from runner.local.registry import run_facts
+
+        return run_facts(self.tracking_uri, run_id).get("params", {})
+
+    def has_endpoint(self, ctx) -> bool:
+        return bool(ctx.endpoint or ctx.record.output("deploy") or self.cfg.endpoint_name)
+
     def plan(self, ctx) -> Dict[str, Any]:
-        from runner.plan import write_local_plan
+        from runner.local.plan import write_local_plan
 
         return write_local_plan(ctx, self)

@@ -24,7 +24,8 @@ labelled positions reads their count back from the device (one sync per micro-ba
 import contextlib
 from typing import Optional
 
-CHUNK_TOKENS = 1024  # labelled tokens per chunk: 12 x 32,064 x 1,024 bytes ~ 0.39 GB at the chunk's peak (Phi-3)
+from runner.memory.terms import CHUNK_TOKENS  # labelled tokens per chunk: 12 x 32,064 x 1,024 B ~ 0.39 GB (Phi-3)
+
 IGNORE_INDEX = -100
 
 

@@ -50,19 +50,19 @@ def model_folder(tracking_uri: str, model_uri: str) -> Dict[str, Any]:
     Refuses a version whose local model folder is missing, naming it."""
     from mlflow.exceptions import MlflowException
 
-    from runner.local.registry import _local_artifact_dir
-    from runner.local.tracking import _client
+    from runner.local.registry import local_artifact_dir
+    from runner.local.tracking import mlflow_client
 
     parsed = _parse_models_uri(model_uri)
     if parsed is None:  # a plain folder or runs:/ URI: nothing registered to check against
         folder = Path(model_uri)
         return {"run_id": None, "source": model_uri, "folder": folder if folder.is_dir() else None}
     try:
-        version = _client(tracking_uri).get_model_version(*parsed)
+        version = mlflow_client(tracking_uri).get_model_version(*parsed)
     except MlflowException as exc:
         raise ModelIdentityMismatch(f"{model_uri} is not in the registry at {tracking_uri} ({exc.message}); the "
                                     "store was replaced or the version deleted: run register again") from exc
-    folder = _local_artifact_dir(version.source)
+    folder = local_artifact_dir(version.source)
     if folder is not None and not (folder / "MLmodel").is_file():
         raise ModelFilesMissing(f"the files of {model_uri} are missing: {folder} "
                                 f"{'has no MLmodel' if folder.is_dir() else 'does not exist'}. Register the model "

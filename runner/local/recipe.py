@@ -2,7 +2,7 @@
 
 `LocalRecipe` takes the plan from runner/local/translate.py (what every finetune key means here) and the run's
 paths; the building blocks (the Trainer subclass, callbacks, evaluation, the model loader, the final save) are in
-runner/local/train.py. `run_recipe()` drives the phases. A recipe runs in one process on one device: the torchrun
+runner/local/trainer.py. `run_recipe()` drives the phases. A recipe runs in one process on one device: the torchrun
 launch for several GPUs or DeepSpeed is decided and performed by its caller (runner/local/backend.py finetune(),
 through runner/local/distributed.py), whose workers then each run this same recipe.
 """
@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 from runner.errors import RunnerError
 from runner.local import checkpoints as ckpt
-from runner.local import distributed, training_dir
+from runner.local import launch_plan, training_dir
 from runner.local.translate import LocalTrainingPlan
 
 
@@ -62,29 +62,33 @@ class LocalRecipe:
 
     # ---- setup --------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        import torch
-        from transformers import AutoTokenizer, TrainingArguments, enable_full_determinism, set_seed
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+        from transformers import enable_full_determinism, set_seed
 
-        from runner.data.prepare import tokenize_file_with_stats
-        from runner.local.compute import base_weights_dtype
-        from runner.local.packing import (PaddedCollator, TokenBudgetBatchSampler, avoid_per_shape_attention_plans,
-                                          pack_conversations)
-        from runner.local.train import (_apply_lora, _Events, _load_model, _make_callbacks, _make_trainer_class,
-                                        _mixed_precision, _steps_per_epoch, _TokenMeter, count_parameters)
+        from runner.local.packing import avoid_per_shape_attention_plans
 
-        plan, out, device = self.plan, self.out, self.device
-        out.mkdir(parents=True, exist_ok=True)
-        self._locked_here = training_dir.hold_for_training(out)  # never two live runs in one folder
-        if device == "cuda":
+        plan = self.plan
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._locked_here = training_dir.hold_for_training(self.out)  # never two live runs in one folder
+        if self.device == "cuda":
             avoid_per_shape_attention_plans()
         (enable_full_determinism if plan.training_args["full_determinism"] else set_seed)(plan.seed)
+        self._setup_data()
+        self._setup_model()
+        self._setup_batching()
+        self._setup_checkpoints()
+        self._setup_trainer()
 
-        # -- data --
+    def _setup_data(self) -> None:
+        """The tokenizer and the tokenized train/eval rows (cached beside the run)."""
+        from transformers import AutoTokenizer
+
+        from runner.data.prepare import tokenize_file_with_stats
+
+        plan = self.plan
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=self.trust_remote_code)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        cache = Path(self.cache_dir) if self.cache_dir else out / "tokenized"
+        cache = Path(self.cache_dir) if self.cache_dir else self.out / "tokenized"
         show = self.progress and self.is_main
         train_ds, train_stats = tokenize_file_with_stats(self.train_file, tokenizer, plan.max_seq_length,
                                                          cache_dir=cache, progress=show)
@@ -98,22 +102,29 @@ class LocalRecipe:
                 eval_ds = eval_ds.select(range(min(len(eval_ds), plan.max_eval_rows)))
         if len(train_ds) == 0:
             raise RunnerError(f"{self.train_file}: no conversation with an assistant turn left to train on")
+        self.tokenizer, self.train_ds, self.eval_ds, self.train_stats = tokenizer, train_ds, eval_ds, train_stats
 
-        # -- model (+ LoRA) --
-        checkpointing = self._gradient_checkpointing()  # "auto" measured before the weights take memory
+    def _setup_model(self) -> None:
+        """Gradient checkpointing decided ("auto" measured before the weights take memory), then the model (+ LoRA,
+        + torch.compile)."""
+        from runner.local import trainer as blocks
         from runner.local.speed import compile_refusal
+        from runner.memory.estimate import base_weights_dtype
 
+        plan = self.plan
+        checkpointing = self._gradient_checkpointing()
         never_compiles = compile_refusal(plan.local, packing=plan.packing, checkpointing=checkpointing)
         if never_compiles:  # "auto" chose checkpointing: still refused before the model loads
             raise RunnerError(never_compiles)
-        precision = _mixed_precision(plan.precision, device)
-        model, packing = _load_model(self.model_dir, packing=plan.packing, trust_remote_code=self.trust_remote_code,
-                                     ignore_mismatched_sizes=plan.ignore_mismatched_sizes,
-                                     dtype=base_weights_dtype(plan.params, plan.local, precision),
-                                     packed_attention=plan.local.get("packed_attention", "per_conversation"))
+        precision = blocks.mixed_precision(plan.precision, self.device)
+        model, packing = blocks.load_model(self.model_dir, packing=plan.packing,
+                                           trust_remote_code=self.trust_remote_code,
+                                           ignore_mismatched_sizes=plan.ignore_mismatched_sizes,
+                                           dtype=base_weights_dtype(plan.params, plan.local, precision),
+                                           packed_attention=plan.local.get("packed_attention", "per_conversation"))
         model.config.use_cache = False
         if plan.apply_lora:
-            model = _apply_lora(model, plan.lora)
+            model = blocks.apply_lora(model, plan.lora)
         if plan.local.get("compile"):
             from runner.local.speed import compile_decoder_layers
 
@@ -121,70 +132,80 @@ class LocalRecipe:
             if self.is_main:
                 print(f"torch.compile: {compiled} decoder layers (the first steps compile them)", flush=True)
         self.model = model  # held from here on, so cleanup() frees it even when setup() fails later
-        counts = count_parameters(model)
+        self.counts = blocks.count_parameters(model)
+        self.gradient_checkpointing, self.precision, self.packing = checkpointing, precision, packing
 
-        # -- batching --
+    def _setup_batching(self) -> None:
+        """Micro-batches by token budget (packed, or padded), the steps per epoch, the eval batches."""
+        from runner.local.packing import PaddedCollator, TokenBudgetBatchSampler, pack_conversations
+        from runner.local.trainer import steps_per_epoch
+
+        plan, train_ds, eval_ds = self.plan, self.train_ds, self.eval_ds
         bs = plan.training_args["per_device_train_batch_size"]
         lengths = [len(x) for x in train_ds["input_ids"]]  # reading the column materialises it: once
-        effective_len = train_stats["max_seq_length"] or max(lengths)
-        max_tokens = plan.max_tokens_per_batch if packing else 0
-        collator = pack_conversations if packing else PaddedCollator(
-            tokenizer.pad_token_id, pad_to=effective_len if plan.pad_to_max_length else None)
-        steps_per_epoch = _steps_per_epoch(len(TokenBudgetBatchSampler(lengths, bs, max_tokens, plan.seed)),
-                                           plan.training_args["gradient_accumulation_steps"])
-        eval_batches = (TokenBudgetBatchSampler([len(x) for x in eval_ds["input_ids"]],
-                                                plan.training_args["per_device_eval_batch_size"], max_tokens,
-                                                shuffle=False).batches()
-                        if eval_ds is not None and len(eval_ds) else [])
+        effective_len = self.train_stats["max_seq_length"] or max(lengths)
+        max_tokens = plan.max_tokens_per_batch if self.packing else 0
+        self.collator = pack_conversations if self.packing else PaddedCollator(
+            self.tokenizer.pad_token_id, pad_to=effective_len if plan.pad_to_max_length else None)
+        self.steps_per_epoch = steps_per_epoch(len(TokenBudgetBatchSampler(lengths, bs, max_tokens, plan.seed)),
+                                               plan.training_args["gradient_accumulation_steps"])
+        self.eval_batches = (TokenBudgetBatchSampler([len(x) for x in eval_ds["input_ids"]],
+                                                     plan.training_args["per_device_eval_batch_size"], max_tokens,
+                                                     shuffle=False).batches()
+                             if eval_ds is not None and len(eval_ds) else [])
+        self.lengths, self.max_tokens = lengths, max_tokens
 
-        # -- checkpoints: fresh start or resume --
-        ckpt_dir = out / "checkpoints"
-        resumed_from = None
-        removed = []
-        corrupt: list = []
-        if plan.resume:
-            removed = ckpt.remove_incomplete(ckpt_dir)
-            latest, corrupt = ckpt.latest_intact(ckpt_dir)
-            resumed_from = str(latest) if latest else None
-        elif ckpt_dir.exists() and self.is_main:
-            shutil.rmtree(ckpt_dir)
-        for folder in removed:
+    def _setup_checkpoints(self) -> None:
+        """A fresh start or the newest intact checkpoint to resume from; the events file and the token meter."""
+        from runner.local.trainer import Events, TokenMeter
+
+        self.ckpt_dir = self.out / "checkpoints"
+        self.resumed_from, self.removed, self.corrupt = None, [], []
+        if self.plan.resume:
+            self.removed = ckpt.remove_incomplete(self.ckpt_dir)
+            latest, self.corrupt = ckpt.latest_intact(self.ckpt_dir)
+            self.resumed_from = str(latest) if latest else None
+        elif self.ckpt_dir.exists() and self.is_main:
+            shutil.rmtree(self.ckpt_dir)
+        for folder in self.removed:
             print(f"ignored incomplete checkpoint {folder}", flush=True)
-        for warning in corrupt:
+        for warning in self.corrupt:
             print(f"warning: {warning}", flush=True)
-        metrics_file = out / "metrics.jsonl"
-        events = _Events(metrics_file, self.log_fn, enabled=self.is_main, append=resumed_from is not None)
-        meter = _TokenMeter()
+        self.metrics_file = self.out / "metrics.jsonl"
+        self.events = Events(self.metrics_file, self.log_fn, enabled=self.is_main,
+                             append=self.resumed_from is not None)
+        self.meter = TokenMeter()
 
-        # -- TrainingArguments, Trainer (optimizer and scheduler are built by it), callbacks --
-        eval_strategy, eval_steps = plan.eval_schedule(steps_per_epoch, bool(eval_ds is not None and eval_batches))
+    def _setup_trainer(self) -> None:
+        """TrainingArguments, the Trainer (which builds the optimizer and scheduler) and its callbacks."""
+        import torch
+        from transformers import TrainingArguments
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        from runner.local.trainer import make_callbacks, make_trainer_class
+
+        plan, precision, eval_ds = self.plan, self.precision, self.eval_ds
+        eval_strategy, eval_steps = plan.eval_schedule(self.steps_per_epoch,
+                                                       bool(eval_ds is not None and self.eval_batches))
         autocast_dtype = (torch.bfloat16 if precision["bf16"] else torch.float16) if any(precision.values()) else None
         args = TrainingArguments(**plan.training_arguments(
-            output_dir=str(ckpt_dir), eval_strategy=eval_strategy, eval_steps=eval_steps,
-            deepspeed=distributed.write_deepspeed_config(out, plan.params), use_cpu=device != "cuda",
-            gradient_checkpointing=checkpointing, **precision))
-        trainer = _make_trainer_class()(model=model, args=args, train_dataset=train_ds,
-                                        eval_dataset=eval_ds if eval_strategy != "no" else None,
-                                        data_collator=collator, processing_class=tokenizer)
+            output_dir=str(self.ckpt_dir), eval_strategy=eval_strategy, eval_steps=eval_steps,
+            deepspeed=launch_plan.write_deepspeed_config(self.out, plan.params), use_cpu=self.device != "cuda",
+            gradient_checkpointing=self.gradient_checkpointing, **precision))
+        trainer = make_trainer_class()(model=self.model, args=args, train_dataset=self.train_ds,
+                                       eval_dataset=eval_ds if eval_strategy != "no" else None,
+                                       data_collator=self.collator, processing_class=self.tokenizer)
         self.trainer = trainer
         for noisy in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(noisy)
-        progress_cb, best_cb, signal_cb = _make_callbacks(plan, events, meter, self.progress and self.is_main)
+        progress_cb, best_cb, signal_cb = make_callbacks(plan, self.events, self.meter, self.progress and self.is_main)
         for cb in (progress_cb, best_cb, signal_cb):
             trainer.add_callback(cb)
-        trainer.setup_runner(lengths=lengths, max_tokens=max_tokens, eval_dataset=eval_ds, eval_batches=eval_batches,
-                             eval_collator=collator, meter=meter, events=events,
-                             keep_checkpoints=plan.keep_checkpoints, autocast_dtype=autocast_dtype,
-                             chunked_loss=bool(plan.local.get("chunked_loss", False)))
-
-        self.tokenizer, self.model, self.trainer, self.args = tokenizer, model, trainer, args
-        self.train_ds, self.eval_ds, self.train_stats = train_ds, eval_ds, train_stats
-        self.collator, self.eval_batches, self.autocast_dtype = collator, eval_batches, autocast_dtype
-        self.packing, self.counts, self.precision, self.steps_per_epoch = packing, counts, precision, steps_per_epoch
-        self.gradient_checkpointing = checkpointing
-        self.ckpt_dir, self.resumed_from, self.removed = ckpt_dir, resumed_from, removed
-        self.corrupt = corrupt
-        self.metrics_file, self.events, self.meter = metrics_file, events, meter
+        trainer.setup_runner(lengths=self.lengths, max_tokens=self.max_tokens, eval_dataset=eval_ds,
+                             eval_batches=self.eval_batches, eval_collator=self.collator, meter=self.meter,
+                             events=self.events, keep_checkpoints=plan.keep_checkpoints,
+                             autocast_dtype=autocast_dtype, chunked_loss=bool(plan.local.get("chunked_loss", False)))
+        self.args, self.autocast_dtype = args, autocast_dtype
         self.progress_cb, self.best_cb, self.signal_cb = progress_cb, best_cb, signal_cb
 
     # ---- train --------------------------------------------------------------------------------------------------
@@ -192,29 +213,10 @@ class LocalRecipe:
         import torch
         from transformers.utils import logging as hf_logging
 
-        from runner.local.train import TrainingInterrupted, _perplexity, evaluate_loss
+        from runner.local.trainer import TrainingInterrupted
 
-        trainer, events, meter, signal_cb = self.trainer, self.events, self.meter, self.signal_cb
-        device = self.args.device
-
-        # -- eval before training (kept from the first session when resuming) --
-        before_file = self.out / "eval_before.json"
-        eval_before = None
-        if self.resumed_from and before_file.exists():
-            eval_before = json.loads(before_file.read_text()).get("eval_loss")
-        elif self.eval_batches and self.plan.eval_before_training:
-            out_of_memory: Optional[str] = None
-            try:
-                eval_before = evaluate_loss(self.model.to(device), self.eval_ds, self.eval_batches, self.collator,
-                                            device, self.autocast_dtype)
-            except torch.cuda.OutOfMemoryError as exc:
-                out_of_memory = (str(exc).strip().splitlines() or ["out of memory"])[0]
-            if out_of_memory is not None:
-                raise self._out_of_memory(out_of_memory + " (in the eval before training: "
-                                          "finetune.per_device_eval_batch_size sets its batch)") from None
-            if self.is_main:
-                ckpt.write_atomic(before_file, json.dumps({"eval_loss": eval_before}))
-            events.emit("eval", {"eval_loss": eval_before, "perplexity": _perplexity(eval_before)}, 0)
+        trainer, meter, signal_cb = self.trainer, self.meter, self.signal_cb
+        eval_before = self._eval_before_training()
 
         # -- the loop: the Trainer's, with a checkpoint at the end of the step on SIGTERM/SIGINT --
         signal_cb.install()
@@ -224,8 +226,7 @@ class LocalRecipe:
         try:
             if signal_cb.received:
                 raise TrainingInterrupted(f"stopped by {signal_cb.received} before training started")
-            meter.start = time.perf_counter()
-            meter._mark_time = meter.start
+            meter.restart()  # the eval before training is not training time
             train_started, cpu_started = time.perf_counter(), time.process_time()
             try:
                 output = trainer.train(resume_from_checkpoint=self.resumed_from)
@@ -245,25 +246,15 @@ class LocalRecipe:
                 f"stopped by {signal_cb.received} at step {step}; checkpoint {latest} saved. Run again with "
                 f"finetune.resume_from_checkpoint=true to continue")
 
-        # -- the final eval: reuse the one made at this very step, else measure now --
-        progress_cb, best_cb = self.progress_cb, self.best_cb
-        last_eval = progress_cb.last_eval if progress_cb.last_eval_step == step else {}
-        loaded_best = None
-        if self.plan.early_stopping and best_cb.best_step not in (None, step):
-            best_dir = self.ckpt_dir / f"checkpoint-{best_cb.best_step}"
-            if ckpt.is_complete(best_dir):
-                trainer._load_from_checkpoint(str(best_dir))
-                loaded_best = str(best_dir)
-                last_eval = {}
-        if not last_eval and self.eval_batches:
-            loss = evaluate_loss(trainer.model, self.eval_ds, self.eval_batches, self.collator, device,
-                                 self.autocast_dtype)
-            last_eval = {"eval_loss": loss, "perplexity": _perplexity(loss)}
-            if loaded_best is None:
-                events.emit("eval", last_eval, step)
+        last_eval, loaded_best = self._final_eval(step)
+        self.figures = self._figures(output, step, eval_before, last_eval, loaded_best, train_runtime, train_cpu)
+        return self.figures
 
+    def _figures(self, output, step: int, eval_before, last_eval: Dict[str, Any], loaded_best,
+                 train_runtime: float, train_cpu: float) -> Dict[str, Any]:
+        trainer, meter, progress_cb, best_cb = self.trainer, self.meter, self.progress_cb, self.best_cb
         precision = self.precision
-        self.figures = {
+        return {
             "final_model_dir": None,
             "checkpoints_dir": str(self.ckpt_dir),
             "global_step": int(step),
@@ -302,22 +293,69 @@ class LocalRecipe:
             "ignored_params": dict(self.plan.ignored),
             **self.counts,
         }
-        return self.figures
+
+    def _eval_before_training(self) -> Optional[float]:
+        """The eval loss before training (kept from the first session when resuming), or None."""
+        import torch
+
+        from runner.local.trainer import evaluate_loss, perplexity
+
+        device = self.args.device
+        before_file = self.out / "eval_before.json"
+        eval_before = None
+        if self.resumed_from and before_file.exists():
+            eval_before = json.loads(before_file.read_text()).get("eval_loss")
+        elif self.eval_batches and self.plan.eval_before_training:
+            out_of_memory: Optional[str] = None
+            try:
+                eval_before = evaluate_loss(self.model.to(device), self.eval_ds, self.eval_batches, self.collator,
+                                            device, self.autocast_dtype)
+            except torch.cuda.OutOfMemoryError as exc:
+                out_of_memory = (str(exc).strip().splitlines() or ["out of memory"])[0]
+            if out_of_memory is not None:
+                raise self._out_of_memory(out_of_memory + " (in the eval before training: "
+                                          "finetune.per_device_eval_batch_size sets its batch)") from None
+            if self.is_main:
+                ckpt.write_atomic(before_file, json.dumps({"eval_loss": eval_before}))
+            self.events.emit("eval", {"eval_loss": eval_before, "perplexity": perplexity(eval_before)}, 0)
+        return eval_before
+
+    def _final_eval(self, step: int) -> tuple:
+        """(the final eval figures, the best checkpoint loaded or None): the eval made at this very step, else
+        measured now (on the best checkpoint when early stopping kept an earlier one)."""
+        from runner.local.trainer import evaluate_loss, perplexity
+
+        trainer, progress_cb, best_cb = self.trainer, self.progress_cb, self.best_cb
+        last_eval = progress_cb.last_eval if progress_cb.last_eval_step == step else {}
+        loaded_best = None
+        if self.plan.early_stopping and best_cb.best_step not in (None, step):
+            best_dir = self.ckpt_dir / f"checkpoint-{best_cb.best_step}"
+            if ckpt.is_complete(best_dir):
+                trainer._load_from_checkpoint(str(best_dir))
+                loaded_best = str(best_dir)
+                last_eval = {}
+        if not last_eval and self.eval_batches:
+            loss = evaluate_loss(trainer.model, self.eval_ds, self.eval_batches, self.collator, self.args.device,
+                                 self.autocast_dtype)
+            last_eval = {"eval_loss": loss, "perplexity": perplexity(loss)}
+            if loaded_best is None:
+                self.events.emit("eval", last_eval, step)
+        return last_eval, loaded_best
 
     # ---- save ---------------------------------------------------------------------------------------------------
     def save(self) -> Dict[str, Any]:
         """The final model (LoRA merged) written atomically by rank 0, the summary event and result.json."""
-        from runner.local.train import _save_final, _zero3_state_dict
+        from runner.local.trainer import save_final, zero3_state_dict
 
         result = dict(self.figures)
-        gathered = _zero3_state_dict(self.trainer)  # a collective: every rank takes part, rank 0 gets the weights
+        gathered = zero3_state_dict(self.trainer)  # a collective: every rank takes part, rank 0 gets the weights
         if self.is_main:
-            result.update(_save_final(self.trainer.model, self.tokenizer, self.out, apply_lora=self.plan.apply_lora,
+            result.update(save_final(self.trainer.model, self.tokenizer, self.out, apply_lora=self.plan.apply_lora,
                                       merge_lora_weights=self.plan.merge_lora_weights, state_dict=gathered))
             result["wall_time_s"] = time.time() - self.started
             self.events.emit("summary", {k: v for k, v in result.items() if isinstance(v, (int, float))},
                              result["global_step"])
-            ckpt.write_atomic(self.out / distributed.RESULT_FILE, json.dumps(result, indent=1, default=str))
+            ckpt.write_atomic(self.out / launch_plan.RESULT_FILE, json.dumps(result, indent=1, default=str))
         return result
 
     # ---- cleanup ------------------------------------------------------------------------------------------------

@@ -6,9 +6,7 @@ multi-GB model is written once and a crash never leaves a half-written `model/` 
 MlflowClient bound to the given URI; the global tracking URI is never changed.
 """
 
-import hashlib
 import os
-import re
 import shutil
 import tempfile
 from importlib import metadata
@@ -16,7 +14,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from runner.errors import RunnerError
-from runner.local.tracking import MAX_TAG_VALUE, _client, _text, store_lock
+from runner.gate import GATE_PASSED, GATE_TAG
+from runner.staging import staging_prefix
+from runner.local.store import store_lock
+from runner.local.tracking import MAX_TAG_VALUE, clipped_text, mlflow_client
 
 ARTIFACT_PATH = "model"
 # What a fresh environment needs to load and run the model. Pinned from the installed versions (an inferred list
@@ -59,7 +60,7 @@ def _describe(v) -> Dict[str, Any]:
 
 def latest_version(tracking_uri: str, name: str) -> Optional[Dict[str, Any]]:
     """The highest version of a registered model as {name, version, model_uri, run_id, source, tags}, or None."""
-    versions = _versions(_client(tracking_uri), name)
+    versions = _versions(mlflow_client(tracking_uri), name)
     return _describe(max(versions, key=lambda v: int(v.version))) if versions else None
 
 
@@ -68,7 +69,7 @@ def run_facts(tracking_uri: str, run_id: str) -> Dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
     try:
-        run = _client(tracking_uri).get_run(run_id)
+        run = mlflow_client(tracking_uri).get_run(run_id)
     except MlflowException:
         return {}
     return {"status": run.info.status, "params": dict(run.data.params), "tags": dict(run.data.tags)}
@@ -82,8 +83,6 @@ def deployable_latest(tracking_uri: str, name: str) -> Dict[str, Any]:
     """The latest version of `name` (as latest_version, plus "quality_gate"), for a deploy that names no run: only
     when the MLflow run that made it FINISHED and its model passed the register step's quality gate. Anything else
     is refused naming the version and why, rather than serving whatever was registered last."""
-    from runner.steps.register import GATE_PASSED, GATE_TAG
-
     latest = latest_version(tracking_uri, name)
     if not latest:
         raise NotDeployable(f"no registered model to deploy: no version of {name!r} in {tracking_uri}; run the "
@@ -103,61 +102,13 @@ def deployable_latest(tracking_uri: str, name: str) -> Dict[str, Any]:
     return {**latest, "quality_gate": gate}
 
 
-def _local_artifact_dir(artifact_uri: str) -> Optional[Path]:
+def local_artifact_dir(artifact_uri: str) -> Optional[Path]:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
     repo = get_artifact_repository(artifact_uri)
     return Path(repo.artifact_dir) if isinstance(repo, LocalArtifactRepository) else None
 
-
-# .model-<host hash>-<pid>-<pid start>-<random>: the staging folder names its owner, from the moment it exists, so
-# a later run removes only the folders of a register that was killed, never a live one of a concurrent run.
-STAGING = ".model-"
-_STAGING_NAME = re.compile(r"^\.model-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<started>\d+|x)-")
-
-
-def _host_hash(host: str) -> str:
-    return hashlib.sha256(host.encode()).hexdigest()[:8]
-
-
-def staging_prefix() -> str:
-    from runner.liveness import this_process
-
-    me = this_process()
-    started = "x" if me["pid_started"] is None else me["pid_started"]
-    return f"{STAGING}{_host_hash(me['host'])}-{me['pid']}-{started}-"
-
-
-def staging_owner_alive(folder: Path) -> Optional[bool]:
-    """Whether the register that made this staging folder still runs; None when it cannot be told (another host,
-    or a folder named before owners were recorded)."""
-    import socket
-
-    from runner.liveness import alive
-
-    m = _STAGING_NAME.match(folder.name)
-    if not m or m["host"] != _host_hash(socket.gethostname()):
-        return None
-    started = None if m["started"] == "x" else int(m["started"])
-    return alive({"host": socket.gethostname(), "pid": int(m["pid"]), "pid_started": started})
-
-
-def remove_dead_staging(artifact_root) -> List[str]:
-    """Remove the staging folders (<artifact root>/<run id>/artifacts/.model-*, as ftrun's experiments place runs;
-    one level deeper under MLflow's default <experiment id>/<run id>) of registers whose process is dead: a killed
-    register leaves a partial multi-GB model there. Returns the folders removed."""
-    root = Path(artifact_root)
-    removed = []
-    if not root.is_dir():
-        return removed
-    folders = [*root.glob(f"*/artifacts/{STAGING}*"), *root.glob(f"*/*/artifacts/{STAGING}*")]
-    for folder in folders:
-        if folder.is_dir() and staging_owner_alive(folder) is False:
-            shutil.rmtree(folder, ignore_errors=True)
-            if not folder.exists():
-                removed.append(str(folder))
-    return removed
 
 
 def _save_chat_model(model_dir: str, dest: Path, model_name: str) -> None:
@@ -182,7 +133,7 @@ def _save_chat_model(model_dir: str, dest: Path, model_name: str) -> None:
 def _log_model(client, run_id: str, model_dir: str, model_name: str) -> str:
     """The run's `model` artifact (saved now unless an earlier attempt already did), as the version source URI."""
     artifact_uri = client.get_run(run_id).info.artifact_uri
-    local = _local_artifact_dir(artifact_uri)
+    local = local_artifact_dir(artifact_uri)
     if local is not None:
         final = local / ARTIFACT_PATH
         if not (final / "MLmodel").is_file():  # MLmodel is written last: its presence means a complete save
@@ -211,13 +162,13 @@ def register_model(*, tracking_uri: str, run_id: str, model_dir: str, registered
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved Hugging Face model folder (no config.json): the "
                                 "finetune step's final_model_dir must be written with save_pretrained")
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     for v in _versions(client, registered_name):
         if v.run_id == run_id or v.tags.get("mlflow_run_id") == run_id:
             return {**_describe(v), "reused": True}
 
     source = _log_model(client, run_id, model_dir, registered_name)
-    version_tags = {str(k): _text(v, MAX_TAG_VALUE) for k, v in tags.items()}
+    version_tags = {str(k): clipped_text(v, MAX_TAG_VALUE) for k, v in tags.items()}
     version_tags["mlflow_run_id"] = run_id
     with store_lock(tracking_uri):  # runs sharing the store: one creates the name, versions are numbered in turn
         try:

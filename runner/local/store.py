@@ -12,19 +12,41 @@ and leaves a store half-migrated when the disk fills during set-up (every later 
 Nothing here deletes a store: a broken one is renamed aside (`<db>.broken-<time>`) by the repair.
 """
 
+import contextlib
 import os
 import re
 import shutil
 import sqlite3
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from runner.errors import RunnerError
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 REPAIR_HINT = "mlflow.repair_store=true"
+
+
+
+def sqlite_file(tracking_uri: str) -> Optional[Path]:
+    """The database file of a sqlite:/// URI (None for a server or another database)."""
+    match = re.match(r"^sqlite:///(.+?)(\?.*)?$", tracking_uri)
+    return Path(match.group(1)) if match else None
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Exclusive across processes for a SQLite store (`<db>.lock` beside it); nothing for other stores, whose
+    servers serialise their own writes."""
+    from runner.locks import exclusive
+
+    db = sqlite_file(tracking_uri)
+    if db is None:
+        yield
+        return
+    with exclusive(db.with_name(db.name + ".lock")):
+        yield
 
 
 _checked: set = set()  # tracking URIs whose store this process has checked and found sound
@@ -106,8 +128,6 @@ def _refusal(db: Path, found: dict, evidence: List[str]) -> str:
 def check_store(tracking_uri: str, artifact_location: Optional[str]) -> Optional[dict]:
     """Refuses (StoreBroken) a store that cannot be used; creates a missing one (built aside, then renamed) when
     nothing shows one existed. None for stores that are not SQLite files (a server checks its own)."""
-    from runner.local.tracking import sqlite_file
-
     db = sqlite_file(tracking_uri)
     if db is None:
         return None
@@ -224,8 +244,6 @@ def _holds_data(db: Path) -> bool:
 
 def repair_store(tracking_uri: str, artifact_location: Optional[str]) -> List[str]:
     """Recover what can be recovered; returns lines saying what was done and what could not be recovered."""
-    from runner.local.tracking import sqlite_file
-
     db = sqlite_file(tracking_uri)
     if db is None:
         return [f"{tracking_uri} is not a SQLite store: nothing to repair here"]
@@ -272,8 +290,6 @@ def repair_store(tracking_uri: str, artifact_location: Optional[str]) -> List[st
 
 def open_store(tracking_uri: str, artifact_location: Optional[str], *, repair: bool = False) -> List[str]:
     """The connect step's check: the store opened and checked (or repaired when asked), under the store lock."""
-    from runner.local.tracking import store_lock
-
     with store_lock(tracking_uri):
         if repair:
             return repair_store(tracking_uri, artifact_location)

@@ -10,14 +10,15 @@ version), happen under an exclusive lock on `<store file>.lock` beside the datab
 other access relies on SQLite's own locking with MLflow's busy timeout (20 s per session).
 """
 
-import contextlib
 import json
 import logging
 import numbers
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from runner.local.store import check_store, sqlite_file, store_lock
 
 log = logging.getLogger(__name__)
 
@@ -34,27 +35,7 @@ _ready_stores: set = set()
 artifact_roots: Dict[str, str] = {}  # tracking URI -> its runs' artifact folder (the store check's evidence)  # tracking URIs whose tables this process has seen created (under the store lock)
 
 
-def sqlite_file(tracking_uri: str) -> Optional[Path]:
-    """The database file of a sqlite:/// URI (None for a server or another database)."""
-    match = re.match(r"^sqlite:///(.+?)(\?.*)?$", tracking_uri)
-    return Path(match.group(1)) if match else None
-
-
-@contextlib.contextmanager
-def store_lock(tracking_uri: str) -> Iterator[None]:
-    """Exclusive across processes for a SQLite store (`<db>.lock` beside it); nothing for other stores, whose
-    servers serialise their own writes."""
-    from runner.locks import exclusive
-
-    db = sqlite_file(tracking_uri)
-    if db is None:
-        yield
-        return
-    with exclusive(db.with_name(db.name + ".lock")):
-        yield
-
-
-def _client(tracking_uri: str):
+def mlflow_client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
     from runner.quiet import quiet_mlflow
@@ -66,8 +47,6 @@ def _client(tracking_uri: str):
     # MLflow builds (and migrates) a store's tables the first time a process uses it (the client's constructor
     # does it for the tracking tables, the first registry call for the registry's): done here under the lock, so
     # no two processes run the migrations at once.
-    from runner.local.store import check_store
-
     with store_lock(tracking_uri):
         db = sqlite_file(tracking_uri)
         if db is not None:
@@ -85,7 +64,7 @@ def _key(name: Any) -> str:
     return _BAD_KEY_CHARS.sub("_", str(name))[:MAX_KEY]
 
 
-def _text(value: Any, limit: int) -> str:
+def clipped_text(value: Any, limit: int) -> str:
     if isinstance(value, str):
         text = value
     elif value is None or isinstance(value, (bool, int, float)):
@@ -142,12 +121,12 @@ def start_run(*, tracking_uri: str, experiment_name: str, artifact_location: Opt
     """A new RUNNING run with the params (flattened, stringified, truncated to MLflow's limits) and tags."""
     from mlflow.entities import Param
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     with store_lock(tracking_uri):  # two runs creating the experiment at once: one creates, the other finds it
         exp_id = ensure_experiment(client, experiment_name, artifact_location)
-    run_tags = {_key(k): _text(v, MAX_TAG_VALUE) for k, v in tags.items()}
+    run_tags = {_key(k): clipped_text(v, MAX_TAG_VALUE) for k, v in tags.items()}
     run = client.create_run(exp_id, run_name=run_name, tags=run_tags)
-    entries = [Param(_key(k), _text(v, MAX_PARAM_VALUE)) for k, v in flatten(params).items()]
+    entries = [Param(_key(k), clipped_text(v, MAX_PARAM_VALUE)) for k, v in flatten(params).items()]
     for i in range(0, len(entries), PARAMS_PER_BATCH):
         client.log_batch(run.info.run_id, params=entries[i: i + PARAMS_PER_BATCH])
     return run.info.run_id
@@ -173,7 +152,7 @@ def metric_logger(tracking_uri: str, run_id: str) -> Callable[[Dict[str, Any], i
     (a locked SQLite file, a store restart) is retried once and then only logged: it must never kill training."""
     from mlflow.entities import Metric
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     failures = {"n": 0}
 
     def log_fn(metrics: Dict[str, Any], step: int) -> None:
@@ -204,12 +183,12 @@ def metric_logger(tracking_uri: str, run_id: str) -> Callable[[Dict[str, Any], i
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise ValueError(f"run status {status!r} must be FINISHED, FAILED or KILLED")
-    _client(tracking_uri).set_terminated(run_id, status=status)
+    mlflow_client(tracking_uri).set_terminated(run_id, status=status)
 
 
 def log_artifact(tracking_uri: str, run_id: str, path: str, artifact_path: Optional[str] = None) -> None:
     """A file, or a folder's contents, into the run's artifacts."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     if Path(path).is_dir():
         client.log_artifacts(run_id, str(path), artifact_path)
     else:
@@ -219,7 +198,7 @@ def log_artifact(tracking_uri: str, run_id: str, path: str, artifact_path: Optio
 def metric_history(tracking_uri: str, run_id: str) -> Dict[str, List[List[float]]]:
     """metric -> [[step, value], ...] sorted by step. A step logged twice (a resumed run repeats the steps after
     its last checkpoint) keeps its latest value, so curves do not zigzag."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     history: Dict[str, List[List[float]]] = {}
     for name in sorted(client.get_run(run_id).data.metrics):
         by_step: Dict[int, tuple] = {}
@@ -232,11 +211,11 @@ def metric_history(tracking_uri: str, run_id: str) -> Dict[str, List[List[float]
 
 def find_run(tracking_uri: str, experiment_name: str, tags: Mapping[str, Any]) -> Optional[str]:
     """The newest live run of the experiment carrying all these tag values, or None."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment_name)
     if exp is None:
         return None
-    wanted = {_key(k): _text(v, MAX_TAG_VALUE) for k, v in tags.items()}
+    wanted = {_key(k): clipped_text(v, MAX_TAG_VALUE) for k, v in tags.items()}
     # Filter in the store on the values it can quote safely; check every tag again below.
     clauses = [f"tags.`{k}` = '{v}'" for k, v in wanted.items() if "'" not in v and "`" not in k]
     token = None

@@ -286,7 +286,7 @@ class LocalTrainingPlan:
 
 def _checkpointing(value: Any) -> Any:
     """finetune.local.gradient_checkpointing as "auto", True or False (the compute step may have resolved it)."""
-    from runner.local.memory import checkpointing_setting
+    from runner.memory.terms import checkpointing_setting
 
     try:
         mode = checkpointing_setting(value)

@@ -3,7 +3,7 @@ killed runs left in the state root (records marked `died`, register staging fold
 `ftrun steps=[cleanup]` alone does the latter: every run settles them at its start, and this step reports them."""
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Protocol
 
 from runner.steps.result import StepResult
 
@@ -15,16 +15,20 @@ class CleanupResult(StepResult):
     removed_staging: List[str] = field(default_factory=list)
 
 
-def _endpoint_known(ctx) -> bool:
-    return bool(ctx.live.get("endpoint") or ctx.record.output("deploy") or ctx.cfg.endpoint_name)
+class CleanupActions(Protocol):
+    """What the cleanup step asks of a backend."""
+
+    def has_endpoint(self, ctx) -> bool: ...
+
+    def cleanup(self, ctx) -> Dict[str, Any]: ...
 
 
-def run(ctx, backend) -> CleanupResult:
+def run(ctx, backend: CleanupActions) -> CleanupResult:
     from runner.reaper import reap
 
     found = reap(ctx.cfg.paths.root, ctx.cfg.mlflow.artifact_location, say=ctx.say)
     at_start = ctx.record.data.get("reaped") or {}
-    if backend.name == "local" and not _endpoint_known(ctx):
+    if not backend.has_endpoint(ctx):
         ctx.say("no endpoint to delete (endpoint_name=NAME deletes one an earlier run left running)")
         result = CleanupResult()
     else:

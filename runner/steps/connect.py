@@ -2,6 +2,7 @@
 registry on Azure) and check what can be checked before anything is spent."""
 
 from dataclasses import dataclass
+from typing import Any, Dict, Protocol
 
 from runner.steps.result import StepResult
 
@@ -11,5 +12,11 @@ class ConnectResult(StepResult):
     pass
 
 
-def run(ctx, backend) -> ConnectResult:
+class ConnectActions(Protocol):
+    """What the connect step asks of a backend."""
+
+    def connect(self, ctx) -> Dict[str, Any]: ...
+
+
+def run(ctx, backend: ConnectActions) -> ConnectResult:
     return ConnectResult.from_outputs(backend.connect(ctx))

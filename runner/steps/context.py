@@ -17,7 +17,10 @@ class StepContext:
     record: RunRecord
     explicit_finetune_keys: Set[str] = field(default_factory=set)
     task_overrides: list = field(default_factory=list)
-    live: Dict[str, Any] = field(default_factory=dict)  # objects shared between steps of this process
+    # What earlier steps of this process hand on that is not in the run record, each typed:
+    quality_gate: Optional[str] = None  # the register step's verdict, which the backend tags the version with
+    endpoint: Optional[Dict[str, Any]] = None  # the endpoint this process deployed (local: its server's state)
+    connection: Any = None  # what the connect step opened (azureml: an AzureSession), reused by later steps
     sweep: Optional[Dict[str, Any]] = None  # multirun job: {"id", "job_num", "swept": {key: value}, "dir"}
 
     def display_name(self, base: str) -> str:

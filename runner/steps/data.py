@@ -3,7 +3,7 @@ rows, validated and explored; then the backend adds its part (Azure: the files t
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Protocol
 
 from runner.steps.result import StepResult
 
@@ -17,7 +17,15 @@ class DataResult(StepResult):
     files: Dict[str, str] = field(default_factory=dict)
 
 
-def run(ctx, backend) -> DataResult:
+class DataActions(Protocol):
+    """What the data step asks of a backend."""
+
+    def tokenizer_dir(self, ctx) -> Optional[str]: ...
+
+    def data(self, ctx, data: Dict[str, Any]) -> Dict[str, Any]: ...
+
+
+def run(ctx, backend: DataActions) -> DataResult:
     from runner.data.step import run_data_step
 
     cfg = ctx.cfg

@@ -2,9 +2,9 @@
 run summary and a sweep rank by."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional, Protocol
 
-from runner.errors import RunnerError
+from runner.errors import ConfigError, MissingInput
 from runner.steps.result import StepResult
 
 FIGURES = ("train_loss", "eval_loss", "eval_loss_before", "perplexity", "tokens_per_s")
@@ -23,17 +23,21 @@ class FinetuneResult(StepResult):
     tokens_per_s: Optional[float] = None
 
 
-class MissingInput(RunnerError):
-    """A step run without what an earlier step makes."""
+class FinetuneActions(Protocol):
+    """What the finetune step asks of a backend."""
+
+    submits_jobs: bool
+
+    def job_to_attach(self, ctx) -> tuple: ...
+
+    def finetune(self, ctx) -> Dict[str, Any]: ...
 
 
-def run(ctx, backend) -> FinetuneResult:
-    from runner.schema import ConfigError
-
-    if ctx.cfg.finetune.attach_job and not hasattr(backend, "job_to_attach"):
+def run(ctx, backend: FinetuneActions) -> FinetuneResult:
+    if ctx.cfg.finetune.attach_job and not backend.submits_jobs:
         raise ConfigError(f"finetune.attach_job={ctx.cfg.finetune.attach_job}: only backend=azureml submits jobs to "
                           f"attach to; drop it")
-    attaching = hasattr(backend, "job_to_attach") and backend.job_to_attach(ctx)[0]
+    attaching = backend.job_to_attach(ctx)[0]
     data = ctx.record.output("data")
     if not attaching and (not data.get("train_file") or not data.get("test_file")):
         raise MissingInput("the finetune step needs the data step's files: run steps=[data,finetune,...] or "

@@ -1,7 +1,7 @@
 """metrics: the training and evaluation curves as a table and a PNG (MLflow here; the workspace's MLflow on Azure)."""
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Protocol
 
 from runner.steps.result import StepResult
 
@@ -13,5 +13,11 @@ class MetricsResult(StepResult):
     json: Optional[str] = None
 
 
-def run(ctx, backend) -> MetricsResult:
+class MetricsActions(Protocol):
+    """What the metrics step asks of a backend."""
+
+    def metrics(self, ctx) -> Dict[str, Any]: ...
+
+
+def run(ctx, backend: MetricsActions) -> MetricsResult:
     return MetricsResult.from_outputs(backend.metrics(ctx))

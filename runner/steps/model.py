@@ -1,7 +1,7 @@
 """model: the foundation model (a local folder, the offline tiny model, or the registry's asset) and its facts."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional, Protocol
 
 from runner.steps.result import StepResult
 
@@ -13,5 +13,11 @@ class ModelResult(StepResult):
     model_id: Optional[str] = None  # azureml: the registry asset id the pipeline gets
 
 
-def run(ctx, backend) -> ModelResult:
+class ModelActions(Protocol):
+    """What the model step asks of a backend."""
+
+    def model(self, ctx) -> Dict[str, Any]: ...
+
+
+def run(ctx, backend: ModelActions) -> ModelResult:
     return ModelResult.from_outputs(backend.model(ctx))

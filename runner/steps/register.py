@@ -9,13 +9,12 @@ version is then tagged `quality_gate=allowed: <reason>`, which `steps=[deploy]` 
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Protocol
 
 from runner.errors import RunnerError
+from runner.gate import GATE_PASSED
 from runner.steps.result import StepResult
 
-GATE_PASSED = "passed"  # the quality_gate tag of a version that passed (what an implicit deploy requires)
-GATE_TAG = "quality_gate"
 # schedulers whose first step runs at learning rate 0 when warmup_steps > 0 (constant ignores warmup)
 _WARMUP_FROM_ZERO = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup"}
 
@@ -67,13 +66,12 @@ def nonfinite_reason(figures: Dict[str, Any]) -> Optional[str]:
 
 
 def _training_params(ctx, backend) -> Dict[str, Any]:
-    """The settings the run trained with: the MLflow run's own params on the local backend (right also for a
-    finetune step from an earlier run, from_run=), else this config's effective finetune parameters."""
-    run_id = ctx.record.output("finetune", "mlflow_run_id")
-    if getattr(backend, "name", None) == "local" and run_id:
-        from runner.local.registry import run_facts
-
-        return run_facts(ctx.cfg.mlflow.tracking_uri, run_id).get("params", {})
+    """The settings the run trained with: its tracking store's record of them where the backend keeps one (the
+    local MLflow run's params: right also for a finetune step from an earlier run, from_run=), else this config's
+    effective finetune parameters."""
+    recorded = backend.training_params(ctx)
+    if recorded is not None:
+        return recorded
     from omegaconf import OmegaConf
 
     from runner.finetune_params import merge_finetune_params
@@ -107,11 +105,19 @@ def quality_gate(ctx, backend) -> str:
     return GATE_PASSED
 
 
-def run(ctx, backend) -> RegisterResult:
+class RegisterActions(Protocol):
+    """What the register step asks of a backend."""
+
+    def training_params(self, ctx) -> Optional[Dict[str, Any]]: ...
+
+    def register(self, ctx) -> Dict[str, Any]: ...
+
+
+def run(ctx, backend: RegisterActions) -> RegisterResult:
     verdict = quality_gate(ctx, backend)
     if verdict != GATE_PASSED:
         ctx.say(f"warning: registering a model that did not pass the quality gate: {verdict}")
-    ctx.live[GATE_TAG] = verdict  # the backend tags the version with it
+    ctx.quality_gate = verdict  # the backend tags the version with it
     result = RegisterResult.from_outputs(backend.register(ctx))
     result.quality_gate = verdict
     return result

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Callable, Deque, List, Optional, Sequence, Tuple
 
-from runner.local.endpoint.generation import GenerationJob, GenerationResult, _deliver
+from runner.local.endpoint.generation import GenerationJob, GenerationResult, deliver
 
 
 log = logging.getLogger("runner.endpoint.batching")
@@ -123,7 +123,7 @@ class DynamicBatcher:
                 self._run_batch(batch)
             except Exception as exc:  # the generator failed outside a row: fail those rows, keep the worker alive
                 for job in batch:
-                    _deliver(job, GenerationResult("", "error", len(job.prompt_ids), 0, f"{type(exc).__name__}: {exc}"))
+                    deliver(job, GenerationResult("", "error", len(job.prompt_ids), 0, f"{type(exc).__name__}: {exc}"))
             with self._cond:
                 self._running = []
                 self._free_since = time.monotonic()
@@ -151,6 +151,6 @@ class DynamicBatcher:
             queued, running = [job for _, job in self._queue], list(self._running)
             self._queue.clear()
         for job in queued:
-            _deliver(job, GenerationResult("", "cancelled", len(job.prompt_ids), 0, "the endpoint shut down"))
+            deliver(job, GenerationResult("", "cancelled", len(job.prompt_ids), 0, "the endpoint shut down"))
         for job in running:
             job.cancelled.set()

@@ -196,7 +196,7 @@ class _Row:
         return GenerationResult(self.text, reason, len(self.job.prompt_ids), len(self.tokens), error)
 
 
-def _deliver(job: GenerationJob, result: GenerationResult):
+def deliver(job: GenerationJob, result: GenerationResult):
     if job.on_done is not None:
         try:
             job.on_done(result)
@@ -292,7 +292,7 @@ class ChatGenerator:
         for row in rows:  # rows that are already late or abandoned never enter the batch
             reason = self._abandon_reason(row.job, time.monotonic())
             if reason:
-                _deliver(row.job, row.finish(reason))
+                deliver(row.job, row.finish(reason))
             else:
                 live.append(row)
         if not live:
@@ -315,7 +315,7 @@ class ChatGenerator:
                 row = rows[i]
                 reason = row.add(token) or generator._abandon_reason(row.job, now)
                 if reason:
-                    _deliver(row.job, row.finish(reason))
+                    deliver(row.job, row.finish(reason))
                 ended.append(row.done)
             return ended
 
@@ -338,7 +338,7 @@ class ChatGenerator:
             return
         for row in rows:  # the loop ended (its max length) before a row's own end was seen
             if not row.done:
-                _deliver(row.job, row.finish("length"))
+                deliver(row.job, row.finish("length"))
 
     def _isolate(self, rows: Sequence[_Row], exc: Exception) -> None:
         """A shared generate call raised: each unfinished row runs again on its own, so an error then is that row's
@@ -350,7 +350,7 @@ class ChatGenerator:
                         len(pending))
         for row in pending:
             if len(rows) == 1 or row.emitted:
-                _deliver(row.job, row.finish("error", error))
+                deliver(row.job, row.finish("error", error))
             else:
                 self._run_group([row.job])
 

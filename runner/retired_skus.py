@@ -1,13 +1,14 @@
 """Retired Azure VM sizes, refused at config validation (before any call to Azure), naming the series' retirement date
 and a replacement. The table is project data, runner/azureml/data/retired_skus.yaml, with its sources.
 
-Light: no azure import (runs in `ftrun --cfg job` and plan validation)."""
+Light: no azure import (runs in `ftrun --cfg job` and plan validation); below the schema's validate() and the
+azureml backend, which both ask it."""
 
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional
 
-DATA = Path(__file__).resolve().parent / "data" / "retired_skus.yaml"
+DATA = Path(__file__).resolve().parent / "azureml" / "data" / "retired_skus.yaml"
 
 
 class RetiredSku(NamedTuple):

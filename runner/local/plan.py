@@ -13,9 +13,9 @@ from runner.atomic import write_json, write_text
 
 def write_request(ctx) -> Path:
     path = ctx.plan_dir / "request.json"
-    from runner.steps.test import sample_request  # the request the test step would send
+    from runner.data.sample_request import sample_request  # the request the test step would send
 
-    write_json(path, sample_request(ctx))
+    write_json(path, sample_request(ctx.cfg, ctx.record.output("data", "sample_file")))
     return path
 
 

@@ -46,7 +46,7 @@ gradient checkpointing (transformers' per-decoder-layer checkpointing): each lay
 state (w*h, w = bytes of the residual stream: 2 when the weights are 16-bit, else 4); one layer's activations are
 rebuilt at a time during the backward; the head terms stay.
 
-state (weights, gradients, optimizer) is counted by runner.local.compute.estimate_memory; gradients are counted in
+state (weights, gradients, optimizer) is counted by runner.memory.estimate.estimate_memory; gradients are counted in
 full beside the activations, which is exact with gradient accumulation and a small overcount otherwise.
 
 Not counted (each well under 1% at the calibrated size): the CUDA context (outside torch's allocator), cuBLAS
@@ -57,14 +57,16 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 GB = 1e9
 GiB = 1024 ** 3
+CHUNK_TOKENS = 1024  # finetune.local.chunked_loss: labelled tokens per chunk (runner/local/loss.py computes with it)
 
 # module short names that read the attention block's input / the MLP's input (modules sharing one input tensor)
 _ATTN_IN = ("qkv_proj", "q_proj", "k_proj", "v_proj", "query_key_value", "c_attn", "Wqkv", "in_proj")
 _MLP_IN = ("gate_up_proj", "gate_proj", "up_proj", "fc1", "w1", "w3", "c_fc", "dense_h_to_4h", "fc_in")
-_UNGATED_TYPES = {"gpt2", "gpt_neox", "gptj", "opt", "phi", "falcon", "bloom", "gpt_bigcode", "mpt", "codegen"}
+# Architectures whose MLP is a plain up/down pair (no gate); every other model type is assumed gated
+UNGATED_TYPES = {"gpt2", "gpt_neox", "gptj", "opt", "phi", "falcon", "bloom", "gpt_bigcode", "mpt", "codegen"}
 
 
-def _first(cfg: Dict[str, Any], *keys, default=None):
+def config_value(cfg: Dict[str, Any], *keys, default=None):
     for key in keys:
         if cfg.get(key) is not None:
             return cfg[key]
@@ -75,22 +77,22 @@ def model_dims(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The numbers of config.json the estimate reads (a multimodal config's text_config if that holds them)."""
     if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
-    h = int(_first(cfg, "hidden_size", "n_embd", "d_model", default=0) or 0)
-    heads = int(_first(cfg, "num_attention_heads", "n_head", default=1) or 1)
-    kv_heads = int(_first(cfg, "num_key_value_heads", default=heads) or heads)
-    head_dim = int(_first(cfg, "head_dim", default=(h // heads) if heads else 0) or 0)
+    h = int(config_value(cfg, "hidden_size", "n_embd", "d_model", default=0) or 0)
+    heads = int(config_value(cfg, "num_attention_heads", "n_head", default=1) or 1)
+    kv_heads = int(config_value(cfg, "num_key_value_heads", default=heads) or heads)
+    head_dim = int(config_value(cfg, "head_dim", default=(h // heads) if heads else 0) or 0)
     model_type = str(cfg.get("model_type", ""))
     return {
         "hidden": h,
-        "intermediate": int(_first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * h) or 4 * h),
-        "layers": int(_first(cfg, "num_hidden_layers", "n_layer", "num_layers", default=0) or 0),
+        "intermediate": int(config_value(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * h) or 4 * h),
+        "layers": int(config_value(cfg, "num_hidden_layers", "n_layer", "num_layers", default=0) or 0),
         "heads": heads,
         "kv_heads": kv_heads,
         "head_dim": head_dim,
         "vocab": int(cfg.get("vocab_size", 0) or 0),
-        "gated": model_type not in _UNGATED_TYPES,
+        "gated": model_type not in UNGATED_TYPES,
         "fused_qkv": model_type == "phi3",
-        "max_positions": int(_first(cfg, "max_position_embeddings", "n_positions", default=2048) or 2048),
+        "max_positions": int(config_value(cfg, "max_position_embeddings", "n_positions", default=2048) or 2048),
     }
 
 
@@ -159,8 +161,6 @@ def activation_terms(
     # the head: the fp32 logits and the loss over every token, or (chunked_loss) over one chunk at a time
     lm_head_input, logits_and_loss, chunked_inputs = (a * h if full else 0), 12 * vocab, 0
     if chunked_loss and tokens > 0:
-        from runner.local.loss import CHUNK_TOKENS
-
         lm_head_input = 0
         chunked_inputs = (2 if half and lora else 4) * h + 16
         logits_and_loss = 12 * vocab * min(int(tokens), CHUNK_TOKENS) / int(tokens)
