@@ -1,0 +1,92 @@
+"""Fine-tuned minus base, with a paired bootstrap 95% interval over rows, and the verdict word.
+
+Paired: base and fine-tuned answered the same rows, so each bootstrap resample draws rows (with replacement) once
+and recomputes *both* models' metric on that same draw; the spread of the difference then reflects how much the
+rows disagree, not the (larger) spread of either score alone. Each metric is a function of its rows' summed
+statistics (runner/evaluation/metrics.py), so a resample is a matrix product: counts (B x rows) @ stats (rows x k).
+
+Verdict: the interval lies wholly on the better side of 0 -> `better`, wholly on the worse side -> `worse`,
+otherwise (it contains 0) `no clear difference`. For a metric with no better direction (reply length) the words
+are `higher` / `lower` / `no clear difference`. With identical base and fine-tuned outputs every resampled
+difference is exactly 0, so the interval is [0, 0] and the verdict is `no clear difference`.
+"""
+
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional
+
+import numpy as np
+
+from runner.evaluation.metrics import HIGHER, LOWER, Metric
+
+BETTER, WORSE, UNCLEAR = "better", "worse", "no clear difference"
+DEFAULT_RESAMPLES = 1000
+CONFIDENCE = 0.95
+
+
+@dataclass
+class Comparison:
+    metric: str
+    label: str
+    direction: int
+    base: float
+    ft: float
+    delta: float  # ft - base on all rows
+    ci_low: float  # the 95% interval of ft - base
+    ci_high: float
+    verdict: str
+    rows: int
+    resamples: int
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def verdict(direction: int, ci_low: float, ci_high: float) -> str:
+    if np.isnan(ci_low) or np.isnan(ci_high):
+        return UNCLEAR  # no finite resample: nothing can be said
+    if ci_low > 0:
+        side = "up"
+    elif ci_high < 0:
+        side = "down"
+    else:
+        return UNCLEAR
+    if direction == HIGHER:
+        return BETTER if side == "up" else WORSE
+    if direction == LOWER:
+        return BETTER if side == "down" else WORSE
+    return "higher" if side == "up" else "lower"
+
+
+def resample_counts(rows: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples x rows) how often each row is drawn in each resample; seeded, the same for every metric."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, rows, size=(resamples, rows))
+    offsets = (np.arange(resamples) * rows)[:, None]
+    return np.bincount((picks + offsets).ravel(), minlength=resamples * rows).reshape(resamples, rows)
+
+
+def compare(metric: Metric, base_stats: np.ndarray, ft_stats: np.ndarray, *, seed: int,
+            resamples: int = DEFAULT_RESAMPLES, counts: Optional[np.ndarray] = None) -> Comparison:
+    """Base vs fine-tuned on one metric; `counts` (from resample_counts) lets several metrics share one draw."""
+    base_stats = np.asarray(base_stats, dtype=np.float64)
+    ft_stats = np.asarray(ft_stats, dtype=np.float64)
+    if base_stats.shape != ft_stats.shape or base_stats.ndim != 2 or not len(base_stats):
+        raise ValueError(f"{metric.name}: base and fine-tuned need the same non-empty rows "
+                         f"(got {base_stats.shape} and {ft_stats.shape})")
+    rows = len(base_stats)
+    if counts is None:
+        counts = resample_counts(rows, resamples, seed)
+    base_value, ft_value = metric.value(base_stats), metric.value(ft_stats)
+    with np.errstate(invalid="ignore", over="ignore"):
+        deltas = metric.reduce(counts @ ft_stats) - metric.reduce(counts @ base_stats)
+        if np.array_equal(base_stats, ft_stats):
+            deltas = np.zeros(len(counts))  # inf - inf would be nan; identical rows differ by exactly nothing
+        finite = deltas[~np.isnan(deltas)]
+        tail = (1 - CONFIDENCE) / 2 * 100
+        if len(finite):
+            low, high = (float(x) for x in np.percentile(finite, [tail, 100 - tail]))
+        else:
+            low = high = float("nan")
+    delta = 0.0 if np.array_equal(base_stats, ft_stats) else ft_value - base_value
+    return Comparison(metric.name, metric.label, metric.direction, base_value, ft_value, float(delta), low, high,
+                      verdict(metric.direction, low, high), rows, int(len(counts)))
