@@ -170,3 +170,12 @@ def test_verdict_words():
     assert verdict(1, -0.1, 0.1) == UNCLEAR and verdict(1, 0.0, 0.0) == UNCLEAR
     assert verdict(0, 1.0, 2.0) == "higher" and verdict(0, -2.0, -1.0) == "lower"
     assert verdict(1, float("nan"), float("nan")) == UNCLEAR
+
+
+def test_float_noise_is_not_a_difference():
+    # a merged model whose loss differs from the base's only in the 9th digit on every row is not `better`
+    base = [RowOutput(nll_sum=10.0, target_tokens=5, correct_tokens=1) for _ in range(20)]
+    ft = [RowOutput(nll_sum=10.0 - 1e-8, target_tokens=5, correct_tokens=1) for _ in range(20)]
+    metric = METRICS["loss"]
+    result = compare(metric, metric.stats(base, [""] * 20), metric.stats(ft, [""] * 20), seed=0, resamples=100)
+    assert result.ci_high < 0 and result.verdict == UNCLEAR

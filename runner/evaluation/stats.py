@@ -21,6 +21,7 @@ from runner.evaluation.metrics import HIGHER, LOWER, Metric
 BETTER, WORSE, UNCLEAR = "better", "worse", "no clear difference"
 DEFAULT_RESAMPLES = 1000
 CONFIDENCE = 0.95
+NOISE = 1e-6  # relative: interval ends closer to 0 than this count as 0
 
 
 @dataclass
@@ -41,12 +42,14 @@ class Comparison:
         return asdict(self)
 
 
-def verdict(direction: int, ci_low: float, ci_high: float) -> str:
+def verdict(direction: int, ci_low: float, ci_high: float, tolerance: float = 0.0) -> str:
+    """The word for an interval of the change; ends within `tolerance` of 0 count as 0 (float noise, e.g. a merged
+    model whose weights differ from the base's only by rounding, is not a difference)."""
     if np.isnan(ci_low) or np.isnan(ci_high):
         return UNCLEAR  # no finite resample: nothing can be said
-    if ci_low > 0:
+    if ci_low > tolerance:
         side = "up"
-    elif ci_high < 0:
+    elif ci_high < -tolerance:
         side = "down"
     else:
         return UNCLEAR
@@ -88,5 +91,7 @@ def compare(metric: Metric, base_stats: np.ndarray, ft_stats: np.ndarray, *, see
         else:
             low = high = float("nan")
     delta = 0.0 if np.array_equal(base_stats, ft_stats) else ft_value - base_value
+    # relative float noise: far below any difference a metric can show on real rows
+    tolerance = NOISE * max(1.0, *(abs(v) for v in (base_value, ft_value) if np.isfinite(v)))
     return Comparison(metric.name, metric.label, metric.direction, base_value, ft_value, float(delta), low, high,
-                      verdict(metric.direction, low, high), rows, int(len(counts)))
+                      verdict(metric.direction, low, high, tolerance), rows, int(len(counts)))

@@ -82,8 +82,8 @@ class ModelPair:
                                 "ft": ChatGenerator(ft.to(self.device), ft_tokenizer)}
             self.shared = self._generators["ft"]
         self.tokenizer = self.shared.tokenizer
-        self.context_length = min(self.shared.context_length, *(
-            g.context_length for g in (self._generators or {}).values()))
+        self.context_length = min([self.shared.context_length] + [
+            g.context_length for g in (self._generators or {}).values()])
         self.threads = set_torch_threads(torch_threads, self.shared.model)
 
     @contextlib.contextmanager
