@@ -179,3 +179,9 @@ def test_float_noise_is_not_a_difference():
     metric = METRICS["loss"]
     result = compare(metric, metric.stats(base, [""] * 20), metric.stats(ft, [""] * 20), seed=0, resamples=100)
     assert result.ci_high < 0 and result.verdict == UNCLEAR
+
+
+def test_the_light_name_list_matches_the_registry():
+    from runner.evaluation.names import METRIC_DIRECTIONS
+
+    assert METRIC_DIRECTIONS == {name: m.direction for name, m in METRICS.items()}

@@ -196,8 +196,6 @@ METRICS: Dict[str, Metric] = {m.name: m for m in [
 ]}
 
 DEFAULT_METRICS = list(METRICS)
-# Metrics a quality gate (register.require_improvement) or a sweep may rank by: those with a better direction.
-RANKABLE = [name for name, m in METRICS.items() if m.direction != NEITHER]
 
 
 def resolve_metrics(names: Sequence[str], *, key: str = "evaluate.metrics") -> List[Metric]:
