@@ -427,6 +427,8 @@ class EvaluateConfig:
     top_p: float = bounded(1.0, 0, 1, lo_open=True)
     resamples: int = bounded(1000, 100, 1_000_000)
     device: str = choice("auto", ["auto", "cpu", "cuda"])
+    # backend=azureml: the curated environment the evaluate command job runs in (runner/azureml/evaluate_job.py)
+    azureml_environment: str = "azureml://registries/azureml/environments/acft-hf-nlp-gpu/versions/112"
 
 
 @dataclass
