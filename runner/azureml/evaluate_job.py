@@ -13,6 +13,7 @@ it), so the workflow reads them back as it reads the fine-tune's. `evaluate_job_
 (`evaluate_job.yaml`), loadable with azure.ai.ml.load_job.
 """
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
@@ -91,9 +92,7 @@ def build_evaluate_job(*, code_dir, base_model_path: str, ft_model_path: str, ro
 def evaluate_job_yaml(job) -> Dict[str, Any]:
     """The job as azure-ai-ml YAML (load_job reads it back). A local rows file is written as its plain path (the
     dump writes `azureml:<path>`, an asset reference), as the pipeline job's data inputs are."""
-    from runner.azureml.planning import plain
-
-    data = plain(job._to_dict())
+    data = json.loads(json.dumps(job._to_dict(), default=str))  # the SDK's OrderedDicts -> plain data
     rows = job.inputs["rows"]
     path = str(getattr(rows, "path", "") or "")
     if path and "://" not in path and not path.startswith("azureml:"):

@@ -179,31 +179,38 @@ _COLOURS = {BETTER: "#2a9d3a", WORSE: "#c0392b"}
 
 
 def comparison_figure(evaluation: Evaluation):
-    """One panel per metric (their scales differ): base and fine-tuned bars; the fine-tuned bar carries the 95%
-    interval of the change, placed on the base value (where the fine-tuned score lies, given the rows' spread)."""
+    """One panel per metric (their scales differ): base and fine-tuned bars, each with its own 95% interval; the
+    title gives the change with its paired 95% interval, which decides the verdict (paired intervals are narrower:
+    both models are resampled on the same rows)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     comparisons = evaluation.comparisons
+    digits = {m.name: m.digits for m in evaluation.metrics}
     cols = min(len(comparisons), 4)
     rows = math.ceil(len(comparisons) / cols)
-    fig = Figure(figsize=(3.2 * cols, 2.9 * rows), layout="constrained")
+    fig = Figure(figsize=(3.3 * cols, 3.0 * rows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, c in zip(axes, comparisons):
-        values = [c.base if math.isfinite(c.base) else 0.0, c.ft if math.isfinite(c.ft) else 0.0]
-        ax.bar([0, 1], values, color=["#9aa5b1", "#3a6ea5"], width=0.6)
-        if all(math.isfinite(x) for x in (c.base, c.ci_low, c.ci_high)):
-            low, high = c.base + c.ci_low, c.base + c.ci_high
-            ax.errorbar([1], [values[1]], yerr=[[max(values[1] - low, 0)], [max(high - values[1], 0)]], fmt="none",
-                        ecolor="black", capsize=5)
+        values, errors = [], [[], []]
+        for value, (low, high) in ((c.base, c.base_ci), (c.ft, c.ft_ci)):
+            shown = value if math.isfinite(value) else 0.0
+            values.append(shown)
+            ok = all(math.isfinite(x) for x in (value, low, high))
+            errors[0].append(max(shown - low, 0) if ok else 0)
+            errors[1].append(max(high - shown, 0) if ok else 0)
+        ax.bar([0, 1], values, color=["#9aa5b1", "#3a6ea5"], width=0.6, yerr=errors, capsize=5,
+               error_kw={"ecolor": "black", "elinewidth": 1})
         ax.set_xticks([0, 1], ["base", "fine-tuned"])
-        ax.set_title(f"{c.label}\n{c.verdict}", fontsize=9, color=_COLOURS.get(c.verdict, "#444444"))
+        d = digits.get(c.metric, 3)
+        ax.set_title(f"{c.label}: {_num(c.delta, d, True)} [{_num(c.ci_low, d, True)}, {_num(c.ci_high, d, True)}]"
+                     f"\n{c.verdict}", fontsize=9, color=_COLOURS.get(c.verdict, "#444444"))
         ax.tick_params(labelsize=8)
     for ax in axes[len(comparisons):]:
         ax.set_visible(False)
-    fig.suptitle(f"Fine-tuned vs base on {len(evaluation.rows)} held-out rows (95% interval of the change)",
-                 fontsize=10)
+    fig.suptitle(f"Fine-tuned vs base on {len(evaluation.rows)} held-out rows: bars with each score's 95% interval; "
+                 f"titles: the change with its paired 95% interval", fontsize=10)
     return fig
 
 

@@ -37,6 +37,9 @@ class Comparison:
     verdict: str
     rows: int
     resamples: int
+    # each model's own (unpaired) 95% interval, from the same resamples: for error bars, not for the verdict
+    base_ci: tuple = (float("nan"), float("nan"))
+    ft_ci: tuple = (float("nan"), float("nan"))
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -81,17 +84,24 @@ def compare(metric: Metric, base_stats: np.ndarray, ft_stats: np.ndarray, *, see
         counts = resample_counts(rows, resamples, seed)
     base_value, ft_value = metric.value(base_stats), metric.value(ft_stats)
     with np.errstate(invalid="ignore", over="ignore"):
-        deltas = metric.reduce(counts @ ft_stats) - metric.reduce(counts @ base_stats)
+        base_draws, ft_draws = metric.reduce(counts @ base_stats), metric.reduce(counts @ ft_stats)
+        deltas = ft_draws - base_draws
         if np.array_equal(base_stats, ft_stats):
             deltas = np.zeros(len(counts))  # inf - inf would be nan; identical rows differ by exactly nothing
-        finite = deltas[~np.isnan(deltas)]
-        tail = (1 - CONFIDENCE) / 2 * 100
-        if len(finite):
-            low, high = (float(x) for x in np.percentile(finite, [tail, 100 - tail]))
-        else:
-            low = high = float("nan")
+        low, high = _interval(deltas)
     delta = 0.0 if np.array_equal(base_stats, ft_stats) else ft_value - base_value
     # relative float noise: far below any difference a metric can show on real rows
     tolerance = NOISE * max(1.0, *(abs(v) for v in (base_value, ft_value) if np.isfinite(v)))
     return Comparison(metric.name, metric.label, metric.direction, base_value, ft_value, float(delta), low, high,
-                      verdict(metric.direction, low, high, tolerance), rows, int(len(counts)))
+                      verdict(metric.direction, low, high, tolerance), rows, int(len(counts)),
+                      _interval(base_draws), _interval(ft_draws))
+
+
+def _interval(draws: np.ndarray) -> tuple:
+    """The central 95% of the resampled values (NaN draws left out; NaN when none is left)."""
+    finite = draws[~np.isnan(draws)]
+    if not len(finite):
+        return float("nan"), float("nan")
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return float(low), float(high)
