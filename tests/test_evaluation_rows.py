@@ -56,7 +56,7 @@ def test_a_file_without_assistant_turns_is_refused_naming_lines(tmp_path):
 
 def test_not_messages_rows_and_missing_files_are_clear_errors(tmp_path):
     path = _write(tmp_path / "bad.jsonl", [{"text": "hello"}])
-    with pytest.raises(EvaluationDataError, match=r"bad.jsonl:1: not a messages row"):
+    with pytest.raises(EvaluationDataError, match=r"bad.jsonl:1: no 'messages', 'conversations' or 'instruction'"):
         load_rows(path, max_rows=None, seed=0)
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(EvaluationDataError, match=r"broken.jsonl:1: not valid JSON"):
@@ -77,3 +77,26 @@ def test_unknown_metric_fails_before_any_file_or_model_is_touched(tmp_path):
     with pytest.raises(RunnerError, match=r"unknown metric\(s\) 'blue' \(did you mean 'bleu'\?\)"):
         evaluate(base_dir=tmp_path / "no-model", ft_dir=tmp_path / "no-model", rows_file=tmp_path / "no-file",
                  settings=EvaluatorSettings(metrics=["loss", "blue"]))
+
+
+def test_other_formats_dataset_local_reads_are_converted(tmp_path):
+    sharegpt = _write(tmp_path / "golden.jsonl", [{"conversations": [
+        {"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4"}]}])
+    rows = load_rows(sharegpt, max_rows=None, seed=0)
+    assert rows[0].reference == "4" and rows[0].prompt == [{"role": "user", "content": "What is 2+2?"}]
+    alpaca = tmp_path / "golden.json"
+    alpaca.write_text(json.dumps([{"instruction": "Say hi", "input": "", "output": "hi"}]))
+    rows = load_rows(alpaca, max_rows=None, seed=0)
+    assert rows[0].reference == "hi" and rows[0].source == "golden.json:1"
+
+
+def test_the_held_out_split_is_the_default_and_a_golden_file_wins(tmp_path):
+    from runner.evaluation.rows import rows_file_for
+
+    data = {"train_file": str(tmp_path / "train_sft.jsonl"), "test_file": str(tmp_path / "test_sft.jsonl")}
+    assert rows_file_for(data, None) == (data["test_file"], data["train_file"])
+    assert rows_file_for(data, "golden.jsonl") == ("golden.jsonl", data["train_file"])
+    with pytest.raises(EvaluationDataError, match="is the training split"):
+        rows_file_for({"train_file": "a.jsonl", "test_file": "a.jsonl"}, None)
+    with pytest.raises(EvaluationDataError, match="no held-out split"):
+        rows_file_for({}, None)

@@ -11,7 +11,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from runner.errors import RunnerError
 from runner.evaluation.results import EvalRow
@@ -32,6 +32,29 @@ def _messages(row, path, lineno) -> List[dict]:
                                   f"{{'role': str, 'content': str}} (other formats are converted by the data step; "
                                   f"dataset=local reads them)")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _read(path: Path) -> Iterator[Tuple[int, List[dict]]]:
+    """(line or row number, messages) of every row: JSONL, a JSON array or Parquet, in any format dataset=local
+    reads (messages, ShareGPT, Alpaca; decided by the first row), converted as the data step converts them."""
+    from runner.data.formats import ConversionProblem, Converter
+    from runner.data.sources import read_rows
+
+    unit, items = read_rows(path)
+    converter = Converter("auto")
+    for number, item in items:
+        if isinstance(item, bytes):  # a JSONL line
+            try:
+                item = json.loads(item.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise EvaluationDataError(f"{path}:{number}: not valid JSON ({exc})") from None
+        if not isinstance(item, dict):
+            raise EvaluationDataError(f"{path}:{number}: a row must be a JSON object, not {type(item).__name__}")
+        try:
+            row = converter.convert(item, f"{unit} {number}")
+        except ConversionProblem as exc:
+            raise EvaluationDataError(f"{path}:{number}: {exc.detail}") from None
+        yield number, _messages(row, path, number)
 
 
 def split_conversation(messages: List[dict]) -> Optional[tuple]:
@@ -62,20 +85,13 @@ def load_rows(path, *, max_rows: Optional[int], seed: int, train_file=None) -> L
         raise EvaluationDataError(f"{path} is the training file: evaluating on rows the model was trained on says "
                                   f"nothing about held-out chats; use the held-out split or another file")
     rows, missing = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvaluationDataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            split = split_conversation(_messages(record, path, lineno))
-            if split is None:
-                missing.append(lineno)
-                continue
-            rows.append(EvalRow(index=len(rows) + len(missing), prompt=split[0], reference=split[1],
-                                source=f"{path.name}:{lineno}"))
+    for number, messages in _read(path):
+        split = split_conversation(messages)
+        if split is None:
+            missing.append(number)
+            continue
+        rows.append(EvalRow(index=len(rows) + len(missing), prompt=split[0], reference=split[1],
+                            source=f"{path.name}:{number}"))
     if missing:
         shown = ", ".join(str(n) for n in missing[:_SHOWN]) + (" ..." if len(missing) > _SHOWN else "")
         raise EvaluationDataError(
@@ -87,3 +103,21 @@ def load_rows(path, *, max_rows: Optional[int], seed: int, train_file=None) -> L
         return rows
     chosen = sorted(random.Random(seed).sample(range(len(rows)), max_rows))
     return [rows[i] for i in chosen]
+
+
+def rows_file_for(data_outputs: Optional[dict], evaluate_file: Optional[str]) -> Tuple[str, Optional[str]]:
+    """(the file to score, the training file it must not be) from the data step's outputs (`test_file`: the
+    held-out split, `train_file`) and `evaluate.file` (a golden set, which wins when given)."""
+    data_outputs = data_outputs or {}
+    train_file = data_outputs.get("train_file")
+    if evaluate_file:
+        return str(evaluate_file), train_file
+    test_file = data_outputs.get("test_file")
+    if not test_file:
+        raise EvaluationDataError("no held-out split to evaluate on: run the data step (or pick an earlier run with "
+                                  "from_run=), or name a file with evaluate.file=PATH")
+    if train_file and (test_file == train_file or _same_file(test_file, train_file)):
+        raise EvaluationDataError(f"the held-out split {test_file} is the training split (dataset.test_split equals "
+                                  f"dataset.train_split): evaluating on training rows says nothing; give "
+                                  f"evaluate.file=PATH or a separate test split")
+    return str(test_file), train_file
