@@ -265,7 +265,9 @@ def evaluate(*, base_dir, rows_file, adapter_dir=None, ft_dir=None, settings: Ev
                 into[i] = out
         elapsed = time.monotonic() - scoring_started
         done = len(ft_out)
-        _log(progress, f"    evaluate: {done}/{len(rows)} rows (base + fine-tuned), {done / elapsed:.2f} rows/s")
+        rate = done / elapsed if elapsed > 0 else float("inf")
+        eta = f", about {(len(rows) - done) / rate:.0f} s left" if done < len(rows) and rate > 0 else ""
+        _log(progress, f"    evaluate: {done}/{len(rows)} rows (base + fine-tuned), {rate:.2f} rows/s{eta}")
         if settings.time_budget_s and elapsed >= settings.time_budget_s and done < len(rows):
             stopped_early = True
             _log(progress, f"    evaluate: time budget of {settings.time_budget_s:g} s reached; scoring the {done} "
