@@ -110,7 +110,14 @@ def test_damaged_model_is_worse_and_the_undamaged_better(tiny_model_dir, damaged
                         progress=None)
     assert repaired.comparison("loss").verdict == BETTER
     paths = write_outputs(damaged, tmp_path / "evaluate")
-    assert json.loads(open(paths["metrics_json"]).read())["verdicts"]["loss"] == WORSE
+    doc = json.loads(open(paths["metrics_json"]).read())
+    assert doc["verdicts"]["loss"] == WORSE
+    # the register gate on this metric refuses it, and passes the repaired one
+    from runner.evaluation.gate import improvement_refusal
+    from runner.evaluation.report import metrics_document
+
+    assert "Loss is worse than the base model" in improvement_refusal(doc, "loss")
+    assert improvement_refusal(metrics_document(repaired), "loss") is None
 
 
 def test_replies_are_the_endpoints_greedy_replies(tiny_model_dir, eval_file):
@@ -147,3 +154,29 @@ def test_rows_longer_than_the_context_are_refused_before_generation(tiny_model_d
                                                   r"long.jsonl:2 \(prompt \d+ tokens"):
         evaluate(base_dir=tiny_model_dir, ft_dir=tiny_model_dir, rows_file=path,
                  settings=EvaluatorSettings(**QUICK), progress=None)
+
+
+def test_teacher_forced_sums_match_transformers_own_loss_row_by_row(tiny_model_dir, eval_file):
+    """Batched and padded, each row's loss over its reference turn equals the model's own loss on that row alone
+    with labels on the reference turn only (earlier assistant turns are prompt, not scored)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from runner.evaluation.rows import load_rows
+    from runner.local.endpoint.generation import ChatGenerator
+    from runner.local.evaluator import encode_rows, teacher_forced_batch
+
+    generator = ChatGenerator.from_uri(str(tiny_model_dir))
+    rows = load_rows(eval_file, max_rows=4, seed=0)
+    encoded = encode_rows(rows, generator, max_new_tokens=8, context_length=1024, teacher_forced=True,
+                          generated=True)
+    batched = teacher_forced_batch(generator.model, encoded, generator.pad_id)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for row, e, (nll, n, hits) in zip(rows, encoded, batched):
+        labels = torch.tensor([e.labels])
+        reference_ids = generator.tokenizer(row.reference, add_special_tokens=False)["input_ids"]
+        assert n == len(reference_ids) + 1  # the reference's tokens and the end-of-turn token that closes it
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([e.input_ids]), labels=labels).loss
+        assert nll / n == pytest.approx(float(alone), rel=1e-4)
+        assert 0 <= hits <= n

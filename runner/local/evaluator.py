@@ -176,13 +176,20 @@ def teacher_forced_batch(model, encoded: Sequence[_Encoded], pad_id: int) -> Lis
     device = next(model.parameters()).device
     with torch.inference_mode():
         logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
-    target = labels[:, 1:].to(logits.device)
-    scored = target != IGNORE_INDEX
-    logits = logits[:, :-1].float()  # position t predicts token t+1; float32 whatever the model's dtype
-    safe_target = target.clamp(min=0)
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), safe_target, reduction="none") * scored
-    hits = (logits.argmax(dim=-1) == safe_target) & scored
-    return [(float(nll[i].sum()), int(scored[i].sum()), int(hits[i].sum())) for i in range(len(encoded))]
+        target = labels[:, 1:].to(logits.device)  # position t predicts token t+1
+        scored = target != IGNORE_INDEX
+        row_of = scored.nonzero(as_tuple=True)[0]
+        # only the scored positions go to float32: a (tokens x vocab) slice, not the whole batch's logits
+        picked = logits[:, :-1][scored].float()
+        wanted = target[scored]
+        nll = torch.nn.functional.cross_entropy(picked, wanted, reduction="none")
+        hits = (picked.argmax(dim=-1) == wanted).to(nll.dtype)
+        sums = torch.zeros((3, len(encoded)), dtype=nll.dtype, device=nll.device)
+        sums[0].index_add_(0, row_of, nll)
+        sums[1].index_add_(0, row_of, torch.ones_like(nll))
+        sums[2].index_add_(0, row_of, hits)
+    nll_rows, counts, hit_rows = sums.cpu().tolist()
+    return [(nll_rows[i], int(counts[i]), int(hit_rows[i])) for i in range(len(encoded))]
 
 
 def generate_batch(generator, encoded: Sequence[_Encoded], settings: EvaluatorSettings):
