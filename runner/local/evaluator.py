@@ -20,7 +20,6 @@ Bad input stops it before any model is loaded: see runner/evaluation/rows.py, pl
 """
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
