@@ -65,6 +65,10 @@ class ModelPair:
         if (adapter_dir is None) == (ft_dir is None):
             raise ValueError("give exactly one of adapter_dir (a LoRA adapter) or ft_dir (a merged/full model)")
         self.device = serving_device(device)
+        if self.device != "cpu":  # as ChatGenerator.from_uri does for the endpoint: every decoding step is a new
+            from runner.local.packing import avoid_per_shape_attention_plans  # key length
+
+            avoid_per_shape_attention_plans()
         base, base_tokenizer = load_components(str(base_dir))
         if adapter_dir is not None:
             from peft import PeftModel
