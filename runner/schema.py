@@ -174,6 +174,7 @@ class ComputeConfig:
 
 # `${ftrun_slug:...}` and `${ftrun_model_name:...}`: the dataset's slug names its folder and the registered model
 from runner.data.names import register_name_resolvers  # noqa: E402  (light: re and pathlib only)
+from runner.evaluation.names import METRIC_NAMES, RANKABLE_METRICS  # noqa: E402  (light: constants only)
 
 register_name_resolvers()
 
@@ -414,6 +415,29 @@ class RegisterConfig:
 
     allow_untrained: bool = False
     allow_nonfinite_loss: bool = False
+    # an evaluate metric with a better direction (e.g. rouge_l): refuse a model whose 95% interval for it lies
+    # wholly on the worse side of 0 (read by the register step once the evaluate step is wired in)
+    require_improvement: Optional[str] = None
+
+
+@dataclass
+class EvaluateConfig:
+    """Fine-tuned vs base on held-out chats (conf/evaluate/default.yaml documents each key)."""
+
+    max_rows: int = positive(200)  # >= 1: rows chosen by the seed from the held-out split (all when fewer)
+    max_new_tokens: int = positive(128)
+    batch_size: int = positive(16)
+    seed: int = bounded(42, 0, SEED_MAX)
+    time_budget_s: float = non_negative(600.0)  # 0 = no budget
+    file: Optional[str] = None  # a messages JSONL file to score instead of the held-out split
+    metrics: List[str] = list_field(*METRIC_NAMES)
+    do_sample: bool = False
+    temperature: float = non_negative(1.0)
+    top_p: float = bounded(1.0, 0, 1, lo_open=True)
+    resamples: int = bounded(1000, 100, 1_000_000)
+    device: str = choice("auto", ["auto", "cpu", "cuda"])
+    # backend=azureml: the curated environment the evaluate command job runs in (runner/azureml/evaluate_job.py)
+    azureml_environment: str = "azureml://registries/azureml/environments/acft-hf-nlp-gpu/versions/112"
 
 
 @dataclass
@@ -433,6 +457,7 @@ class RunConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
 
 
@@ -535,6 +560,27 @@ def _dict_value_errors(cfg: Any) -> List[str]:
     return errors
 
 
+def _evaluate_errors(cfg: Any) -> List[str]:
+    """Metric names are checked when the run starts, not when the evaluation reaches them."""
+    import difflib
+
+    def unknown(name, known):
+        close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+        return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+
+    errors = []
+    for name in cfg.evaluate.metrics:
+        if name not in METRIC_NAMES:
+            errors.append(f"evaluate.metrics names {name!r}, not a metric ({unknown(name, METRIC_NAMES)})")
+    if not cfg.evaluate.metrics:
+        errors.append(f"evaluate.metrics is empty: name at least one of {', '.join(METRIC_NAMES)}")
+    gate = cfg.register.require_improvement
+    if gate is not None and gate not in RANKABLE_METRICS:
+        errors.append(f"register.require_improvement={gate!r} is not a metric with a better direction "
+                      f"({unknown(gate, RANKABLE_METRICS)})")
+    return errors
+
+
 def validate(cfg: Any) -> None:
     """Check everything the types alone cannot; raise ConfigError listing every problem."""
     unknown: List[str] = []
@@ -563,6 +609,7 @@ def validate(cfg: Any) -> None:
             f"{dict(cfg.deployment.traffic)}"
         )
     errors += _dict_value_errors(cfg)
+    errors += _evaluate_errors(cfg)
     errors += kind_errors(cfg)  # compute/deployment presets of the backend's kind (reads conf/)
     errors += route_errors(cfg)  # the Azure route's combinations
     if errors:
