@@ -26,7 +26,8 @@ from runner.presets import kind_errors
 # Keys of the finetune group that steer the runner and are no component input (never sent as one).
 RUNNER_FINETUNE_KEYS = ("local", "route", "attach_job")
 
-STEPS = ["connect", "model", "compute", "data", "finetune", "metrics", "register", "deploy", "test", "cleanup"]
+STEPS = ["connect", "model", "compute", "data", "finetune", "metrics", "evaluate", "register", "deploy", "test",
+         "cleanup"]
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit unsigned
 # one token to read and one to predict: the shortest sequence a causal LM trains on
@@ -174,7 +175,7 @@ class ComputeConfig:
 
 # `${ftrun_slug:...}` and `${ftrun_model_name:...}`: the dataset's slug names its folder and the registered model
 from runner.data.names import register_name_resolvers  # noqa: E402  (light: re and pathlib only)
-from runner.evaluation.names import METRIC_NAMES, RANKABLE_METRICS  # noqa: E402  (light: constants only)
+from runner.evaluation.names import METRIC_NAMES, evaluate_config_errors  # noqa: E402  (light: no numpy)
 
 register_name_resolvers()
 
@@ -560,27 +561,6 @@ def _dict_value_errors(cfg: Any) -> List[str]:
     return errors
 
 
-def _evaluate_errors(cfg: Any) -> List[str]:
-    """Metric names are checked when the run starts, not when the evaluation reaches them."""
-    import difflib
-
-    def unknown(name, known):
-        close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
-        return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
-
-    errors = []
-    for name in cfg.evaluate.metrics:
-        if name not in METRIC_NAMES:
-            errors.append(f"evaluate.metrics names {name!r}, not a metric ({unknown(name, METRIC_NAMES)})")
-    if not cfg.evaluate.metrics:
-        errors.append(f"evaluate.metrics is empty: name at least one of {', '.join(METRIC_NAMES)}")
-    gate = cfg.register.require_improvement
-    if gate is not None and gate not in RANKABLE_METRICS:
-        errors.append(f"register.require_improvement={gate!r} is not a metric with a better direction "
-                      f"({unknown(gate, RANKABLE_METRICS)})")
-    return errors
-
-
 def validate(cfg: Any) -> None:
     """Check everything the types alone cannot; raise ConfigError listing every problem."""
     unknown: List[str] = []
@@ -609,7 +589,7 @@ def validate(cfg: Any) -> None:
             f"{dict(cfg.deployment.traffic)}"
         )
     errors += _dict_value_errors(cfg)
-    errors += _evaluate_errors(cfg)
+    errors += evaluate_config_errors(cfg)  # metric names (runner/evaluation/names.py)
     errors += kind_errors(cfg)  # compute/deployment presets of the backend's kind (reads conf/)
     errors += route_errors(cfg)  # the Azure route's combinations
     if errors:

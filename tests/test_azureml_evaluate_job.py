@@ -47,14 +47,14 @@ def test_the_job_yaml_loads_back_with_load_job(tmp_path):
 
 def test_the_command_runs_the_projects_evaluator_with_the_settings():
     command = evaluate_command(SETTINGS)
-    assert command.startswith("python -m runner.evaluation.job --base ${{inputs.base_model}} "
+    assert command.startswith("python -m runner.local.evaluate_program --base ${{inputs.base_model}} "
                               "--ft ${{inputs.ft_model}} --rows ${{inputs.rows}} --out ${{outputs.evaluation}}")
     for flag in ("--max-rows 64", "--max-new-tokens 96", "--batch-size 8", "--seed 7", "--metrics loss,rouge_l",
                  "--device cuda", "--resamples 1000"):
         assert flag in command
     assert "--do-sample" not in command and "--do-sample" in evaluate_command({**SETTINGS, "do_sample": True})
     # every flag the command uses is one the program accepts
-    from runner.evaluation.job import parse_args
+    from runner.local.evaluate_program import parse_args
 
     args = parse_args(evaluate_command(SETTINGS).replace("${{inputs.", "/x/").replace("${{outputs.", "/y/")
                       .replace("}}", "").split()[3:])

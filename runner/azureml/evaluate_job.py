@@ -1,4 +1,4 @@
-"""The evaluation on Azure ML: a command job that runs the project's own evaluator (`python -m runner.evaluation.job`)
+"""The evaluation on Azure ML: a command job that runs the project's own evaluator (`python -m runner.local.evaluate_program`)
 on the cluster, over the fine-tune job's output model and the registry base model.
 
     inputs   base_model  mlflow_model  azureml://registries/<registry>/models/<name>/versions/<v>
@@ -21,8 +21,8 @@ from typing import Any, Dict, Mapping, Optional
 # Azure ML's own fine-tuning components run in this curated environment (transformers, peft, sacrebleu,
 # rouge-score, mlflow on Python 3.10); `version: auto` in the asset, so a version is pinned.
 DEFAULT_ENVIRONMENT = "azureml://registries/azureml/environments/acft-hf-nlp-gpu/versions/112"
-PROGRAM = "runner.evaluation.job"
-_FLAGS = (  # settings key -> the program's flag (runner/evaluation/job.py)
+PROGRAM = "runner.local.evaluate_program"
+_FLAGS = (  # settings key -> the program's flag (runner/local/evaluate_program.py)
     ("max_rows", "--max-rows"), ("max_new_tokens", "--max-new-tokens"), ("batch_size", "--batch-size"),
     ("seed", "--seed"), ("time_budget_s", "--time-budget-s"), ("temperature", "--temperature"),
     ("top_p", "--top-p"), ("resamples", "--resamples"),

@@ -1,4 +1,4 @@
-"""The evaluator as a program: `python -m runner.evaluation.job --base DIR (--ft DIR | --adapter DIR) --rows FILE
+"""The evaluator as a program: `python -m runner.local.evaluate_program --base DIR (--ft DIR | --adapter DIR) --rows FILE
 --out DIR [options]`. It is what the Azure ML evaluate job runs on the cluster (runner/azureml/evaluate_job.py),
 and works the same on any machine.
 
@@ -55,7 +55,7 @@ def model_folder(path, scratch: Path) -> Path:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     from runner.evaluation.names import METRIC_NAMES
 
-    p = argparse.ArgumentParser(prog="python -m runner.evaluation.job",
+    p = argparse.ArgumentParser(prog="python -m runner.local.evaluate_program",
                                 description="Score a fine-tuned model against its base on held-out chats.")
     p.add_argument("--base", required=True, help="the base model folder")
     which = p.add_mutually_exclusive_group(required=True)

@@ -1,4 +1,4 @@
-"""`python -m runner.evaluation.job`: the evaluator as a program (what the Azure evaluate job runs)."""
+"""`python -m runner.local.evaluate_program`: the evaluator as a program (what the Azure evaluate job runs)."""
 
 import json
 import shutil
@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from runner.errors import RunnerError
-from runner.evaluation.job import main, model_folder
+from runner.local.evaluate_program import main, model_folder
 
 
 def _mlflow_layout(tiny_model_dir, dest):
