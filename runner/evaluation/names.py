@@ -40,6 +40,10 @@ def evaluate_config_errors(cfg) -> list:
     if gate is not None and gate not in RANKABLE_METRICS:
         errors.append(f"register.require_improvement={gate!r} is not a metric with a better direction "
                       f"({_did_you_mean(gate, RANKABLE_METRICS)})")
+    steps = set(cfg.steps)
+    if gate is not None and "register" in steps and "evaluate" not in steps and not cfg.from_run:
+        errors.append(f"register.require_improvement={gate} judges by the evaluate step: add evaluate to steps (or "
+                      f"from_run= a run that evaluated)")
     metric = cfg.sweep.metric
     if metric not in FINETUNE_FIGURES and metric not in RANKABLE_METRICS:
         errors.append(f"sweep.metric={metric!r} is neither a fine-tune figure ({', '.join(FINETUNE_FIGURES)}) nor an "

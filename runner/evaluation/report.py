@@ -108,6 +108,27 @@ def row_records(evaluation: Evaluation) -> List[Dict[str, Any]]:
     return records
 
 
+def rows_table(evaluation: Evaluation) -> Dict[str, list]:
+    """The rows as MLflow's log_table takes them (column -> values): the last user turn, the reference, both
+    replies, both models' scores on the primary metric and the row's change."""
+    records = row_records(evaluation)
+    primary = evaluation.primary
+
+    def text(value):
+        return "" if value is None else value
+
+    return {
+        "index": [r["index"] for r in records],
+        "prompt": [text(_last_user_turn(r["prompt"])) for r in records],
+        "reference": [text(r["reference"]) for r in records],
+        "base_reply": [text(r["base_reply"]) for r in records],
+        "ft_reply": [text(r["ft_reply"]) for r in records],
+        f"base_{primary}": [r["base_scores"].get(primary) for r in records],
+        f"ft_{primary}": [r["ft_scores"].get(primary) for r in records],
+        "change": [r["change"] for r in records],
+    }
+
+
 def write_rows(path, evaluation: Evaluation) -> Path:
     with atomic_writer(path) as f:
         for record in row_records(evaluation):

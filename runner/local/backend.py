@@ -278,6 +278,11 @@ class LocalBackend(Backend):
         ctx.say(f"browse: mlflow ui --backend-store-uri {self.tracking_uri}")
         return {"final": out["final"], "plot": out["plot"], "json": out["json"], "mlflow_run_id": run_id}
 
+    def evaluate(self, ctx, job) -> Dict[str, Any]:
+        from runner.local.evaluation_run import evaluate_here
+
+        return evaluate_here(ctx, job, self.tracking_uri)
+
     def register(self, ctx) -> Dict[str, Any]:
         from runner.local.registry import register_model
 
@@ -293,6 +298,7 @@ class LocalBackend(Backend):
             "display_name": ft.get("display_name", ""),
             "training_key": ft.get("training_key", ""),
             "quality_gate": ctx.quality_gate or "",  # the register step's verdict (runner/steps/register.py)
+            **ctx.version_tags,  # the evaluate step's verdicts (runner/steps/evaluate.py verdict_tags)
         }
         out = register_model(
             tracking_uri=self.tracking_uri,

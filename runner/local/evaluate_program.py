@@ -82,7 +82,7 @@ def log_to_mlflow(evaluation, paths) -> None:
     """Metrics, the rows as a table and the files, into the active run (Azure ML's job run) or a new one."""
     import mlflow
 
-    from runner.evaluation.report import mlflow_metrics, row_records
+    from runner.evaluation.report import mlflow_metrics, rows_table
 
     owns_run = mlflow.active_run() is None
     if owns_run:
@@ -90,20 +90,12 @@ def log_to_mlflow(evaluation, paths) -> None:
     try:
         mlflow.log_metrics(mlflow_metrics(evaluation))
         mlflow.set_tags({f"eval_verdict_{c.metric}": c.verdict for c in evaluation.comparisons})
-        records = row_records(evaluation)
-        table = {key: [_cell(r[key]) for r in records]
-                 for key in ("index", "reference", "base_reply", "ft_reply", "change")}
-        table["prompt"] = [_cell(r["prompt"][-1]["content"] if r["prompt"] else "") for r in records]
-        mlflow.log_table(table, artifact_file="evaluate/rows.json")
+        mlflow.log_table(rows_table(evaluation), artifact_file="evaluate/rows.json")
         for path in paths.values():
             mlflow.log_artifact(path, artifact_path="evaluate")
     finally:
         if owns_run:
             mlflow.end_run()
-
-
-def _cell(value):
-    return "" if value is None else value
 
 
 def main(argv: Optional[List[str]] = None) -> int:
