@@ -30,8 +30,7 @@ STEPS = ["connect", "model", "compute", "data", "finetune", "metrics", "evaluate
          "cleanup"]
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit unsigned
-# one token to read and one to predict: the shortest sequence a causal LM trains on
-MIN_SEQ_LENGTH = 2
+MIN_SEQ_LENGTH = 2  # one token to read and one to predict: the shortest sequence a causal LM trains on
 
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 
@@ -397,7 +396,7 @@ class MlflowConfig:
 class SweepConfig:
     """Multirun (-m) behaviour: every job trains and evaluates; only the best job is registered (and deployed)."""
 
-    metric: str = "eval_loss"  # a key of the finetune step's outputs (eval_loss, perplexity, train_loss, ...)
+    metric: str = "eval_loss"  # a finetune figure (eval_loss, perplexity, ...) or an evaluate metric (rouge_l, ...)
     direction: str = choice("minimize", ["minimize", "maximize"])
     job_steps: List[str] = list_field("connect", "model", "compute", "data", "finetune", "metrics")
     register_best: bool = True
@@ -410,14 +409,18 @@ class CleanupConfig:
 
 
 @dataclass
+class TestStepConfig:
+    rows: int = non_negative(0)  # > 0: also score the endpoint on that many of the evaluate step's rows
+
+
+@dataclass
 class RegisterConfig:
     """The quality gate before register (runner/steps/register.py): a model whose run diverged (final loss NaN/inf)
     or trained no optimizer step with a non-zero learning rate is refused unless one of these says otherwise."""
 
     allow_untrained: bool = False
     allow_nonfinite_loss: bool = False
-    # an evaluate metric with a better direction (e.g. rouge_l): refuse a model whose 95% interval for it lies
-    # wholly on the worse side of 0 (read by the register step once the evaluate step is wired in)
+    # an evaluate metric (e.g. rouge_l): refuse a model whose verdict on it is `worse` (runner/steps/register.py)
     require_improvement: Optional[str] = None
 
 
@@ -460,6 +463,7 @@ class RunConfig:
     register: RegisterConfig = field(default_factory=RegisterConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
+    test: TestStepConfig = field(default_factory=TestStepConfig)
 
 
 def register_configs() -> None:

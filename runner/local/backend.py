@@ -394,6 +394,12 @@ class LocalBackend(Backend):
         print(f"[assistant (fine-tuned)] {reply}", flush=True)
         return {"response": response, "reply": reply}
 
+    def score_rows(self, ctx, conversations, max_new_tokens: int) -> Dict[str, Any]:
+        from runner.local.endpoint_rows import score_rows
+
+        return score_rows(self._endpoint_state(ctx), conversations, max_new_tokens=max_new_tokens,
+                          deployment=self.cfg.deployment.deployment_name)
+
     def cleanup(self, ctx) -> Dict[str, Any]:
         from runner.local.endpoint.manager import serve_until_interrupted, stop_endpoint
 
