@@ -548,6 +548,15 @@ class AzureMLBackend(Backend):
         out["job_name"] = job_name
         return out
 
+    def evaluate(self, ctx, job) -> Dict[str, Any]:
+        from runner.azureml import evaluate
+
+        if self.cfg.finetune.route == "finetuning_job" and self.cfg.compute.kind == "serverless":
+            from runner.azureml import serverless_evaluate  # no cluster: both models behind serverless endpoints
+
+            return serverless_evaluate.evaluate(self, ctx, job)
+        return evaluate.evaluate(self, ctx, job)
+
     def register(self, ctx) -> Dict[str, Any]:
         from runner.azureml.translate import build_model
 
@@ -626,6 +635,11 @@ class AzureMLBackend(Backend):
         print(f"    raw response: {raw}", flush=True)
         reply = extract_reply(raw)
         return {"endpoint_name": name, "reply": reply, "raw_response": str(raw)[:4000]}
+
+    def score_rows(self, ctx, conversations, max_new_tokens: int) -> Dict[str, Any]:
+        from runner.azureml.endpoint_rows import score_rows
+
+        return score_rows(self, ctx, conversations, max_new_tokens)
 
     def cleanup(self, ctx) -> Dict[str, Any]:
         name = self._endpoint_in_use(ctx)

@@ -65,9 +65,10 @@ def evaluate_command(settings: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def build_evaluate_job(*, code_dir, base_model_path: str, ft_model_path: str, rows_path: str, compute: str,
+def build_evaluate_job(*, code_dir, base_model_path: str, ft_model_path: str, rows_path: str, compute: Optional[str],
                        settings: Mapping[str, Any], environment: str = DEFAULT_ENVIRONMENT,
-                       experiment_name: Optional[str] = None, display_name: str = "evaluate-ft-vs-base"):
+                       experiment_name: Optional[str] = None, display_name: str = "evaluate-ft-vs-base",
+                       instance_type: Optional[str] = None):
     """The azure-ai-ml CommandJob (what jobs.create_or_update is handed)."""
     from azure.ai.ml import Input, Output, command
 
@@ -81,7 +82,8 @@ def build_evaluate_job(*, code_dir, base_model_path: str, ft_model_path: str, ro
         },
         outputs={"evaluation": Output(type="uri_folder")},
         environment=environment,
-        compute=compute,
+        compute=compute,  # None with instance_type: serverless compute of that VM size
+        **({"instance_type": instance_type} if instance_type else {}),
         display_name=display_name,
         experiment_name=experiment_name,
         environment_variables={"TOKENIZERS_PARALLELISM": "false"},

@@ -12,12 +12,14 @@ YAML, loadable with the SDK's own `load_*`:
     endpoint.yaml      ManagedOnlineEndpoint (with traffic) MLClient.begin_create_or_update
     deployment.yaml    ManagedOnlineDeployment             online_deployments.begin_create_or_update
     request.json       the scoring request                 online_endpoints.invoke
+    evaluate_job.yaml  the evaluate command job (after the fine-tune job) jobs.create_or_update
 
 finetune.route=finetuning_job / deployment.kind=serverless (runner/azureml/finetuning_job.py, serverless.py):
 
     finetuning_job.yaml       the `type: finetuning` job          jobs.create_or_update
     serverless_endpoint.yaml  ServerlessEndpoint                  serverless_endpoints.begin_create_or_update
     chat_request.json         the /v1/chat/completions body       POST {scoring_uri}/v1/chat/completions
+    evaluate_base_endpoint.yaml, evaluate_ft_endpoint.yaml: the evaluate step's two serverless endpoints
     plan.yaml          every call in order, the steps' outputs, warnings
     <kind>.rest.json   beside each entity file but the pipeline job: the REST body the SDK sends for it
                        (runner/azureml/wire.py), its field types checked against the REST model's
@@ -41,7 +43,9 @@ from runner.azureml.entities import entity_yaml, plain
 
 # The pipeline job's name is given by the service at submission; the plan refers to it by this placeholder.
 JOB_NAME_PLACEHOLDER = "PIPELINE_JOB_NAME"
-PLAN_FILES = ("compute", "pipeline_job", "model", "endpoint", "deployment", "finetuning_job", "serverless_endpoint")
+EVALUATE_JOB_PLACEHOLDER = "EVALUATE_JOB_NAME"
+PLAN_FILES = ("compute", "pipeline_job", "model", "endpoint", "deployment", "finetuning_job", "serverless_endpoint",
+              "evaluate_job", "evaluate_base_endpoint", "evaluate_ft_endpoint")
 # What a plan assumes the service answers for the finetuning job's model and the workspace it lands in.
 REGISTERED_VERSION = "1"  # the job registers a new model name: its first version
 WORKSPACE_LOCATION, WORKSPACE_ID = "WORKSPACE_LOCATION", "WORKSPACE_ID"
@@ -367,6 +371,13 @@ def _make_ops(world: PlanningWorld):
                 submitted.name = JOB_NAME_PLACEHOLDER
                 world.jobs[JOB_NAME_PLACEHOLDER] = submitted
                 return submitted
+            if getattr(job, "type", None) == "command":  # the evaluate step's job
+                from runner.azureml.evaluate_job import evaluate_job_yaml
+
+                rec.write("evaluate_job", evaluate_job_yaml(job))
+                submitted = copy.copy(job)
+                submitted.name = EVALUATE_JOB_PLACEHOLDER
+                return submitted
             rec.write("pipeline_job", pipeline_job_yaml(
                 job, component_ref=component_reference(job.jobs[NODE_NAME].component, cfg),
                 experiment_name=bound.get("experiment_name") or job.experiment_name))
@@ -426,8 +437,10 @@ def _make_ops(world: PlanningWorld):
         def begin_create_or_update(self, *args, **kwargs):
             from runner.azureml.serverless import serverless_endpoint_yaml
 
+            from runner.azureml.serverless_evaluate import plan_kind
+
             endpoint = self._record("begin_create_or_update", args, kwargs)["endpoint"]
-            rec.write("serverless_endpoint", serverless_endpoint_yaml(endpoint), endpoint)
+            rec.write(plan_kind(endpoint.name), serverless_endpoint_yaml(endpoint), endpoint)
             world.serverless_endpoints[endpoint.name] = endpoint
             return _Poller(world.serverless_endpoint(endpoint.name))
 

@@ -88,7 +88,7 @@ def log_to_mlflow(evaluation, paths) -> None:
     if owns_run:
         mlflow.start_run()
     try:
-        mlflow.log_metrics(mlflow_metrics(evaluation))
+        mlflow.log_metrics({**mlflow_metrics(evaluation), "eval_rows": len(evaluation.rows)})
         mlflow.set_tags({f"eval_verdict_{c.metric}": c.verdict for c in evaluation.comparisons})
         mlflow.log_table(rows_table(evaluation), artifact_file="evaluate/rows.json")
         for path in paths.values():

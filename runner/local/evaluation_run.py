@@ -66,7 +66,8 @@ def log_evaluation(tracking_uri: str, run_id: str, evaluation, paths: Dict[str, 
 
     client = mlflow_client(tracking_uri)
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in mlflow_metrics(evaluation).items()],
+    figures = {**mlflow_metrics(evaluation), "eval_rows": float(len(evaluation.rows))}
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in figures.items()],
                      tags=[RunTag(f"eval_verdict_{c.metric}", c.verdict) for c in evaluation.comparisons])
     client.log_table(run_id, data=rows_table(evaluation), artifact_file="evaluate/rows.json")
     for path in paths.values():
