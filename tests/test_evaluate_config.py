@@ -13,7 +13,7 @@ def test_default_evaluate_section_composes_and_validates():
     assert cfg.evaluate.seed == cfg.seed == 42  # follows the run's seed unless set
     assert cfg.evaluate.file is None and "rouge_l" in cfg.evaluate.metrics
     assert cfg.register.require_improvement is None
-    assert "evaluate" not in cfg.steps  # wired into the workflow by a later change
+    assert cfg.steps.index("metrics") < cfg.steps.index("evaluate") < cfg.steps.index("register")  # the default workflow
 
 
 @pytest.mark.parametrize("override, must_say", [
