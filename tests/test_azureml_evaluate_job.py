@@ -64,7 +64,7 @@ def test_the_command_runs_the_projects_evaluator_with_the_settings():
 def test_staged_code_is_the_runner_package_alone(tmp_path):
     code = stage_code(tmp_path / "code")
     assert sorted(p.name for p in code.iterdir()) == ["runner"]
-    assert (code / "runner" / "evaluation" / "job.py").is_file()
+    assert (code / "runner" / "local" / "evaluate_program.py").is_file()
     assert (code / "runner" / "local" / "evaluator.py").is_file()
     assert not list(code.rglob("__pycache__"))
 
@@ -75,3 +75,61 @@ def test_the_environment_comes_from_config(key):
 
     assert compose_cfg().evaluate.azureml_environment == DEFAULT_ENVIRONMENT
     assert compose_cfg([f"{key}=azureml:my-env:3"]).evaluate.azureml_environment == "azureml:my-env:3"
+
+
+# ---- the evaluate step on azureml, against the SDK-faithful double ------------------------------------------------
+
+def test_the_evaluate_job_is_submitted_after_the_fine_tune_and_its_figures_read_back(tmp_path):
+    """A real run (the double): the command job goes to Azure after the fine-tune job has completed, over the
+    registry base model and the pipeline's trained_model output; the record's figures and verdicts are the ones the
+    job logged to the workspace's MLflow (its run id is the job's name)."""
+    from runner.azureml.backend import AzureMLBackend
+    from runner.workflow import run
+    from tests.azureml_double import AzureWorld
+    from tests.test_azureml_workflow import TIMESTAMP, compose, earlier_run_with_data
+
+    data_run, _ = earlier_run_with_data(tmp_path)
+    world = AzureWorld()
+    logged = {"eval_rows": 50, "eval_base_rouge_l": 0.2, "eval_ft_rouge_l": 0.5, "eval_delta_rouge_l": 0.3,
+              "eval_delta_ci_low_rouge_l": 0.2, "eval_delta_ci_high_rouge_l": 0.4, "eval_base_loss": 2.0,
+              "eval_ft_loss": 2.1, "eval_delta_loss": 0.1, "eval_delta_ci_low_loss": 0.05,
+              "eval_delta_ci_high_loss": 0.15}
+    job_name = world.log_evaluation(tmp_path / "ws-mlflow", logged)
+    cfg, overrides = compose(tmp_path, "steps=[connect,model,compute,finetune,evaluate,register]",
+                             f"from_run={data_run}", "evaluate.metrics=[rouge_l,loss]",
+                             "register.require_improvement=rouge_l")
+    record = run(cfg, run_dir=tmp_path / "run", task_overrides=overrides,
+                 backend=AzureMLBackend(cfg, clients=world.clients(), clock=lambda: TIMESTAMP))
+    submitted = [c for c in world.calls if c.name == "workspace.jobs.create_or_update"]
+    assert [getattr(c.args[0] if c.args else c.kwargs["job"], "type", None) for c in submitted] == ["pipeline",
+                                                                                                  "command"]
+    command = submitted[1].args[0] if submitted[1].args else submitted[1].kwargs["job"]
+    assert command.inputs["ft_model"].path == f"azureml://jobs/{world.job_name}/outputs/trained_model"
+    assert command.inputs["base_model"].path.startswith("azureml://registries/azureml/models/Phi-3-mini-4k-instruct/")
+    evaluate = record.output("evaluate")
+    assert evaluate["job_name"] == job_name and evaluate["rows"] == 50
+    assert evaluate["verdicts"] == {"rouge_l": "better", "loss": "worse"}
+    assert evaluate["figures"]["rouge_l"]["ft"] == pytest.approx(0.5)
+    assert record.output("register", "quality_gate") == "passed"  # rouge_l better: the gate lets it through
+
+
+def test_a_worse_verdict_read_back_from_azure_is_refused_by_the_gate(tmp_path):
+    from runner.azureml.backend import AzureMLBackend
+    from runner.record import load_record
+    from runner.steps.register import RegisterRefused
+    from runner.workflow import run
+    from tests.azureml_double import AzureWorld
+    from tests.test_azureml_workflow import TIMESTAMP, compose, earlier_run_with_data
+
+    data_run, _ = earlier_run_with_data(tmp_path)
+    world = AzureWorld()
+    world.log_evaluation(tmp_path / "ws-mlflow", {
+        "eval_rows": 50, "eval_base_rouge_l": 0.5, "eval_ft_rouge_l": 0.1, "eval_delta_rouge_l": -0.4,
+        "eval_delta_ci_low_rouge_l": -0.5, "eval_delta_ci_high_rouge_l": -0.3})
+    cfg, overrides = compose(tmp_path, "steps=[connect,model,compute,finetune,evaluate,register]",
+                             f"from_run={data_run}", "evaluate.metrics=[rouge_l]", "register.require_improvement=rouge_l")
+    with pytest.raises(RegisterRefused, match="ROUGE-L is worse than the base model"):
+        run(cfg, run_dir=tmp_path / "run", task_overrides=overrides,
+            backend=AzureMLBackend(cfg, clients=world.clients(), clock=lambda: TIMESTAMP))
+    assert load_record(tmp_path / "run")["steps"]["register"]["status"] == "refused"
+    assert not world.find("workspace.models.create_or_update")  # nothing registered
