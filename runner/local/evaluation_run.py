@@ -75,7 +75,10 @@ def log_evaluation(tracking_uri: str, run_id: str, evaluation, paths: Dict[str, 
 
 
 def evaluate_here(ctx, job, tracking_uri: str) -> Dict[str, Any]:
+    import tempfile
+
     from runner.evaluation.report import metrics_document, write_outputs
+    from runner.local.evaluate_program import model_folder
     from runner.local.evaluator import evaluate
 
     base_dir = _existing(ctx.record.output("model", "model_dir"))
@@ -83,9 +86,12 @@ def evaluate_here(ctx, job, tracking_uri: str) -> Dict[str, Any]:
         raise MissingInput("the evaluate step needs the base model: run the model step (or from_run=<run dir>)")
     ft = fine_tuned_model(ctx, tracking_uri)
     ctx.say(f"base {base_dir} vs fine-tuned {ft['source']} on {job.rows_file}")
-    evaluation = evaluate(base_dir=base_dir, rows_file=job.rows_file, adapter_dir=ft.get("adapter_dir"),
-                          ft_dir=ft.get("ft_dir"), settings=settings_from_config(ctx.cfg.evaluate),
-                          train_file=job.train_file, progress=ctx.say)
+    with tempfile.TemporaryDirectory(prefix="ftrun-eval-") as scratch:
+        # a registered version is an MLflow folder (weights in model/, tokenizer in components/): joined for loading
+        ft_dir = model_folder(ft["ft_dir"], Path(scratch)) if ft.get("ft_dir") else None
+        evaluation = evaluate(base_dir=base_dir, rows_file=job.rows_file, adapter_dir=ft.get("adapter_dir"),
+                              ft_dir=ft_dir, settings=settings_from_config(ctx.cfg.evaluate),
+                              train_file=job.train_file, progress=ctx.say)
     paths = write_outputs(evaluation, job.out_dir)
     run_id = ctx.record.output("finetune", "mlflow_run_id")
     if run_id:
