@@ -1,4 +1,5 @@
-"""The README's main command, end to end on the local backend: all ten steps, the fine-tuned model's reply."""
+"""The README's main command, end to end on the local backend: all eleven steps, the evaluate step's verdict, the
+fine-tuned model's reply."""
 
 import json
 import os
