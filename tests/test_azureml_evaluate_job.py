@@ -133,3 +133,32 @@ def test_a_worse_verdict_read_back_from_azure_is_refused_by_the_gate(tmp_path):
             backend=AzureMLBackend(cfg, clients=world.clients(), clock=lambda: TIMESTAMP))
     assert load_record(tmp_path / "run")["steps"]["register"]["status"] == "refused"
     assert not world.find("workspace.models.create_or_update")  # nothing registered
+
+
+def test_test_rows_scores_the_managed_endpoint_on_held_out_rows(tmp_path):
+    """test.rows=2 on a managed online endpoint: one scoring request per held-out row (greedy, evaluate's
+    max_new_tokens), each reply read and scored; the endpoint is still deleted after."""
+    import json
+
+    from runner.azureml.backend import AzureMLBackend
+    from runner.workflow import run
+    from tests.azureml_double import AzureWorld
+    from tests.test_azureml_workflow import TIMESTAMP, compose, earlier_run_with_data
+
+    data_run, _ = earlier_run_with_data(tmp_path)
+    world = AzureWorld()
+    cfg, overrides = compose(tmp_path, "steps=[connect,model,compute,finetune,register,deploy,test,cleanup]",
+                             f"from_run={data_run}", "test.rows=2", "evaluate.max_new_tokens=40")
+    record = run(cfg, run_dir=tmp_path / "run", task_overrides=overrides,
+                 backend=AzureMLBackend(cfg, clients=world.clients(), clock=lambda: TIMESTAMP))
+    invokes = world.find("workspace.online_endpoints.invoke")
+    assert len(invokes) == 3  # the sample request, then the two rows
+    row_request = json.loads(open(invokes[1].kwargs["request_file"]).read())
+    assert row_request["input_data"]["parameters"] == {"do_sample": False, "max_new_tokens": 40}
+    assert row_request["input_data"]["input_string"] == [[{"role": "user", "content": "Hi"}]]
+    test = record.output("test")
+    assert test["rows"] == 2 and list(test["endpoint_metrics"]) == ["score"]
+    assert set(test["endpoint_metrics"]["score"]) == {"rouge_l", "bleu", "chrf", "exact_match"}  # text-only route
+    assert test["endpoint_metrics"]["score"]["exact_match"] == 0.0  # "Hello from the endpoint" vs "Hello!"
+    assert world.names()[-2:] == ["workspace.online_endpoints.begin_delete",
+                                  "workspace.online_endpoints.begin_delete.result"]
