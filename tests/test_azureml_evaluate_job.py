@@ -127,7 +127,8 @@ def test_a_worse_verdict_read_back_from_azure_is_refused_by_the_gate(tmp_path):
         "eval_rows": 50, "eval_base_rouge_l": 0.5, "eval_ft_rouge_l": 0.1, "eval_delta_rouge_l": -0.4,
         "eval_delta_ci_low_rouge_l": -0.5, "eval_delta_ci_high_rouge_l": -0.3})
     cfg, overrides = compose(tmp_path, "steps=[connect,model,compute,finetune,evaluate,register]",
-                             f"from_run={data_run}", "evaluate.metrics=[rouge_l]", "register.require_improvement=rouge_l")
+                             f"from_run={data_run}", "evaluate.metrics=[rouge_l]",
+                             "register.require_improvement=rouge_l")
     with pytest.raises(RegisterRefused, match="ROUGE-L is worse than the base model"):
         run(cfg, run_dir=tmp_path / "run", task_overrides=overrides,
             backend=AzureMLBackend(cfg, clients=world.clients(), clock=lambda: TIMESTAMP))

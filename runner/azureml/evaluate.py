@@ -1,9 +1,9 @@
 """The evaluate step on Azure ML with a cluster (the pipeline route, or a finetuning job on managed compute): after
 the fine-tune job has completed, a command job on the cluster runs the project's own evaluator
 (runner/azureml/evaluate_job.py says what the job is) over the registry base model and the fine-tuned model (the
-pipeline's trained_model output, or the model the finetuning job registered), on the data step's held-out rows; its figures are read back from
-the workspace's MLflow (the job logs `eval_base_*`, `eval_ft_*`, `eval_delta_*` into its own run, whose id is the
-job name) and turned into the step's result. The four files stay in the job's `evaluation` output
+pipeline's trained_model output, or the model the finetuning job registered), on the data step's held-out rows;
+its figures are read back from the workspace's MLflow (the job logs `eval_base_*`, `eval_ft_*`, `eval_delta_*`
+into its own run, whose id is the job name) and turned into the step's result. The four files stay in the job's `evaluation` output
 (`az ml job download --name <job> --output-name evaluation`).
 
 A dry run plans the job (plan/evaluate_job.yaml, loadable by azure.ai.ml.load_job) and reads nothing back.

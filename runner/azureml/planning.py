@@ -569,6 +569,7 @@ def write_plan_summary(ctx: Any, world: PlanningWorld) -> Dict[str, Any]:
             **({"hyperparameters": finetune.get("hyperparameters", {}), "runs_on": finetune.get("runs_on")}
                if cfg.finetune.route == "finetuning_job" else {}),
         },
+        "evaluate": record.output("evaluate") or {},
         "register": record.output("register") or {},
         "endpoint": {**deploy, "instance_type": cfg.deployment.instance_type,
                      "instance_count": cfg.deployment.instance_count},

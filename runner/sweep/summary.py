@@ -66,7 +66,7 @@ def complete_deferred_jobs(sweep_dir, backend_factory=None) -> List[int]:
         deferred = record.get("deferred_steps")
         if not deferred or (job_dir / "collected" / RECORD_FILE).exists():
             continue
-        cfg = job_config(job_dir, steps=[s for s in deferred if s == "metrics"], from_run=str(job_dir),
+        cfg = job_config(job_dir, steps=[s for s in deferred if s in ("metrics", "evaluate")], from_run=str(job_dir),
                          dry_run=False, **{"backend.wait": True})
         print(f"\ncollecting job {job_dir.name} ({record['steps']['finetune']['outputs'].get('job_name')})")
         try:
