@@ -163,3 +163,26 @@ def test_test_rows_scores_the_managed_endpoint_on_held_out_rows(tmp_path):
     assert test["endpoint_metrics"]["score"]["exact_match"] == 0.0  # "Hello from the endpoint" vs "Hello!"
     assert world.names()[-2:] == ["workspace.online_endpoints.begin_delete",
                                   "workspace.online_endpoints.begin_delete.result"]
+
+
+def test_the_phi3_ultrachat_dry_run_plans_a_loadable_evaluate_job(tmp_path):
+    """`ftrun experiment=phi3_ultrachat dry_run=true`: plan/evaluate_job.yaml is a command job load_job reads back,
+    after the pipeline job, on its cluster, over the pipeline's output model and the registry base model."""
+    from azure.ai.ml import load_job
+
+    from runner.workflow import run
+    from tests.conftest import compose_cfg
+
+    overrides = ["experiment=phi3_ultrachat", "dry_run=true", "dataset=sample"]
+    run(compose_cfg(overrides), run_dir=tmp_path / "run", task_overrides=overrides)
+    plan = tmp_path / "run" / "plan"
+    job = quiet_load(load_job, plan / "evaluate_job.yaml")
+    assert job.type == "command" and job.compute == "gpu-cluster-big"
+    assert job.inputs["ft_model"].path == "azureml://jobs/PIPELINE_JOB_NAME/outputs/trained_model"
+    assert job.inputs["base_model"].path.startswith("azureml://registries/azureml/models/Phi-3-mini-4k-instruct/")
+    assert job.inputs["rows"].path.endswith("test_sft.jsonl") and "--device cuda" in job.command
+    import yaml
+
+    calls = [c["call"] for c in yaml.safe_load((plan / "plan.yaml").read_text())["calls"]]
+    submitted = [i for i, c in enumerate(calls) if c == "workspace.jobs.create_or_update"]
+    assert len(submitted) == 2 and calls.index("workspace.jobs.stream") < submitted[1]  # after the fine-tune
