@@ -121,6 +121,7 @@ registry._log_model(registry.mlflow_client(uri), run_id, "unused", "m")
 """
 
 
+@pytest.mark.slow  # a register process, killed: ~20 s
 def test_a_killed_registers_staging_folder_is_removed_and_a_live_one_kept(tmp_path):
     uri, artifacts = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "mlartifacts"
     proc = subprocess.run([sys.executable, "-c", KILLED_REGISTER, uri, str(artifacts)], cwd=REPO,

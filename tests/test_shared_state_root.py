@@ -40,6 +40,7 @@ def _python(code, *args, **kwargs):
                             **kwargs)
 
 
+@pytest.mark.slow  # three ftrun-like processes, each importing mlflow: ~35 s on 2 busy cores
 def test_three_processes_set_up_a_fresh_store_at_once(tmp_path):
     go = time.time() + 8  # after the imports of all three
     procs = [_python(STORE_RACE, tmp_path, go) for _ in range(3)]
@@ -195,6 +196,7 @@ def test_cleanup_never_stops_a_server_whose_token_is_not_its_own(tiny_model_dir,
     assert not manager._is_our_server(a["pid"], "shared-name")
 
 
+@pytest.mark.slow  # two ftrun processes: ~35 s on 2 busy cores
 def test_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "FTRUN_HOME": str(tmp_path / "home")}
     procs = [subprocess.Popen([sys.executable, "-m", "runner.cli", "steps=[connect]"], cwd=tmp_path, env=env,

@@ -144,6 +144,7 @@ def test_varlen_attention_equals_per_conversation_attention(tiny_model_dir, conv
         torch.testing.assert_close(ckpt_grads[name], grads[name], atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow  # torch.compile of the tiny model's layers: ~30 s
 def test_varlen_layers_compile_as_one_graph_even_under_checkpointing(tiny_model_dir, conversations, monkeypatch):
     """compile + checkpointing + varlen: the layer around the kernel has no graph break, so dynamo compiles the
     checkpointed layer (with per-conversation attention it compiles nothing: refused, see compile_refusal); loss and

@@ -3,10 +3,11 @@
 Every call to Azure goes through the clients returned by `AzureClients` (runner/azureml/clients.py); the objects
 sent are built in runner/azureml/translate.py; the checks that stop a run before money is spent are in
 runner/azureml/checks.py, tags.py and spec.py. In-process objects (the clients, the foundation model) live in
-`ctx.live`; everything a later run needs (ids, names, URLs) goes into the run record.
+`ctx.connection` (an AzureSession); everything a later run needs (ids, names, URLs) goes into the run record.
 """
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -23,15 +24,29 @@ from runner.azureml.checks import (
     gpus_for_size,
     reconcile_gpus,
 )
+from runner.azureml import finetuning_job, pipeline_job
 from runner.azureml.lro import finish, is_quota_error
-from runner.azureml.spec import ComponentSpec, check_explicit_keys, load_spec, resolve_spec_path, spec_from_dict
+from runner.azureml.spec import ComponentSpec, load_spec, resolve_spec_path, spec_from_dict
 from runner.azureml.suggest import archived_message
 from runner.azureml.tags import ModelFacts, facts_from_registry
 from runner.backend_api import Backend
+from runner.errors import MissingInput
 from runner.finetune_params import merge_finetune_params, pipeline_display_name
 from runner.schema import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@dataclass
+class AzureSession:
+    """What this process opened and looked up on Azure, reused by later steps (ctx.connection): never recorded."""
+
+    timestamp: Optional[str] = None  # the notebook's timestamp: model version, endpoint name
+    credential: Any = None
+    workspace: Any = None  # the workspace MLClient
+    registry: Any = None  # the `azureml` registry MLClient
+    facts: Optional[ModelFacts] = None
+    foundation_model: Any = None
 
 
 class AzureMLBackend(Backend):
@@ -45,12 +60,21 @@ class AzureMLBackend(Backend):
         # object instead of sending it (runner/azureml/planning.py): a dry run is these same steps.
         self.clients = clients
         self.clock = clock  # the notebook's timestamp (model version, endpoint name); tests pin it
+        # the route is chosen once: what finetune and register do is that route's module
+        self.route = finetuning_job if cfg.finetune.route == "finetuning_job" else pipeline_job
 
     # ---- helpers ------------------------------------------------------------------------------------------------
-    def _timestamp(self, ctx) -> str:
-        if "timestamp" not in ctx.live:
-            ctx.live["timestamp"] = ctx.record.output("connect", "timestamp") or str(int(self.clock()))
-        return ctx.live["timestamp"]
+    def session(self, ctx) -> "AzureSession":
+        """This process's Azure session (ctx.connection): made on first use, clients connected on demand."""
+        if ctx.connection is None:
+            ctx.connection = AzureSession()
+        return ctx.connection
+
+    def timestamp(self, ctx) -> str:
+        session = self.session(ctx)
+        if session.timestamp is None:
+            session.timestamp = ctx.record.output("connect", "timestamp") or str(int(self.clock()))
+        return session.timestamp
 
     def _connect_clients(self, ctx) -> None:
         b = self.cfg.backend
@@ -66,26 +90,28 @@ class AzureMLBackend(Backend):
         credential = self.clients.credential(b)
         workspace = self.clients.workspace(credential, b)
         registry = self.clients.registry(credential, b.registry_name)
-        ctx.live.update(credential=credential, workspace=workspace, registry=registry)
+        session = self.session(ctx)
+        session.credential, session.workspace, session.registry = credential, workspace, registry
 
-    def _ws(self, ctx):
-        if "workspace" not in ctx.live:
+    def ws(self, ctx):
+        if self.session(ctx).workspace is None:
             self._connect_clients(ctx)
-        return ctx.live["workspace"]
+        return ctx.connection.workspace
 
-    def _registry(self, ctx):
-        if "registry" not in ctx.live:
+    def registry(self, ctx):
+        if self.session(ctx).registry is None:
             self._connect_clients(ctx)
-        return ctx.live["registry"]
+        return ctx.connection.registry
 
-    def _facts(self, ctx) -> ModelFacts:
-        if "facts" not in ctx.live:
+    def facts(self, ctx) -> ModelFacts:
+        session = self.session(ctx)
+        if session.facts is None:
             recorded = ctx.record.output("model", "facts")
             if recorded:
-                ctx.live["facts"] = ModelFacts(**recorded)
+                session.facts = ModelFacts(**recorded)
             else:
                 self.model(ctx)
-        return ctx.live["facts"]
+        return session.facts
 
     def spec_path(self) -> Optional[Path]:
         return resolve_spec_path(self.cfg.backend.component_spec, REPO_ROOT)
@@ -108,7 +134,7 @@ class AzureMLBackend(Backend):
         return pipeline_display_name(self.cfg.model.name, params, gpus_per_node or 1)
 
     def endpoint_name(self, ctx) -> str:
-        return self.cfg.endpoint_name or f"{self.cfg.deployment.endpoint_name_prefix}{self._timestamp(ctx)}"
+        return self.cfg.endpoint_name or f"{self.cfg.deployment.endpoint_name_prefix}{self.timestamp(ctx)}"
 
     def model_checks(self, ctx, facts: ModelFacts, *, refuse_archived: bool = True) -> list:
         """The checks that need the model's facts, run as soon as they are known. Returns warnings."""
@@ -118,7 +144,7 @@ class AzureMLBackend(Backend):
             refusing = refuse_archived and not cfg.model.allow_archived
             # in a real run that is refused, the suggestions come from what the registry lists as current
             message = archived_message(facts, cfg.model, cfg=cfg,
-                                       registry_models=self._registry(ctx).models if refusing and not cfg.dry_run
+                                       registry_models=self.registry(ctx).models if refusing and not cfg.dry_run
                                        else None)
             if refusing:
                 raise ConfigError(message)
@@ -149,33 +175,28 @@ class AzureMLBackend(Backend):
     # ---- steps ----------------------------------------------------------------------------------------------
     def connect(self, ctx) -> Dict[str, Any]:
         # Checks that need only the config come first: nothing is worth a login if the run cannot go through.
-        spec = self.local_spec()
-        if self.cfg.finetune.route == "finetuning_job":  # the job takes its own few hyperparameters
-            from runner.azureml.routes import check_hyperparameter_keys
-
-            check_hyperparameter_keys(ctx.explicit_finetune_keys)
-        elif spec is not None:
-            check_explicit_keys(ctx.explicit_finetune_keys, spec)
+        self.local_spec()  # the pinned component contract, if one is set, must load (on either route)
+        self.route.check_explicit_keys(self, ctx)  # each route takes its own keys
         if "deploy" in self.cfg.steps:  # the names the service would refuse, before anything is spent
             check_endpoint_name(self.endpoint_name(ctx))
             if self.cfg.deployment.kind != "serverless":
                 check_deployment_name(self.cfg.deployment.deployment_name)
         self._connect_clients(ctx)
-        ws = ctx.live["workspace"]
+        ws = ctx.connection.workspace
         ctx.say(f"workspace {getattr(ws, 'workspace_name', '?')} (resource group "
                 f"{getattr(ws, 'resource_group_name', '?')}), registry {self.cfg.backend.registry_name}, "
-                f"credential {type(ctx.live['credential']).__name__}")
+                f"credential {type(ctx.connection.credential).__name__}")
         return {
             "workspace_name": getattr(ws, "workspace_name", None),
             "resource_group": getattr(ws, "resource_group_name", None),
             "registry_name": self.cfg.backend.registry_name,
-            "credential": type(ctx.live["credential"]).__name__,
-            "timestamp": self._timestamp(ctx),
+            "credential": type(ctx.connection.credential).__name__,
+            "timestamp": self.timestamp(ctx),
         }
 
     def model(self, ctx) -> Dict[str, Any]:
         m = self.cfg.model
-        registry = self._registry(ctx)
+        registry = self.registry(ctx)
         if m.version:
             foundation_model = registry.models.get(m.name, version=str(m.version))
         else:
@@ -202,7 +223,7 @@ class AzureMLBackend(Backend):
         warnings += self._serverless_workspace_check(ctx, foundation_model, facts)
         for w in warnings:
             ctx.say(f"warning: {w}")
-        ctx.live.update(foundation_model=foundation_model, facts=facts)
+        self.session(ctx).foundation_model, self.session(ctx).facts = foundation_model, facts
         ctx.say(f"foundation model {facts.asset_id}")
         return {"model_id": facts.asset_id, "name": facts.name, "version": facts.version, "facts": facts.to_dict(),
                 "warnings": warnings}
@@ -229,7 +250,7 @@ class AzureMLBackend(Backend):
         if self.cfg.dry_run:
             return warnings + [f"the workspace's region and kind are a real run's to check: it refuses a workspace "
                                f"that is not a project in {', '.join(regions or ['(unknown)'])} before submitting"]
-        ws = self._ws(ctx)
+        ws = self.ws(ctx)
         check_serverless_workspace(ws.workspaces.get(ws.workspace_name), regions, facts.name)
         return warnings
 
@@ -239,11 +260,9 @@ class AzureMLBackend(Backend):
         from runner.azureml.translate import build_compute
 
         c = self.cfg.compute
-        facts = self._facts(ctx)
-        if c.kind == "serverless" or (self.cfg.finetune.route == "finetuning_job" and c.instance_types):
-            from runner.azureml.finetuning_job import placement
-
-            where = placement(self.cfg)["runs_on"]  # no cluster of yours to get or create
+        facts = self.facts(ctx)
+        if not self.route.uses_cluster(self.cfg):
+            where = self.route.placement(self.cfg)["runs_on"]  # no cluster of yours to get or create
             ctx.say(f"compute: the finetuning job runs on {where}")
             return {"name": None if c.kind == "serverless" else c.name, "runs_on": where,
                     "instance_types": list(c.instance_types) or None, "gpus_per_node": c.gpus_per_node or None}
@@ -260,7 +279,7 @@ class AzureMLBackend(Backend):
             ctx.say(f"warning: {warning}")
         ctx.say(f"memory: ~{fit['estimate_gb']['total']:.1f} GB per GPU of {fit['budget_gb']:.1f} GB usable"
                 if fit["checked"] else f"memory: {fit['reason']}")
-        ws = self._ws(ctx)
+        ws = self.ws(ctx)
         created = None
         try:
             compute = ws.compute.get(c.name)
@@ -316,7 +335,7 @@ class AzureMLBackend(Backend):
                 inputs[key] = {"type": "uri_file", "path": str(Path(path).resolve())}
                 continue
             if not path or not Path(path).is_file():
-                raise FileNotFoundError(f"the data step did not produce its {field} ({path!r})")
+                raise MissingInput(f"the data step did not produce its {field} ({path!r})")
             upload = messages_only(path, Path(ctx.run_dir).resolve() / "data" / "upload" / Path(path).name)
             if upload != Path(path):
                 out[field], out[f"data_{field}"] = str(upload), str(path)  # finetune uploads the copy
@@ -326,112 +345,12 @@ class AzureMLBackend(Backend):
         return {**out, "azure_inputs": inputs}
 
     def finetune(self, ctx) -> Dict[str, Any]:
-        from runner.azureml.spec import check_live_component, check_required, compare_specs, prepare_inputs
-        from runner.azureml.translate import build_pipeline_job, pipeline_inputs
-
-        if self.cfg.finetune.route == "finetuning_job":
-            from runner.azureml import finetuning_job
-
-            return finetuning_job.finetune(self, ctx)
-        cfg, b = self.cfg, self.cfg.backend
-        attach, why = self.job_to_attach(ctx)
-        if attach:
-            attached = self._attach(ctx, attach, why)
-            if attached is not None:
-                return attached
-        facts = self._facts(ctx)
-        gpus = ctx.record.output("compute", "gpus_per_node") or cfg.compute.gpus_per_node
-        if not gpus:
-            raise AzureStepError("GPUs per node unknown: run the compute step (steps=[compute,...]) or set "
-                               "compute.gpus_per_node")
-        data = ctx.record.output("data")  # the step (runner/steps/finetune.py) made sure the files are there
-        registry = self._registry(ctx)
-        if b.component_version:
-            component = registry.components.get(name=b.component_name, version=str(b.component_version))
-        else:
-            component = registry.components.get(name=b.component_name, label=b.component_label)
-        spec, unread = self._component_spec(component)
-        if unread:  # checked against the pinned contract only: the registry's may differ, and nobody would know
-            ctx.say(f"warning: {unread}")
-            ctx.record.note("finetune", component_unread=unread)
-        # The registry serves `latest`; the runner was checked against a pinned contract. Say what changed, and
-        # refuse to send an input the live component no longer has.
-        pinned = self.local_spec(required=True)
-        diff = compare_specs(pinned, spec)
-        for line in diff.lines():
-            ctx.say(f"component: {line}")
-        params, notes = self.effective_params(ctx, facts)
-        inputs, dropped = prepare_inputs(params, spec, ctx.explicit_finetune_keys)  # explicit keys named first
-        overridden = diff.defaults_overridden(inputs)
-        for line in overridden:
-            ctx.say(f"warning: component default changed: {line}")
-        if diff:  # what this run sends by the contract it was checked against must still be there
-            check_live_component(diff, prepare_inputs(params, pinned)[0])
-        display_name = ctx.display_name(self.display_name(params, gpus))
-        # Absolute paths: a run picked up later (from_run=) from another directory uploads the same files.
-        kwargs = pipeline_inputs(model_id=facts.asset_id, cluster=cfg.compute.name,
-                                 train_file=str(Path(data["train_file"]).resolve()),
-                                 test_file=str(Path(data["test_file"]).resolve()),
-                                 gpus_per_node=gpus, finetune_inputs=inputs, spec=spec)
-        check_required(kwargs, spec)
-        check_live_component(diff, kwargs)
-        for note in notes + dropped:
-            ctx.say(note)
-        try:
-            job = build_pipeline_job(component, kwargs, display_name=display_name, force_rerun=b.force_rerun,
-                                     continue_on_step_failure=b.continue_on_step_failure,
-                                     experiment_name=b.experiment_name)
-        except Exception as exc:  # UnexpectedKeywordError and friends: the inputs do not fit the component
-            raise ConfigError(f"the pipeline inputs do not fit {spec.name} {spec.version} ({spec.source}): "
-                              f"{exc}") from exc
-        validation = job._validate()  # the SDK's own checks, before anything is uploaded or submitted
-        if not validation.passed:
-            raise ConfigError(f"the pipeline job does not validate against {spec.name} {spec.version}:\n"
-                              f"{validation}")
-        ws = self._ws(ctx)
-        submitted = ws.jobs.create_or_update(job, experiment_name=b.experiment_name)
-        job_name, url = submitted.name, getattr(submitted, "studio_url", None)
-        # In the record at once: a stream cut short (network, Ctrl-C) must not lose a job that is running and billing
-        ctx.record.note("finetune", job_name=job_name, submitted={
-            "job_name": job_name, "studio_url": url, "display_name": display_name,
-            "experiment_name": b.experiment_name})
-        ctx.say(f"submitted pipeline job {job_name} ({display_name}); studio: {url}")
-        out = {"job_name": job_name, "studio_url": url, "display_name": display_name,
-               "experiment_name": b.experiment_name, "component": f"{spec.name}:{spec.version}",
-               "component_version": spec.version, "component_diff": diff.to_dict(),
-               "component_unread": unread or None, "component_defaults_overridden": overridden,
-               "effective_params": params, "explicit_overrides": sorted(ctx.explicit_finetune_keys),
-               "inputs": {k: v for k, v in inputs.items()}, "merge_notes": notes + dropped,
-               "gpus_per_node": gpus, "status": "submitted"}
-        if not b.wait:
-            ctx.say("backend.wait=false: not waiting for the job; later steps check that it has completed")
-            return out
-        self._stream(ctx, job_name, url)
-        out["status"] = "Completed"
-        return out
+        return self.route.finetune(self, ctx)
 
     # ---- a submitted job: followed, and picked up again -------------------------------------------------------
-    def _continue_hint(self, ctx, job_name: str) -> str:
+    def continue_hint(self, ctx, job_name: str) -> str:
         return (f"continue with the same command and finetune.attach_job={job_name}, or "
                 f"from_run={ctx.record.data.get('run_dir') or ctx.run_dir}")
-
-    def _stream(self, ctx, job_name: str, url: Optional[str]) -> None:
-        """jobs.stream until the job ends. A failed job is an error; a stream that breaks (network, Ctrl-C) leaves
-        the job running in Azure, and says how to pick it up (its name is already in the record)."""
-        from azure.ai.ml.exceptions import JobException
-
-        try:
-            self._ws(ctx).jobs.stream(job_name)
-        except KeyboardInterrupt:
-            ctx.say(f"interrupted: pipeline job {job_name} goes on running in Azure (studio: {url}); "
-                    f"{self._continue_hint(ctx, job_name)}")
-            raise
-        except JobException as exc:
-            raise AzureStepError(f"pipeline job {job_name} did not complete: {exc} (studio: {url})") from exc
-        except Exception as exc:
-            raise AzureStepError(f"lost the stream of pipeline job {job_name} ({type(exc).__name__}: "
-                                 f"{str(exc)[:300]}); the job itself may still be running (studio: {url}): "
-                                 f"{self._continue_hint(ctx, job_name)}") from exc
 
     def job_to_attach(self, ctx) -> tuple:
         """(job name, why) of a submitted job this run continues from instead of submitting: finetune.attach_job, or
@@ -449,7 +368,7 @@ class AzureMLBackend(Backend):
         finetune.attach_job to such a job is an error). Both routes' _attach start here."""
         from azure.core.exceptions import ResourceNotFoundError
 
-        ws = self._ws(ctx)
+        ws = self.ws(ctx)
         try:
             job = ws.jobs.get(job_name)
         except ResourceNotFoundError as exc:
@@ -471,24 +390,7 @@ class AzureMLBackend(Backend):
                "attached": why, "status": "submitted"}
         return job, out, earlier
 
-    def _attach(self, ctx, job_name: str, why: str) -> Optional[Dict[str, Any]]:
-        """Wait for and continue from a submitted pipeline job (None: submit a new one, see continuable_job)."""
-        found = self.continuable_job(ctx, job_name, why, "pipeline")
-        if found is None:
-            return None
-        job, out, _ = found
-        ctx.record.note("finetune", job_name=job_name, submitted={k: out[k] for k in (
-            "job_name", "studio_url", "display_name", "experiment_name")})
-        if getattr(job, "status", None) == "Completed":
-            out["status"] = "Completed"
-        elif self.cfg.backend.wait:
-            self._stream(ctx, job_name, out["studio_url"])
-            out["status"] = "Completed"
-        else:
-            ctx.say("backend.wait=false: not waiting for the job; later steps check that it has completed")
-        return out
-
-    def _component_spec(self, component) -> tuple:
+    def component_spec(self, component) -> tuple:
         """(the live component's inputs (its own spec), ""); (the pinned contract, why) if the entity cannot be
         read: then the run is checked against the contract alone, which the caller must say."""
         try:
@@ -499,22 +401,22 @@ class AzureMLBackend(Backend):
                             f"({type(exc).__name__}: {str(exc)[:200]}); checked against the pinned contract "
                             f"{pinned.name} {pinned.version} ({pinned.source}) only")
 
-    def _job_name(self, ctx) -> str:
+    def job_name(self, ctx) -> str:
         job_name = ctx.record.output("finetune", "job_name")
         if not job_name:
-            raise AzureStepError("no pipeline job in this run's record: run the finetune step, or from_run=<run dir "
+            raise MissingInput("no pipeline job in this run's record: run the finetune step, or from_run=<run dir "
                                "of the run that submitted it>")
         return job_name
 
-    def _require_completed(self, ctx, job_name: str) -> None:
+    def require_completed(self, ctx, job_name: str) -> None:
         if ctx.record.output("finetune", "status") == "Completed":
             return
-        status = getattr(self._ws(ctx).jobs.get(job_name), "status", None)
+        status = getattr(self.ws(ctx).jobs.get(job_name), "status", None)
         if status not in ("Completed", "Failed", "Canceled") and self.cfg.backend.wait:
             # A job submitted earlier with backend.wait=false (e.g. by a sweep): wait for it now.
             ctx.say(f"waiting for pipeline job {job_name} ({status})")
-            self._ws(ctx).jobs.stream(job_name)
-            status = getattr(self._ws(ctx).jobs.get(job_name), "status", None)
+            self.ws(ctx).jobs.stream(job_name)
+            status = getattr(self.ws(ctx).jobs.get(job_name), "status", None)
         if status != "Completed":
             raise AzureStepError(f"pipeline job {job_name} is {status}, not Completed: wait for it (studio: "
                                f"{ctx.record.output('finetune', 'studio_url')}) and rerun these steps with "
@@ -526,11 +428,11 @@ class AzureMLBackend(Backend):
         if self.cfg.dry_run:  # nothing is sent here: the job's metrics are read from the workspace's MLflow
             ctx.say("metrics: read from the workspace's MLflow once the job has run")
             return {"planned": "read from the workspace's MLflow (the pipeline job's child runs)"}
-        job_name = self._job_name(ctx)
-        self._require_completed(ctx, job_name)
-        ws = self._ws(ctx)
+        job_name = self.job_name(ctx)
+        self.require_completed(ctx, job_name)
+        ws = self.ws(ctx)
         tracking_uri = ws.workspaces.get(ws.workspace_name).mlflow_tracking_uri
-        history = read_job_metrics(tracking_uri, job_name, credential=ctx.live.get("credential"))
+        history = read_job_metrics(tracking_uri, job_name, credential=self.session(ctx).credential)
         if not history and self.cfg.compute.kind == "serverless":
             # a serverless job trains on Azure's capacity, not in this workspace: its curves may not be here
             ctx.say(f"warning: finetuning job {job_name} logged no metrics to this workspace's MLflow (serverless: "
@@ -551,27 +453,16 @@ class AzureMLBackend(Backend):
     def evaluate(self, ctx, job) -> Dict[str, Any]:
         from runner.azureml import evaluate
 
-        if self.cfg.finetune.route == "finetuning_job" and self.cfg.compute.kind == "serverless":
+        from runner.azure_routes import is_serverless_compute
+
+        if is_serverless_compute(self.cfg):
             from runner.azureml import serverless_evaluate  # no cluster: both models behind serverless endpoints
 
             return serverless_evaluate.evaluate(self, ctx, job)
         return evaluate.evaluate(self, ctx, job)
 
     def register(self, ctx) -> Dict[str, Any]:
-        from runner.azureml.translate import build_model
-
-        if self.cfg.finetune.route == "finetuning_job":  # the job registered the model through its output
-            from runner.azureml import finetuning_job
-
-            return finetuning_job.register(self, ctx)
-        job_name = self._job_name(ctx)
-        self._require_completed(ctx, job_name)
-        model = build_model(job_name=job_name, name=self.cfg.mlflow.registered_model_name,
-                            version=self._timestamp(ctx), base_model_name=self.cfg.model.name)
-        registered = self._ws(ctx).models.create_or_update(model)
-        ctx.say(f"registered {registered.name}:{registered.version} ({registered.id})")
-        return {"model_id": registered.id, "name": registered.name, "version": str(registered.version),
-                "model_uri": registered.id, "source": model.path}
+        return self.route.register(self, ctx)
 
     def deploy(self, ctx) -> Dict[str, Any]:
         from runner.azureml.translate import build_deployment, build_endpoint
@@ -581,7 +472,7 @@ class AzureMLBackend(Backend):
             from runner.azureml import serverless
 
             return serverless.deploy(self, ctx)
-        facts = self._facts(ctx)
+        facts = self.facts(ctx)
         try:
             check_inference_size(d.instance_type, facts.inference_allow_list, model_name=facts.name,
                                  source=facts.allow_list_source.get("inference"))
@@ -591,10 +482,10 @@ class AzureMLBackend(Backend):
         model_id = ctx.record.output("register", "model_id")
         model_name = ctx.record.output("register", "name")
         if not model_id:
-            raise AzureStepError("no registered model: run the register step, or from_run=<run dir that registered one>")
+            raise MissingInput("no registered model: run the register step, or from_run=<run dir that registered one>")
         name = self.endpoint_name(ctx)
         check_endpoint_name(name)
-        ws = self._ws(ctx)
+        ws = self.ws(ctx)
         endpoint = build_endpoint(name=name, registered_model_name=model_name, auth_mode=d.auth_mode)
         ctx.say(f"creating endpoint {name}")
         finish(ws.begin_create_or_update(endpoint), f"creating endpoint {name}")
@@ -616,7 +507,7 @@ class AzureMLBackend(Backend):
         return {"endpoint_name": name, "deployment_name": d.deployment_name,
                 "scoring_uri": getattr(result, "scoring_uri", None), "traffic": dict(endpoint.traffic)}
 
-    def _endpoint_in_use(self, ctx) -> Optional[str]:
+    def endpoint_in_use(self, ctx) -> Optional[str]:
         return ctx.record.output("deploy", "endpoint_name") or self.cfg.endpoint_name
 
     def test(self, ctx, request_file) -> Dict[str, Any]:
@@ -626,11 +517,11 @@ class AzureMLBackend(Backend):
             from runner.azureml import serverless
 
             return serverless.test(self, ctx, request_file)
-        name = self._endpoint_in_use(ctx)
+        name = self.endpoint_in_use(ctx)
         if not name:
-            raise AzureStepError("no endpoint to test: run the deploy step, from_run=<run dir>, or endpoint_name=...")
+            raise MissingInput("no endpoint to test: run the deploy step, from_run=<run dir>, or endpoint_name=...")
         deployment = ctx.record.output("deploy", "deployment_name") or self.cfg.deployment.deployment_name
-        raw = self._ws(ctx).online_endpoints.invoke(endpoint_name=name, deployment_name=deployment,
+        raw = self.ws(ctx).online_endpoints.invoke(endpoint_name=name, deployment_name=deployment,
                                                    request_file=str(request_file))
         print(f"    raw response: {raw}", flush=True)
         reply = extract_reply(raw)
@@ -642,8 +533,8 @@ class AzureMLBackend(Backend):
         return score_rows(self, ctx, conversations, max_new_tokens)
 
     def cleanup(self, ctx) -> Dict[str, Any]:
-        name = self._endpoint_in_use(ctx)
-        ws = self._ws(ctx)
+        name = self.endpoint_in_use(ctx)
+        ws = self.ws(ctx)
         out: Dict[str, Any] = {"deleted": None, "compute_deleted": None}
         if name and self.cfg.deployment.kind == "serverless":
             from runner.azureml import serverless
@@ -667,6 +558,6 @@ class AzureMLBackend(Backend):
         return out
 
     def finish_plan(self, ctx) -> Dict[str, Any]:
-        from runner.azureml.planning import write_plan_summary
+        from runner.azureml.plan_summary import write_plan_summary
 
         return write_plan_summary(ctx, self.clients.world)

@@ -118,36 +118,28 @@ def reconcile_gpus(listed: Optional[int], configured: int, size: str) -> int:
     return listed
 
 
-def check_endpoint_name(name: str) -> None:
+NAME_RULE = "3-32 characters, starts with a letter, holds only letters, digits and '-' and does not end with '-'"
+
+
+def _check_name(name: str, what: str, kind: str) -> None:
     problem = name_problem(name)
     if problem:
-        raise ConfigError(
-            f"endpoint name {name!r} (endpoint_name, or deployment.endpoint_name_prefix + timestamp) {problem}: an "
-            f"endpoint name is 3-32 characters, starts with a letter, holds only letters, digits and '-' and does not "
-            f"end with '-'"
-        )
+        raise ConfigError(f"{what} {problem}: {kind} is {NAME_RULE}")
+
+
+def check_endpoint_name(name: str) -> None:
+    _check_name(name, f"endpoint name {name!r} (endpoint_name, or deployment.endpoint_name_prefix + timestamp)",
+                "an endpoint name")
 
 
 def check_deployment_name(name: str) -> None:
-    problem = name_problem(name)
-    if problem:
-        raise ConfigError(
-            f"deployment.deployment_name={name!r} {problem}: a deployment name is 3-32 characters, starts with a "
-            f"letter, holds only letters, digits and '-' and does not end with '-'"
-        )
+    _check_name(name, f"deployment.deployment_name={name!r}", "a deployment name")
 
 
 def check_memory_fit(
-    *,
-    model_name: str,
-    params: Dict[str, Any],
-    gpu_memory_gb: float,
-    gpus_per_node: int,
-    size: str = "",
-    model_config: Optional[Dict[str, Any]] = None,
-    lora_target_modules: Optional[List[str]] = None,
-    memory_headroom: float = 0.9,
-    refuse_activations: bool = False,
+    *, model_name: str, params: Dict[str, Any], gpu_memory_gb: float, gpus_per_node: int, size: str = "",
+    model_config: Optional[Dict[str, Any]] = None, lora_target_modules: Optional[List[str]] = None,
+    memory_headroom: float = 0.9, refuse_activations: bool = False,
 ) -> Dict[str, Any]:
     """Before a cluster is created or a job submitted: does the fine-tune fit one GPU of the SKU?
 
@@ -193,21 +185,8 @@ def check_memory_fit(
               "estimate_gb": {k: round(b[k] / GB, 3) for k in ("weights", "gradients", "optimizer", "activations",
                                                                "total")},
               "tokens_per_micro_batch": est["tokens_per_micro_batch"], "warnings": []}
-    mode = "LoRA" if apply_lora else "full"
     if b["state"] > budget:
-        hints = []
-        if not apply_lora:
-            hints.append("finetune.apply_lora=true")
-        if not params.get("apply_deepspeed") and world > 1:
-            hints.append("finetune.apply_deepspeed=true (ZeRO shards the optimizer state over the GPUs)")
-        elif params.get("apply_deepspeed") and int(params.get("deepspeed_stage", 2)) < 3 and world > 1:
-            hints.append("finetune.deepspeed_stage=3 (shards the weights too)")
-        hints.append("a compute size with more GPU memory")
-        raise ConfigError(
-            f"{mode} fine-tuning of {model_name} ({est['params_total'] / 1e9:.3g}B parameters) needs "
-            f"~{b['state'] / GB:.1f} GB per GPU for weights + gradients + optimizer state alone, but {where} allows "
-            f"{budget / GB:.1f} GB; try {' or '.join(hints)}"
-        )
+        _refuse_state(model_name, est, params, budget=budget, where=where, world=world)
     verdict = memory_verdict(est, params, budget_bytes=budget, where=where, checkpointing=False)
     result.update(fits=bool(verdict["fits"]), fit=verdict["summary"], message=verdict["message"])
     if not verdict["fits"]:
@@ -221,3 +200,26 @@ def check_memory_fit(
             raise ConfigError(message)
         result["warnings"].append(message)
     return result
+
+
+def _refuse_state(model_name: str, est: Dict[str, Any], params: Dict[str, Any], *, budget: float, where: str,
+                  world: int) -> None:
+    """ConfigError: weights + gradients + optimizer state alone exceed one GPU's budget; the message says what helps."""
+    from runner.memory.terms import GB
+
+    b = est["bytes"]
+    apply_lora = bool(params.get("apply_lora"))
+    mode = "LoRA" if apply_lora else "full"
+    hints = []
+    if not apply_lora:
+        hints.append("finetune.apply_lora=true")
+    if not params.get("apply_deepspeed") and world > 1:
+        hints.append("finetune.apply_deepspeed=true (ZeRO shards the optimizer state over the GPUs)")
+    elif params.get("apply_deepspeed") and int(params.get("deepspeed_stage", 2)) < 3 and world > 1:
+        hints.append("finetune.deepspeed_stage=3 (shards the weights too)")
+    hints.append("a compute size with more GPU memory")
+    raise ConfigError(
+        f"{mode} fine-tuning of {model_name} ({est['params_total'] / 1e9:.3g}B parameters) needs "
+        f"~{b['state'] / GB:.1f} GB per GPU for weights + gradients + optimizer state alone, but {where} allows "
+        f"{budget / GB:.1f} GB; try {' or '.join(hints)}"
+    )

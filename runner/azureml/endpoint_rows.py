@@ -16,7 +16,7 @@ def _score_route(backend: Any, ctx: Any, conversations: List[list], max_new_toke
     from runner.azureml.checks import AzureStepError
     from runner.azureml.scoring import extract_reply
 
-    name = backend._endpoint_in_use(ctx)
+    name = backend.endpoint_in_use(ctx)
     if not name:
         raise AzureStepError("no endpoint to score: run the deploy step, from_run=<run dir>, or endpoint_name=...")
     deployment = ctx.record.output("deploy", "deployment_name") or backend.cfg.deployment.deployment_name
@@ -25,7 +25,7 @@ def _score_route(backend: Any, ctx: Any, conversations: List[list], max_new_toke
         request = ctx.run_dir / "test_rows" / f"request_{i}.json"
         write_text(request, json.dumps({"input_data": {"input_string": [messages], "parameters": {
             "do_sample": False, "max_new_tokens": max_new_tokens}}, "params": {}}))
-        raw = backend._ws(ctx).online_endpoints.invoke(endpoint_name=name, deployment_name=deployment,
+        raw = backend.ws(ctx).online_endpoints.invoke(endpoint_name=name, deployment_name=deployment,
                                                        request_file=str(request))
         replies.append({"reply": extract_reply(raw)})
     return replies
@@ -34,8 +34,8 @@ def _score_route(backend: Any, ctx: Any, conversations: List[list], max_new_toke
 def _chat_route(backend: Any, ctx: Any, conversations: List[list], max_new_tokens: int) -> List[Dict[str, Any]]:
     from runner.azureml.serverless import CHAT_PATH, chat_reply
 
-    name = backend._endpoint_in_use(ctx)
-    ws = backend._ws(ctx)
+    name = backend.endpoint_in_use(ctx)
+    ws = backend.ws(ctx)
     url = f"{str(ws.serverless_endpoints.get(name).scoring_uri).rstrip('/')}{CHAT_PATH}"
     key = ws.serverless_endpoints.get_keys(name).primary_key  # never printed or recorded
     replies = []

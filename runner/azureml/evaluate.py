@@ -61,9 +61,9 @@ def read_back(backend: Any, ctx: Any, job_name: str) -> Dict[str, Any]:
     from runner.azureml.metrics import read_job_metrics
     from runner.evaluation.from_metrics import document_from_metrics
 
-    ws = backend._ws(ctx)
+    ws = backend.ws(ctx)
     tracking_uri = ws.workspaces.get(ws.workspace_name).mlflow_tracking_uri
-    history = read_job_metrics(tracking_uri, job_name, credential=ctx.live.get("credential"))
+    history = read_job_metrics(tracking_uri, job_name, credential=backend.session(ctx).credential)
     values = {name: points[-1][1] for name, points in history.items() if points}
     return document_from_metrics(values, list(ctx.cfg.evaluate.metrics))
 
@@ -77,7 +77,7 @@ def fine_tuned_model_path(backend: Any, ctx: Any, finetune_job: str) -> str:
         return f"azureml:{registered['name']}:{registered['version']}"
     from runner.azureml.translate import trained_model_path
 
-    backend._require_completed(ctx, finetune_job)
+    backend.require_completed(ctx, finetune_job)
     return trained_model_path(finetune_job)
 
 
@@ -93,7 +93,7 @@ def evaluate(backend: Any, ctx: Any, job: Any) -> Dict[str, Any]:
     from runner.azureml.evaluate_job import build_evaluate_job, job_output_path
 
     cfg = backend.cfg
-    finetune_job = backend._job_name(ctx)
+    finetune_job = backend.job_name(ctx)
     ft_model = fine_tuned_model_path(backend, ctx, finetune_job)
     base_model = ctx.record.output("model", "model_id")
     if not base_model:
@@ -105,7 +105,7 @@ def evaluate(backend: Any, ctx: Any, job: Any) -> Dict[str, Any]:
         **placement(cfg.compute), settings=job_settings(cfg.evaluate), environment=cfg.evaluate.azureml_environment,
         experiment_name=cfg.backend.experiment_name,
         display_name=ctx.display_name(f"evaluate-{ctx.record.output('finetune', 'display_name') or finetune_job}"))
-    submitted = backend._ws(ctx).jobs.create_or_update(command_job, experiment_name=cfg.backend.experiment_name)
+    submitted = backend.ws(ctx).jobs.create_or_update(command_job, experiment_name=cfg.backend.experiment_name)
     name, url = submitted.name, getattr(submitted, "studio_url", None)
     ctx.record.note("evaluate", job_name=name)  # a cut-short stream must not lose a billing job
     ctx.say(f"submitted evaluate job {name}; studio: {url}")
@@ -113,10 +113,21 @@ def evaluate(backend: Any, ctx: Any, job: Any) -> Dict[str, Any]:
            "outputs": job_output_path(name, "evaluation")}
     if cfg.dry_run:
         return out
-    backend._stream(ctx, name, url)
-    status = getattr(backend._ws(ctx).jobs.get(name), "status", None)
-    if status != "Completed":
-        from runner.azureml.checks import AzureStepError
-
-        raise AzureStepError(f"evaluate job {name} is {status}, not Completed (studio: {url})")
+    follow(backend, ctx, name, url)
     return {**out, "document": read_back(backend, ctx, name), "paths": {}}
+
+
+def follow(backend: Any, ctx: Any, name: str, url: Any) -> None:
+    """jobs.stream until the evaluate job ends; anything but Completed is an error naming the job (a stream that
+    breaks leaves the job running: its name is in the record, `steps=[evaluate] from_run=` submits a new one)."""
+    from azure.ai.ml.exceptions import JobException
+
+    from runner.azureml.checks import AzureStepError
+
+    try:
+        backend.ws(ctx).jobs.stream(name)
+    except JobException as exc:
+        raise AzureStepError(f"evaluate job {name} did not complete: {exc} (studio: {url})") from exc
+    status = getattr(backend.ws(ctx).jobs.get(name), "status", None)
+    if status != "Completed":
+        raise AzureStepError(f"evaluate job {name} is {status}, not Completed (studio: {url})")

@@ -101,6 +101,18 @@ def placement(cfg: Any) -> Dict[str, Any]:
             "runs_on": f"managed compute, cluster {c.name}"}
 
 
+def check_explicit_keys(backend: Any, ctx: Any) -> None:
+    """The job takes its own few hyperparameters: any other command-line finetune key is refused."""
+    from runner.azureml.routes import check_hyperparameter_keys
+
+    check_hyperparameter_keys(ctx.explicit_finetune_keys)
+
+
+def uses_cluster(cfg: Any) -> bool:
+    """A cluster of yours to get or create: not serverless, nor on the VM sizes of compute.instance_types."""
+    return not (cfg.compute.kind == "serverless" or cfg.compute.instance_types)
+
+
 def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
     """Build, submit and (backend.wait) wait for the job; the record keeps what a later step needs."""
     from runner.azureml.routes import display_name as job_display_name
@@ -112,13 +124,13 @@ def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
         attached = _attach(backend, ctx, attach, why)
         if attached is not None:
             return attached
-    facts = backend._facts(ctx)
+    facts = backend.facts(ctx)
     data = ctx.record.output("data")
     params, notes = backend.effective_params(ctx, facts)
     sent, left_out = hyperparameters(params, ctx.explicit_finetune_keys)
     where = placement(cfg)
     display_name = ctx.display_name(job_display_name(cfg.model.name, cfg.dataset.slug, sent))
-    output_name = output_model_name(cfg.mlflow.registered_model_name, backend._timestamp(ctx), ctx.sweep)
+    output_name = output_model_name(cfg.mlflow.registered_model_name, backend.timestamp(ctx), ctx.sweep)
     job = build_finetuning_job(
         model=facts.asset_id, training_data=str(Path(data["train_file"]).resolve()),
         validation_data=str(Path(data["test_file"]).resolve()) if data.get("test_file") else None,
@@ -127,7 +139,7 @@ def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
         job_tier=where["job_tier"])
     for note in notes + left_out:
         ctx.say(note)
-    ws = backend._ws(ctx)
+    ws = backend.ws(ctx)
     submitted = ws.jobs.create_or_update(job)
     job_name, url = submitted.name, getattr(submitted, "studio_url", None)
     # In the record at once: a wait cut short (network, Ctrl-C) must not lose a job that is running and billing
@@ -162,7 +174,7 @@ def _attach(backend: Any, ctx: Any, job_name: str, why: str) -> Optional[Dict[st
     if str(getattr(job, "status", None)) == "Completed":
         out["status"] = "Completed"
     elif backend.cfg.backend.wait:
-        out["status"] = _wait(backend, ctx, backend._ws(ctx), job_name, out["studio_url"])
+        out["status"] = _wait(backend, ctx, backend.ws(ctx), job_name, out["studio_url"])
     else:
         ctx.say("backend.wait=false: not waiting for the job; later steps check that it has completed")
     return out
@@ -174,14 +186,14 @@ def _wait(backend: Any, ctx: Any, ws: Any, job_name: str, url: Optional[str]) ->
         return wait_for(ws, job_name, url)
     except KeyboardInterrupt:
         ctx.say(f"interrupted: finetuning job {job_name} goes on running in Azure (studio: {url}); "
-                f"{backend._continue_hint(ctx, job_name)}")
+                f"{backend.continue_hint(ctx, job_name)}")
         raise
     except AzureStepError:
         raise
     except Exception as exc:  # network: the job itself runs on
         raise AzureStepError(f"lost track of finetuning job {job_name} ({type(exc).__name__}: {str(exc)[:300]}); "
                              f"the job itself may still be running (studio: {url}): "
-                             f"{backend._continue_hint(ctx, job_name)}") from exc
+                             f"{backend.continue_hint(ctx, job_name)}") from exc
 
 
 def wait_for(ws: Any, job_name: str, url: Optional[str], sleep=None) -> str:
@@ -199,8 +211,8 @@ def wait_for(ws: Any, job_name: str, url: Optional[str], sleep=None) -> str:
 def register(backend: Any, ctx: Any) -> Dict[str, Any]:
     """The model the job registered through its `registered_model` output (the job names it; the service versions
     it): looked up, not registered again."""
-    job_name = backend._job_name(ctx)
-    ws = backend._ws(ctx)
+    job_name = backend.job_name(ctx)
+    ws = backend.ws(ctx)
     if ctx.record.output("finetune", "status") != "Completed":
         wait_for(ws, job_name, ctx.record.output("finetune", "studio_url"))
     job = ws.jobs.get(job_name)

@@ -77,7 +77,7 @@ def deploy(backend: Any, ctx: Any) -> Dict[str, Any]:
         raise AzureStepError("no registered model: run the register step, or from_run=<run dir that registered one>")
     name = backend.endpoint_name(ctx)
     check_endpoint_name(name)
-    ws = backend._ws(ctx)
+    ws = backend.ws(ctx)
     workspace = ws.workspaces.get(ws.workspace_name)  # where the model lives: its region and id
     model_id = workspace_model_id(location=workspace.location, workspace_id=workspace._workspace_id,
                                   name=model_name, version=version)
@@ -90,10 +90,10 @@ def deploy(backend: Any, ctx: Any) -> Dict[str, Any]:
 
 
 def test(backend: Any, ctx: Any, request_file) -> Dict[str, Any]:
-    name = backend._endpoint_in_use(ctx)
+    name = backend.endpoint_in_use(ctx)
     if not name:
         raise AzureStepError("no endpoint to test: run the deploy step, from_run=<run dir>, or endpoint_name=...")
-    ws = backend._ws(ctx)
+    ws = backend.ws(ctx)
     endpoint = ws.serverless_endpoints.get(name)
     key = ws.serverless_endpoints.get_keys(name).primary_key  # never printed or recorded
     with open(request_file, encoding="utf-8") as f:
@@ -108,4 +108,4 @@ def test(backend: Any, ctx: Any, request_file) -> Dict[str, Any]:
 
 def cleanup(backend: Any, ctx: Any, name: str) -> None:
     ctx.say(f"deleting serverless endpoint {name}")
-    finish(backend._ws(ctx).serverless_endpoints.begin_delete(name=name), f"deleting serverless endpoint {name}")
+    finish(backend.ws(ctx).serverless_endpoints.begin_delete(name=name), f"deleting serverless endpoint {name}")

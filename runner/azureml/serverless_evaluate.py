@@ -53,7 +53,7 @@ def _create(backend: Any, ctx: Any, name: str, model_id: str) -> str:
     from runner.azureml.serverless import build_serverless_endpoint
 
     ctx.say(f"creating serverless endpoint {name} for {model_id}")
-    finish(backend._ws(ctx).serverless_endpoints.begin_create_or_update(
+    finish(backend.ws(ctx).serverless_endpoints.begin_create_or_update(
         build_serverless_endpoint(name=name, model_id=model_id)), f"creating serverless endpoint {name}")
     return name
 
@@ -66,7 +66,7 @@ def _score(backend: Any, ctx: Any, job: Any, names: Dict[str, str]):
 
     e = backend.cfg.evaluate
     rows = load_rows(job.rows_file, max_rows=e.max_rows, seed=e.seed, train_file=job.train_file)
-    ws = backend._ws(ctx)
+    ws = backend.ws(ctx)
     routes = {}
     for suffix, name in names.items():
         endpoint = ws.serverless_endpoints.get(name)
@@ -97,7 +97,7 @@ def evaluate(backend: Any, ctx: Any, job: Any) -> Dict[str, Any]:
     if not ctx.record.output("model", "model_id"):
         raise AzureStepError("the evaluate step needs the model step's registry model: run steps=[model,...]")
     ft = finetuning_job.register(backend, ctx)  # the model the job registered (looked up, not registered again)
-    ws = backend._ws(ctx)
+    ws = backend.ws(ctx)
     workspace = ws.workspaces.get(ws.workspace_name)
     models = {"evb": registry_model_id(ctx.record.output("model", "model_id")),
               "evf": workspace_model_id(location=workspace.location, workspace_id=workspace._workspace_id,

@@ -150,6 +150,16 @@ def _enum_text(value: Any) -> str:
     return str(value).strip()
 
 
+
+def _numeric(key: str, value: Any, wanted: str) -> float:
+    """The value as a float, or ConfigError naming the key and what the component wants (a flag is no number)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"finetune.{key}={value!r}: the component wants {wanted}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"finetune.{key}={value!r}: the component wants {wanted}") from None
+
 def coerce_input(key: str, value: Any, spec: InputSpec) -> Any:
     """`value` in the type the component declares for `key`; ConfigError naming the key when it cannot be."""
     t = spec.type.lower()
@@ -166,22 +176,12 @@ def coerce_input(key: str, value: Any, spec: InputSpec) -> Any:
     if t == "boolean":
         return _flag(key, value) == "true"
     if t == "integer":
-        if isinstance(value, bool):
-            raise ConfigError(f"finetune.{key}={value!r}: the component wants an integer")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"finetune.{key}={value!r}: the component wants an integer") from None
+        number = _numeric(key, value, "an integer")
         if not number.is_integer():
             raise ConfigError(f"finetune.{key}={value!r}: the component wants an integer")
         out: Any = int(number)
     elif t == "number":
-        if isinstance(value, bool):
-            raise ConfigError(f"finetune.{key}={value!r}: the component wants a number")
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"finetune.{key}={value!r}: the component wants a number") from None
+        out = _numeric(key, value, "a number")
         if math.isnan(out):
             raise ConfigError(f"finetune.{key}=nan: the component wants a number")
     elif t == "string":

@@ -21,8 +21,7 @@ class StepContext:
     quality_gate: Optional[str] = None  # the register step's verdict, which the backend tags the version with
     version_tags: Dict[str, str] = field(default_factory=dict)  # more tags for that version (evaluate's verdicts)
     endpoint: Optional[Dict[str, Any]] = None  # the endpoint this process deployed (local: its server's state)
-    connection: Any = None  # what the connect step opened (azureml: credential, clients), reused by later steps
-    live: Dict[str, Any] = field(default_factory=dict)  # azureml's cached lookups (runner/azureml/backend.py)
+    connection: Any = None  # what the connect step opened (azureml: an AzureSession), reused by later steps
     sweep: Optional[Dict[str, Any]] = None  # multirun job: {"id", "job_num", "swept": {key: value}, "dir"}
 
     def display_name(self, base: str) -> str:

@@ -16,6 +16,8 @@ import asyncio
 import logging
 import time
 
+from runner.local.endpoint.limits import BodyRead, body_expected
+
 log = logging.getLogger("runner.endpoint")
 
 DRAIN_MAX_BYTES = 64 * 1024 * 1024  # beyond this a client is answered and cut off (a 30 MB body is drained)
@@ -27,13 +29,6 @@ def _expects_continue(scope) -> bool:
     return any(name == b"expect" and value.strip().lower() == b"100-continue" for name, value in scope["headers"])
 
 
-def _has_body(scope) -> bool:
-    for name, value in scope.get("headers", ()):
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
-            return True
-    return False
-
-
 class DrainUnreadBodies:
     """ASGI middleware: before a response starts, the unread rest of the request body is read and discarded
     (bounded by DRAIN_MAX_BYTES and DRAIN_MAX_S)."""
@@ -42,24 +37,17 @@ class DrainUnreadBodies:
         self.app, self.max_bytes, self.max_s = app, max_bytes, max_s
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not _has_body(scope) or _expects_continue(scope):
+        if scope["type"] != "http" or not body_expected(scope) or _expects_continue(scope):
             return await self.app(scope, receive, send)
-        ended = False
-
-        async def receive_tracked():
-            nonlocal ended
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                ended = True
-            return message
+        body = BodyRead()
+        receive_tracked = body.tracking(receive)
 
         async def drain():
-            nonlocal ended
             dropped, started = 0, time.monotonic()
 
             async def read_rest():
                 nonlocal dropped
-                while not ended and dropped <= self.max_bytes:
+                while not body.ended and dropped <= self.max_bytes:
                     message = await asyncio.wait_for(receive_tracked(), DRAIN_IDLE_S)
                     dropped += len(message.get("body", b""))
 
@@ -69,11 +57,11 @@ class DrainUnreadBodies:
                 pass
             log.info("%s %s: answered early; %d body bytes read and discarded in %.2fs%s", scope.get("method"),
                      scope.get("path"), dropped, time.monotonic() - started,
-                     "" if ended else " (bound reached: the connection closes)")
+                     "" if body.ended else " (bound reached: the connection closes)")
 
         async def send_after_draining(message):
             # not after a 408: that client was too slow already, and draining it would undo the body timeout
-            if message["type"] == "http.response.start" and not ended and message.get("status") != 408:
+            if message["type"] == "http.response.start" and not body.ended and message.get("status") != 408:
                 await drain()
             await send(message)
 

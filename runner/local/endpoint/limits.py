@@ -89,11 +89,29 @@ async def read_body(request: Request, limit: int, timeout_s: Optional[float] = N
     return bytes(body)
 
 
-def _body_expected(scope) -> bool:
+def body_expected(scope) -> bool:
+    """Whether the request has a body to read (a chunked one, or a Content-Length above 0)."""
     for name, value in scope.get("headers", ()):
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
             return True
     return False
+
+
+@dataclass
+class BodyRead:
+    """Whether a request's body has been read to its end (or the client went away), as the ASGI messages say."""
+
+    ended: bool = False
+
+    def tracking(self, receive):
+        """`receive`, noting here when the body's last part (or a disconnect) has been received."""
+        async def receive_tracked():
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                self.ended = True
+            return message
+
+        return receive_tracked
 
 
 class CloseUnreadBodies:
@@ -106,17 +124,11 @@ class CloseUnreadBodies:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        unread = _body_expected(scope)
-
-        async def receive_tracked():
-            nonlocal unread
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                unread = False
-            return message
+        body = BodyRead(ended=not body_expected(scope))
+        receive_tracked = body.tracking(receive)
 
         async def send_closing(message):
-            if message["type"] == "http.response.start" and unread:
+            if message["type"] == "http.response.start" and not body.ended:
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
                 message = {**message, "headers": headers + [(b"connection", b"close")]}
             await send(message)
