@@ -161,17 +161,20 @@ class RunRecord:
 
 def final_figure(record: Dict[str, Any], name: str) -> Optional[float]:
     """A final figure of a run from its record: the finetune step's result (the local trainer measures it), else
-    the metrics step's table (Azure: read from the workspace's MLflow after the job)."""
+    the metrics step's table (Azure: read from the workspace's MLflow after the job), else the fine-tuned model's
+    score in the evaluate step's result (`rouge_l`, `loss`, ...: what `sweep.metric` may name)."""
     import math
 
     def outputs(step: str) -> Optional[Dict[str, Any]]:  # a step's recorded result, flat, when it ran ok
         entry = (record.get("steps") or {}).get(step) or {}
         return entry.get("outputs") or {} if entry.get("status") == "ok" else None
 
-    finetune, metrics = outputs("finetune"), outputs("metrics")
+    finetune, metrics, evaluate = outputs("finetune"), outputs("metrics"), outputs("evaluate")
     value = finetune.get(name) if finetune is not None else None
     if value is None and metrics is not None:
         value = (metrics.get("final") or {}).get(name)
+    if value is None and evaluate is not None:  # an evaluate metric: the fine-tuned model's score (rouge_l, ...)
+        value = ((evaluate.get("figures") or {}).get(name) or {}).get("ft")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         return None
     return float(value)

@@ -26,11 +26,11 @@ from runner.presets import kind_errors
 # Keys of the finetune group that steer the runner and are no component input (never sent as one).
 RUNNER_FINETUNE_KEYS = ("local", "route", "attach_job")
 
-STEPS = ["connect", "model", "compute", "data", "finetune", "metrics", "register", "deploy", "test", "cleanup"]
+STEPS = ["connect", "model", "compute", "data", "finetune", "metrics", "evaluate", "register", "deploy", "test",
+         "cleanup"]
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit unsigned
-# one token to read and one to predict: the shortest sequence a causal LM trains on
-MIN_SEQ_LENGTH = 2
+MIN_SEQ_LENGTH = 2  # one token to read and one to predict: the shortest sequence a causal LM trains on
 
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 
@@ -174,6 +174,7 @@ class ComputeConfig:
 
 # `${ftrun_slug:...}` and `${ftrun_model_name:...}`: the dataset's slug names its folder and the registered model
 from runner.data.names import register_name_resolvers  # noqa: E402  (light: re and pathlib only)
+from runner.evaluation.names import METRIC_NAMES, evaluate_config_errors  # noqa: E402  (light: no numpy)
 
 register_name_resolvers()
 
@@ -395,7 +396,7 @@ class MlflowConfig:
 class SweepConfig:
     """Multirun (-m) behaviour: every job trains and evaluates; only the best job is registered (and deployed)."""
 
-    metric: str = "eval_loss"  # a key of the finetune step's outputs (eval_loss, perplexity, train_loss, ...)
+    metric: str = "eval_loss"  # a finetune figure (eval_loss, perplexity, ...) or an evaluate metric (rouge_l, ...)
     direction: str = choice("minimize", ["minimize", "maximize"])
     job_steps: List[str] = list_field("connect", "model", "compute", "data", "finetune", "metrics")
     register_best: bool = True
@@ -408,12 +409,39 @@ class CleanupConfig:
 
 
 @dataclass
+class TestStepConfig:
+    rows: int = non_negative(0)  # > 0: also score the endpoint on that many of the evaluate step's rows
+
+
+@dataclass
 class RegisterConfig:
     """The quality gate before register (runner/steps/register.py): a model whose run diverged (final loss NaN/inf)
     or trained no optimizer step with a non-zero learning rate is refused unless one of these says otherwise."""
 
     allow_untrained: bool = False
     allow_nonfinite_loss: bool = False
+    # an evaluate metric (e.g. rouge_l): refuse a model whose verdict on it is `worse` (runner/steps/register.py)
+    require_improvement: Optional[str] = None
+
+
+@dataclass
+class EvaluateConfig:
+    """Fine-tuned vs base on held-out chats (conf/evaluate/default.yaml documents each key)."""
+
+    max_rows: int = positive(200)  # >= 1: rows chosen by the seed from the held-out split (all when fewer)
+    max_new_tokens: int = positive(128)
+    batch_size: int = positive(16)
+    seed: int = bounded(42, 0, SEED_MAX)
+    time_budget_s: float = non_negative(600.0)  # 0 = no budget
+    file: Optional[str] = None  # a messages JSONL file to score instead of the held-out split
+    metrics: List[str] = list_field(*METRIC_NAMES)
+    do_sample: bool = False
+    temperature: float = non_negative(1.0)
+    top_p: float = bounded(1.0, 0, 1, lo_open=True)
+    resamples: int = bounded(1000, 100, 1_000_000)
+    device: str = choice("auto", ["auto", "cpu", "cuda"])
+    # backend=azureml: the curated environment the evaluate command job runs in (runner/azureml/evaluate_job.py)
+    azureml_environment: str = "azureml://registries/azureml/environments/acft-hf-nlp-gpu/versions/112"
 
 
 @dataclass
@@ -433,7 +461,9 @@ class RunConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
+    test: TestStepConfig = field(default_factory=TestStepConfig)
 
 
 def register_configs() -> None:
@@ -563,6 +593,7 @@ def validate(cfg: Any) -> None:
             f"{dict(cfg.deployment.traffic)}"
         )
     errors += _dict_value_errors(cfg)
+    errors += evaluate_config_errors(cfg)  # metric names (runner/evaluation/names.py)
     errors += kind_errors(cfg)  # compute/deployment presets of the backend's kind (reads conf/)
     errors += route_errors(cfg)  # the Azure route's combinations
     if errors:

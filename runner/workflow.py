@@ -1,6 +1,6 @@
 """The workflow: the notebook's steps, in order, over one resolved config.
 
-    connect → model → compute → data → finetune → metrics → register → deploy → test → cleanup
+    connect → model → compute → data → finetune → metrics → evaluate → register → deploy → test → cleanup
 
 `steps=[...]` selects which run (always in this order). Each step reads the config and earlier steps' outputs
 (from this run's record, or an earlier run's with `from_run=`), asks the backend to do its part, and its outputs go
@@ -163,6 +163,7 @@ SUMMARY_KEYS = [
     ("finetune", "eval_loss_before", "eval loss before"),
     ("finetune", "eval_loss", "eval loss after"),
     ("metrics", "plot", "loss curve"),
+    ("evaluate", "report_md", "evaluation"),
     ("register", "model_uri", "registered model"),
     ("deploy", "scoring_uri", "endpoint"),
     ("test", "reply", "sample reply"),

@@ -194,6 +194,8 @@ class AzureWorld:
         self.in_progress_polls = 3  # how many looks at a poller say InProgress before the service is done
         self.pollers: List[Dict[str, Any]] = []
         self.job_name = job_name
+        # the evaluate command job's name: the id of its MLflow run in the workspace (log_evaluation makes one)
+        self.evaluate_job_name = "quiet_lamp_7"
         self.job_status = "Completed"  # "Failed": jobs.stream raises the SDK's JobException, jobs.get says Failed
         self.job_error = "Out of memory on node 0 (CUDA error)"
         self.stream_errors: List[BaseException] = []  # raised by the next jobs.stream calls, in order
@@ -381,7 +383,8 @@ class AzureWorld:
                 if key not in world.serverless_keys:
                     raise AssertionError(f"{url}: 401, the endpoint's key was not sent")
                 return {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from serverless"},
-                                     "finish_reason": "stop"}]}
+                                     "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 20, "completion_tokens": 4, "total_tokens": 24}}
 
         kwargs.setdefault("environ", {})
         return DoubleClients(mlclient_cls=client_cls, default_credential_cls=FakeCredential,
@@ -454,6 +457,12 @@ class AzureWorld:
             return self._workspace_model(*args, **kwargs)
         if name.startswith("workspace.serverless_endpoints."):
             return self._serverless(name.rsplit(".", 1)[1], args, kwargs)
+        if name == "workspace.jobs.create_or_update" and getattr(args[0] if args else kwargs.get("job"), "type",
+                                                                 None) == "command":  # the evaluate job
+            submitted = copy.copy(args[0] if args else kwargs["job"])
+            submitted.name = self.evaluate_job_name
+            submitted._status = "Running"  # what the service answers for a job just submitted
+            return submitted
         if name == "workspace.jobs.create_or_update":
             url = f"https://ml.azure.com/runs/{self.job_name}"
             return PipelineJob(name=self.job_name, status="Running", services={"Studio": JobService(endpoint=url)})
@@ -635,13 +644,17 @@ class AzureWorld:
         name = f"workspace.serverless_endpoints.{method}"
         if method == "begin_create_or_update":
             endpoint = args[0] if args else kwargs["endpoint"]
-            if re.match(REGISTRY_VERSION_PATTERN, endpoint.model_id):
+            registry_model = re.match(r"^azureml://registries/([^/]+)/models/([^/]+)$", endpoint.model_id)
+            if registry_model and registry_model.group(2) in {model_from_rest(b).name for b in self._registry_bodies()}:
+                ours = True  # a registry model by name (the evaluate step's base endpoint): the service serves it
+            elif re.match(REGISTRY_VERSION_PATTERN, endpoint.model_id):
                 raise ValidationException(message=f"The given model_id {endpoint.model_id} points to a specific "
                                           f"model version, which is not supported.", no_personal_data_message="x")
-            ours = re.match(r"^azureml://locations/([^/]+)/workspaces/([^/]+)/models/([^/]+)/versions/([^/]+)$",
-                            endpoint.model_id)
-            if not ours or ours.group(2) != self.workspace_id or not any(
-                    m.version == ours.group(4) for m in self.workspace_models.get(ours.group(3), [])):
+            else:
+                ours = re.match(r"^azureml://locations/([^/]+)/workspaces/([^/]+)/models/([^/]+)/versions/([^/]+)$",
+                                endpoint.model_id)
+            if ours is not True and (not ours or ours.group(2) != self.workspace_id or not any(
+                    m.version == ours.group(4) for m in self.workspace_models.get(ours.group(3), []))):
                 return self.poller(name, error=ResourceNotFoundError(f"model {endpoint.model_id} not found"))
             uri = self.serverless_scoring_uri or f"https://{endpoint.name}.{self.location}.models.ai.azure.com"
             # what `get` shows while the service provisions it: no scoring URI until the operation has ended
@@ -666,6 +679,24 @@ class AzureWorld:
             self.serverless_endpoints[endpoint_name].provisioning_state = "Deleting"
             return self.poller(name, on_done=lambda: self.serverless_endpoints.pop(endpoint_name, None))
         raise AssertionError(f"the test double has no answer for {name}")
+
+    def log_evaluation(self, folder, values: Dict[str, float]) -> str:
+        """The evaluate job's MLflow run in a file store under `folder` (the workspace's tracking URI from now on),
+        holding `values` as the evaluator program logs them; its run id is the job's name."""
+        import os
+
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.tracking_uri = Path(folder).resolve().as_uri()
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        experiment = client.get_experiment_by_name("evaluate") or client.get_experiment(
+            client.create_experiment("evaluate"))
+        run = client.create_run(experiment.experiment_id)
+        client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in values.items()])
+        self.evaluate_job_name = run.info.run_id
+        return run.info.run_id
 
     def _registry_bodies(self) -> List[Dict[str, Any]]:
         foundation = model_from_rest(self.model_body).name

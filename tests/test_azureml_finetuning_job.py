@@ -153,9 +153,10 @@ def test_the_serverless_dry_run_writes_files_the_sdk_loads_back(tmp_path):
     overrides = ["experiment=phi4_mini_serverless", "dry_run=true"]
     run(compose_cfg(overrides), run_dir=tmp_path / "run", task_overrides=overrides)
     plan = tmp_path / "run" / "plan"
-    assert sorted(p.name for p in plan.iterdir()) == ["chat_request.json", "finetuning_job.rest.json",
-                                                     "finetuning_job.yaml", "plan.yaml",
-                                                     "serverless_endpoint.rest.json", "serverless_endpoint.yaml"]
+    assert sorted(p.name for p in plan.iterdir()) == [
+        "chat_request.json", "evaluate_base_endpoint.rest.json", "evaluate_base_endpoint.yaml",
+        "evaluate_ft_endpoint.rest.json", "evaluate_ft_endpoint.yaml", "finetuning_job.rest.json",
+        "finetuning_job.yaml", "plan.yaml", "serverless_endpoint.rest.json", "serverless_endpoint.yaml"]
     job = quiet_load(load_job, plan / "finetuning_job.yaml")
     assert type(job).__name__ == "CustomModelFineTuningJob" and job.type == "finetuning"
     assert job.task == "chatCompletion" and str(job.model_provider).endswith("CUSTOM")
@@ -170,6 +171,11 @@ def test_the_serverless_dry_run_writes_files_the_sdk_loads_back(tmp_path):
     endpoint = quiet_load(load_serverless_endpoint, plan / "serverless_endpoint.yaml")
     assert endpoint.model_id.endswith(f"/models/{job.outputs['registered_model'].name}/versions/1")
     assert endpoint.model_id.startswith("azureml://locations/") and endpoint.auth_mode == "key"
+    # the evaluate step's two endpoints: the base by its registry id (no version: the SDK refuses one), the
+    # fine-tuned model as the deploy step serves it
+    base = quiet_load(load_serverless_endpoint, plan / "evaluate_base_endpoint.yaml")
+    assert base.model_id == "azureml://registries/azureml/models/Phi-4-mini-instruct"
+    assert quiet_load(load_serverless_endpoint, plan / "evaluate_ft_endpoint.yaml").model_id == endpoint.model_id
     request = json.loads((plan / "chat_request.json").read_text())
     assert request["messages"][0]["role"] == "user" and request["max_tokens"] == 200
     summary = yaml.safe_load((plan / "plan.yaml").read_text())

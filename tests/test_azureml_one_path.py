@@ -74,6 +74,7 @@ def test_the_plan_records_every_call_in_order_and_the_component_version(tmp_path
         "workspace.compute.get", "workspace.begin_create_or_update", "workspace.compute.get",
         "workspace.compute.list_sizes",
         "registry.components.get", "workspace.jobs.create_or_update", "workspace.jobs.stream",
+        "workspace.jobs.create_or_update",  # the evaluate job, after the fine-tune job
         "workspace.models.create_or_update",
         "workspace.begin_create_or_update", "workspace.online_deployments.begin_create_or_update",
         "workspace.begin_create_or_update",

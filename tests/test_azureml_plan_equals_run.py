@@ -28,8 +28,14 @@ from tests.azureml_double import AzureWorld, rest_body
 from tests.conftest import compose_cfg
 
 CLOCK = 1795600000.0
-# Every step but metrics, which reads the workspace's MLflow after the job (nothing is sent).
-STEPS = "steps=[connect,model,compute,data,finetune,register,deploy,test,cleanup]"
+# Every step but metrics, which reads the workspace's MLflow after the job (nothing is sent). The evaluate step's
+# figures are read back from the workspace's MLflow too: the double's store holds the job's run (EVALUATION).
+STEPS = "steps=[connect,model,compute,data,finetune,evaluate,register,deploy,test,cleanup]"
+EVALUATION = {f"eval_{side}_{m}": value for m in ("loss", "perplexity", "token_accuracy", "rouge_l", "bleu", "chrf",
+                                                  "exact_match", "reply_length", "stop_rate")
+              for side, value in (("base", 1.0), ("ft", 2.0), ("delta", 1.0), ("delta_ci_low", 0.5),
+                                  ("delta_ci_high", 1.5))}
+EVALUATION["eval_rows"] = 64
 WS = ["backend.subscription_id=sub-0000", "backend.resource_group=rg-demo", "backend.workspace_name=ws-demo"]
 MODEL_PRESETS = ["phi3_mini_4k_instruct", "phi35_mini_instruct", "phi4"]
 AZURE_COMPUTES = ["nc24ads_a100_v4", "nc40ads_h100_v5", "nc48ads_a100_v4",
@@ -57,6 +63,12 @@ def _normalise(kind, data):
         data["model_id"] = _model_ref(data["model_id"])
     if kind == "model":
         data["path"] = re.sub(r"^azureml://jobs/[^/]+/", f"azureml://jobs/{JOB_NAME_PLACEHOLDER}/", data["path"])
+    if kind == "evaluate_ft_endpoint":
+        data["model_id"] = _model_ref(data["model_id"])
+    if kind == "evaluate_job":  # the fine-tuned model: the job's output (named by the service) or its registered model
+        path = data["inputs"]["ft_model"]["path"]
+        data["inputs"]["ft_model"]["path"] = _model_ref(path) if not path.startswith("azureml://") else re.sub(
+            r"^azureml://jobs/[^/]+/", f"azureml://jobs/{JOB_NAME_PLACEHOLDER}/", path)
     return data
 
 
@@ -77,11 +89,16 @@ def submitted_wire(world):
 
     from runner.azureml.wire import wire_body
 
+    from runner.azureml.serverless_evaluate import plan_kind
+
     kinds = {"workspace.models.create_or_update": ("model", "model"),
-             "workspace.online_deployments.begin_create_or_update": ("deployment", "deployment"),
-             "workspace.serverless_endpoints.begin_create_or_update": ("serverless_endpoint", "endpoint")}
+             "workspace.online_deployments.begin_create_or_update": ("deployment", "deployment")}
     out = {}
     for call in world.calls:
+        if call.name == "workspace.serverless_endpoints.begin_create_or_update":
+            endpoint = call.args[0] if call.args else call.kwargs["endpoint"]
+            out[plan_kind(endpoint.name)] = wire_body(endpoint)
+            continue
         if call.name == "workspace.begin_create_or_update":
             entity = call.args[0] if call.args else call.kwargs["entity"]
             out["compute" if isinstance(entity, AmlCompute) else "endpoint"] = wire_body(entity)
@@ -117,6 +134,11 @@ def submitted_objects(world, cfg):
             from runner.azureml.finetuning_job import finetuning_job_yaml
 
             out["finetuning_job"] = finetuning_job_yaml(call.args[0] if call.args else call.kwargs["job"])
+        elif call.name == "workspace.jobs.create_or_update" and getattr(
+                call.args[0] if call.args else call.kwargs["job"], "type", None) == "command":
+            from runner.azureml.evaluate_job import evaluate_job_yaml
+
+            out["evaluate_job"] = evaluate_job_yaml(call.args[0] if call.args else call.kwargs["job"])
         elif call.name == "workspace.jobs.create_or_update":
             job = call.args[0] if call.args else call.kwargs["job"]
             out["pipeline_job"] = plain(pipeline_job_yaml(
@@ -128,9 +150,10 @@ def submitted_objects(world, cfg):
             out["deployment"] = entity_yaml(call.args[0] if call.args else call.kwargs["deployment"])
         elif call.name == "workspace.serverless_endpoints.begin_create_or_update":
             from runner.azureml.serverless import serverless_endpoint_yaml
+            from runner.azureml.serverless_evaluate import plan_kind
 
             endpoint = call.args[0] if call.args else call.kwargs["endpoint"]
-            out["serverless_endpoint"] = serverless_endpoint_yaml(endpoint)
+            out[plan_kind(endpoint.name)] = serverless_endpoint_yaml(endpoint)
     out = {k: _normalise(k, v) for k, v in out.items()}
     out["wire"] = submitted_wire(world)
     return out
@@ -165,6 +188,7 @@ def both_ways(tmp_path, overrides):
     overrides = [*overrides, STEPS, "dataset=sample", f"backend.config_path={tmp_path / 'none.json'}", *WS]
     cfg = compose_cfg(overrides)
     world = world_for(cfg)
+    world.log_evaluation(tmp_path / "workspace-mlflow", EVALUATION)
     real_dir, plan_run_dir = tmp_path / "real", tmp_path / "plan"
     try:
         run(cfg, run_dir=real_dir, task_overrides=overrides,
@@ -226,7 +250,7 @@ def test_notebook_presets_plan_what_the_run_submits(tmp_path, finetune, tier):
     real, planned = both_ways(tmp_path, ["experiment=phi3_ultrachat", f"finetune={finetune}",
                                          f"compute.tier={tier}", "model.allow_archived=true"])
     assert isinstance(real, dict), real
-    assert sorted(real) == ["compute", "deployment", "endpoint", "model", "pipeline_job", "wire"]
+    assert sorted(real) == ["compute", "deployment", "endpoint", "evaluate_job", "model", "pipeline_job", "wire"]
     assert planned == real
 
 
@@ -243,8 +267,8 @@ def test_every_compute_and_model_preset_plans_what_the_run_submits_or_refuses_al
     assert planned == real
     allowed = compose_cfg([f"model={model}", f"compute={compute}"])
     if allowed.compute.size in allowed.model.finetune_compute_allow_list:
-        assert isinstance(real, dict) and sorted(real) == ["compute", "deployment", "endpoint", "model",
-                                                           "pipeline_job", "wire"], real
+        assert isinstance(real, dict) and sorted(real) == ["compute", "deployment", "endpoint", "evaluate_job",
+                                                           "model", "pipeline_job", "wire"], real
     else:
         assert "is not in" in real and "fine-tune compute allow list" in real
 
@@ -254,7 +278,8 @@ def test_the_serverless_experiment_plans_what_the_run_submits(tmp_path):
     are the plan's files, and both name the model version `latest` resolves to (never the label)."""
     real, planned = both_ways(tmp_path, ["experiment=phi4_mini_serverless"])
     assert isinstance(real, dict), real
-    assert sorted(real) == ["finetuning_job", "serverless_endpoint", "wire"]
+    assert sorted(real) == ["evaluate_base_endpoint", "evaluate_ft_endpoint", "finetuning_job",
+                            "serverless_endpoint", "wire"]
     path = real["finetuning_job"]["model"]["path"]
     assert path == "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/3"
     assert planned == real
@@ -268,7 +293,8 @@ def test_the_serverless_plan_says_chat_completion_and_so_does_the_rest_body_sent
     details = real["wire"]["finetuning_job"]["properties"]["fineTuningDetails"]
     assert details["taskType"] == "chatCompletion"
     assert planned["wire"]["finetuning_job"] == real["wire"]["finetuning_job"]
-    assert sorted(planned["wire"]) == ["finetuning_job", "serverless_endpoint"]
+    assert sorted(planned["wire"]) == ["evaluate_base_endpoint", "evaluate_ft_endpoint", "finetuning_job",
+                                       "serverless_endpoint"]
 
 
 @pytest.mark.parametrize("where", [[], ["compute.instance_types=[Standard_NC24ads_A100_v4]", "compute.job_tier=spot"]],
@@ -276,7 +302,7 @@ def test_the_serverless_plan_says_chat_completion_and_so_does_the_rest_body_sent
 def test_the_finetuning_job_on_managed_compute_plans_what_the_run_submits(tmp_path, where):
     real, planned = both_ways(tmp_path, ["experiment=phi4_ultrachat", "finetune.route=finetuning_job", *where])
     assert isinstance(real, dict), real
-    expected = ["deployment", "endpoint", "finetuning_job", "wire"] + ([] if where else ["compute"])
+    expected = ["deployment", "endpoint", "evaluate_job", "finetuning_job", "wire"] + ([] if where else ["compute"])
     assert sorted(real) == sorted(expected)
     assert real["finetuning_job"]["model"]["path"] == "azureml://registries/azureml/models/Phi-4/versions/8"
     assert planned == real

@@ -23,7 +23,8 @@ def test_two_full_runs_at_once_on_one_fresh_state_root(tmp_path, ftrun_home):
     assert not ftrun_home.exists()  # fresh: no MLflow store, no tiny model, no data yet
     env = {**os.environ, "FTRUN_HOME": str(ftrun_home), "PYTHONPATH": str(REPO)}
     # The defaults, shrunk only in length (as test_e2e_local does), the same command for both, no run dir given.
-    cmd = [sys.executable, "-m", "runner.cli", "finetune.max_steps=12", "finetune.eval_steps=6"]
+    cmd = [sys.executable, "-m", "runner.cli", "finetune.max_steps=12", "finetune.eval_steps=6",
+           "evaluate.max_rows=8", "evaluate.max_new_tokens=16"]  # the evaluate step kept short
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=1200)[0] for p in procs]

@@ -1,4 +1,5 @@
-"""The README's main command, end to end on the local backend: all ten steps, the fine-tuned model's reply."""
+"""The README's main command, end to end on the local backend: all eleven steps, the evaluate step's verdict, the
+fine-tuned model's reply."""
 
 import json
 import os
@@ -18,17 +19,19 @@ def test_whole_workflow_on_the_local_defaults(tmp_path, ftrun_home):
     run_dir = tmp_path / "run"
     env = {**os.environ, "FTRUN_HOME": str(ftrun_home)}
     # The defaults, shrunk only in length: a few optimizer steps instead of three epochs.
+    # test.rows: the endpoint also answers 4 of the evaluate step's rows (its replies must equal evaluate's)
     proc = subprocess.run(
         [sys.executable, "-m", "runner.cli", "finetune.max_steps=12", "finetune.eval_steps=6",
-         f"hydra.run.dir={run_dir}"],
+         "evaluate.max_rows=16", "evaluate.max_new_tokens=24", "test.rows=4", f"hydra.run.dir={run_dir}"],
         cwd=REPO, capture_output=True, text=True, timeout=900, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     record = json.loads((run_dir / "run_record.json").read_text())
     assert record["status"] == "ok"
-    assert list(record["steps"]) == ["connect", "model", "compute", "data", "finetune", "metrics", "register",
-                                     "deploy", "test", "cleanup"]
+    assert list(record["steps"]) == ["connect", "model", "compute", "data", "finetune", "metrics", "evaluate",
+                                     "register", "deploy", "test", "cleanup"]
     assert all(step["status"] == "ok" for step in record["steps"].values())
+    _check_evaluation(record, run_dir, proc.stdout)
 
     reply = record["steps"]["test"]["outputs"]["reply"]
     assert isinstance(reply, str) and reply.strip()
@@ -60,6 +63,40 @@ def test_whole_workflow_on_the_local_defaults(tmp_path, ftrun_home):
     missing = [line for line in shown if line not in log]
     assert missing == [], missing[:10]
     assert any(line.startswith("fine-tune: 100%|") and "12/12" in line for line in log)
+
+
+def _check_evaluation(record, run_dir, stdout):
+    """The evaluate step's figures in the record, its files in <run dir>/evaluate/, its metrics and rows table on the
+    fine-tune's MLflow run, the registered version tagged with the verdict; the test step's endpoint replies on the
+    same rows equal the evaluate step's fine-tuned replies, through both routes (train/serve parity)."""
+    from mlflow.tracking import MlflowClient
+
+    evaluate = record["steps"]["evaluate"]["outputs"]
+    assert evaluate["rows"] == 16 and evaluate["verdicts"]["loss"] == "better"  # 12 steps already lower the loss
+    assert set(evaluate["figures"]) == {"loss", "perplexity", "token_accuracy", "rouge_l", "bleu", "chrf",
+                                        "exact_match", "reply_length", "stop_rate"}
+    assert evaluate["figures"]["loss"]["ft"] < evaluate["figures"]["loss"]["base"]
+    for name in ("metrics.json", "rows.jsonl", "report.md", "comparison.png"):
+        assert (run_dir / "evaluate" / name).stat().st_size > 0
+    assert re.search(r"Loss +\d+\.\d+ -> \d+\.\d+ \(-\d+\.\d+, 95% CI -\d+\.\d+\.\.-\d+\.\d+\) better", stdout)
+    tracking_uri = record["steps"]["connect"]["outputs"]["tracking_uri"]
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.get_run(record["steps"]["finetune"]["outputs"]["mlflow_run_id"])
+    for prefix in ("eval_base_", "eval_ft_", "eval_delta_"):
+        assert run.data.metrics[prefix + "loss"] == pytest.approx(
+            evaluate["figures"]["loss"][{"eval_base_": "base", "eval_ft_": "ft", "eval_delta_": "delta"}[prefix]])
+    table = json.loads(open(client.download_artifacts(run.info.run_id, "evaluate/rows.json")).read())
+    assert len(table["data"]) == 16 and "ft_reply" in table["columns"]
+    register = record["steps"]["register"]["outputs"]
+    version = client.get_model_version(register["name"], register["version"])
+    assert version.tags["eval_verdict"] == "rouge_l: " + evaluate["verdicts"]["rouge_l"]
+    assert version.tags["eval_verdict_loss"] == "better"
+    test = record["steps"]["test"]["outputs"]
+    assert test["rows"] == 4
+    for route in ("score", "openai"):
+        assert test["evaluate_parity"][route] == {"rows": 4, "equal": 4, "differ": []}, test["evaluate_parity"]
+        assert 0 <= test["endpoint_metrics"][route]["rouge_l"] <= 1
+    assert 0 <= test["endpoint_metrics"]["openai"]["stop_rate"] <= 1  # the OpenAI route says why a reply ended
 
 
 def test_an_endpoint_left_running_is_deleted_by_name_from_a_later_run(tmp_path, ftrun_home):

@@ -44,7 +44,8 @@ def run_local(tmp_path, ftrun_home, train_file, *overrides):
     env = {**os.environ, "FTRUN_HOME": str(ftrun_home)}
     proc = subprocess.run(
         [sys.executable, "-m", "runner.cli", "dataset=local", f"dataset.train_file={train_file}", *overrides,
-         "finetune.max_steps=12", "finetune.eval_steps=6", f"hydra.run.dir={run_dir}"],
+         "finetune.max_steps=12", "finetune.eval_steps=6", "evaluate.max_rows=8", "evaluate.max_new_tokens=16",
+         f"hydra.run.dir={run_dir}"],
         cwd=REPO, capture_output=True, text=True, timeout=900, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -53,8 +54,8 @@ def run_local(tmp_path, ftrun_home, train_file, *overrides):
 
 def check_whole_run(proc, record, run_dir, ftrun_home, folder, model):
     assert record["status"] == "ok" and all(s["status"] == "ok" for s in record["steps"].values())
-    assert list(record["steps"]) == ["connect", "model", "compute", "data", "finetune", "metrics", "register",
-                                     "deploy", "test", "cleanup"]
+    assert list(record["steps"]) == ["connect", "model", "compute", "data", "finetune", "metrics", "evaluate",
+                                     "register", "deploy", "test", "cleanup"]
     data = record["steps"]["data"]["outputs"]
     assert data["download_dir"] == str((ftrun_home / "data" / folder).resolve())  # named after the data
     assert data["rows"] == {"train_sft": 304, "test_sft": 16, "train_gen": 304, "test_gen": 16}  # 5% held out

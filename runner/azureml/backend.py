@@ -450,6 +450,17 @@ class AzureMLBackend(Backend):
         out["job_name"] = job_name
         return out
 
+    def evaluate(self, ctx, job) -> Dict[str, Any]:
+        from runner.azureml import evaluate
+
+        from runner.azure_routes import is_serverless_compute
+
+        if is_serverless_compute(self.cfg):
+            from runner.azureml import serverless_evaluate  # no cluster: both models behind serverless endpoints
+
+            return serverless_evaluate.evaluate(self, ctx, job)
+        return evaluate.evaluate(self, ctx, job)
+
     def register(self, ctx) -> Dict[str, Any]:
         return self.route.register(self, ctx)
 
@@ -516,6 +527,11 @@ class AzureMLBackend(Backend):
         reply = extract_reply(raw)
         return {"endpoint_name": name, "reply": reply, "raw_response": str(raw)[:4000]}
 
+    def score_rows(self, ctx, conversations, max_new_tokens: int) -> Dict[str, Any]:
+        from runner.azureml.endpoint_rows import score_rows
+
+        return score_rows(self, ctx, conversations, max_new_tokens)
+
     def cleanup(self, ctx) -> Dict[str, Any]:
         name = self.endpoint_in_use(ctx)
         ws = self.ws(ctx)
@@ -542,6 +558,6 @@ class AzureMLBackend(Backend):
         return out
 
     def finish_plan(self, ctx) -> Dict[str, Any]:
-        from runner.azureml.planning import write_plan_summary
+        from runner.azureml.plan_summary import write_plan_summary
 
         return write_plan_summary(ctx, self.clients.world)

@@ -12,12 +12,14 @@ YAML, loadable with the SDK's own `load_*`:
     endpoint.yaml      ManagedOnlineEndpoint (with traffic) MLClient.begin_create_or_update
     deployment.yaml    ManagedOnlineDeployment             online_deployments.begin_create_or_update
     request.json       the scoring request                 online_endpoints.invoke
+    evaluate_job.yaml  the evaluate command job (after the fine-tune job) jobs.create_or_update
 
 finetune.route=finetuning_job / deployment.kind=serverless (runner/azureml/finetuning_job.py, serverless.py):
 
     finetuning_job.yaml       the `type: finetuning` job          jobs.create_or_update
     serverless_endpoint.yaml  ServerlessEndpoint                  serverless_endpoints.begin_create_or_update
     chat_request.json         the /v1/chat/completions body       POST {scoring_uri}/v1/chat/completions
+    evaluate_base_endpoint.yaml, evaluate_ft_endpoint.yaml: the evaluate step's two serverless endpoints
     plan.yaml          every call in order, the steps' outputs, warnings
     <kind>.rest.json   beside each entity file but the pipeline job: the REST body the SDK sends for it
                        (runner/azureml/wire.py), its field types checked against the REST model's
@@ -41,7 +43,9 @@ from runner.azureml.entities import entity_yaml, plain
 
 # The pipeline job's name is given by the service at submission; the plan refers to it by this placeholder.
 JOB_NAME_PLACEHOLDER = "PIPELINE_JOB_NAME"
-PLAN_FILES = ("compute", "pipeline_job", "model", "endpoint", "deployment", "finetuning_job", "serverless_endpoint")
+EVALUATE_JOB_PLACEHOLDER = "EVALUATE_JOB_NAME"
+PLAN_FILES = ("compute", "pipeline_job", "model", "endpoint", "deployment", "finetuning_job", "serverless_endpoint",
+              "evaluate_job", "evaluate_base_endpoint", "evaluate_ft_endpoint")
 # What a plan assumes the service answers for the finetuning job's model and the workspace it lands in.
 REGISTERED_VERSION = "1"  # the job registers a new model name: its first version
 WORKSPACE_LOCATION, WORKSPACE_ID = "WORKSPACE_LOCATION", "WORKSPACE_ID"
@@ -378,6 +382,13 @@ def _job_ops(world: PlanningWorld, ops):
                 submitted.name = JOB_NAME_PLACEHOLDER
                 world.jobs[JOB_NAME_PLACEHOLDER] = submitted
                 return submitted
+            if getattr(job, "type", None) == "command":  # the evaluate step's job
+                from runner.azureml.evaluate_job import evaluate_job_yaml
+
+                rec.write("evaluate_job", evaluate_job_yaml(job))
+                submitted = copy.copy(job)
+                submitted.name = EVALUATE_JOB_PLACEHOLDER
+                return submitted
             rec.write("pipeline_job", pipeline_job_yaml(
                 job, component_ref=component_reference(job.jobs[NODE_NAME].component, cfg),
                 experiment_name=bound.get("experiment_name") or job.experiment_name))
@@ -444,8 +455,10 @@ def _endpoint_ops(world: PlanningWorld, ops):
         def begin_create_or_update(self, *args, **kwargs):
             from runner.azureml.serverless import serverless_endpoint_yaml
 
+            from runner.azureml.serverless_evaluate import plan_kind
+
             endpoint = self._record("begin_create_or_update", args, kwargs)["endpoint"]
-            rec.write("serverless_endpoint", serverless_endpoint_yaml(endpoint), endpoint)
+            rec.write(plan_kind(endpoint.name), serverless_endpoint_yaml(endpoint), endpoint)
             world.serverless_endpoints[endpoint.name] = endpoint
             return _Poller(world.serverless_endpoint(endpoint.name))
 
@@ -539,59 +552,3 @@ class PlanningClients:
 def planning_clients(cfg: Any, plan_dir: Path, component_spec_path: Path) -> PlanningClients:
     recorder = PlanRecorder(cfg, plan_dir)
     return PlanningClients(PlanningWorld(cfg, recorder, component_spec_path))
-
-
-def write_plan_summary(ctx: Any, world: PlanningWorld) -> Dict[str, Any]:
-    """plan.yaml: what the steps recorded (their outputs, as in a real run's record) and every call in order."""
-    cfg, record = ctx.cfg, ctx.record
-    finetune = record.output("finetune") or {}
-    model = record.output("model") or {}
-    deploy = record.output("deploy") or {}
-    warnings = list(model.get("warnings") or []) + world.warnings
-    b = cfg.backend
-    summary = {
-        "backend": "azureml",
-        "steps": [s for s in record.data.get("steps", {}) if s != "plan"],
-        "display_name": finetune.get("display_name"),
-        "experiment_name": finetune.get("experiment_name", b.experiment_name),
-        "workspace": {"config_path": b.config_path, "subscription_id": "set" if b.subscription_id else "unset",
-                      "resource_group": b.resource_group, "workspace_name": b.workspace_name,
-                      "registry_name": b.registry_name},
-        "model": {**(model.get("facts") or {}),
-                  "answered_by": "the model preset (a real run asks the registry)"},
-        "compute": {**(record.output("compute") or {}), "tier": cfg.compute.tier,
-                    "low_priority_fallback": cfg.compute.low_priority_fallback},
-        "component": {"reference": None, "version": finetune.get("component_version"),
-                      "spec": str(world.component_spec_path)},
-        "finetune": {
-            "merge_order": "config -> model_specific_defaults -> explicit finetune.* overrides",
-            "explicit_overrides": finetune.get("explicit_overrides", []),
-            "merge_notes": finetune.get("merge_notes", []),
-            "effective_params": finetune.get("effective_params", {}),
-            "component_inputs": finetune.get("inputs", {}),
-            "route": cfg.finetune.route,
-            **({"hyperparameters": finetune.get("hyperparameters", {}), "runs_on": finetune.get("runs_on")}
-               if cfg.finetune.route == "finetuning_job" else {}),
-        },
-        "register": record.output("register") or {},
-        "endpoint": {**deploy, "instance_type": cfg.deployment.instance_type,
-                     "instance_count": cfg.deployment.instance_count},
-        "cleanup": record.output("cleanup") or {},
-        "warnings": warnings,
-        "calls": world.recorder.calls,
-        "files": dict(world.recorder.files),
-    }
-    job_file = world.recorder.files.get("pipeline_job")
-    if job_file:
-        import yaml
-
-        from runner.azureml.translate import NODE_NAME
-
-        summary["component"]["reference"] = yaml.safe_load(Path(job_file).read_text())["jobs"][NODE_NAME]["component"]
-    plan_file = write_yaml(ctx.plan_dir / "plan.yaml", summary)
-    for w in warnings:
-        print(f"  WARNING: {w}")
-    for kind, path in world.recorder.files.items():
-        print(f"  {kind:<13} {path}")
-    return {"plan": str(plan_file), "display_name": summary["display_name"], "warnings": warnings,
-            **world.recorder.files}

@@ -278,6 +278,11 @@ class LocalBackend(Backend):
         ctx.say(f"browse: mlflow ui --backend-store-uri {self.tracking_uri}")
         return {"final": out["final"], "plot": out["plot"], "json": out["json"], "mlflow_run_id": run_id}
 
+    def evaluate(self, ctx, job) -> Dict[str, Any]:
+        from runner.local.evaluation_run import evaluate_here
+
+        return evaluate_here(ctx, job, self.tracking_uri)
+
     def register(self, ctx) -> Dict[str, Any]:
         from runner.local.registry import register_model
 
@@ -293,6 +298,7 @@ class LocalBackend(Backend):
             "display_name": ft.get("display_name", ""),
             "training_key": ft.get("training_key", ""),
             "quality_gate": ctx.quality_gate or "",  # the register step's verdict (runner/steps/register.py)
+            **ctx.version_tags,  # the evaluate step's verdicts (runner/steps/evaluate.py verdict_tags)
         }
         out = register_model(
             tracking_uri=self.tracking_uri,
@@ -387,6 +393,12 @@ class LocalBackend(Backend):
         reply = response.get("output") if isinstance(response, dict) else response
         print(f"[assistant (fine-tuned)] {reply}", flush=True)
         return {"response": response, "reply": reply}
+
+    def score_rows(self, ctx, conversations, max_new_tokens: int) -> Dict[str, Any]:
+        from runner.local.endpoint_rows import score_rows
+
+        return score_rows(self._endpoint_state(ctx), conversations, max_new_tokens=max_new_tokens,
+                          deployment=self.cfg.deployment.deployment_name)
 
     def cleanup(self, ctx) -> Dict[str, Any]:
         from runner.local.endpoint.manager import serve_until_interrupted, stop_endpoint

@@ -108,6 +108,13 @@ def write_local_plan(ctx, backend) -> Dict[str, Any]:
                      "local": OmegaConf.to_container(cfg.finetune.local, resolve=True),
                      # what the finetune step hands the trainer: the same translate, run here without torch
                      "training": planned_training(params, cfg)},
+        "evaluate": {  # runner/local/evaluation_run.py: base vs fine-tuned, in this process, on these rows
+            "rows": cfg.evaluate.file or str(data_dir / f"{cfg.dataset.test_split}.jsonl"),
+            **{k: v for k, v in OmegaConf.to_container(cfg.evaluate, resolve=True).items()
+               if k not in ("file", "azureml_environment")},
+            "gate": cfg.register.require_improvement,
+            "outputs": str(ctx.run_dir / "evaluate"),
+        },
         "mlflow": OmegaConf.to_container(cfg.mlflow, resolve=True),
         "endpoint": {
             "name_prefix": cfg.deployment.endpoint_name_prefix,

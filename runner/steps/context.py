@@ -19,6 +19,7 @@ class StepContext:
     task_overrides: list = field(default_factory=list)
     # What earlier steps of this process hand on that is not in the run record, each typed:
     quality_gate: Optional[str] = None  # the register step's verdict, which the backend tags the version with
+    version_tags: Dict[str, str] = field(default_factory=dict)  # more tags for that version (evaluate's verdicts)
     endpoint: Optional[Dict[str, Any]] = None  # the endpoint this process deployed (local: its server's state)
     connection: Any = None  # what the connect step opened (azureml: an AzureSession), reused by later steps
     sweep: Optional[Dict[str, Any]] = None  # multirun job: {"id", "job_num", "swept": {key: value}, "dir"}

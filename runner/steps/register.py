@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Protocol
 
 from runner.errors import RunnerError
 from runner.gate import GATE_PASSED
+from runner.steps.evaluate import EvaluateResult, verdict_tags
 from runner.steps.result import StepResult
 
 # schedulers whose first step runs at learning rate 0 when warmup_steps > 0 (constant ignores warmup)
@@ -81,6 +82,21 @@ def _training_params(ctx, backend) -> Dict[str, Any]:
     return merge_finetune_params(ctx.cfg.finetune, defaults, ctx.explicit_finetune_keys)[0]
 
 
+def improvement_refusal(ctx) -> Optional[str]:
+    """register.require_improvement=<metric>: why the evaluate step's verdict on it refuses the model (`worse`:
+    its 95% interval lies wholly on the worse side), or None. Without an evaluate result there is nothing to
+    judge by, which is refused too (validate() says so before a run starts where it can)."""
+    metric = (ctx.cfg.get("register") or {}).get("require_improvement")
+    if not metric:
+        return None
+    from runner.evaluation.gate import improvement_refusal as refusal
+    evaluation = EvaluateResult.from_outputs(ctx.record.output("evaluate"))
+    if not evaluation.figures:
+        raise RegisterRefused(f"quality gate: register.require_improvement={metric} needs the evaluate step's "
+                              f"verdicts: run steps=[...,evaluate,register,...] (or from_run= a run that evaluated)")
+    return refusal({"metrics": evaluation.figures}, metric)
+
+
 def quality_gate(ctx, backend) -> str:
     """GATE_PASSED, or `allowed: <reason>` when the config opts out; raises RegisterRefused otherwise."""
     finetune = ctx.record.output("finetune") or {}
@@ -97,6 +113,10 @@ def quality_gate(ctx, backend) -> str:
     if untrained:
         reasons.append((untrained, "allow_untrained"))
     refused = [(why, key) for why, key in reasons if not gate.get(key, False)]
+    worse = improvement_refusal(ctx)
+    if worse:
+        raise RegisterRefused("quality gate: the model is not registered: " + "; ".join(
+            [worse] + [f"{why} (register.{key}=true registers it all the same)" for why, key in refused]))
     if refused:
         raise RegisterRefused("quality gate: the model is not registered: " + "; ".join(
             f"{why} (register.{key}=true registers it all the same)" for why, key in refused))
@@ -118,6 +138,7 @@ def run(ctx, backend: RegisterActions) -> RegisterResult:
     if verdict != GATE_PASSED:
         ctx.say(f"warning: registering a model that did not pass the quality gate: {verdict}")
     ctx.quality_gate = verdict  # the backend tags the version with it
+    ctx.version_tags.update(verdict_tags(EvaluateResult.from_outputs(ctx.record.output("evaluate"))))
     result = RegisterResult.from_outputs(backend.register(ctx))
     result.quality_gate = verdict
     return result

@@ -1,5 +1,6 @@
-"""After a sweep: one table of every job, the best job marked, a picture of their eval-loss curves, and the best
-job's model registered (and, if asked, deployed and tested).
+"""After a sweep: one table of every job, each with its place by `sweep.metric` (a fine-tune figure or an evaluate
+metric such as rouge_l), the best job marked, a picture of their eval-loss curves, and the best job's model
+registered (and, if asked, deployed and tested).
 
 Everything is read back from what the jobs left in their run directories (run_record.json, resolved_config.yaml)
 and from MLflow, so the summary can be rebuilt for any sweep directory: `python -m runner.sweep.summary DIR`.
@@ -65,7 +66,7 @@ def complete_deferred_jobs(sweep_dir, backend_factory=None) -> List[int]:
         deferred = record.get("deferred_steps")
         if not deferred or (job_dir / "collected" / RECORD_FILE).exists():
             continue
-        cfg = job_config(job_dir, steps=[s for s in deferred if s == "metrics"], from_run=str(job_dir),
+        cfg = job_config(job_dir, steps=[s for s in deferred if s in ("metrics", "evaluate")], from_run=str(job_dir),
                          dry_run=False, **{"backend.wait": True})
         print(f"\ncollecting job {job_dir.name} ({record['steps']['finetune']['outputs'].get('job_name')})")
         try:
@@ -137,12 +138,26 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def tables(jobs: List[Dict[str, Any]], best: Optional[Dict[str, Any]]) -> tuple[str, str]:
-    rows = [{**j, "best": "*" if best is not None and j["job"] == best["job"] else ""} for j in jobs]
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+def ranks(jobs: List[Dict[str, Any]], metric: str, direction: str) -> Dict[int, int]:
+    """job number -> its place by the sweep metric (1 = best), for the jobs that have a finite figure."""
+    scored = [j for j in jobs if j["status"] == "ok" and _finite(_figure(j["record"], metric))]
+    scored.sort(key=lambda j: _figure(j["record"], metric), reverse=direction == "maximize")
+    return {j["job"]: place for place, j in enumerate(scored, 1)}
+
+
+def tables(jobs: List[Dict[str, Any]], best: Optional[Dict[str, Any]], metric: str = "eval_loss",
+           direction: str = "minimize") -> tuple[str, str]:
+    """The jobs in job order, each with its place by the sweep metric (`rank`); a metric that is not one of the
+    fixed columns (an evaluate metric: rouge_l, ...) gets a column of its own."""
+    columns = COLUMNS if metric in COLUMNS else COLUMNS[:-3] + [metric] + COLUMNS[-3:]
+    columns = columns[:-2] + ["rank"] + columns[-2:]
+    places = ranks(jobs, metric, direction)
+    rows = [{**j, metric: _figure(j["record"], metric), "rank": places.get(j["job"]),
+             "best": "*" if best is not None and j["job"] == best["job"] else ""} for j in jobs]
+    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return "\n".join(md) + "\n", buf.getvalue()
@@ -201,7 +216,7 @@ def summarize_sweep(sweep_dir, sweep_cfg, *, finish_best: bool = True, backend_f
     complete_deferred_jobs(sweep_dir, backend_factory)
     jobs = collect_jobs(sweep_dir)
     best = pick_best(jobs, sweep_cfg.metric, sweep_cfg.direction)
-    md, csv_text = tables(jobs, best)
+    md, csv_text = tables(jobs, best, sweep_cfg.metric, sweep_cfg.direction)
     write_text(sweep_dir / "sweep_summary.md", md)
     write_text(sweep_dir / "sweep_summary.csv", csv_text)
     plot = plot_eval_curves(jobs, best, sweep_dir / "sweep_eval_loss.png")
