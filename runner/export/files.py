@@ -48,6 +48,13 @@ def human_size(n: int) -> str:
     return _human(n)
 
 
+def _usual_mode(path: Path, folder: bool) -> None:
+    """mkstemp/mkdtemp create owner-only entries; outputs get the usual umask-derived mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
+
+
 def _disk_full(exc: OSError) -> bool:
     return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
 
@@ -65,6 +72,7 @@ def staged_file(final, verify: Optional[Callable[[Path], None]] = None) -> Itera
         yield tmp
         if verify is not None:
             verify(tmp)
+        _usual_mode(tmp, folder=False)
         os.replace(tmp, final)
     except OSError as exc:
         if _disk_full(exc):
@@ -87,6 +95,7 @@ def staged_dir(final, verify: Optional[Callable[[Path], None]] = None) -> Iterat
         yield tmp
         if verify is not None:
             verify(tmp)
+        _usual_mode(tmp, folder=True)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)

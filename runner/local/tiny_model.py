@@ -49,16 +49,19 @@ def _default_corpus(seed: int) -> Iterable[str]:
 
 
 def _train_sentencepiece(corpus: Iterable[str], vocab_size: int) -> bytes:
-    """A SentencePiece BPE model with byte fallback, trained like Llama/Phi-3's (no text normalisation)."""
+    """A SentencePiece BPE model with byte fallback and no text normalisation, trained line by line as Llama's was
+    (so no piece holds a newline and a reply's first token never fuses with the prompt's last "\\n"), and without
+    a dummy prefix space (text right after a special token is tokenized as if it stood alone)."""
     import io
 
     import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(corpus)), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        sentence_iterator=(line for text in corpus for line in text.split("\n") if line), model_writer=model,
+        model_type="bpe", vocab_size=vocab_size,
         byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True, character_coverage=1.0,
+        add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True, character_coverage=1.0,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=1 << 20, num_threads=1, minloglevel=2,
     )
     return model.getvalue()
@@ -71,8 +74,8 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, model_max_length: in
     Why SentencePiece and not a byte-level BPE: llama.cpp's converter accepts a byte-level (GPT-2 style) BPE only
     when the token ids of a fixed probe text hash to one it knows, which no freshly trained vocabulary does; a
     Phi-3 with a `tokenizer.model` takes the converter's SentencePiece path instead, exactly as Phi-3-mini does.
-    The transformers side copies Phi-3's own tokenizer.json shape: the prefix space comes from a normalizer
-    (prepended to every piece of text, also after a special token), which is what llama.cpp's SPM tokenizer does.
+    Unlike Phi-3 no space is prepended to text (Phi-3 puts one after every special token), so the token ids of a
+    chat are the ids of its parts joined; the export tells llama.cpp so (tokenizer.ggml.add_space_prefix=false).
     """
     from tokenizers import decoders, normalizers
     from transformers import LlamaTokenizer
@@ -82,7 +85,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, model_max_length: in
     model_file.write_bytes(_train_sentencepiece(corpus, vocab_size - len(SPECIAL_TOKENS)))
     vocab, _, merges = SentencePieceExtractor(str(model_file)).extract()
     tok = LlamaTokenizer(
-        vocab=vocab, merges=merges, legacy=True, add_prefix_space=True,
+        vocab=vocab, merges=merges, legacy=False, add_prefix_space=False,
         bos_token="<s>", eos_token="<|end|>", unk_token="<unk>", pad_token="<|endoftext|>",
         additional_special_tokens=[t for t in SPECIAL_TOKENS if t != "<|end|>" and t != "<|endoftext|>"],
         extra_special_tokens=None, add_bos_token=False, add_eos_token=False,
@@ -91,10 +94,9 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, model_max_length: in
     )
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
     backend = tok.backend_tokenizer
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
     backend.pre_tokenizer = None
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(content=" ", left=1)])
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
