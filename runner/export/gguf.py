@@ -14,10 +14,12 @@ from typing import Callable, Dict, List, Optional
 
 from runner.export.converter import Converter
 from runner.export.errors import ExportError
+from runner.export.formats import GGUF_OUTTYPES
 from runner.export.files import check_free_space, staged_file, tree_size
 
 # format name -> (converter --outtype, llama.cpp file type id in general.file_type)
-GGUF_FORMATS: Dict[str, tuple] = {"gguf_f16": ("f16", 1), "gguf_q8_0": ("q8_0", 7), "gguf_q4_k_m": ("q4_k_m", 15)}
+_FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_k_m": 15}  # llama_ftype ids
+GGUF_FORMATS: Dict[str, tuple] = {fmt: (outtype, _FILE_TYPES[outtype]) for fmt, outtype in GGUF_OUTTYPES.items()}
 # bytes per parameter, for the free-space check (with the f16 intermediate for q4_k_m)
 _BYTES_PER_PARAM = {"gguf_f16": 2.0, "gguf_q8_0": 1.07, "gguf_q4_k_m": 2.0 + 0.6}
 

@@ -13,27 +13,21 @@ from typing import Callable, Dict, List, Optional
 from runner.atomic import write_json
 from runner.export import chat_template as ct
 from runner.export.errors import ExportError
+from runner.export.formats import DEFAULT_FORMATS, FORMATS, format_errors  # noqa: F401 - FORMATS re-exported
 from runner.export.files import describe, human_size, tree_size
 from runner.export.gguf import GGUF_FORMATS, conversion_view, export_gguf, gguf_filename, llama_cpp_library, \
     tokenizer_habits
 from runner.export.merged import copy_merged, is_adapter_dir, merge_adapter_dir
 from runner.export.modelfile import write_modelfile
-
-FORMATS = ("merged", *GGUF_FORMATS)
-DEFAULT_FORMATS = ("merged", "gguf_q8_0")
 # The Modelfile goes beside the smallest GGUF exported (what people run in Ollama).
 _OLLAMA_PREFERENCE = ("gguf_q4_k_m", "gguf_q8_0", "gguf_f16")
 RECORD = "export.json"
 
 
 def check_formats(formats) -> List[str]:
-    formats = list(formats or [])
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise ExportError(f"unknown export format(s) {', '.join(map(repr, unknown))}; the formats are "
-                          f"{', '.join(FORMATS)}")
-    if not formats:
-        raise ExportError(f"export.formats is empty; pick from {', '.join(FORMATS)}")
+    errors = format_errors(formats)
+    if errors:
+        raise ExportError(errors[0])
     return list(dict.fromkeys(formats))
 
 
