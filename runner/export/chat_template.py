@@ -41,6 +41,7 @@ class TemplateParts:
     generation_prompt: str
     default_system: Optional[str] = None  # what the template puts in when the chat has no system turn
     end_texts: List[str] = field(default_factory=list)  # special tokens that close an assistant turn
+    footer: str = ""  # text after the last message when no generation prompt is asked for (e.g. an EOS)
 
 
 def _jinja_render(template: str, special: Dict[str, str]) -> Render:
@@ -70,57 +71,104 @@ def _between(text: str, a: str, b: str) -> str:
     return text[i:j]
 
 
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
 def analyse(render: Render, special_tokens: List[str]) -> TemplateParts:
-    """Read the role wrappers off rendered probe chats; ExportError when the template has another shape."""
+    """Read the role wrappers off rendered probe chats; ExportError when the template has another shape.
+
+    Handles the shapes the Phi family ships: a BOS written by the template, a footer (e.g. EOS) written only when
+    no generation prompt is asked for, an assistant opening carried by the user turn (no separate generation
+    prompt), and templates that drop system turns."""
+    names = ("system", "user", "assistant", "user", "assistant")
+    s0, u1, a2, u3, a4 = (_S[r].format(i) for i, r in enumerate(names))
     try:
-        full = render(_chat("system", "user", "assistant", "user", "assistant"), False)
-        open_ = render(_chat("system", "user", "assistant", "user"), False)
-        with_gen = render(_chat("system", "user", "assistant", "user"), True)
+        full = render(_chat(*names), False)
+        open_ = render(_chat(*names[:4]), False)
+        with_gen = render(_chat(*names[:4]), True)
         no_system = render(_chat("user", "assistant"), False)
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - a template that cannot render the probes cannot be exported
         raise ExportError(f"the chat template does not render a plain system/user/assistant chat: "
                           f"{type(exc).__name__}: {exc}") from exc
+    if not all(x in full for x in (u1, a2, u3, a4)):
+        raise ExportError("the chat template drops user or assistant turns")
+    shared = _common_prefix(open_, with_gen)
+    if u3 not in shared:
+        raise ExportError("the chat template's generation prompt is not appended after the last message")
+    # Where the last user turn ends and the generation prompt (or footer) begins: the latest point both renderings
+    # share that does not cut a special token in two (e.g. "<|assistant|>" vs "<|endoftext|>" share "<|"), else
+    # an earlier one, whichever first gives parts that render every probe.
+    error = ExportError("the chat template's generation prompt could not be told apart from its last turn")
+    for cut in range(len(shared), shared.index(u3) + len(u3) - 1, -1):
+        if _cuts_a_token(open_, cut, special_tokens) or _cuts_a_token(with_gen, cut, special_tokens):
+            continue
+        try:
+            return _parts_at(render, special_tokens, full, no_system, open_[cut:], with_gen[cut:])
+        except ExportError as exc:
+            error = exc
+    raise error
+
+
+def _cuts_a_token(text: str, pos: int, tokens: List[str]) -> bool:
+    for token in tokens:
+        if not token:
+            continue
+        start = text.find(token, max(0, pos - len(token) + 1))
+        while start != -1 and start < pos:
+            if start < pos < start + len(token):
+                return True
+            start = text.find(token, start + 1)
+    return False
+
+
+def _parts_at(render: Render, special_tokens: List[str], full: str, no_system: str, footer: str,
+              gen: str) -> TemplateParts:
     s0, u1, a2, u3, a4 = (_S[r].format(i) for i, r in enumerate(("system", "user", "assistant", "user",
                                                                   "assistant")))
-    if not with_gen.startswith(open_):
-        raise ExportError("the chat template's generation prompt is not appended after the last message")
-    gen = with_gen[len(open_):]
     user_to_asst = _between(full, u1, a2)
-    if not gen or not user_to_asst.endswith(gen):
+    if not user_to_asst.endswith(gen):
         raise ExportError("the chat template's assistant turn does not start with its generation prompt")
     suffix = {"user": user_to_asst[: len(user_to_asst) - len(gen)]}
     prefix = {"assistant": gen}
     tail = full[full.index(a4) + len(a4):]
-    suffix["assistant"] = tail
+    if not tail.endswith(footer):
+        raise ExportError("the chat template ends a chat differently after an assistant turn")
+    suffix["assistant"] = tail[: len(tail) - len(footer)]
     asst_to_user = _between(full, a2, u3)
-    if not asst_to_user.startswith(tail):
+    if not asst_to_user.startswith(suffix["assistant"]):
         raise ExportError("the chat template closes assistant turns differently in the middle and at the end")
-    prefix["user"] = asst_to_user[len(tail):]
-    sys_to_user = _between(full, s0, u1)
-    if not sys_to_user.endswith(prefix["user"]):
-        raise ExportError("the chat template's user prefix differs after a system turn")
-    suffix["system"] = sys_to_user[: len(sys_to_user) - len(prefix["user"])]
-    head_sys = full[: full.index(s0)]
+    prefix["user"] = asst_to_user[len(suffix["assistant"]):]
     head_user = no_system[: no_system.index(_S["user"].format(0))]
-    default_system = None
-    head, prefix["system"] = "", head_sys
-    if head_user.endswith(prefix["user"]):
-        before_user = head_user[: len(head_user) - len(prefix["user"])]
+    if not head_user.endswith(prefix["user"]):
+        raise ExportError("the chat template wraps the first user turn differently from later ones")
+    before_user = head_user[: len(head_user) - len(prefix["user"])]
+    default_system, head = None, before_user
+    if s0 in full:
+        sys_to_user = _between(full, s0, u1)
+        if not sys_to_user.endswith(prefix["user"]):
+            raise ExportError("the chat template's user prefix differs after a system turn")
+        suffix["system"] = sys_to_user[: len(sys_to_user) - len(prefix["user"])]
+        head_sys = full[: full.index(s0)]
         if head_sys and before_user.startswith(head_sys) and before_user.endswith(suffix["system"]) and \
                 len(before_user) > len(head_sys) + len(suffix["system"]):
+            head, prefix["system"] = "", head_sys
             default_system = before_user[len(head_sys): len(before_user) - len(suffix["system"])]
         elif head_sys.startswith(before_user):
-            head, prefix["system"] = before_user, head_sys[len(before_user):]
+            prefix["system"] = head_sys[len(before_user):]
         else:
             raise ExportError("the chat template's opening text depends on the messages in a way this exporter "
                               "cannot express")
-    else:
-        raise ExportError("the chat template wraps the first user turn differently from later ones")
+    else:  # the template drops system turns: so does the Modelfile
+        prefix["system"] = suffix["system"] = None
     ends = [t for t in special_tokens if t and t in suffix["assistant"]]
     parts = TemplateParts(head=head, prefix=prefix, suffix=suffix, generation_prompt=gen,
-                          default_system=default_system, end_texts=ends)
+                          default_system=default_system, end_texts=ends, footer=footer)
     _check_parts(parts, render)
     return parts
 
@@ -128,12 +176,13 @@ def analyse(render: Render, special_tokens: List[str]) -> TemplateParts:
 def render_parts(parts: TemplateParts, messages: List[Dict[str, str]], add_generation_prompt: bool) -> str:
     """The prompt the parts describe (the reference the Go template is checked against, too)."""
     out = [parts.head]
-    if parts.default_system is not None and not any(m["role"] == "system" for m in messages):
+    if parts.default_system is not None and not any(m["role"] == "system" for m in messages) and \
+            parts.prefix["system"] is not None:
         out.append(parts.prefix["system"] + parts.default_system + parts.suffix["system"])
     for m in messages:
-        out.append(parts.prefix[m["role"]] + m["content"] + parts.suffix[m["role"]])
-    if add_generation_prompt:
-        out.append(parts.generation_prompt)
+        if parts.prefix[m["role"]] is not None:
+            out.append(parts.prefix[m["role"]] + m["content"] + parts.suffix[m["role"]])
+    out.append(parts.generation_prompt if add_generation_prompt else parts.footer)
     return "".join(out)
 
 

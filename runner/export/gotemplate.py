@@ -28,13 +28,15 @@ def _go_quote(text: str) -> str:
 
 def ollama_template(parts: TemplateParts) -> str:
     """One .Messages loop: each message between its role's prefix and suffix; after a last user message, the
-    generation prompt; a last assistant message is left open (Ollama continues it). Ollama itself puts the
+    generation prompt; a last assistant message is left open (Ollama continues it); system turns are dropped
+    where the chat template drops them. Ollama itself puts the
     Modelfile's SYSTEM in front of the messages when the request has no system message."""
     p, s = parts.prefix, parts.suffix
+    system = "" if p["system"] is None else _literal(p["system"]) + "{{ .Content }}" + _literal(s["system"])
     return (
         _literal(parts.head)
         + "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
-        + '{{ if eq .Role "system" }}' + _literal(p["system"]) + "{{ .Content }}" + _literal(s["system"])
+        + '{{ if eq .Role "system" }}' + system
         + '{{ else if eq .Role "user" }}' + _literal(p["user"]) + "{{ .Content }}" + _literal(s["user"])
         + "{{ if $last }}" + _literal(parts.generation_prompt) + "{{ end }}"
         + '{{ else if eq .Role "assistant" }}' + _literal(p["assistant"]) + "{{ .Content }}"
