@@ -267,3 +267,44 @@ def test_gguf_in_llama_cpp_matches_transformers(exported, fmt, floor):
     assert report.positions > 100
     assert report.agreement >= floor, report.as_dict()
     assert report.stopped == len(chats), report.replies
+
+
+# ---- the same on the real Phi-3 vocabulary and template -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def phi3_exported(sdist, tmp_path_factory):
+    from runner.export.pipeline import export_model
+    from tests.export_fixtures import build_phi3_vocab_model
+
+    folder = tmp_path_factory.mktemp("phi3-vocab")
+    model_dir = build_phi3_vocab_model(sdist, folder)
+    record = export_model(model_dir, folder / "out", ["gguf_f16", "gguf_q8_0"], name="phi3-vocab",
+                          converter=str(sdist), cache_dir=folder / "cache")
+    return model_dir, folder / "out", record
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt, floor", [("gguf_f16", 1.0), ("gguf_q8_0", 0.99)])
+def test_real_phi3_vocabulary_and_template_gguf_matches_transformers(phi3_exported, fmt, floor):
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runner.export.checks import compare, load_gguf
+    from tests.export_fixtures import _marked
+
+    model_dir, out, record = phi3_exported
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert len(tok) == 32064 and tok.convert_tokens_to_ids("<|end|>") == 32007
+    chats = [[m for m in c if m["role"] != "system"] for c in held_out_chats(6)]  # the template drops them
+    report = compare(load_gguf(record["outputs"][fmt]["path"]), model, tok, chats,
+                     mask_template=_marked(tok.chat_template))
+    assert report.tokenization_mismatches == []
+    assert report.agreement >= floor, report.as_dict()
+    assert report.stopped == len(chats), report.replies
+    modelfile = parse_modelfile((out / "gguf" / "Modelfile").read_text())
+    assert modelfile["stop"][0] == "<|end|>"
+    for chat in chats[:5]:
+        prompt = chat[:-1]
+        assert render_ollama(modelfile["TEMPLATE"], prompt) == \
+            tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

@@ -169,7 +169,7 @@ def locate_converter(setting: Optional[str], cache_dir, say: Optional[Callable[[
 
 
 def sdist_member(tarball, member: str, dest) -> Path:
-    """One file of the pinned sdist (e.g. vendor/llama.cpp/models/ggml-vocab-phi-3.gguf), copied to dest."""
+    """One file of the pinned sdist's vendor/llama.cpp/ (e.g. models/ggml-vocab-phi-3.gguf), copied to dest."""
     name = _PREFIX + member
     with tarfile.open(tarball, "r:gz") as tar:
         src = tar.extractfile(name)

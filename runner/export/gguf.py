@@ -162,7 +162,8 @@ def export_gguf(view_dir, out_path, fmt: str, converter: Converter, *, template:
     outtype, file_type = GGUF_FORMATS[fmt]
     out_path = Path(out_path)
     check_free_space(out_path.parent, int(n_params * _BYTES_PER_PARAM[fmt]), out_path.name)
-    log = Path(work_dir) / f"convert-{outtype}.log"
+    log = out_path.parent / "logs" / f"convert-{outtype}.log"  # kept: a failed conversion's whole story
+    log.parent.mkdir(parents=True, exist_ok=True)
 
     def verify(p):
         verify_gguf(p, file_type=file_type, template=template, end_token_id=end_token_id, habits=habits)
