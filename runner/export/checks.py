@@ -85,5 +85,6 @@ def _greedy(llm, model, tokenizer, prompt_chat, max_new_tokens, end_ids, report:
     theirs = tokenizer.decode([t for t in new if t not in end_ids], skip_special_tokens=False)
     hf_stopped = bool(new) and new[-1] in end_ids
     report.stopped += int(choice["finish_reason"] == "stop")
+    ours, theirs = ours.replace("\ufffd", ""), theirs.replace("\ufffd", "")  # a cut UTF-8 sequence
     report.same_reply += int(ours == theirs and hf_stopped == (choice["finish_reason"] == "stop"))
     report.replies.append({"llama_cpp": ours, "transformers": theirs, "finish_reason": choice["finish_reason"]})
