@@ -158,6 +158,21 @@ def test_a_converter_sdist_with_another_hash_is_refused(tmp_path):
         locate_converter(str(tmp_path / "nothing-here"), tmp_path / "cache")
 
 
+def test_the_converter_comes_from_the_pinned_sdist_in_the_cache(sdist, tmp_path, monkeypatch):
+    import subprocess
+
+    from runner.export import converter
+
+    (tmp_path / "download").mkdir()
+    (tmp_path / "download" / sdist.name).symlink_to(sdist)  # as a previous `pip download` left it
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("no pip call when the sdist is cached"))
+    conv = converter.locate_converter(None, tmp_path)
+    assert conv.script.is_file() and (conv.root / "conversion" / "phi.py").is_file()
+    assert "from the package registry (sha256 checked)" in conv.origin
+    assert {"Phi3ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM"} <= conv.architectures()
+    assert not (conv.root / "src").exists()  # only the converter's files are extracted
+
+
 def test_q4_k_m_without_the_llama_cpp_library_is_refused_naming_it(tiny_model_dir, tmp_path, monkeypatch):
     from runner.export.pipeline import export_model
 
