@@ -233,6 +233,7 @@ def test_merged_model_reloads_with_the_adapter_models_logits(trained, tiny_model
         ids = torch.tensor([tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]])
         with torch.no_grad():
             worst = max(worst, (adapter(ids).logits - merged(ids).logits).abs().max().item())
+    print(f"\nmerged vs adapter: max |logit difference| {worst:.3g}")
     assert worst < 1e-4, worst
     # and the fine-tune's own final model went through the same save (tokenizer.model included)
     from pathlib import Path
@@ -278,6 +279,7 @@ def test_gguf_in_llama_cpp_matches_transformers(exported, fmt, floor):
     tok = AutoTokenizer.from_pretrained(merged)
     chats = held_out_chats(6)
     report = compare(load_gguf(record["outputs"][fmt]["path"]), model, tok, chats)
+    print(f"\ntiny {fmt}: {report.as_dict()}")
     assert report.tokenization_mismatches == []
     assert report.positions > 100
     assert report.agreement >= floor, report.as_dict()
@@ -314,6 +316,7 @@ def test_real_phi3_vocabulary_and_template_gguf_matches_transformers(phi3_export
     chats = [[m for m in c if m["role"] != "system"] for c in held_out_chats(6)]  # the template drops them
     report = compare(load_gguf(record["outputs"][fmt]["path"]), model, tok, chats,
                      mask_template=_marked(tok.chat_template))
+    print(f"\nphi-3 vocab {fmt}: {report.as_dict()}")
     assert report.tokenization_mismatches == []
     assert report.agreement >= floor, report.as_dict()
     assert report.stopped == len(chats), report.replies
