@@ -7,15 +7,13 @@ and only then renamed to its final name.
 import ctypes
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 from runner.export.converter import Converter
 from runner.export.errors import ExportError
 from runner.export.formats import GGUF_OUTTYPES
-from runner.export.files import check_free_space, staged_file, tree_size
+from runner.export.files import check_free_space, staged_file
 
 # format name -> (converter --outtype, llama.cpp file type id in general.file_type)
 _FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_k_m": 15}  # llama_ftype ids

@@ -35,14 +35,15 @@ def check_merged_dir(path, require_chat_template: bool = True) -> None:
     """What a runtime needs is present: config, safetensors weights, a tokenizer, generation config and (for an
     export) a chat template (file or tokenizer_config entry)."""
     path = Path(path)
-    missing = [n for n in ("config.json", "generation_config.json", "tokenizer_config.json") if not (path / n).is_file()]
+    required = ("config.json", "generation_config.json", "tokenizer_config.json")
+    missing = [n for n in required if not (path / n).is_file()]
     if not any(path.glob("*.safetensors")):
         missing.append("*.safetensors")
     if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
         missing.append("tokenizer.json or tokenizer.model")
-    has_template = (path / "chat_template.jinja").is_file() or "chat_template" in json.loads(
-        (path / "tokenizer_config.json").read_text(encoding="utf-8")) if (path / "tokenizer_config.json").is_file() \
-        else False
+    config = path / "tokenizer_config.json"
+    has_template = (path / "chat_template.jinja").is_file() or (
+        config.is_file() and "chat_template" in json.loads(config.read_text(encoding="utf-8")))
     if require_chat_template and not has_template:
         missing.append("chat template")
     if missing:

@@ -5,7 +5,7 @@ metadata is what makes exported models ramble; an explicit TEMPLATE and stop lis
 import re
 import shlex
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List
 
 from runner.export.chat_template import PROBE_CHATS, Render, TemplateParts
 from runner.export.errors import ExportError

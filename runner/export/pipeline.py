@@ -83,10 +83,12 @@ def _generation_eos(tokenizer, folder: Path) -> List[str]:
 
 
 def export_model(model_dir, out_dir, formats=DEFAULT_FORMATS, *, name: str, converter: Optional[str] = None,
-                 cache_dir=None, base_dir: Optional[str] = None,
+                 cache_dir=None, base_dir: Optional[str] = None, check_chats: Optional[List[List[Dict]]] = None,
                  say: Callable[[str], None] = print) -> Dict:
     """Export the model in model_dir as formats under out_dir; returns (and writes to out_dir/export.json) the
-    outputs' paths, sizes and sha256, the end tokens and the `ollama create` command."""
+    outputs' paths, sizes and sha256, the end tokens and the `ollama create` command. check_chats (held-out chats
+    ending in an assistant turn): each GGUF is compared with the merged model in llama.cpp (where llama-cpp-python
+    is installed) and the figures recorded under "checks"."""
     formats = check_formats(formats)
     model_dir, out_dir = check_source(model_dir), Path(out_dir)
     config = _source_config(model_dir, base_dir)
@@ -118,6 +120,8 @@ def export_model(model_dir, out_dir, formats=DEFAULT_FORMATS, *, name: str, conv
             record["outputs"].update(extra.pop("outputs"))
             record.update(extra)
         record["converter"] = conv.origin if conv else None
+        if ggufs and check_chats:
+            record["checks"] = _check_ggufs(merged_dir, record["outputs"], check_chats, say)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_json(out_dir / RECORD, record)
@@ -126,6 +130,31 @@ def export_model(model_dir, out_dir, formats=DEFAULT_FORMATS, *, name: str, conv
     if record.get("ollama"):
         say(f"export: Ollama: {record['ollama']['command']}")
     return record
+
+
+def _check_ggufs(merged_dir: Path, outputs: Dict, chats: List[List[Dict]], say: Callable[[str], None]) -> Dict:
+    """llama.cpp against transformers on held-out chats, per GGUF (runner/export/checks.py)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        say("export: llama-cpp-python is not installed; the GGUFs were not re-checked in llama.cpp")
+        return {"skipped": "llama-cpp-python not installed"}
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runner.export.checks import compare, load_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    checks = {}
+    for fmt, info in outputs.items():
+        if fmt in GGUF_FORMATS:
+            report = compare(load_gguf(info["path"]), model, tokenizer, chats).as_dict()
+            checks[fmt] = report
+            same = "same" if not report["tokenization_mismatches"] else "DIFFERS"
+            say(f"export: llama.cpp check {fmt}: tokenization {same}, argmax agreement {report['agreement']:.1%} "
+                f"of {report['positions']} assistant positions, {report['stopped']}/{report['chats']} greedy replies stopped on the end token")
+    return checks
 
 
 def _export_ggufs(merged_dir: Path, gguf_dir: Path, ggufs: List[str], conv, work: Path, config: Dict, name: str,

@@ -2,8 +2,9 @@
 
 No model hub is reachable here, so the default run and the tests use a model the project builds itself: random
 init (seeded), transformers' Phi3 classes, a tokenizer trained with `sentencepiece` on the sample chats plus
-offline English text (shaped like Phi-3-mini's, so llama.cpp's converter takes it), and a Phi-3-style chat template. It is written with save_pretrained, so every later
-step loads it exactly as it would load a downloaded model.
+offline English text (shaped like Phi-3-mini's, so llama.cpp's converter takes it), and a Phi-3-style chat
+template. It is written with save_pretrained, so every later step loads it exactly as it would load a downloaded
+model.
 """
 
 import hashlib
