@@ -39,7 +39,8 @@ def exported(trained, sdist, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("export-out")
     record = export_model(trained["final_model_dir"], out, ["merged", "gguf_f16", "gguf_q8_0"], name="tiny-phi3-sample",
-                          converter=str(sdist), cache_dir=out.parent / "converter-cache")
+                          converter=str(sdist), cache_dir=out.parent / "converter-cache",
+                          check_chats=held_out_chats(6))  # the export's own llama.cpp re-check
     return out, record
 
 
@@ -267,23 +268,16 @@ def test_export_writes_the_formats_with_sizes_and_sha256(exported):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt, floor", [("gguf_f16", 1.0), ("gguf_q8_0", 0.99)])
 def test_gguf_in_llama_cpp_matches_transformers(exported, fmt, floor):
+    """The export's own re-check (runner/export/checks.py, recorded in export.json) on 6 held-out chats."""
     pytest.importorskip("llama_cpp")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from runner.export.checks import compare, load_gguf
-
     out, record = exported
-    merged = out / "merged"
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(merged)
-    chats = held_out_chats(6)
-    report = compare(load_gguf(record["outputs"][fmt]["path"]), model, tok, chats)
-    print(f"\ntiny {fmt}: {report.as_dict()}")
-    assert report.tokenization_mismatches == []
-    assert report.positions > 100
-    assert report.agreement >= floor, report.as_dict()
-    assert report.stopped == len(chats), report.replies
+    report = record["checks"][fmt]
+    print(f"\ntiny {fmt}: {report}")
+    assert json.loads((out / "export.json").read_text())["checks"][fmt] == json.loads(json.dumps(report))
+    assert report["chats"] == 6 and report["tokenization_mismatches"] == []
+    assert report["positions"] > 100
+    assert report["agreement"] >= floor, report
+    assert report["stopped"] == report["chats"], report
 
 
 # ---- the same on the real Phi-3 vocabulary and template -------------------------------------------------------------
@@ -315,7 +309,7 @@ def test_real_phi3_vocabulary_and_template_gguf_matches_transformers(phi3_export
     assert len(tok) == 32064 and tok.convert_tokens_to_ids("<|end|>") == 32007
     chats = [[m for m in c if m["role"] != "system"] for c in held_out_chats(6)]  # the template drops them
     report = compare(load_gguf(record["outputs"][fmt]["path"]), model, tok, chats,
-                     mask_template=_marked(tok.chat_template))
+                     mask_template=_marked(tok.chat_template), end_tokens=record["chat_template"]["end_tokens"])
     print(f"\nphi-3 vocab {fmt}: {report.as_dict()}")
     assert report.tokenization_mismatches == []
     assert report.agreement >= floor, report.as_dict()

@@ -40,15 +40,16 @@ def _assistant_mask(tokenizer, messages, template: Optional[str]):
 
 
 def compare(llm, model, tokenizer, chats: List[List[Dict[str, str]]], *, max_new_tokens: int = 48,
-            mask_template: Optional[str] = None) -> CheckReport:
+            mask_template: Optional[str] = None, end_tokens: Optional[List[str]] = None) -> CheckReport:
     """Compare llm (a loaded GGUF) with the transformers model on chats (each ending in an assistant turn).
     mask_template: a template with {% generation %} markers to find the assistant positions (default: the
-    tokenizer's)."""
+    tokenizer's); end_tokens: what ends a reply on the transformers side (default: its EOS), as the export's stop
+    list says."""
     import numpy as np
     import torch
 
     report = CheckReport(chats=len(chats))
-    end_ids = {tokenizer.eos_token_id}
+    end_ids = {tokenizer.convert_tokens_to_ids(t) for t in end_tokens} if end_tokens else {tokenizer.eos_token_id}
     for i, chat in enumerate(chats):
         text = tokenizer.apply_chat_template(chat, tokenize=False, chat_template=mask_template)
         hf_ids = tokenizer(text, add_special_tokens=False)["input_ids"]

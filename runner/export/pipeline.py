@@ -121,7 +121,8 @@ def export_model(model_dir, out_dir, formats=DEFAULT_FORMATS, *, name: str, conv
             record.update(extra)
         record["converter"] = conv.origin if conv else None
         if ggufs and check_chats:
-            record["checks"] = _check_ggufs(merged_dir, record["outputs"], check_chats, say)
+            record["checks"] = _check_ggufs(merged_dir, record["outputs"], check_chats,
+                                            record["chat_template"]["end_tokens"], say)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_json(out_dir / RECORD, record)
@@ -132,7 +133,8 @@ def export_model(model_dir, out_dir, formats=DEFAULT_FORMATS, *, name: str, conv
     return record
 
 
-def _check_ggufs(merged_dir: Path, outputs: Dict, chats: List[List[Dict]], say: Callable[[str], None]) -> Dict:
+def _check_ggufs(merged_dir: Path, outputs: Dict, chats: List[List[Dict]], end_tokens: List[str],
+                 say: Callable[[str], None]) -> Dict:
     """llama.cpp against transformers on held-out chats, per GGUF (runner/export/checks.py)."""
     try:
         import llama_cpp  # noqa: F401
@@ -149,7 +151,8 @@ def _check_ggufs(merged_dir: Path, outputs: Dict, chats: List[List[Dict]], say: 
     checks = {}
     for fmt, info in outputs.items():
         if fmt in GGUF_FORMATS:
-            report = compare(load_gguf(info["path"]), model, tokenizer, chats).as_dict()
+            llm = load_gguf(info["path"])
+            report = compare(llm, model, tokenizer, chats, end_tokens=end_tokens).as_dict()
             checks[fmt] = report
             same = "same" if not report["tokenization_mismatches"] else "DIFFERS"
             say(f"export: llama.cpp check {fmt}: tokenization {same}, argmax agreement {report['agreement']:.1%} "
