@@ -156,7 +156,8 @@ def _check_ggufs(merged_dir: Path, outputs: Dict, chats: List[List[Dict]], end_t
             checks[fmt] = report
             same = "same" if not report["tokenization_mismatches"] else "DIFFERS"
             say(f"export: llama.cpp check {fmt}: tokenization {same}, argmax agreement {report['agreement']:.1%} "
-                f"of {report['positions']} assistant positions, {report['stopped']}/{report['chats']} greedy replies stopped on the end token")
+                f"of {report['positions']} assistant positions, {report['stopped']}/{report['chats']} greedy "
+                f"replies stopped on the end token")
     return checks
 
 
