@@ -14,6 +14,7 @@ from runner.export.converter import Converter
 from runner.export.errors import ExportError
 from runner.export.formats import GGUF_OUTTYPES
 from runner.export.files import check_free_space, staged_file
+from runner.export.merged import copy_side_files
 
 # format name -> (converter --outtype, llama.cpp file type id in general.file_type)
 _FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_k_m": 15}  # llama_ftype ids
@@ -49,7 +50,7 @@ def tokenizer_habits(tokenizer) -> Dict[str, bool]:
             "add_space_prefix": bool(pieces) and pieces[0].startswith("\u2581")}
 
 
-def conversion_view(merged_dir, into, template: str, end_token: str, tokenizer) -> Path:
+def conversion_view(merged_dir, into, template: str, end_token: str, tokenizer, base_dir=None) -> Path:
     """A folder of links to the merged model's files, with the tokenizer files the converter reads rewritten: the
     chat template without training markers, the end-of-turn token as EOS and the BOS/EOS habits of the
     transformers tokenizer (llama.cpp's SentencePiece default would add a BOS the model never saw)."""
@@ -64,6 +65,7 @@ def conversion_view(merged_dir, into, template: str, end_token: str, tokenizer) 
     cfg.update(add_bos_token=habits["add_bos_token"], add_eos_token=habits["add_eos_token"], eos_token=end_token)
     (into / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
     (into / "chat_template.jinja").write_text(template, encoding="utf-8")
+    copy_side_files(base_dir, into)  # e.g. the base's tokenizer.model, when an older save left it out
     return into
 
 

@@ -116,7 +116,7 @@ def export_model(model_dir, out_dir, formats=DEFAULT_FORMATS, *, name: str, conv
         if "merged" in formats:
             record["outputs"]["merged"] = describe(merged_dir)
         if ggufs:
-            extra = _export_ggufs(merged_dir, out_dir / "gguf", ggufs, conv, work, config, name, say)
+            extra = _export_ggufs(merged_dir, out_dir / "gguf", ggufs, conv, work, config, name, say, base_dir)
             record["outputs"].update(extra.pop("outputs"))
             record.update(extra)
         record["converter"] = conv.origin if conv else None
@@ -162,7 +162,7 @@ def _check_ggufs(merged_dir: Path, outputs: Dict, chats: List[List[Dict]], end_t
 
 
 def _export_ggufs(merged_dir: Path, gguf_dir: Path, ggufs: List[str], conv, work: Path, config: Dict, name: str,
-                  say: Callable[[str], None]) -> Dict:
+                  say: Callable[[str], None], base_dir: Optional[str] = None) -> Dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
@@ -170,7 +170,7 @@ def _export_ggufs(merged_dir: Path, gguf_dir: Path, ggufs: List[str], conv, work
     end_token = ends[0]
     end_id = tokenizer.convert_tokens_to_ids(end_token)
     habits = tokenizer_habits(tokenizer)
-    view = conversion_view(merged_dir, work / "view", template, end_token, tokenizer)
+    view = conversion_view(merged_dir, work / "view", template, end_token, tokenizer, base_dir)
     n_params = _n_params(config, merged_dir)
     outputs, paths = {}, {}
     for fmt in ggufs:
