@@ -417,6 +417,24 @@ class RegisterConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Take the model with you (runner/export/): merged safetensors, GGUF through llama.cpp's own converter, and an
+    Ollama Modelfile beside the GGUF."""
+
+    # any of merged, gguf_f16, gguf_q8_0, gguf_q4_k_m (q4_k_m needs the llama.cpp library: the `export` extra)
+    formats: List[str] = list_field("merged", "gguf_q8_0")
+    model: Optional[str] = None  # models:/NAME/VERSION or a model folder; unset: this run's (or from_run's) model
+    # llama.cpp's converter: unset fetches the pinned llama-cpp-python sdist with pip into cache_dir; or a path to
+    # that sdist, a folder holding it, or a llama.cpp folder with convert_hf_to_gguf.py
+    converter: Optional[str] = None
+    cache_dir: str = "${paths.root}/cache/llama.cpp-converter"
+    output_dir: Optional[str] = None  # unset: <run dir>/export
+    name: Optional[str] = None  # GGUF file and Ollama model name; unset: the registered model name
+    # held-out chats llama.cpp re-checks after the export (tokenization, argmax agreement, stopping); 0: skip
+    check_chats: int = bounded(5, 0, 1000)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     compute: ComputeConfig = MISSING
@@ -434,6 +452,7 @@ class RunConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def register_configs() -> None:
@@ -563,6 +582,9 @@ def validate(cfg: Any) -> None:
             f"{dict(cfg.deployment.traffic)}"
         )
     errors += _dict_value_errors(cfg)
+    from runner.export.formats import format_errors  # light: names only
+
+    errors += format_errors(cfg.export.formats)
     errors += kind_errors(cfg)  # compute/deployment presets of the backend's kind (reads conf/)
     errors += route_errors(cfg)  # the Azure route's combinations
     if errors:
