@@ -26,7 +26,8 @@ from runner.presets import kind_errors
 # Keys of the finetune group that steer the runner and are no component input (never sent as one).
 RUNNER_FINETUNE_KEYS = ("local", "route", "attach_job")
 
-STEPS = ["connect", "model", "compute", "data", "finetune", "metrics", "register", "deploy", "test", "cleanup"]
+STEPS = ["connect", "model", "compute", "data", "finetune", "metrics", "register", "export", "deploy", "test",
+         "cleanup"]
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit unsigned
 # one token to read and one to predict: the shortest sequence a causal LM trains on
