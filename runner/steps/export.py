@@ -92,6 +92,9 @@ def _plan(ctx, model_uri: str, source: Dict[str, Any], out_dir: Path) -> ExportR
 def run(ctx, backend: ExportActions) -> ExportResult:
     from runner.export.pipeline import check_formats, export_model
 
+    import logging
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf-py's per-file INFO lines: the step says what matters
     cfg = ctx.cfg.export
     formats = check_formats(list(cfg.formats))
     model_uri, registered = chosen_model(ctx)
