@@ -278,3 +278,12 @@ def test_azureml_export_refuses_a_version_registered_again_for_another_job(tiny_
         run(cfg, run_dir=tmp_path / "run", backend=AzureMLBackend(cfg, clients=world.clients()))
     assert not world.find("workspace.models.download")
     _nothing_written(tmp_path / "run")
+
+
+def test_local_dry_run_plans_the_export(tmp_path):
+    import yaml
+
+    run(compose_cfg(["dry_run=true", "export.formats=[gguf_f16]"]), run_dir=tmp_path / "run")
+    plan = yaml.safe_load((tmp_path / "run" / "plan" / "plan.yaml").read_text())
+    assert "export" in plan["steps"] and plan["export"]["formats"] == ["gguf_f16"]
+    assert "register step" in plan["export"]["model"] and not (tmp_path / "run" / "export").exists()
