@@ -272,8 +272,8 @@ def test_azureml_export_refuses_a_version_registered_again_for_another_job(tiny_
                 "source": "azureml://jobs/our_job/outputs/trained_model"}
     (earlier / "run_record.json").write_text(json.dumps({"run_dir": str(earlier), "backend": "azureml", "steps": {
         "register": {"status": "ok", "outputs": register}}}))
-    cfg = compose_cfg(["experiment=phi3_ultrachat", "model.allow_archived=true", f"backend.config_path={tmp_path / 'x'}",
-                       *WS_IDS, "steps=[connect,export]", f"from_run={earlier}", "export.formats=[merged]"])
+    cfg = compose_cfg(["experiment=phi3_ultrachat", "model.allow_archived=true",
+                       f"backend.config_path={tmp_path / 'x'}", *WS_IDS, "steps=[connect,export]", f"from_run={earlier}", "export.formats=[merged]"])
     with pytest.raises(RegisteredModelChanged, match="other_job.*our_job"):
         run(cfg, run_dir=tmp_path / "run", backend=AzureMLBackend(cfg, clients=world.clients()))
     assert not world.find("workspace.models.download")

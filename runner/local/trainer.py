@@ -23,7 +23,6 @@ What this module adds around it:
 
 import json
 import math
-import shutil
 import signal
 import tempfile
 import time
