@@ -26,8 +26,8 @@ from runner.presets import kind_errors
 # Keys of the finetune group that steer the runner and are no component input (never sent as one).
 RUNNER_FINETUNE_KEYS = ("local", "route", "attach_job")
 
-STEPS = ["connect", "model", "compute", "data", "finetune", "metrics", "evaluate", "register", "deploy", "test",
-         "cleanup"]
+STEPS = ["connect", "model", "compute", "data", "finetune", "metrics", "evaluate", "register", "export",
+         "deploy", "test", "cleanup"]
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit unsigned
 MIN_SEQ_LENGTH = 2  # one token to read and one to predict: the shortest sequence a causal LM trains on
@@ -445,6 +445,24 @@ class EvaluateConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Take the model with you (runner/export/): merged safetensors, GGUF through llama.cpp's own converter, and an
+    Ollama Modelfile beside the GGUF."""
+
+    # any of merged, gguf_f16, gguf_q8_0, gguf_q4_k_m (q4_k_m needs the llama.cpp library: the `export` extra)
+    formats: List[str] = list_field("merged", "gguf_q8_0")
+    model: Optional[str] = None  # models:/NAME/VERSION or a model folder; unset: this run's (or from_run's) model
+    # llama.cpp's converter: unset fetches the pinned llama-cpp-python sdist with pip into cache_dir; or a path to
+    # that sdist, a folder holding it, or a llama.cpp folder with convert_hf_to_gguf.py
+    converter: Optional[str] = None
+    cache_dir: str = "${paths.root}/cache/llama.cpp-converter"
+    output_dir: Optional[str] = None  # unset: <run dir>/export
+    name: Optional[str] = None  # GGUF file and Ollama model name; unset: the registered model name
+    # held-out chats llama.cpp re-checks after the export (tokenization, argmax agreement, stopping); 0: skip
+    check_chats: int = bounded(5, 0, 1000)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     compute: ComputeConfig = MISSING
@@ -464,6 +482,7 @@ class RunConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
     test: TestStepConfig = field(default_factory=TestStepConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def register_configs() -> None:
@@ -594,6 +613,9 @@ def validate(cfg: Any) -> None:
         )
     errors += _dict_value_errors(cfg)
     errors += evaluate_config_errors(cfg)  # metric names (runner/evaluation/names.py)
+    from runner.export.formats import format_errors  # light: names only
+
+    errors += format_errors(cfg.export.formats)
     errors += kind_errors(cfg)  # compute/deployment presets of the backend's kind (reads conf/)
     errors += route_errors(cfg)  # the Azure route's combinations
     if errors:

@@ -1,6 +1,6 @@
 """The workflow: the notebook's steps, in order, over one resolved config.
 
-    connect → model → compute → data → finetune → metrics → evaluate → register → deploy → test → cleanup
+    connect → model → compute → data → finetune → metrics → evaluate → register → export → deploy → test → cleanup
 
 `steps=[...]` selects which run (always in this order). Each step reads the config and earlier steps' outputs
 (from this run's record, or an earlier run's with `from_run=`), asks the backend to do its part, and its outputs go
@@ -171,6 +171,16 @@ SUMMARY_KEYS = [
 ]
 
 
+def _export_lines(record: RunRecord) -> list:
+    """Each exported format's path and size (the export step's outputs)."""
+    if record.status("export") != "ok":
+        return []
+    from runner.export.files import human_size
+
+    outputs = record.output("export", "outputs") or {}
+    return [f"  {'export ' + fmt:<18} {info['path']} ({human_size(info['bytes'])})" for fmt, info in outputs.items()]
+
+
 def _print_summary(record: RunRecord) -> None:
     lines = []
     for step, key, label in SUMMARY_KEYS:
@@ -181,5 +191,6 @@ def _print_summary(record: RunRecord) -> None:
                     value = value.get("plot") or value.get("summary_md") or json.dumps(value)
                 text = figure(value) if isinstance(value, float) else str(value)
                 lines.append(f"  {label:<18} {text if len(text) < 300 else text[:297] + '...'}")
+    lines += _export_lines(record)
     lines.append(f"  {'run record':<18} {record.path}")
     print("\nSummary\n" + "\n".join(lines), flush=True)

@@ -213,6 +213,7 @@ class AzureWorld:
         self.workspace_kind = "project"  # an AI Foundry hub's project ("default": a plain Azure ML workspace)
         self.finetuning_jobs: Dict[str, Any] = {}
         self.workspace_models: Dict[str, List[Any]] = {}  # name -> versions, oldest first
+        self.model_files: Dict[tuple, Any] = {}  # (name, version) -> a folder models.download copies
         self.serverless_endpoints: Dict[str, Any] = {}
         self.serverless_scoring_uri: Optional[str] = None  # e.g. a test's 127.0.0.1 server; None: an Azure URI
         self.serverless_keys = ("PRIMARY-KEY-VALUE", "SECONDARY-KEY-VALUE")
@@ -455,6 +456,8 @@ class AzureWorld:
             return self._finetuning_job(args[0] if args else kwargs["name"])
         if name == "workspace.models.get":
             return self._workspace_model(*args, **kwargs)
+        if name == "workspace.models.download":
+            return self._download_model(*args, **kwargs)
         if name.startswith("workspace.serverless_endpoints."):
             return self._serverless(name.rsplit(".", 1)[1], args, kwargs)
         if name == "workspace.jobs.create_or_update" and getattr(args[0] if args else kwargs.get("job"), "type",
@@ -630,6 +633,18 @@ class AzureWorld:
         if not found:
             raise ResourceNotFoundError(f"model {name} (version {version}, label {label}) not found in the workspace")
         return found[0]
+
+    def _download_model(self, name, version, download_path="."):
+        """ModelOperations.download as azure-ai-ml 1.x does it: the version's files (here `model_files[(name,
+        version)]`, a folder) land in <download_path>/<name>/<the asset folder's base name>/; an unknown version is
+        the service's ResourceNotFoundError."""
+        import shutil
+
+        self._workspace_model(name, version)  # the SDK GETs the version first
+        files = self.model_files.get((name, str(version)))
+        if files is None:
+            raise AssertionError(f"the test double holds no files for model {name}:{version} (world.model_files)")
+        shutil.copytree(files, Path(download_path) / name / Path(files).name, dirs_exist_ok=True)
 
     def _serverless(self, method: str, args: tuple, kwargs: dict):
         """ServerlessEndpointOperations as the service answers it, with the SDK's own refusal of a model_id that

@@ -19,12 +19,16 @@ def _rows(metrics_file):
     return [json.loads(line) for line in Path(metrics_file).read_text().splitlines()]
 
 
-def test_two_full_runs_at_once_on_one_fresh_state_root(tmp_path, ftrun_home):
+def test_two_full_runs_at_once_on_one_fresh_state_root(tmp_path, ftrun_home, request):
+    from tests.export_fixtures import locate_sdist
+
     assert not ftrun_home.exists()  # fresh: no MLflow store, no tiny model, no data yet
     env = {**os.environ, "FTRUN_HOME": str(ftrun_home), "PYTHONPATH": str(REPO)}
+    sdist = locate_sdist(request.config.cache.mkdir("llama-cpp-python-sdist"))  # both extract it into one cache
     # The defaults, shrunk only in length (as test_e2e_local does), the same command for both, no run dir given.
     cmd = [sys.executable, "-m", "runner.cli", "finetune.max_steps=12", "finetune.eval_steps=6",
-           "evaluate.max_rows=8", "evaluate.max_new_tokens=16"]  # the evaluate step kept short
+           "evaluate.max_rows=8", "evaluate.max_new_tokens=16",  # the evaluate step kept short
+           f"export.converter={sdist}"]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=1200)[0] for p in procs]
@@ -37,6 +41,10 @@ def test_two_full_runs_at_once_on_one_fresh_state_root(tmp_path, ftrun_home):
     ft = [r["steps"]["finetune"]["outputs"] for r in records]
     reg = [r["steps"]["register"]["outputs"] for r in records]
     dep = [r["steps"]["deploy"]["outputs"] for r in records]
+    # each exported its own registered version into its own run dir
+    exported = [r["steps"]["export"]["outputs"] for r in records]
+    assert [e["model_uri"] for e in exported] == [r["model_uri"] for r in reg]
+    assert all(e["out_dir"] == str(d / "export") for e, d in zip(exported, run_dirs))
 
     # distinct registered versions of one model
     assert reg[0]["name"] == reg[1]["name"] and {reg[0]["version"], reg[1]["version"]} == {1, 2}

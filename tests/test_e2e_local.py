@@ -1,5 +1,5 @@
-"""The README's main command, end to end on the local backend: all eleven steps, the evaluate step's verdict, the
-fine-tuned model's reply."""
+"""The README's main command, end to end on the local backend: all twelve steps, the evaluate step's verdict, the
+export's files, the fine-tuned model's reply."""
 
 import json
 import os
@@ -15,21 +15,26 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_whole_workflow_on_the_local_defaults(tmp_path, ftrun_home):
+def test_whole_workflow_on_the_local_defaults(tmp_path, ftrun_home, request):
+    from tests.export_fixtures import locate_sdist
+
     run_dir = tmp_path / "run"
     env = {**os.environ, "FTRUN_HOME": str(ftrun_home)}
+    # llama.cpp's converter from the pinned sdist pytest caches (ftrun itself fetches it with pip on first use)
+    sdist = locate_sdist(request.config.cache.mkdir("llama-cpp-python-sdist"))
     # The defaults, shrunk only in length: a few optimizer steps instead of three epochs.
     # test.rows: the endpoint also answers 4 of the evaluate step's rows (its replies must equal evaluate's)
     proc = subprocess.run(
         [sys.executable, "-m", "runner.cli", "finetune.max_steps=12", "finetune.eval_steps=6",
-         "evaluate.max_rows=16", "evaluate.max_new_tokens=24", "test.rows=4", f"hydra.run.dir={run_dir}"],
+         "evaluate.max_rows=16", "evaluate.max_new_tokens=24", "test.rows=4", f"export.converter={sdist}",
+         f"hydra.run.dir={run_dir}"],
         cwd=REPO, capture_output=True, text=True, timeout=900, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     record = json.loads((run_dir / "run_record.json").read_text())
     assert record["status"] == "ok"
     assert list(record["steps"]) == ["connect", "model", "compute", "data", "finetune", "metrics", "evaluate",
-                                     "register", "deploy", "test", "cleanup"]
+                                     "register", "export", "deploy", "test", "cleanup"]
     assert all(step["status"] == "ok" for step in record["steps"].values())
     _check_evaluation(record, run_dir, proc.stdout)
 
@@ -51,6 +56,14 @@ def test_whole_workflow_on_the_local_defaults(tmp_path, ftrun_home):
         assert s.connect_ex(("127.0.0.1", deploy["port"])) != 0
     assert not os.path.exists(deploy["key_file"])
     assert "Summary" in proc.stdout and "sample reply" in proc.stdout
+
+    # the export: the merged folder and a q8_0 GGUF under the run dir, their paths and sizes printed
+    export = record["steps"]["export"]["outputs"]
+    assert sorted(export["outputs"]) == ["gguf_q8_0", "merged"]
+    for fmt, info in export["outputs"].items():
+        assert info["path"].startswith(str(run_dir / "export")) and os.path.exists(info["path"])
+        assert re.search(rf"export {fmt} +{re.escape(info['path'])} \(\d+\.\d (KiB|MiB)\)", proc.stdout), fmt
+    assert export["outputs"]["gguf_q8_0"]["path"].endswith("-q8_0.gguf")
 
     # figures rounded; known-harmless library noise silenced at its source
     assert re.search(r"eval loss \d+\.\d{3} -> \d+\.\d{3} in 12 steps", proc.stdout), proc.stdout

@@ -39,6 +39,14 @@ def sharegpt_row(messages):
     return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in messages]}
 
 
+@pytest.fixture(scope="module")
+def converter(request):
+    """export.converter=<the pinned llama-cpp-python sdist, cached by pytest> (ftrun fetches it with pip itself)."""
+    from tests.export_fixtures import locate_sdist
+
+    return f"export.converter={locate_sdist(request.config.cache.mkdir('llama-cpp-python-sdist'))}"
+
+
 def run_local(tmp_path, ftrun_home, train_file, *overrides):
     run_dir = tmp_path / "run"
     env = {**os.environ, "FTRUN_HOME": str(ftrun_home)}
@@ -55,7 +63,7 @@ def run_local(tmp_path, ftrun_home, train_file, *overrides):
 def check_whole_run(proc, record, run_dir, ftrun_home, folder, model):
     assert record["status"] == "ok" and all(s["status"] == "ok" for s in record["steps"].values())
     assert list(record["steps"]) == ["connect", "model", "compute", "data", "finetune", "metrics", "evaluate",
-                                     "register", "deploy", "test", "cleanup"]
+                                     "register", "export", "deploy", "test", "cleanup"]
     data = record["steps"]["data"]["outputs"]
     assert data["download_dir"] == str((ftrun_home / "data" / folder).resolve())  # named after the data
     assert data["rows"] == {"train_sft": 304, "test_sft": 16, "train_gen": 304, "test_gen": 16}  # 5% held out
@@ -78,17 +86,17 @@ def check_whole_run(proc, record, run_dir, ftrun_home, folder, model):
           f"{record['steps']['register']['outputs']['model_uri']}; reply {reply[:80]!r}")
 
 
-def test_an_openai_format_jsonl_file_runs_the_whole_local_workflow(tmp_path, ftrun_home):
+def test_an_openai_format_jsonl_file_runs_the_whole_local_workflow(tmp_path, ftrun_home, converter):
     train = tmp_path / "support_chats.jsonl"
     train.write_text("".join(json.dumps(openai_row(m), ensure_ascii=False) + "\n" for m in conversations()),
                      encoding="utf-8")
-    proc, record, run_dir = run_local(tmp_path, ftrun_home, train)
+    proc, record, run_dir = run_local(tmp_path, ftrun_home, train, converter)
     check_whole_run(proc, record, run_dir, ftrun_home, "support_chats", "tiny-phi3-support-chats")
 
 
-def test_a_sharegpt_file_runs_the_whole_local_workflow_with_format_auto(tmp_path, ftrun_home):
+def test_a_sharegpt_file_runs_the_whole_local_workflow_with_format_auto(tmp_path, ftrun_home, converter):
     train = tmp_path / "sharegpt.json"  # a JSON array this time
     train.write_text(json.dumps([sharegpt_row(m) for m in conversations()], ensure_ascii=False), encoding="utf-8")
-    proc, record, run_dir = run_local(tmp_path, ftrun_home, train, "dataset.format=auto")
+    proc, record, run_dir = run_local(tmp_path, ftrun_home, train, "dataset.format=auto", converter)
     check_whole_run(proc, record, run_dir, ftrun_home, "sharegpt", "tiny-phi3-sharegpt")
     assert record["steps"]["data"]["outputs"]["sources"]["train"]["converted"] is True

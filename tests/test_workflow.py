@@ -113,8 +113,8 @@ def test_dry_run_runs_no_step(tmp_path):
 
 
 def test_every_step_has_a_name_in_the_schema():
-    assert STEPS == ["connect", "model", "compute", "data", "finetune", "metrics", "evaluate", "register", "deploy",
-                     "test", "cleanup"]
+    assert STEPS == ["connect", "model", "compute", "data", "finetune", "metrics", "evaluate", "register", "export",
+                     "deploy", "test", "cleanup"]
 
 
 def test_local_dry_run_writes_a_plan_without_heavy_imports(tmp_path):

@@ -557,6 +557,16 @@ class AzureMLBackend(Backend):
             ctx.say(f"compute cluster {self.cfg.compute.name} kept (cleanup.delete_compute=true deletes it)")
         return out
 
+    def export_source(self, ctx, model_uri: str, registered, work_dir) -> Dict[str, Any]:
+        from runner.azureml.export_source import export_source
+
+        return export_source(self, ctx, model_uri, registered, work_dir)
+
+    def log_export(self, ctx, source: Dict[str, Any], out_dir) -> Dict[str, Any]:
+        from runner.azureml.export_source import log_export
+
+        return log_export(self, ctx, source, out_dir)
+
     def finish_plan(self, ctx) -> Dict[str, Any]:
         from runner.azureml.plan_summary import write_plan_summary
 

@@ -41,6 +41,9 @@ def _token_env(token: Optional[str]) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_TOKEN"] = old
 
 
+token_env = _token_env  # the export step logs artifacts with the same token handling
+
+
 def mlflow_access(tracking_uri: str, credential: Any = None) -> tuple[str, Optional[str]]:
     """(the URI MLflow should use, a bearer token or None)."""
     if not tracking_uri.startswith("azureml://") or _has_azureml_plugin():

@@ -335,6 +335,9 @@ def _asset_ops(world: PlanningWorld, ops):
             registered._id = f"azureml:{model.name}:{model.version}"  # what a deployment may reference
             return registered
 
+        def download(self, *args, **kwargs):  # recorded, not made: the export step's plan names it
+            self._record("download", args, kwargs)
+
     class Components(_Ops):
         real, prefix = ops["components"], "components"
 

@@ -414,6 +414,16 @@ class LocalBackend(Backend):
         ctx.say(f"endpoint {state['name']} deleted")
         return out
 
+    def export_source(self, ctx, model_uri: str, registered, work_dir) -> Dict[str, Any]:
+        from runner.local.export_source import export_source
+
+        return export_source(self.tracking_uri, model_uri, registered, work_dir)
+
+    def log_export(self, ctx, source: Dict[str, Any], out_dir) -> Dict[str, Any]:
+        from runner.local.export_source import log_export
+
+        return log_export(self.tracking_uri, source, out_dir)
+
     def training_params(self, ctx) -> Optional[Dict[str, Any]]:
         """The finetune step's MLflow run's own params (right also for a finetune step of an earlier run)."""
         run_id = ctx.record.output("finetune", "mlflow_run_id")

@@ -116,6 +116,11 @@ def write_local_plan(ctx, backend) -> Dict[str, Any]:
             "outputs": str(ctx.run_dir / "evaluate"),
         },
         "mlflow": OmegaConf.to_container(cfg.mlflow, resolve=True),
+        # the export step: which model (the version register makes, unless export.model), what, and where
+        "export": {"model": cfg.export.model or f"the version of {cfg.mlflow.registered_model_name} the register "
+                                                "step makes (or from_run's)",
+                   "formats": list(cfg.export.formats), "out_dir": cfg.export.output_dir or "<run dir>/export",
+                   "converter": cfg.export.converter or "the pinned llama-cpp-python sdist, fetched with pip"},
         "endpoint": {
             "name_prefix": cfg.deployment.endpoint_name_prefix,
             "traffic": OmegaConf.to_container(cfg.deployment.traffic),

@@ -1,9 +1,10 @@
-"""The offline tiny model: a few-layer Phi-3-architecture causal LM with its own byte-level BPE tokenizer.
+"""The offline tiny model: a few-layer Phi-3-architecture causal LM with its own SentencePiece BPE tokenizer.
 
 No model hub is reachable here, so the default run and the tests use a model the project builds itself: random
-init (seeded), transformers' Phi3 classes, a tokenizer trained with the `tokenizers` library on the sample chats
-plus offline English text, and a Phi-3-style chat template. It is written with save_pretrained, so every later
-step loads it exactly as it would load a downloaded model.
+init (seeded), transformers' Phi3 classes, a tokenizer trained with `sentencepiece` on the sample chats plus
+offline English text (shaped like Phi-3-mini's, so llama.cpp's converter takes it), and a Phi-3-style chat
+template. It is written with save_pretrained, so every later step loads it exactly as it would load a downloaded
+model.
 """
 
 import hashlib
@@ -28,7 +29,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
-BUILDER_VERSION = 1  # bump when the recipe changes so cached builds are redone
+BUILDER_VERSION = 2  # bump when the recipe changes so cached builds are redone
 
 
 def _default_corpus(seed: int) -> Iterable[str]:
@@ -48,32 +49,57 @@ def _default_corpus(seed: int) -> Iterable[str]:
         yield pydoc.render_doc(topic, renderer=pydoc.plaintext)
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int, model_max_length: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def _train_sentencepiece(corpus: Iterable[str], vocab_size: int) -> bytes:
+    """A SentencePiece BPE model with byte fallback and no text normalisation, trained line by line as Llama's was
+    (so no piece holds a newline and a reply's first token never fuses with the prompt's last "\\n"), and without
+    a dummy prefix space (text right after a special token is tokenized as if it stood alone)."""
+    import io
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=(line for text in corpus for line in text.split("\n") if line), model_writer=model,
+        model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=1 << 20, num_threads=1, minloglevel=2,
     )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|end|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+    return model.getvalue()
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, model_max_length: int, model_file: Path):
+    """Phi-3-mini's tokenizer shape on our own vocabulary: a SentencePiece BPE `tokenizer.model` (written to
+    model_file) plus the chat special tokens added after it.
+
+    Why SentencePiece and not a byte-level BPE: llama.cpp's converter accepts a byte-level (GPT-2 style) BPE only
+    when the token ids of a fixed probe text hash to one it knows, which no freshly trained vocabulary does; a
+    Phi-3 with a `tokenizer.model` takes the converter's SentencePiece path instead, exactly as Phi-3-mini does.
+    Unlike Phi-3 no space is prepended to text (Phi-3 puts one after every special token), so the token ids of a
+    chat are the ids of its parts joined; the export tells llama.cpp so (tokenizer.ggml.add_space_prefix=false).
+    """
+    from tokenizers import decoders, normalizers
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
+
+    model_file = Path(model_file)
+    model_file.write_bytes(_train_sentencepiece(corpus, vocab_size - len(SPECIAL_TOKENS)))
+    vocab, _, merges = SentencePieceExtractor(str(model_file)).extract()
+    tok = LlamaTokenizer(
+        vocab=vocab, merges=merges, legacy=False, add_prefix_space=False,
+        bos_token="<s>", eos_token="<|end|>", unk_token="<unk>", pad_token="<|endoftext|>",
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t != "<|end|>" and t != "<|endoftext|>"],
+        extra_special_tokens=None, add_bos_token=False, add_eos_token=False,
         model_max_length=model_max_length,
         padding_side="left",  # generation pads on the left; the trainer packs or pads explicitly
     )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    backend = tok.backend_tokenizer
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
 
 
 def build_tiny_model(
@@ -93,32 +119,32 @@ def build_tiny_model(
     from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = train_tokenizer(corpus if corpus is not None else _default_corpus(seed), vocab_size,
-                                max_position_embeddings)
-    torch.manual_seed(seed)
-    config = Phi3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_attention_heads,
-        max_position_embeddings=max_position_embeddings,
-        original_max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = Phi3ForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        tokenizer = train_tokenizer(corpus if corpus is not None else _default_corpus(seed), vocab_size,
+                                    max_position_embeddings, tmp / "tokenizer.model")
+        torch.manual_seed(seed)
+        config = Phi3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_attention_heads,
+            max_position_embeddings=max_position_embeddings,
+            original_max_position_embeddings=max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        model = Phi3ForCausalLM(config)
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if out_dir.exists():

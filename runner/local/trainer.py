@@ -23,7 +23,6 @@ What this module adds around it:
 
 import json
 import math
-import shutil
 import signal
 import tempfile
 import time
@@ -441,20 +440,16 @@ def save_final(model, tokenizer, out: Path, *, apply_lora: bool, merge_lora_weig
             info["adapter_dir"] = str(out / "adapter")
             info["note"] = ("merge_lora_weights=false: the LoRA adapter is kept in adapter_dir; final_model_dir "
                             "holds a merged copy so the model can be registered and served as a plain model")
-        model = model.merge_and_unload()
         info["lora_merged"] = merge_lora_weights
-    model.config.use_cache = True
     if getattr(model.config, "_attn_implementation", None) in PACKED_ATTENTIONS.values():
         model.set_attn_implementation("sdpa")  # the saved model must load without this module
     from runner.disk_space import ensure_free, tensor_bytes
 
     ensure_free(out, tensor_bytes(model), "the final model's weights")
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=out))
-    try:
-        model.save_pretrained(tmp, state_dict=state_dict)  # state_dict: ZeRO-3's gathered weights, else None
-        tokenizer.save_pretrained(tmp)
-        ckpt.replace_dir_atomically(tmp, out / "final_model")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # One merge-and-save for the fine-tune step and the export (runner/export/merged.py): merged weights,
+    # tokenizer with the base's tokenizer.model, generation_config.json and chat template, renamed in when whole.
+    from runner.export.merged import save_merged
+
+    save_merged(model, tokenizer, out / "final_model", state_dict=state_dict)
     info["final_model_dir"] = str(out / "final_model")
     return info

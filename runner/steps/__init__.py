@@ -1,6 +1,6 @@
 """The workflow's steps, one module each, in order:
 
-    connect → model → compute → data → finetune → metrics → evaluate → register → deploy → test → cleanup
+    connect → model → compute → data → finetune → metrics → evaluate → register → export → deploy → test → cleanup
 
 Each module owns what its step means whatever the backend: the preconditions it checks before the backend is
 asked (an earlier step's outputs it needs), the shared work (the data step's download and validation, the test
