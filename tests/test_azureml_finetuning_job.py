@@ -155,7 +155,7 @@ def test_the_serverless_dry_run_writes_files_the_sdk_loads_back(tmp_path):
     plan = tmp_path / "run" / "plan"
     assert sorted(p.name for p in plan.iterdir()) == [
         "chat_request.json", "evaluate_base_endpoint.rest.json", "evaluate_base_endpoint.yaml",
-        "evaluate_ft_endpoint.rest.json", "evaluate_ft_endpoint.yaml", "finetuning_job.rest.json",
+        "evaluate_ft_endpoint.rest.json", "evaluate_ft_endpoint.yaml", "export.yaml", "finetuning_job.rest.json",
         "finetuning_job.yaml", "plan.yaml", "serverless_endpoint.rest.json", "serverless_endpoint.yaml"]
     job = quiet_load(load_job, plan / "finetuning_job.yaml")
     assert type(job).__name__ == "CustomModelFineTuningJob" and job.type == "finetuning"

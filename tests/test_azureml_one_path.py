@@ -76,6 +76,7 @@ def test_the_plan_records_every_call_in_order_and_the_component_version(tmp_path
         "registry.components.get", "workspace.jobs.create_or_update", "workspace.jobs.stream",
         "workspace.jobs.create_or_update",  # the evaluate job, after the fine-tune job
         "workspace.models.create_or_update",
+        "workspace.models.get", "workspace.models.download",  # the export step: the version, fetched
         "workspace.begin_create_or_update", "workspace.online_deployments.begin_create_or_update",
         "workspace.begin_create_or_update",
         "workspace.online_endpoints.invoke",

@@ -320,5 +320,5 @@ def test_the_compute_step_refuses_a_lever_before_the_data_step(tmp_path):
                           timeout=300)
     assert proc.returncode != 0
     assert "packed_attention=varlen runs PyTorch's flash-attention varlen kernel, which needs a CUDA GPU" in proc.stderr
-    assert "[3/11] compute" in proc.stdout and "[4/11] data" not in proc.stdout
+    assert "[3/12] compute" in proc.stdout and "[4/12] data" not in proc.stdout
     assert not list((tmp_path / "home").rglob("*.jsonl"))  # no split written
