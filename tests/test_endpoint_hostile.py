@@ -202,11 +202,17 @@ LONG = 900  # tokens: the tiny model takes seconds for this many, so a request a
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True])
-def test_abandoned_requests_stop_generating(endpoint, stream):
+def test_abandoned_requests_stop_generating(endpoint, tiny_model_dir, stream):
+    from transformers import AutoTokenizer
+
     before = stats(endpoint)
     abandoned = 4
+    # The end tokens are banned (logit_bias), so each request would run to LONG tokens: a random-init model may
+    # otherwise end its reply at once and be answered before its client goes away.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ends = {str(tokenizer.convert_tokens_to_ids(t)): -100 for t in ("<|end|>", "<|endoftext|>")}
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": LONG,
-            "temperature": 0, "stream": stream}
+            "temperature": 0, "stream": stream, "logit_bias": ends}
 
     def abandon(i):
         try:
