@@ -16,13 +16,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Set
 
 from runner.atomic import sha256_file
 from runner.export.errors import ExportError
+from runner.export.files import staged_dir
 
 PIN = json.loads((Path(__file__).with_name("converter_pin.json")).read_text())
 _PREFIX = f"llama_cpp_python-{PIN['version']}/vendor/llama.cpp/"
@@ -91,24 +91,15 @@ def _check_pin(tarball: Path) -> None:
 
 
 def _extract(tarball: Path, dest: Path) -> Path:
-    """The converter's files only, into dest (a fresh folder renamed into place when whole)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        with tarfile.open(tarball, "r:gz") as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(_PREFIX)
-                       and m.name[len(_PREFIX):].startswith(_NEEDED) and (m.isfile() or m.isdir())]
-            if not any(m.name == _PREFIX + "convert_hf_to_gguf.py" for m in members):
-                raise ExportError(f"{tarball} holds no {_PREFIX}convert_hf_to_gguf.py")
-            for m in members:
-                m.name = m.name[len(_PREFIX):]
-            tar.extractall(tmp, members=members, filter="data")  # "data": no links out, no absolute paths
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    """The converter's files only, into dest (a fresh folder renamed into place when whole: files.staged_dir)."""
+    with staged_dir(dest) as tmp, tarfile.open(tarball, "r:gz") as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(_PREFIX)
+                   and m.name[len(_PREFIX):].startswith(_NEEDED) and (m.isfile() or m.isdir())]
+        if not any(m.name == _PREFIX + "convert_hf_to_gguf.py" for m in members):
+            raise ExportError(f"{tarball} holds no {_PREFIX}convert_hf_to_gguf.py")
+        for m in members:
+            m.name = m.name[len(_PREFIX):]
+        tar.extractall(tmp, members=members, filter="data")  # "data": no links out, no absolute paths
     return dest
 
 

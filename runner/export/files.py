@@ -59,6 +59,13 @@ def _disk_full(exc: OSError) -> bool:
     return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
 
 
+def _raise_if_disk_full(exc: OSError, what: str, final: Path) -> None:
+    """A full disk while staging is said as such (nothing was left under the final name); other errors go on."""
+    if _disk_full(exc):
+        raise ExportError(f"the disk filled up while writing {what} ({exc.strerror}); nothing was left "
+                          f"under {final}") from exc
+
+
 @contextlib.contextmanager
 def staged_file(final, verify: Optional[Callable[[Path], None]] = None) -> Iterator[Path]:
     """`with staged_file(p) as tmp:` write tmp; on leaving, verify(tmp) runs, then tmp is renamed to p.
@@ -75,9 +82,7 @@ def staged_file(final, verify: Optional[Callable[[Path], None]] = None) -> Itera
         _usual_mode(tmp, folder=False)
         os.replace(tmp, final)
     except OSError as exc:
-        if _disk_full(exc):
-            raise ExportError(f"the disk filled up while writing {final.name} ({exc.strerror}); nothing was left "
-                              f"under {final}") from exc
+        _raise_if_disk_full(exc, final.name, final)
         raise
     finally:
         if tmp.exists():
@@ -101,9 +106,7 @@ def staged_dir(final, verify: Optional[Callable[[Path], None]] = None) -> Iterat
             os.replace(final, old)
         os.replace(tmp, final)
     except OSError as exc:
-        if _disk_full(exc):
-            raise ExportError(f"the disk filled up while writing {final.name}/ ({exc.strerror}); nothing was left "
-                              f"under {final}") from exc
+        _raise_if_disk_full(exc, f"{final.name}/", final)
         raise
     finally:
         if tmp.exists():
