@@ -19,12 +19,10 @@ def _rows(metrics_file):
     return [json.loads(line) for line in Path(metrics_file).read_text().splitlines()]
 
 
-def test_two_full_runs_at_once_on_one_fresh_state_root(tmp_path, ftrun_home, request):
-    from tests.export_fixtures import locate_sdist
-
+def test_two_full_runs_at_once_on_one_fresh_state_root(tmp_path, ftrun_home, sdist):
     assert not ftrun_home.exists()  # fresh: no MLflow store, no tiny model, no data yet
     env = {**os.environ, "FTRUN_HOME": str(ftrun_home), "PYTHONPATH": str(REPO)}
-    sdist = locate_sdist(request.config.cache.mkdir("llama-cpp-python-sdist"))  # both extract it into one cache
+    # both extract the converter's sdist into one cache
     # The defaults, shrunk only in length (as test_e2e_local does), the same command for both, no run dir given.
     cmd = [sys.executable, "-m", "runner.cli", "finetune.max_steps=12", "finetune.eval_steps=6",
            "evaluate.max_rows=8", "evaluate.max_new_tokens=16",  # the evaluate step kept short

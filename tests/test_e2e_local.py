@@ -15,13 +15,10 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_whole_workflow_on_the_local_defaults(tmp_path, ftrun_home, request):
-    from tests.export_fixtures import locate_sdist
-
+def test_whole_workflow_on_the_local_defaults(tmp_path, ftrun_home, sdist):
     run_dir = tmp_path / "run"
     env = {**os.environ, "FTRUN_HOME": str(ftrun_home)}
     # llama.cpp's converter from the pinned sdist pytest caches (ftrun itself fetches it with pip on first use)
-    sdist = locate_sdist(request.config.cache.mkdir("llama-cpp-python-sdist"))
     # The defaults, shrunk only in length: a few optimizer steps instead of three epochs.
     # test.rows: the endpoint also answers 4 of the evaluate step's rows (its replies must equal evaluate's)
     proc = subprocess.run(

@@ -40,11 +40,9 @@ def sharegpt_row(messages):
 
 
 @pytest.fixture(scope="module")
-def converter(request):
+def converter(sdist):
     """export.converter=<the pinned llama-cpp-python sdist, cached by pytest> (ftrun fetches it with pip itself)."""
-    from tests.export_fixtures import locate_sdist
-
-    return f"export.converter={locate_sdist(request.config.cache.mkdir('llama-cpp-python-sdist'))}"
+    return f"export.converter={sdist}"
 
 
 def run_local(tmp_path, ftrun_home, train_file, *overrides):

@@ -216,7 +216,7 @@ def test_abandoned_requests_stop_generating(endpoint, tiny_model_dir, stream):
 
     def abandon(i):
         try:
-            with httpx.Client(timeout=httpx.Timeout(60, read=0.5)) as client:
+            with httpx.Client(timeout=httpx.Timeout(60, read=0.25)) as client:
                 if stream:
                     with client.stream("POST", endpoint["url"] + "/v1/chat/completions", json=body,
                                        headers=auth(endpoint)) as r:
@@ -243,7 +243,10 @@ def test_abandoned_requests_stop_generating(endpoint, tiny_model_dir, stream):
     cancelled = after["finished"].get("cancelled", 0) - before["finished"].get("cancelled", 0)
     assert cancelled == abandoned, (before, after)
     tokens = after["tokens_generated"] - before["tokens_generated"]
-    assert tokens < abandoned * LONG / 2, f"{tokens} tokens generated for {abandoned} abandoned requests"
+    # Not cut short, they would make abandoned x LONG tokens (the end tokens are banned). Cut short, how many they
+    # made first is the tiny model's speed x the client's 0.25 s wait, which a loaded machine stretches (seen: 1842
+    # with a 0.5 s wait in CI), so the bound only separates "cut short" from "ran to the end".
+    assert tokens < abandoned * LONG * 0.75, f"{tokens} tokens generated for {abandoned} abandoned requests"
     assert after["running"] == 0 and after["queued"] == 0
 
 

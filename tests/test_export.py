@@ -11,12 +11,7 @@ from runner.export import chat_template as ct
 from runner.export.errors import ExportError
 from runner.export.gotemplate import render_ollama
 from runner.export.modelfile import modelfile_text, parse_modelfile
-from tests.export_fixtures import held_out_chats, locate_sdist, write_rows
-
-
-@pytest.fixture(scope="session")
-def sdist(request):
-    return locate_sdist(request.config.cache.mkdir("llama-cpp-python-sdist"))
+from tests.export_fixtures import held_out_chats, write_rows
 
 
 @pytest.fixture(scope="module")
@@ -266,8 +261,8 @@ def test_export_writes_the_formats_with_sizes_and_sha256(exported):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt, floor", [("gguf_f16", 1.0), ("gguf_q8_0", 0.99)])
-def test_gguf_in_llama_cpp_matches_transformers(exported, fmt, floor):
+@pytest.mark.parametrize("fmt, floor, same_floor", [("gguf_f16", 1.0, 6), ("gguf_q8_0", 0.99, 5)])
+def test_gguf_in_llama_cpp_matches_transformers(exported, fmt, floor, same_floor):
     """The export's own re-check (runner/export/checks.py, recorded in export.json) on 6 held-out chats."""
     pytest.importorskip("llama_cpp")
     out, record = exported
@@ -277,7 +272,11 @@ def test_gguf_in_llama_cpp_matches_transformers(exported, fmt, floor):
     assert report["chats"] == 6 and report["tokenization_mismatches"] == []
     assert report["positions"] > 100
     assert report["agreement"] >= floor, report
-    assert report["stopped"] == report["chats"], report
+    # the GGUF stops where transformers stops (same_reply compares the text and whether each stopped): on every chat
+    # in f16; q8_0 may flip one greedy token (agreement >= 0.99) and so one reply. How many replies end on <|end|>
+    # within the token cap depends on the training run (seen: 5 or 6 of 6).
+    assert report["same_reply"] >= same_floor, report
+    assert report["stopped"] >= report["chats"] // 2, report
 
 
 # ---- the same on the real Phi-3 vocabulary and template -------------------------------------------------------------

@@ -15,12 +15,6 @@ from runner.record import load_record
 from runner.schema import ConfigError
 from runner.workflow import run
 from tests.conftest import compose_cfg
-from tests.export_fixtures import locate_sdist
-
-
-@pytest.fixture(scope="session")
-def sdist(request):
-    return locate_sdist(request.config.cache.mkdir("llama-cpp-python-sdist"))
 
 
 def _nothing_written(run_dir: Path) -> None:
