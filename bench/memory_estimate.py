@@ -3,7 +3,7 @@ row outside the bound (never more than 5% below the measured peak, at most 25% a
 
     python bench/memory_estimate.py [--peak-unit GB|GiB] [--lora-dropout 0.0]
 
-No GPU needed: the rows are the recorded measurements (tests/test_memory_estimate.py MEASURED: one H100 80 GB,
+No GPU needed: the rows are the recorded measurements (tests/memory/test_estimate.py MEASURED: one H100 80 GB,
 random-init Phi-3-mini shape, LoRA r=8 on qkv/o/gate_up/down, bf16, packing, no gradient checkpointing); the
 estimate is computed from the model's shape alone. Add a row to MEASURED when a new measurement is made.
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv=None) -> int:
     from runner.memory.estimate import config_shapes, estimate_memory
     from runner.memory.terms import GB, GiB, ratio_bounds_ok
-    from tests.test_memory_estimate import MEASURED, MEASURED_PARAMS, PHI3_MINI, TARGETS
+    from tests.memory.test_estimate import MEASURED, MEASURED_PARAMS, PHI3_MINI, TARGETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peak-unit", choices=["GB", "GiB"], default="GB",

@@ -31,7 +31,7 @@ def ftrun_home(tmp_path, monkeypatch):
 def sdist(request, tmp_path_factory):
     """The pinned llama-cpp-python sdist (llama.cpp's converter): downloaded once into pytest's cache, or into this
     session's temp folder when the cache plugin is off (`-p no:cacheprovider`: the suite passes however started)."""
-    from tests.export_fixtures import locate_sdist
+    from tests.export.helpers import locate_sdist
 
     cache = getattr(request.config, "cache", None)
     folder = cache.mkdir("llama-cpp-python-sdist") if cache is not None else tmp_path_factory.mktemp("sdist")

@@ -136,7 +136,7 @@ def _packed_varlen_attention(module, query, key, value, attention_mask, dropout=
     q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
     bounds = cu_seq_lens.to(device=q.device, dtype=torch.int32)
     # the collator's host-side int: reading it off the bounds would sync with the device and, under torch.compile,
-    # break the graph (a checkpointed layer compiles only whole: tests/test_speed_levers.py)
+    # break the graph (a checkpointed layer compiles only whole: tests/local/test_speed_levers.py)
     longest = kwargs.get("max_length_q")
     longest = int(longest) if longest is not None else int((bounds[1:] - bounds[:-1]).max())
     out = _VARLEN["kernel"](q, k, v, bounds, bounds, longest, longest, scale=scaling, **_VARLEN["causal"])

@@ -6,7 +6,7 @@ Everything here is plain arithmetic on config.json numbers, so the local compute
 Azure compute step can all call it before (or without) loading anything.
 
 Where the per-token figures come from (transformers 5 + PEFT 0.21 + torch autocast, read off the modules' forward
-code and checked by counting the bytes autograd saves on a small Phi-3 on the CPU, tests/test_memory_estimate.py).
+code and checked by counting the bytes autograd saves on a small Phi-3 on the CPU, tests/memory/test_estimate.py).
 Bytes per token, `a` = bytes of the compute dtype (2 under bf16/fp16 autocast, 4 in fp32):
 
 per decoder layer
