@@ -8,9 +8,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Callable, Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -30,14 +31,48 @@ def atomic_writer(path, mode: str = "w", *, perms: Optional[int] = None, fsync: 
                 f.flush()
                 os.fsync(f.fileno())
         if perms is None:  # mkstemp creates 0600; ordinary outputs get the usual umask-derived mode
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def usual_mode(path, folder: bool = False) -> None:
+    """mkstemp/mkdtemp create owner-only entries; outputs get the usual umask-derived mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def staged_dir(final, verify: Optional[Callable[[Path], None]] = None, *, keep_existing: bool = False
+               ) -> Iterator[Path]:
+    """The folder version of atomic_writer: `with staged_dir(p) as tmp:` fill tmp (beside p, so the rename stays on
+    one file system); on leaving, verify(tmp) runs and tmp is renamed to p. On any failure tmp is removed and p is
+    left as it was. An existing p is replaced, or with `keep_existing` kept (a cache another process filled for the
+    same key meanwhile: theirs is as good)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    old = None
+    try:
+        yield tmp
+        if verify is not None:
+            verify(tmp)
+        usual_mode(tmp, folder=True)
+        if final.exists() and keep_existing:
+            return
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path, text: str, *, perms: Optional[int] = None, fsync: bool = False) -> Path:

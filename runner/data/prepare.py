@@ -13,14 +13,11 @@ Only `messages` is read: other columns (ultrachat's `prompt`/`prompt_id`, a user
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from runner.atomic import sha256_file
+from runner.atomic import sha256_file, staged_dir
 from runner.errors import RunnerError
 
 PREPARE_VERSION = 1  # bump when the recipe changes, so stale caches are not reused
@@ -194,18 +191,11 @@ def tokenize_file_with_stats(jsonl_path, tokenizer, max_seq_length: int, *, cach
     if final is None or not len(dataset):  # datasets cannot load back a saved empty table; nothing to cache
         return dataset, {**stats, "cache_hit": False, "cache_path": None}
 
-    # Written complete or not at all: a temp folder renamed into place (meta.json last marks it usable).
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
-    try:
+    # Written complete or not at all (meta.json last marks it usable); another process that cached the same key
+    # meanwhile wrote the same thing: theirs is kept.
+    with staged_dir(final, keep_existing=True) as tmp:
         _quietly(dataset.save_to_disk, str(tmp / "data"))
         (tmp / "meta.json").write_text(json.dumps(stats, indent=1))
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process cached the same key meanwhile: theirs is as good
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return _quietly(datasets.load_from_disk, str(final / "data")), {**stats, "cache_hit": False, "cache_path": str(final)}
 
 

@@ -9,7 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from runner.atomic import sha256_file
+from runner.atomic import sha256_file, usual_mode
+from runner.atomic import staged_dir as atomic_staged_dir
 from runner.export.errors import ExportError
 
 # Headroom kept free beyond the estimate: a full disk mid-write corrupts other runs' files too.
@@ -48,13 +49,6 @@ def human_size(n: int) -> str:
     return _human(n)
 
 
-def _usual_mode(path: Path, folder: bool) -> None:
-    """mkstemp/mkdtemp create owner-only entries; outputs get the usual umask-derived mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
-
-
 def _disk_full(exc: OSError) -> bool:
     return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
 
@@ -79,7 +73,7 @@ def staged_file(final, verify: Optional[Callable[[Path], None]] = None) -> Itera
         yield tmp
         if verify is not None:
             verify(tmp)
-        _usual_mode(tmp, folder=False)
+        usual_mode(tmp)
         os.replace(tmp, final)
     except OSError as exc:
         _raise_if_disk_full(exc, final.name, final)
@@ -91,28 +85,13 @@ def staged_file(final, verify: Optional[Callable[[Path], None]] = None) -> Itera
 
 @contextlib.contextmanager
 def staged_dir(final, verify: Optional[Callable[[Path], None]] = None) -> Iterator[Path]:
-    """The folder version of staged_file: an existing final folder is replaced only by a verified new one."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    old = None
+    """runner.atomic.staged_dir, with a full disk said as such."""
     try:
-        yield tmp
-        if verify is not None:
-            verify(tmp)
-        _usual_mode(tmp, folder=True)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
+        with atomic_staged_dir(final, verify) as tmp:
+            yield tmp
     except OSError as exc:
-        _raise_if_disk_full(exc, f"{final.name}/", final)
+        _raise_if_disk_full(exc, f"{Path(final).name}/", Path(final))
         raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def describe(path) -> dict:

@@ -9,11 +9,10 @@ model.
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
+
+from runner.atomic import staged_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -114,14 +113,12 @@ def build_tiny_model(
     seed: int = 0,
     corpus: Optional[Iterable[str]] = None,
 ) -> Path:
-    """Build and save the tiny model + tokenizer into out_dir (written to a temp folder, then renamed)."""
+    """Build and save the tiny model + tokenizer into out_dir (whole or absent: runner.atomic.staged_dir)."""
     import torch
     from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         tokenizer = train_tokenizer(corpus if corpus is not None else _default_corpus(seed), vocab_size,
                                     max_position_embeddings, tmp / "tokenizer.model")
         torch.manual_seed(seed)
@@ -147,12 +144,6 @@ def build_tiny_model(
         )
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
