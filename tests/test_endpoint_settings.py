@@ -150,3 +150,14 @@ def test_the_server_command_line_is_the_settings_path_only(tmp_path):
     finally:
         manager.stop_endpoint(state, state_dir=tmp_path)
     assert not settings_file.exists() and not (tmp_path / "cmdline-ep.key").exists()
+
+
+def test_start_endpoint_refuses_settings_out_of_range_before_any_file_or_process(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    settings = EndpointSettings(name="bad-settings", deployments={"demo": str(model)}, traffic={"demo": 100},
+                                max_connections=0)
+    with pytest.raises(manager.EndpointError, match="deployment.max_connections must be > 0"):
+        manager.start_endpoint(settings, state_dir=tmp_path / "endpoints")
+    assert not (tmp_path / "endpoints").exists()

@@ -31,11 +31,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from dataclasses import replace
-from typing import Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 from runner.atomic import write_text
 from runner.local.endpoint.generation import is_local_model_dir
-from runner.local.endpoint.settings import EndpointSettings, SettingsError
+
+if TYPE_CHECKING:  # settings.py imports the server's limits (FastAPI): not needed to find or stop an endpoint
+    from runner.local.endpoint.settings import EndpointSettings
 
 SERVER_MODULE = "runner.local.endpoint.server"
 NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")  # Azure ML: 3-32 chars, letter first
@@ -214,7 +216,7 @@ def validate_endpoint_request(name: str, deployments: Dict[str, str], traffic: D
         raise EndpointError(f"traffic percentages must add up to 100 (or all be 0), got {total}: {traffic}")
 
 
-def launch_server(settings: EndpointSettings, *, state_dir, env: Optional[Dict[str, str]] = None,
+def launch_server(settings: "EndpointSettings", *, state_dir, env: Optional[Dict[str, str]] = None,
                   detach: bool = False) -> Dict[str, Any]:
     """Write the key and the settings file, start the server process and wait until its socket is bound. Not yet
     ready to serve.
@@ -293,7 +295,7 @@ def wait_ready(state: Dict[str, Any], *, timeout_s: float = 300, progress: bool 
         time.sleep(0.1)
 
 
-def start_endpoint(settings: EndpointSettings, *, state_dir, startup_timeout_s: float = 300,
+def start_endpoint(settings: "EndpointSettings", *, state_dir, startup_timeout_s: float = 300,
                    env: Optional[Dict[str, str]] = None, detach: bool = False) -> Dict[str, Any]:
     """Start a local endpoint that runs with `settings`, wait until it is ready and write its state file. Returns
     the state (JSON-able).
@@ -301,6 +303,8 @@ def start_endpoint(settings: EndpointSettings, *, state_dir, startup_timeout_s: 
     detach=True lets it outlive this process; otherwise it stops by itself when this process is gone."""
     name, deployments = settings.name, settings.deployments
     validate_endpoint_request(name, deployments, settings.traffic)
+    from runner.local.endpoint.settings import SettingsError
+
     try:
         settings.checked()  # values in range before anything starts
     except SettingsError as exc:
