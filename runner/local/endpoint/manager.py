@@ -1,13 +1,15 @@
 """Start, find, invoke and stop local endpoints from the workflow side (no torch here: this runs in ftrun).
 
-An endpoint is a server process (`python -m runner.local.endpoint.server --settings FILE`) in its own session, so a Ctrl-C in the
-user's terminal reaches ftrun, which then decides what to stop. What other processes need to find it again lives in
-`<state_dir>/<name>.json` (url, pid, port, key file, deployments, traffic); the key itself only in a 0600 file next
-to it. What the server runs with is one EndpointSettings (settings.py), built once by the caller, completed here
-with the paths of these files and written as `<state_dir>/<name>.settings.json`: the server's whole command line. `stop_endpoint` works from any process that can read the state folder.
+An endpoint is a server process (`python -m runner.local.endpoint.server --settings FILE`) in its own session, so
+a Ctrl-C in the user's terminal reaches ftrun, which then decides what to stop. What other processes need to find it
+again lives in `<state_dir>/<name>.json` (url, pid, port, key file, deployments, traffic); the key itself only in a
+0600 file next to it. What the server runs with is one EndpointSettings (settings.py), built once by the caller,
+completed here with the paths of these files and written as `<state_dir>/<name>.settings.json`, which is all the
+server's command line names. `stop_endpoint` works from any process that can read the state folder.
 
-Unless started with `detach=True`, the server watches the process that started it (settings.owner_pid) and, should that
-process die without stopping it (SIGKILL, a crash), stops by itself and removes its key and state files.
+Unless started with `detach=True`, the server watches the process that started it (settings.owner_pid) and, should
+that process die without stopping it (SIGKILL, a crash), stops by itself and removes its key, settings and state
+files.
 
 Runs that share a state root: a server is known by its pid AND a random instance token the manager hands it in its
 environment (`FTRUN_ENDPOINT_INSTANCE`, read back from /proc/<pid>/environ) and records in the state file. A pid
@@ -28,9 +30,9 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 from runner.atomic import write_text

@@ -69,7 +69,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m runner.local.endpoint.server", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(prog="python -m runner.local.endpoint.server",
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     # the one argument: everything else is in the file (EndpointSettings), so no setting (and never the key) shows
     # in `ps`, and the manager recognises its server by this path (manager._is_our_server)
     p.add_argument("--settings", required=True, metavar="FILE",
