@@ -352,6 +352,7 @@ def print_idle_case(result: dict, connections: int) -> bool:
 def idle_main(args) -> int:
     """--idle-connections N: only the idle-connection case, on our admission and on uvicorn's limit_concurrency."""
     from runner.local.endpoint.manager import read_key, start_endpoint, stop_endpoint
+    from runner.local.endpoint.settings import EndpointSettings
 
     model_dir, tmp = model_folder(args.model)
     results = {}
@@ -360,8 +361,8 @@ def idle_main(args) -> int:
         for mechanism in mechanisms:
             os.environ["FTRUN_ENDPOINT_ADMISSION"] = mechanism  # read by the server process at start
             state_dir = Path(tempfile.mkdtemp(prefix="bench-idle-"))
-            state = start_endpoint(name=f"idle-{mechanism}", deployments={"demo": str(model_dir)},
-                                   traffic={"demo": 100}, state_dir=state_dir)
+            state = start_endpoint(EndpointSettings(name=f"idle-{mechanism}", deployments={"demo": str(model_dir)},
+                                                    traffic={"demo": 100}), state_dir=state_dir)
             try:
                 headers = {"Authorization": f"Bearer {read_key(state)}"}
                 keyed_requests(state["url"], headers, 1.0)  # warm-up
@@ -412,11 +413,12 @@ def main(argv=None) -> int:
     import httpx
 
     from runner.local.endpoint.manager import read_key, start_endpoint, stop_endpoint
+    from runner.local.endpoint.settings import EndpointSettings
 
     model_dir, tmp = model_folder(args.model)
     state_dir = Path(tempfile.mkdtemp(prefix="bench-abuse-"))
-    state = start_endpoint(name="abuse-bench", deployments={"demo": str(model_dir)}, traffic={"demo": 100},
-                           state_dir=state_dir)
+    state = start_endpoint(EndpointSettings(name="abuse-bench", deployments={"demo": str(model_dir)},
+                                            traffic={"demo": 100}), state_dir=state_dir)
     headers = {"Authorization": f"Bearer {read_key(state)}"}
     print(f"endpoint deployment defaults; {args.clients} good clients, greedy, max_tokens={args.max_new_tokens}, "
           f"{args.seconds:g} s per phase; {args.slow_connections} slow connections among the abusers", flush=True)

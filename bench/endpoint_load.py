@@ -52,11 +52,12 @@ def run_endpoint(model_dir, chats, args):
     import httpx
 
     from runner.local.endpoint.manager import read_key, start_endpoint, stop_endpoint
+    from runner.local.endpoint.settings import EndpointSettings
 
     state_dir = Path(tempfile.mkdtemp(prefix="bench-endpoint-"))
-    state = start_endpoint(name="bench-endpoint", deployments={"demo": str(model_dir)}, traffic={"demo": 100},
-                           state_dir=state_dir, max_batch_size=args.max_batch_size,
-                           batch_window_ms=args.batch_window_ms)
+    state = start_endpoint(EndpointSettings(name="bench-endpoint", deployments={"demo": str(model_dir)},
+                                            traffic={"demo": 100}, max_batch_size=args.max_batch_size,
+                                            batch_window_ms=args.batch_window_ms), state_dir=state_dir)
     headers = {"Authorization": f"Bearer {read_key(state)}"}
     url = state["url"] + "/v1/chat/completions"
     latencies, errors, tokens = [], [], []

@@ -169,9 +169,12 @@ def test_cleanup_never_stops_a_server_whose_token_is_not_its_own(tiny_model_dir,
     from runner.local.endpoint import manager
 
     # a server that binds at once and never needs to finish loading for this test
-    a = manager.launch_server(name="shared-name", deployments={"demo": str(tiny_model_dir)}, traffic={"demo": 100},
-                              host="127.0.0.1", port=0, state_dir=tmp_path, request_timeout_ms=1000,
-                              max_batch_size=1, batch_window_ms=1, extra_args=["--test-load-delay-s", "120"])
+    from runner.local.endpoint.settings import EndpointSettings
+
+    a = manager.launch_server(EndpointSettings(name="shared-name", deployments={"demo": str(tiny_model_dir)},
+                                               traffic={"demo": 100}, host="127.0.0.1", port=0,
+                                               request_timeout_ms=1000, max_batch_size=1, batch_window_ms=1,
+                                               load_delay_s=120), state_dir=tmp_path)
     state_file = tmp_path / "shared-name.json"
     try:
         write_text(state_file, json.dumps(a))

@@ -58,7 +58,8 @@ def _free_port() -> int:
 def test_kept_alive_endpoint_is_deleted_on_each_stop_signal_with_sigint_ignored(tmp_path, sig):
     # a stand-in server process: its command line is what the manager recognises as the endpoint's server
     name = "fake-endpoint"
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", manager.SERVER_MODULE, name])
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", manager.SERVER_MODULE,
+                               "--settings", str(tmp_path / f"{name}{manager.SETTINGS_SUFFIX}")])
     port = _free_port()
     key = tmp_path / f"{name}.key"
     key.write_text("k")
@@ -88,9 +89,11 @@ def test_kept_alive_endpoint_is_deleted_on_each_stop_signal_with_sigint_ignored(
 def test_the_endpoint_server_drains_and_ends_on_sighup(tiny_model_dir, tmp_path):
     from runner.local.endpoint.manager import launch_server, stop_endpoint, wait_ready
 
-    state = launch_server(name="hangup-ep", deployments={"demo": str(tiny_model_dir)}, traffic={"demo": 100},
-                          host="127.0.0.1", port=0, state_dir=tmp_path, request_timeout_ms=30000, max_batch_size=2,
-                          batch_window_ms=5)
+    from runner.local.endpoint.settings import EndpointSettings
+
+    state = launch_server(EndpointSettings(name="hangup-ep", deployments={"demo": str(tiny_model_dir)},
+                                           traffic={"demo": 100}, host="127.0.0.1", port=0, request_timeout_ms=30000,
+                                           max_batch_size=2, batch_window_ms=5), state_dir=tmp_path)
     try:
         wait_ready(state, timeout_s=120, progress=False)
         os.kill(state["pid"], signal.SIGHUP)  # its default action would kill it without draining

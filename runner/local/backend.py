@@ -321,7 +321,8 @@ class LocalBackend(Backend):
         return self.cfg.endpoint_name or unique_name(self.cfg.deployment.endpoint_name_prefix)
 
     def deploy(self, ctx) -> Dict[str, Any]:
-        from runner.local.endpoint.manager import CONNECTION_KEYS, REQUEST_LIMIT_KEYS, start_endpoint
+        from runner.local.endpoint.manager import start_endpoint
+        from runner.local.endpoint.settings import EndpointSettings
 
         from runner.local.model_identity import model_folder, verify_registered_model
 
@@ -338,23 +339,16 @@ class LocalBackend(Backend):
                     f"(MLflow run {chosen['run_id']}, quality gate {chosen['quality_gate']})")
             model_uri = chosen["model_uri"]
             model_folder(self.tracking_uri, model_uri)  # its files present, before any process starts
+        # the server's settings, built once here from deployment.*: the manager adds only its own files' paths
+        settings = EndpointSettings.from_deployment(dep, name=self._endpoint_name(ctx),
+                                                    deployments={name: model_uri for name in dep.traffic})
         state = start_endpoint(
-            name=self._endpoint_name(ctx),
-            deployments={name: model_uri for name in dep.traffic},
-            traffic=_plain(dep.traffic),
-            host=dep.host,
-            port=dep.port,
+            settings,
             state_dir=self.cfg.paths.endpoints_dir,
-            request_timeout_ms=dep.request_timeout_ms,
-            max_batch_size=dep.max_batch_size,
-            batch_window_ms=dep.batch_window_ms,
             startup_timeout_s=dep.startup_timeout_s,
-            device=dep.device,
             env={"MLFLOW_TRACKING_URI": self.tracking_uri},
             # tied to this ftrun unless asked, or unless this run has no cleanup step to delete it (steps=[deploy])
             detach=bool(dep.detach) or "cleanup" not in self.cfg.steps,
-            max_request_bytes=dep.max_request_bytes,
-            limits={k: getattr(dep, k) for k in (*REQUEST_LIMIT_KEYS, *CONNECTION_KEYS)},
         )
         ctx.endpoint = state
         ctx.say(f"endpoint {state['name']} serving {model_uri} at {state['scoring_uri']}")

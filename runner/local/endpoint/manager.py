@@ -1,12 +1,15 @@
 """Start, find, invoke and stop local endpoints from the workflow side (no torch here: this runs in ftrun).
 
-An endpoint is a server process (`python -m runner.local.endpoint.server`) in its own session, so a Ctrl-C in the
-user's terminal reaches ftrun, which then decides what to stop. What other processes need to find it again lives in
-`<state_dir>/<name>.json` (url, pid, port, key file, deployments, traffic); the key itself only in a 0600 file next
-to it. `stop_endpoint` works from any process that can read the state folder.
+An endpoint is a server process (`python -m runner.local.endpoint.server --settings FILE`) in its own session, so
+a Ctrl-C in the user's terminal reaches ftrun, which then decides what to stop. What other processes need to find it
+again lives in `<state_dir>/<name>.json` (url, pid, port, key file, deployments, traffic); the key itself only in a
+0600 file next to it. What the server runs with is one EndpointSettings (settings.py), built once by the caller,
+completed here with the paths of these files and written as `<state_dir>/<name>.settings.json`, which is all the
+server's command line names. `stop_endpoint` works from any process that can read the state folder.
 
-Unless started with `detach=True`, the server watches the process that started it (`--owner-pid`) and, should that
-process die without stopping it (SIGKILL, a crash), stops by itself and removes its key and state files.
+Unless started with `detach=True`, the server watches the process that started it (settings.owner_pid) and, should
+that process die without stopping it (SIGKILL, a crash), stops by itself and removes its key, settings and state
+files.
 
 Runs that share a state root: a server is known by its pid AND a random instance token the manager hands it in its
 environment (`FTRUN_ENDPOINT_INSTANCE`, read back from /proc/<pid>/environ) and records in the state file. A pid
@@ -27,12 +30,16 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 from runner.atomic import write_text
 from runner.local.endpoint.generation import is_local_model_dir
+
+if TYPE_CHECKING:  # settings.py imports the server's limits (FastAPI): not needed to find or stop an endpoint
+    from runner.local.endpoint.settings import EndpointSettings
 
 SERVER_MODULE = "runner.local.endpoint.server"
 NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")  # Azure ML: 3-32 chars, letter first
@@ -41,9 +48,7 @@ INSTANCE_ENV = "FTRUN_ENDPOINT_INSTANCE"  # the server's own token, in its envir
 NAMES_LOCK = ".names.lock"  # held while a name is checked and claimed (state file written)
 STOP_GRACE_S = 15.0  # SIGTERM lets in-flight requests finish (the server's own grace is 10 s), then SIGKILL
 
-# deployment.* keys the server takes as its request limits (--limits JSON) and as connection settings (own flags)
-REQUEST_LIMIT_KEYS = ("max_messages", "max_prompt_chars", "max_prompt_tokens", "max_stop_strings", "max_stop_chars")
-CONNECTION_KEYS = ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "max_connections")
+SETTINGS_SUFFIX = ".settings.json"  # <state_dir>/<name>.settings.json: the server's only argument names it
 
 _children: Dict[int, subprocess.Popen] = {}  # servers this process started: waited on so none stays a zombie
 
@@ -67,7 +72,8 @@ def unique_name(prefix: str) -> str:
 
 def _paths(name: str, state_dir) -> Dict[str, Path]:
     d = Path(state_dir)
-    return {"state": d / f"{name}.json", "key": d / f"{name}.key", "log": d / f"{name}.log", "port": d / f"{name}.port"}
+    return {"state": d / f"{name}.json", "key": d / f"{name}.key", "log": d / f"{name}.log", "port": d / f"{name}.port",
+            "settings": d / f"{name}{SETTINGS_SUFFIX}"}
 
 
 def read_key(state: Dict[str, Any]) -> str:
@@ -112,9 +118,21 @@ def _is_our_server(pid: int, name: str, instance: Optional[str] = None) -> bool:
     if flags & PF_EXITING and not any(cmdline):
         return True
     args = [a.decode(errors="replace") for a in cmdline]
-    if not (SERVER_MODULE in args and name in args):
+    if not (SERVER_MODULE in args and _settings_name(args) == name):
         return False
     return instance is None or _carries(pid, instance)
+
+
+def _settings_name(args) -> Optional[str]:
+    """The endpoint name a server command line carries: its only argument is `--settings <dir>/<name>.settings.json`
+    (_paths), so the name is read from that file name instead of being passed again as a flag of its own. The
+    instance token stays in the environment (_carries): /proc/<pid>/environ is readable only by its owner, unlike
+    the command line that everyone sees in `ps`."""
+    try:
+        file_name = Path(args[args.index("--settings") + 1]).name
+    except (ValueError, IndexError):
+        return None
+    return file_name[:-len(SETTINGS_SUFFIX)] if file_name.endswith(SETTINGS_SUFFIX) else None
 
 
 def _listening(host: str, port: int) -> bool:
@@ -200,28 +218,23 @@ def validate_endpoint_request(name: str, deployments: Dict[str, str], traffic: D
         raise EndpointError(f"traffic percentages must add up to 100 (or all be 0), got {total}: {traffic}")
 
 
-def launch_server(*, name: str, deployments: Dict[str, str], traffic: Dict[str, int], host: str, port: int,
-                  state_dir, request_timeout_ms: int, max_batch_size: int, batch_window_ms: float,
-                  env: Optional[Dict[str, str]] = None, extra_args=(), detach: bool = False,
-                  max_request_bytes: Optional[int] = None, limits: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Write the key, start the server process and wait until its socket is bound. Not yet ready to serve.
+def launch_server(settings: "EndpointSettings", *, state_dir, env: Optional[Dict[str, str]] = None,
+                  detach: bool = False) -> Dict[str, Any]:
+    """Write the key and the settings file, start the server process and wait until its socket is bound. Not yet
+    ready to serve.
 
     detach=False ties the server to this process: it ends by itself once this process is gone."""
+    name, host = settings.name, settings.host
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     paths = _paths(name, state_dir)
     write_text(paths["key"], secrets.token_urlsafe(32), perms=0o600)  # the secret: owner-only, never logged
     paths["port"].unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", SERVER_MODULE, "--name", name, "--host", host, "--port", str(port),
-           "--port-file", str(paths["port"]), "--key-file", str(paths["key"]),
-           "--deployments", json.dumps(deployments), "--traffic", json.dumps(traffic),
-           "--request-timeout-ms", str(int(request_timeout_ms)), "--max-batch-size", str(int(max_batch_size)),
-           "--batch-window-ms", str(float(batch_window_ms)), *extra_args]
-    if max_request_bytes is not None:
-        cmd += ["--max-request-bytes", str(int(max_request_bytes))]
-    cmd += _limit_args(limits or {})
-    if not detach:
-        cmd += ["--owner-pid", str(os.getpid()), "--state-file", str(paths["state"])]
+    # only this process knows where its files are and who owns the server: the rest is the caller's object as is
+    settings = replace(settings, key="", key_file=str(paths["key"]), port_file=str(paths["port"]),
+                       owner_pid=None if detach else os.getpid(), state_file=None if detach else str(paths["state"]))
+    settings.write(paths["settings"])
+    cmd = [sys.executable, "-m", SERVER_MODULE, "--settings", str(paths["settings"])]
     instance = secrets.token_hex(16)  # who this server is, beyond a pid that can be recycled (_is_our_server)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", INSTANCE_ENV: instance}
     with open(paths["log"], "ab") as log_file:
@@ -240,20 +253,8 @@ def launch_server(*, name: str, deployments: Dict[str, str], traffic: Dict[str, 
     url = f"http://{host}:{bound['port']}"
     return {"name": name, "url": url, "scoring_uri": f"{url}/score", "openai_base_url": f"{url}/v1",
             "pid": proc.pid, "port": bound["port"], "host": host, "key_file": str(paths["key"]),
-            "log_file": str(paths["log"]), "deployments": dict(deployments), "traffic": dict(traffic),
-            "instance": instance}
-
-
-def _limit_args(limits: Dict[str, Any]) -> list:
-    unknown = sorted(set(limits) - set(REQUEST_LIMIT_KEYS) - set(CONNECTION_KEYS))
-    if unknown:
-        raise EndpointError(f"unknown endpoint limit(s) {unknown}; known: {[*REQUEST_LIMIT_KEYS, *CONNECTION_KEYS]}")
-    request = {k: limits[k] for k in REQUEST_LIMIT_KEYS if k in limits}
-    args = ["--limits", json.dumps(request)] if request else []
-    for key in CONNECTION_KEYS:
-        if key in limits:
-            args += ["--" + key.replace("_", "-"), str(limits[key])]
-    return args
+            "log_file": str(paths["log"]), "deployments": dict(settings.deployments),
+            "traffic": dict(settings.traffic), "instance": instance}
 
 
 def _abort(name: str, pid: int, state_dir, why: str, instance: Optional[str] = None):
@@ -296,21 +297,22 @@ def wait_ready(state: Dict[str, Any], *, timeout_s: float = 300, progress: bool 
         time.sleep(0.1)
 
 
-def start_endpoint(*, name: str, deployments: Dict[str, str], traffic: Dict[str, int], host: str = "127.0.0.1",
-                   port: int = 0, state_dir, request_timeout_ms: int = 90000, max_batch_size: int = 16,
-                   batch_window_ms: float = 10.0, startup_timeout_s: float = 300, device: str = "auto",
-                   env: Optional[Dict[str, str]] = None, detach: bool = False,
-                   max_request_bytes: Optional[int] = None, limits: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Start a local endpoint, wait until it is ready and write its state file. Returns the state (JSON-able).
+def start_endpoint(settings: "EndpointSettings", *, state_dir, startup_timeout_s: float = 300,
+                   env: Optional[Dict[str, str]] = None, detach: bool = False) -> Dict[str, Any]:
+    """Start a local endpoint that runs with `settings`, wait until it is ready and write its state file. Returns
+    the state (JSON-able).
 
-    detach=True lets it outlive this process; otherwise it stops by itself when this process is gone. `limits`: any
-    of REQUEST_LIMIT_KEYS and CONNECTION_KEYS (the deployment.* keys of the same names); the server's defaults
-    otherwise."""
-    deployments, traffic = dict(deployments), {k: int(v) for k, v in dict(traffic).items()}
-    validate_endpoint_request(name, deployments, traffic)
+    detach=True lets it outlive this process; otherwise it stops by itself when this process is gone."""
+    name, deployments = settings.name, settings.deployments
+    validate_endpoint_request(name, deployments, settings.traffic)
+    from runner.local.endpoint.settings import SettingsError
+
+    try:
+        settings.checked()  # values in range before anything starts
+    except SettingsError as exc:
+        raise EndpointError(str(exc)) from None
     from runner.locks import exclusive
 
-    _limit_args(limits or {})  # unknown keys refused before anything starts
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     # The name is checked and claimed (the state file written, status "loading") under one lock: another process
     # starting the same name waits, then finds this server alive and refuses.
@@ -322,11 +324,7 @@ def start_endpoint(*, name: str, deployments: Dict[str, str], traffic: Dict[str,
         if existing:  # a stale state file from a server that is gone
             _remove_files(name, state_dir)
         print(f"  starting endpoint {name} ({', '.join(f'{d}={u}' for d, u in deployments.items())})", flush=True)
-        state = launch_server(name=name, deployments=deployments, traffic=traffic, host=host, port=port,
-                              state_dir=state_dir, request_timeout_ms=request_timeout_ms,
-                              max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, env=env,
-                              extra_args=("--device", device), detach=detach, max_request_bytes=max_request_bytes,
-                              limits=limits)
+        state = launch_server(settings, state_dir=state_dir, env=env, detach=detach)
         state["detached"] = detach
         write_text(_paths(name, state_dir)["state"], json.dumps({**state, "status": "loading"}, indent=2))
     print(f"  endpoint {name} listening at {state['url']} (pid {state['pid']}); loading the model", flush=True)

@@ -6,23 +6,24 @@ server-sent-event streaming), GET /health/live, GET /health/ready. Every route b
 `Authorization: Bearer <key>`; the `azureml-model-deployment` header pins a deployment, otherwise the traffic
 percentages choose one. Errors are JSON (`{"error": {"message", "type", "param", "code"}}`) and never stop the server.
 
-Run as its own process: `python -m runner.local.endpoint.server --name ... --key-file ... --deployments '{...}'`
-(runner/local/endpoint/manager.py does this). The socket is bound before the model loads, so liveness answers at
+Run as its own process: `python -m runner.local.endpoint.server --settings <state_dir>/<name>.settings.json`
+(runner/local/endpoint/manager.py writes that file, an EndpointSettings without the key, and starts this; the key is
+read once from the settings' key_file). The socket is bound before the model loads, so liveness answers at
 once and readiness turns 200 when every deployment's model is loaded (in a background thread).
 
-Request bodies are capped (`--max-request-bytes`): a larger Content-Length is refused with 413 before the body is
+Request bodies are capped (`max_request_bytes`): a larger Content-Length is refused with 413 before the body is
 read, a body without one (chunked) is kept only up to the cap, and a response sent before the body was read goes
 out once the rest has been read and discarded (bounded: drain.py), so a plain client reads it instead of a reset;
-beyond that bound the connection closes. With `--owner-pid` the server also ends, removing its key and state
-files, when that process (ftrun) is gone without having stopped it.
+beyond that bound the connection closes. With `owner_pid` set the server also ends, removing its key, settings and
+state files, when that process (ftrun) is gone without having stopped it.
 
 Hostile input harms only its own request: every sampling parameter must be finite and in range (NaN, Infinity and
 numbers beyond a float are refused while parsing), a body nested too deeply or text with a lone surrogate is a 400,
 the size limits (`RequestLimits`: messages, prompt characters, stop strings) are checked before anything is
 tokenized, a generation error fails only the request that caused it (its batch is retried row by row), an
 unexpected error is a JSON 500 that keeps the keep-alive connection usable, a client that goes away cancels its
-generation, and a connection must send its request headers within `--header-timeout-s` and its body within
-`--body-timeout-s` (slowloris). Without the key the health probes say only ready / not ready and /openapi.json is
+generation, and a connection must send its request headers within `header_timeout_s` and its body within
+`body_timeout_s` (slowloris). Without the key the health probes say only ready / not ready and /openapi.json is
 refused.
 """
 
@@ -40,9 +41,9 @@ from typing import List, Optional
 from runner.atomic import write_text
 from runner.local.endpoint.app import create_app
 from runner.local.endpoint.engine import EndpointState
-from runner.local.endpoint.limits import DEFAULT_LIMITS, MAX_REQUEST_BYTES, RequestLimits, slow_client_protocol
+from runner.local.endpoint.limits import slow_client_protocol
 from runner.local.endpoint.server_log import RotatingStderrHandler
-from runner.local.endpoint.settings import EndpointSettings
+from runner.local.endpoint.settings import EndpointSettings, SettingsError
 
 log = logging.getLogger("runner.endpoint")
 
@@ -68,39 +69,21 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m runner.local.endpoint.server", description=__doc__.split("\n")[0])
-    p.add_argument("--name", required=True, help="endpoint name")
-    p.add_argument("--deployments", required=True, help='JSON object: deployment name -> model URI or folder')
-    p.add_argument("--traffic", default=None, help="JSON object: deployment name -> percent (default: all to one)")
-    p.add_argument("--key-file", required=True, help="file holding the endpoint key (read once; never logged)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="0 = a free port (written to --port-file)")
-    p.add_argument("--port-file", default=None, help="where to write {port, pid} once the socket is bound")
-    p.add_argument("--request-timeout-ms", type=int, default=90000)
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--batch-window-ms", type=float, default=10.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shutdown-grace-s", type=float, default=10.0)
-    p.add_argument("--torch-threads", type=int, default=None)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where the model runs (auto = a CUDA GPU when one is visible)")
-    p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
-                   help="larger request bodies are refused with 413 (Content-Length first, else while reading)")
-    p.add_argument("--limits", default=None,
-                   help="JSON object of per-request limits (RequestLimits: max_messages, max_prompt_chars, "
-                        "max_prompt_tokens, max_stop_strings, max_stop_chars)")
-    p.add_argument("--header-timeout-s", type=float, default=10.0,
-                   help="close a connection whose request headers have not arrived within this")
-    p.add_argument("--body-timeout-s", type=float, default=30.0, help="408 for a body not read within this")
-    p.add_argument("--keep-alive-timeout-s", type=float, default=5.0, help="close idle keep-alive connections")
-    p.add_argument("--max-connections", type=int, default=256,
-                   help="503 for new requests beyond this many open connections or requests in flight")
-    p.add_argument("--owner-pid", type=int, default=None,
-                   help="end (and remove --key-file and --state-file) when this process is gone; unset = detached")
-    p.add_argument("--state-file", default=None, help="the manager's state file, removed with the key by --owner-pid")
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--test-load-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(prog="python -m runner.local.endpoint.server",
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
+    # the one argument: everything else is in the file (EndpointSettings), so no setting (and never the key) shows
+    # in `ps`, and the manager recognises its server by this path (manager._is_our_server)
+    p.add_argument("--settings", required=True, metavar="FILE",
+                   help="the endpoint settings JSON the manager wrote (runner/local/endpoint/settings.py)")
     return p.parse_args(argv)
+
+
+def load_settings(path: str) -> EndpointSettings:
+    """The settings file, checked; a bad one ends the process with one line naming the key, not a traceback."""
+    try:
+        return EndpointSettings.from_file(path)
+    except SettingsError as exc:
+        raise SystemExit(f"endpoint server: {exc}") from None
 
 
 class OwnerWatch:
@@ -163,14 +146,17 @@ class OwnerWatch:
             self._thread.join(timeout=2 * OWNER_POLL_S)
 
 
-def _remove_own_files(key_file: Path, key: str, state_file: Optional[Path]) -> None:
-    """The key and state files, if they are still this server's (a newer endpoint of that name has its own)."""
+def _remove_own_files(settings: EndpointSettings, settings_file: Path) -> None:
+    """The key, settings and state files, if they are still this server's (a newer endpoint of that name has its
+    own: it writes its key first, so while the key is ours the settings file is ours too)."""
     try:
-        if key_file.read_text(encoding="utf-8").strip() == key:
-            key_file.unlink(missing_ok=True)
+        if Path(settings.key_file).read_text(encoding="utf-8").strip() == settings.key:
+            Path(settings.key_file).unlink(missing_ok=True)
+            settings_file.unlink(missing_ok=True)
     except FileNotFoundError:
         pass
-    if state_file is not None:
+    if settings.state_file is not None:
+        state_file = Path(settings.state_file)
         try:
             if json.loads(state_file.read_text(encoding="utf-8")).get("pid") == os.getpid():
                 state_file.unlink(missing_ok=True)
@@ -207,40 +193,17 @@ def _also_on_hangup(server, uvicorn_capture):
     return both()
 
 
-def settings_from_args(args: argparse.Namespace) -> EndpointSettings:
-    """The one settings object the app runs with, from the command line (the key read once from its file)."""
-    deployments = json.loads(args.deployments)
-    traffic = json.loads(args.traffic) if args.traffic else {next(iter(deployments)): 100}
-    key = Path(args.key_file).read_text(encoding="utf-8").strip()
-    if not key:
-        raise SystemExit(f"the key file {args.key_file} is empty")
-    settings = EndpointSettings(
-        name=args.name, deployments=deployments, traffic=traffic, key=key,
-        request_timeout_ms=args.request_timeout_ms, max_batch_size=args.max_batch_size,
-        batch_window_ms=args.batch_window_ms, seed=args.seed, shutdown_grace_s=args.shutdown_grace_s,
-        torch_threads=args.torch_threads, device=args.device, load_delay_s=args.test_load_delay_s,
-        max_request_bytes=args.max_request_bytes,
-        limits=RequestLimits(**json.loads(args.limits)) if args.limits else DEFAULT_LIMITS,
-        header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
-        keep_alive_timeout_s=args.keep_alive_timeout_s, max_connections=args.max_connections,
-    )
-    for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "max_connections"):
-        if not getattr(settings, name) > 0:
-            raise SystemExit(f"deployment.{name} must be > 0, got {getattr(settings, name)}")
-    return settings
-
-
 def main(argv=None) -> int:
     import uvicorn
 
-    args = _parse_args(argv)
+    settings_file = _parse_args(argv).settings
+    settings = load_settings(settings_file)
     handler = RotatingStderrHandler()  # the server log is bounded (server_log.py)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
-    settings = settings_from_args(args)
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     app = create_app(settings)
     state: EndpointState = app.state.endpoint
-    sock = _bind(args.host, args.port)
+    sock = _bind(settings.host, settings.port)
     port = sock.getsockname()[1]
 
     timers: List[threading.Timer] = []
@@ -267,23 +230,23 @@ def main(argv=None) -> int:
             return _also_on_hangup(self, super().capture_signals())
 
     app, protocol, limit_concurrency = admission(app, settings)
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
+    config = uvicorn.Config(app, log_level=settings.log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 1,
                             http=protocol, timeout_keep_alive=settings.keep_alive_timeout_s,
                             limit_concurrency=limit_concurrency)
     server = _Server(config)
     state.on_load_failure = lambda: setattr(server, "should_exit", True)
-    if args.port_file:
-        write_text(Path(args.port_file), json.dumps({"port": port, "pid": os.getpid()}))
-    log.info("endpoint %s listening on http://%s:%d (deployments %s, traffic %s)", args.name, args.host, port,
+    if settings.port_file:
+        write_text(Path(settings.port_file), json.dumps({"port": port, "pid": os.getpid()}))
+    log.info("endpoint %s listening on http://%s:%d (deployments %s, traffic %s)", settings.name, settings.host, port,
              settings.deployments, settings.traffic)
     watch = None
-    if args.owner_pid is not None:
+    if settings.owner_pid is not None:
         def owner_gone():
-            drain(f"owner {args.owner_pid} gone")
+            drain(f"owner {settings.owner_pid} gone")
             server.should_exit = True
 
-        watch = OwnerWatch(args.owner_pid, owner_gone)
+        watch = OwnerWatch(settings.owner_pid, owner_gone)
         watch.start()
     try:
         server.run(sockets=[sock])
@@ -294,8 +257,9 @@ def main(argv=None) -> int:
         if watch is not None:
             watch.stop()
             if watch.gone.is_set():  # nobody is left to delete the endpoint: its files go with it
-                _remove_own_files(Path(args.key_file), settings.key, Path(args.state_file) if args.state_file else None)
-                log.info("endpoint %s stopped after its owner was gone; key and state files removed", args.name)
+                _remove_own_files(settings, Path(settings_file))
+                log.info("endpoint %s stopped after its owner was gone; key, settings and state files removed",
+                         settings.name)
     return 1 if state.load_error else 0
 
 

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from runner.local.endpoint.manager import read_key, start_endpoint, stop_endpoint
+from runner.local.endpoint.settings import EndpointSettings
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +22,8 @@ NORMAL = {"input_data": {"input_string": [{"role": "user", "content": "What is a
 @pytest.fixture(scope="module")
 def endpoint(tiny_model_dir, tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("endpoints")
-    state = start_endpoint(name="abused-endpoint", deployments={"demo": str(tiny_model_dir)}, traffic={"demo": 100},
-                           state_dir=state_dir, max_request_bytes=CAP)
+    state = start_endpoint(EndpointSettings(name="abused-endpoint", deployments={"demo": str(tiny_model_dir)},
+                                            traffic={"demo": 100}, max_request_bytes=CAP), state_dir=state_dir)
     yield state
     stop_endpoint(state["name"], state_dir=state_dir)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from runner.local.endpoint.manager import read_key, start_endpoint, stop_endpoint
+from runner.local.endpoint.settings import EndpointSettings
 from tests.conftest import REPO
 
 
@@ -17,8 +18,8 @@ from tests.conftest import REPO
 def test_a_mid_body_disconnect_is_one_short_log_line(tiny_model_dir, tmp_path):
     import httpx
 
-    state = start_endpoint(name="hang-ups", deployments={"demo": str(tiny_model_dir)}, traffic={"demo": 100},
-                           state_dir=tmp_path / "endpoints")
+    state = start_endpoint(EndpointSettings(name="hang-ups", deployments={"demo": str(tiny_model_dir)},
+                                            traffic={"demo": 100}), state_dir=tmp_path / "endpoints")
     log = Path(state["log_file"])
     try:
         host, port = state["url"].split("//")[1].rsplit(":", 1)

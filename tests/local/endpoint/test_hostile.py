@@ -18,6 +18,7 @@ import pytest
 from runner.local.endpoint import app as endpoint_app
 from runner.local.endpoint import protocol, server
 from runner.local.endpoint.generation import GenerationJob
+from runner.local.endpoint.limits import RequestLimits
 from runner.local.endpoint.settings import EndpointSettings
 from tests.conftest import run_batch
 
@@ -108,10 +109,11 @@ def endpoint(tiny_model_dir, tmp_path_factory):
     from runner.local.endpoint.manager import start_endpoint, stop_endpoint
 
     state_dir = tmp_path_factory.mktemp("endpoints")
-    state = start_endpoint(name="hostile-endpoint", deployments={"demo": str(tiny_model_dir)},
-                           traffic={"demo": 100}, state_dir=state_dir, batch_window_ms=20.0,
-                           limits={"max_messages": 64, "max_stop_chars": 64, "header_timeout_s": HEADER_TIMEOUT_S,
-                                   "body_timeout_s": BODY_TIMEOUT_S})
+    settings = EndpointSettings(name="hostile-endpoint", deployments={"demo": str(tiny_model_dir)},
+                                traffic={"demo": 100}, batch_window_ms=20.0,
+                                limits=RequestLimits(max_messages=64, max_stop_chars=64),
+                                header_timeout_s=HEADER_TIMEOUT_S, body_timeout_s=BODY_TIMEOUT_S)
+    state = start_endpoint(settings, state_dir=state_dir)
     yield state
     stop_endpoint(state["name"], state_dir=state_dir)
 
@@ -351,8 +353,8 @@ def test_the_parser_processes_end_with_their_server(tiny_model_dir, tmp_path, ho
 
     from runner.local.endpoint.manager import start_endpoint, stop_endpoint
 
-    state = start_endpoint(name=f"parsers-{how}", deployments={"demo": str(tiny_model_dir)}, traffic={"demo": 100},
-                           state_dir=tmp_path)
+    state = start_endpoint(EndpointSettings(name=f"parsers-{how}", deployments={"demo": str(tiny_model_dir)},
+                                            traffic={"demo": 100}), state_dir=tmp_path)
     try:
         big = {"messages": [{"role": "user", "content": "x " * 40_000}], "max_tokens": 1}  # parsed by a parser
         r = httpx.post(state["url"] + "/v1/chat/completions", json=big, headers=auth(state), timeout=60)

@@ -6,6 +6,7 @@ import importlib.util
 import pytest
 
 from runner.local.endpoint.manager import read_key, start_endpoint, stop_endpoint
+from runner.local.endpoint.settings import EndpointSettings
 from tests.conftest import REPO
 
 
@@ -18,8 +19,8 @@ def _bench():
 
 @pytest.mark.slow
 def test_300_half_header_connections_do_not_crowd_out_a_keyed_client(tiny_model_dir, tmp_path):
-    state = start_endpoint(name="idle-sockets", deployments={"demo": str(tiny_model_dir)}, traffic={"demo": 100},
-                           state_dir=tmp_path / "endpoints")
+    state = start_endpoint(EndpointSettings(name="idle-sockets", deployments={"demo": str(tiny_model_dir)},
+                                            traffic={"demo": 100}), state_dir=tmp_path / "endpoints")
     try:
         bench = _bench()
         headers = {"Authorization": f"Bearer {read_key(state)}"}

@@ -82,7 +82,7 @@ class Ftrun:
 
 
 def serving_endpoint(home: Path):
-    [state_file] = list((home / "endpoints").glob("*.json"))
+    [state_file] = [p for p in (home / "endpoints").glob("*.json") if not p.name.endswith(manager.SETTINGS_SUFFIX)]
     state = json.loads(state_file.read_text())
     assert manager._listening("127.0.0.1", state["port"])
     assert Path(state["key_file"]).exists()
@@ -90,11 +90,12 @@ def serving_endpoint(home: Path):
 
 
 def gone(state, state_file) -> None:
-    """Nothing of the endpoint is left: no process, nothing on its port, no key, no state file."""
+    """Nothing of the endpoint is left: no process, nothing on its port, no key, no state or settings file."""
     assert not manager._is_our_server(state["pid"], state["name"]), f"the server (pid {state['pid']}) still runs"
     assert not manager._listening("127.0.0.1", state["port"]), f"port {state['port']} still accepts connections"
     assert not Path(state["key_file"]).exists(), "the key file is left behind"
     assert not state_file.exists(), "the state file is left behind"
+    assert not (state_file.parent / f"{state['name']}{manager.SETTINGS_SUFFIX}").exists(), "the settings file is left"
 
 
 @pytest.mark.parametrize("sig, sigint_ignored", [(signal.SIGTERM, False), (signal.SIGHUP, False),

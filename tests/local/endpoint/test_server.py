@@ -16,6 +16,7 @@ import pytest
 from runner.local.endpoint import manager
 from runner.local.endpoint.manager import (EndpointError, find_endpoint, launch_server, read_key, start_endpoint,
                                            stop_endpoint, wait_ready)
+from runner.local.endpoint.settings import EndpointSettings
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +31,9 @@ def score_body(turns, **parameters):
 def endpoint(tiny_model_dir, tmp_path_factory):
     """Two deployments of the tiny model: blue takes all traffic, green none (reachable only by the header)."""
     state_dir = tmp_path_factory.mktemp("endpoints")
-    state = start_endpoint(name="test-endpoint", deployments={"blue": str(tiny_model_dir), "green": str(tiny_model_dir)},
-                           traffic={"blue": 100, "green": 0}, state_dir=state_dir, batch_window_ms=20.0)
+    state = start_endpoint(EndpointSettings(name="test-endpoint", traffic={"blue": 100, "green": 0},
+                                            deployments={"blue": str(tiny_model_dir), "green": str(tiny_model_dir)},
+                                            batch_window_ms=20.0), state_dir=state_dir)
     state["state_dir"] = str(state_dir)
     yield state
     stop_endpoint(state["name"], state_dir=state_dir)
@@ -218,9 +220,9 @@ def test_key_file_is_private_and_the_key_never_logged(endpoint):
 # ---------------------------------------------------------------- readiness, timeout, lifecycle (own servers)
 
 def test_readiness_is_503_while_loading_then_200_and_timeouts_are_408(tiny_model_dir, tmp_path):
-    state = launch_server(name="slow-loader", deployments={"demo": str(tiny_model_dir)}, traffic={"demo": 100},
-                          host="127.0.0.1", port=0, state_dir=tmp_path, request_timeout_ms=1, max_batch_size=4,
-                          batch_window_ms=5, extra_args=["--test-load-delay-s", "3"])
+    state = launch_server(EndpointSettings(name="slow-loader", deployments={"demo": str(tiny_model_dir)},
+                                           traffic={"demo": 100}, host="127.0.0.1", port=0, request_timeout_ms=1,
+                                           max_batch_size=4, batch_window_ms=5, load_delay_s=3), state_dir=tmp_path)
     try:
         assert httpx.get(state["url"] + "/health/live").status_code == 200
         loading = httpx.get(state["url"] + "/health/ready", headers=auth(state))
@@ -254,11 +256,12 @@ def test_startup_failure_is_reported_and_cleaned_up(tmp_path):
     broken.mkdir()
     (broken / "config.json").write_text("{}")
     with pytest.raises(EndpointError, match="failed to start") as err:
-        start_endpoint(name="broken-ep", deployments={"demo": str(broken)}, traffic={"demo": 100},
+        start_endpoint(EndpointSettings(name="broken-ep", deployments={"demo": str(broken)}, traffic={"demo": 100}),
                        state_dir=tmp_path / "state", startup_timeout_s=60)
     assert "Traceback" in str(err.value) or "Error" in str(err.value)  # the server's own log tail
     assert not (tmp_path / "state" / "broken-ep.key").exists()
     assert not (tmp_path / "state" / "broken-ep.json").exists()
+    assert not (tmp_path / "state" / "broken-ep.settings.json").exists()
 
 
 def test_bad_endpoint_definitions_are_refused_before_starting(tmp_path, tiny_model_dir):
@@ -268,14 +271,14 @@ def test_bad_endpoint_definitions_are_refused_before_starting(tmp_path, tiny_mod
              ("good-name", {"demo": str(tmp_path / "nowhere")}, {"demo": 100}, "config.json")]
     for name, deployments, traffic, message in cases:
         with pytest.raises(EndpointError, match=message):
-            start_endpoint(name=name, deployments=deployments, traffic=traffic, state_dir=tmp_path)
-    assert list(tmp_path.glob("*.key")) == []
+            start_endpoint(EndpointSettings(name=name, deployments=deployments, traffic=traffic), state_dir=tmp_path)
+    assert list(tmp_path.glob("*.key")) == [] and list(tmp_path.glob("*.settings.json")) == []
 
 
 def test_delete_from_another_process_finishes_the_request_in_flight_and_leaves_nothing(tiny_model_dir, tmp_path,
                                                                                        capfd):
-    state = start_endpoint(name="short-lived", deployments={"demo": str(tiny_model_dir)}, traffic={"demo": 100},
-                           state_dir=tmp_path)
+    state = start_endpoint(EndpointSettings(name="short-lived", deployments={"demo": str(tiny_model_dir)},
+                                            traffic={"demo": 100}), state_dir=tmp_path)
     key = read_key(state)
     printed = capfd.readouterr()
     assert key not in printed.out + printed.err
