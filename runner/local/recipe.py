@@ -64,8 +64,10 @@ class LocalRecipe:
     def setup(self) -> None:
         from transformers import enable_full_determinism, set_seed
 
+        from runner.heap import freeze_imported_objects
         from runner.local.packing import avoid_per_shape_attention_plans
 
+        freeze_imported_objects()  # before the model and data exist: what is frozen is never collected
         plan = self.plan
         self.out.mkdir(parents=True, exist_ok=True)
         self._locked_here = training_dir.hold_for_training(self.out)  # never two live runs in one folder
