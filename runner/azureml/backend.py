@@ -31,7 +31,7 @@ from runner.azureml.suggest import archived_message
 from runner.azureml.tags import ModelFacts, facts_from_registry
 from runner.backend_api import Backend
 from runner.errors import MissingInput
-from runner.finetune_params import merge_finetune_params, pipeline_display_name
+from runner.finetune_params import pipeline_display_name
 from runner.schema import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -125,10 +125,10 @@ class AzureMLBackend(Backend):
             return None
         return load_spec(str(path))
 
-    def effective_params(self, ctx, facts: ModelFacts) -> tuple[Dict[str, Any], list]:
-        """Config → the model's model_specific_defaults → the user's explicit finetune.* overrides."""
-        defaults = facts.model_specific_defaults if self.cfg.model.apply_model_specific_defaults else {}
-        return merge_finetune_params(self.cfg.finetune, defaults, ctx.explicit_finetune_keys)
+    def model_specific_defaults(self, ctx) -> Dict[str, Any]:
+        """The registry's model_specific_defaults tag of the foundation model (its facts): what the notebook applies
+        on top of its own parameters. The merge itself is Backend.finetune_params, once per run."""
+        return self.facts(ctx).model_specific_defaults
 
     def display_name(self, params: Dict[str, Any], gpus_per_node: int) -> str:
         return pipeline_display_name(self.cfg.model.name, params, gpus_per_node or 1)
@@ -272,7 +272,7 @@ class AzureMLBackend(Backend):
         except ConfigError as exc:
             self._refused(ctx, "compute", facts, exc)
             raise
-        params, _ = self.effective_params(ctx, facts)
+        params = self.finetune_params(ctx).params()
         fit = check_memory_fit(model_name=facts.name, params=params, gpu_memory_gb=c.gpu_memory_gb,
                                gpus_per_node=c.gpus_per_node, size=c.size, memory_headroom=c.memory_headroom)
         for warning in fit["warnings"]:

@@ -126,7 +126,8 @@ def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
             return attached
     facts = backend.facts(ctx)
     data = ctx.record.output("data")
-    params, notes = backend.effective_params(ctx, facts)
+    effective = backend.finetune_params(ctx)  # decided once per run
+    params, notes = effective.params(), effective.note_list()
     sent, left_out = hyperparameters(params, ctx.explicit_finetune_keys)
     where = placement(cfg)
     display_name = ctx.display_name(job_display_name(cfg.model.name, cfg.dataset.slug, sent))

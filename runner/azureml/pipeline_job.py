@@ -47,7 +47,8 @@ def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
                            "compute.gpus_per_node")
     data = ctx.record.output("data")  # the step (runner/steps/finetune.py) made sure the files are there
     component, spec, unread, pinned, diff = _live_component(backend, ctx)
-    params, notes = backend.effective_params(ctx, facts)
+    effective = backend.finetune_params(ctx)  # decided once per run
+    params, notes = effective.params(), effective.note_list()
     inputs, dropped = prepare_inputs(params, spec, ctx.explicit_finetune_keys)  # explicit keys named first
     overridden = diff.defaults_overridden(inputs)
     for line in overridden:

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from runner.backend_api import Backend
 from runner.errors import MissingInput
 from runner.figures import figure
-from runner.finetune_params import dataset_label, merge_finetune_params, pipeline_display_name
+from runner.finetune_params import dataset_label, pipeline_display_name
 
 
 def _plain(node) -> Any:
@@ -35,10 +35,6 @@ class LocalBackend(Backend):
     @property
     def tracking_uri(self) -> str:
         return self.cfg.mlflow.tracking_uri
-
-    def effective_params(self, ctx) -> tuple[Dict[str, Any], list]:
-        defaults = _plain(self.cfg.model.model_specific_defaults) if self.cfg.model.apply_model_specific_defaults else {}
-        return merge_finetune_params(self.cfg.finetune, defaults, ctx.explicit_finetune_keys)
 
     def display_name(self, params) -> str:
         return pipeline_display_name(self.cfg.model.name, params, self.cfg.compute.gpus_per_node or 1,
@@ -96,7 +92,7 @@ class LocalBackend(Backend):
         per_device_train_batch_size, gradient_accumulation_steps and gradient_checkpointing."""
         from runner.local.compute import check_local_compute
 
-        params, _ = self.effective_params(ctx)
+        params = self.finetune_params(ctx).params()
         local = self.cfg.finetune.local
         out = check_local_compute(
             device=self.cfg.compute.device,
@@ -209,7 +205,8 @@ class LocalBackend(Backend):
         an older run record: the config's values stand), translated for this machine; each note said once."""
         from runner.local.translate import translate
 
-        params, notes = self.effective_params(ctx)
+        effective = self.finetune_params(ctx)  # decided once per run; copied here, since the compute step adjusts
+        params, notes = effective.params(), effective.note_list()
         local = _plain(self.cfg.finetune.local)
         decided = ctx.record.output("compute") or {}
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):

@@ -74,7 +74,8 @@ def planned_training(params: Dict[str, Any], cfg) -> Dict[str, Any]:
 
 def write_local_plan(ctx, backend) -> Dict[str, Any]:
     cfg = ctx.cfg
-    params, notes = backend.effective_params(ctx)
+    effective = backend.finetune_params(ctx)
+    params, notes = effective.params(), effective.note_list()
     model = cfg.model
     if model.local_path:
         source = f"local folder {model.local_path}"

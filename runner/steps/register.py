@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Protocol
 
 from runner.errors import RunnerError
+from runner.finetune_params import EffectiveFinetuneParams
 from runner.gate import GATE_PASSED
 from runner.steps.evaluate import EvaluateResult, verdict_tags
 from runner.steps.result import StepResult
@@ -68,18 +69,16 @@ def nonfinite_reason(figures: Dict[str, Any]) -> Optional[str]:
 
 def _training_params(ctx, backend) -> Dict[str, Any]:
     """The settings the run trained with: its tracking store's record of them where the backend keeps one (the
-    local MLflow run's params: right also for a finetune step from an earlier run, from_run=), else this config's
-    effective finetune parameters."""
+    local MLflow run's params: right also for a finetune step from an earlier run, from_run=), else what the
+    finetune step recorded it sent (a submitted job's effective_params), else this run's effective finetune
+    parameters as decided once (Backend.finetune_params)."""
     recorded = backend.training_params(ctx)
     if recorded is not None:
         return recorded
-    from omegaconf import OmegaConf
-
-    from runner.finetune_params import merge_finetune_params
-
-    model = ctx.cfg.model
-    defaults = OmegaConf.to_container(model.model_specific_defaults) if model.apply_model_specific_defaults else {}
-    return merge_finetune_params(ctx.cfg.finetune, defaults, ctx.explicit_finetune_keys)[0]
+    sent = ctx.record.output("finetune", "effective_params")
+    if sent:
+        return dict(sent)
+    return backend.finetune_params(ctx).params()
 
 
 def improvement_refusal(ctx) -> Optional[str]:
@@ -129,6 +128,8 @@ class RegisterActions(Protocol):
     """What the register step asks of a backend."""
 
     def training_params(self, ctx) -> Optional[Dict[str, Any]]: ...
+
+    def finetune_params(self, ctx) -> EffectiveFinetuneParams: ...
 
     def register(self, ctx) -> Dict[str, Any]: ...
 
