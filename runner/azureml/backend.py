@@ -214,7 +214,8 @@ class AzureMLBackend(Backend):
             ctx.say(f"warning: the registry's REST body of {facts.name} could not be read ({unread}): its system "
                     f"metadata (allow lists, deprecation, isArchived) is unknown")
         ctx.say(allow_list_message(facts, planned=self.cfg.dry_run))  # where the lists came from, before the checks
-        ctx.record.note("model", allow_list_source=dict(facts.allow_list_source), rest_body_unread=unread or None)
+        if ctx.record.status("model") == "running":  # a later step looking the facts up (facts()) is no model step
+            ctx.record.note("model", allow_list_source=dict(facts.allow_list_source), rest_body_unread=unread or None)
         try:
             warnings = self.model_checks(ctx, facts, refuse_archived=not self.cfg.dry_run)
         except ConfigError as exc:

@@ -70,14 +70,17 @@ def nonfinite_reason(figures: Dict[str, Any]) -> Optional[str]:
 def _training_params(ctx, backend) -> Dict[str, Any]:
     """The settings the run trained with: its tracking store's record of them where the backend keeps one (the
     local MLflow run's params: right also for a finetune step from an earlier run, from_run=), else what the
-    finetune step recorded it sent (a submitted job's effective_params), else this run's effective finetune
-    parameters as decided once (Backend.finetune_params)."""
+    finetune step recorded it sent (a submitted job's effective_params), else the effective finetune parameters
+    as decided once (this run's, or from_run's when this run has not decided: Backend.finetune_params)."""
     recorded = backend.training_params(ctx)
     if recorded is not None:
         return recorded
     sent = ctx.record.output("finetune", "effective_params")
     if sent:
         return dict(sent)
+    decided = ctx.record.data.get("finetune_params") or ctx.record.earlier.get("finetune_params")
+    if decided:  # the run's one decision (this run's, else from_run's: the run that fine-tuned)
+        return dict(decided["values"])
     return backend.finetune_params(ctx).params()
 
 
