@@ -31,9 +31,9 @@ class Backend:
         ctx for the later steps and in the run record (`finetune_params`) for the people who read it."""
         decided = getattr(ctx, "finetune_params", None)
         if decided is None:
-            model = self.cfg.model
-            defaults = self.model_specific_defaults(ctx) if model.apply_model_specific_defaults else {}
-            decided = decide_finetune_params(self.cfg.finetune, defaults, ctx.explicit_finetune_keys)
+            cfg = self.cfg if self.cfg is not None else ctx.cfg  # the run's config, whoever holds it
+            defaults = self.model_specific_defaults(ctx) if cfg.model.apply_model_specific_defaults else {}
+            decided = decide_finetune_params(cfg.finetune, defaults, ctx.explicit_finetune_keys)
             ctx.finetune_params = decided
             ctx.record.data["finetune_params"] = decided.to_record()
         return decided
@@ -41,7 +41,7 @@ class Backend:
     def model_specific_defaults(self, ctx) -> Mapping[str, Any]:
         """The foundation model's fine-tune defaults: the config's model.model_specific_defaults (the Azure
         backend reads the registry's tag instead)."""
-        defaults = self.cfg.model.model_specific_defaults
+        defaults = (self.cfg if self.cfg is not None else ctx.cfg).model.model_specific_defaults
         return OmegaConf.to_container(defaults, resolve=True) if OmegaConf.is_config(defaults) else dict(defaults or {})
 
     def tokenizer_dir(self, ctx) -> Optional[str]:

@@ -15,16 +15,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol
+from typing import Any, ClassVar, Dict, List, Optional, Protocol
 
 from omegaconf import OmegaConf
 
 from runner.errors import MissingInput
-from runner.steps.result import StepResult
+from runner.step_results import StepResult
 
 
 @dataclass
 class ExportResult(StepResult):
+    STEP: ClassVar[str] = "export"
     model_uri: Optional[str] = None
     out_dir: Optional[str] = None
     outputs: Optional[Dict[str, Any]] = None  # format -> {"path", "bytes", "sha256"} (merged: per file too)

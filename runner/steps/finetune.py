@@ -1,26 +1,12 @@
 """finetune: train (here) or submit the pipeline job (Azure) on the data step's files. Its figures are what the
 run summary and a sweep rank by."""
 
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, Protocol
 
 from runner.errors import ConfigError, MissingInput
-from runner.steps.result import StepResult
+from runner.step_results import FinetuneResult
 
 FIGURES = ("train_loss", "eval_loss", "eval_loss_before", "perplexity", "tokens_per_s")
-
-
-@dataclass
-class FinetuneResult(StepResult):
-    display_name: Optional[str] = None
-    status: Optional[str] = None  # local: finished; azureml: submitted / Completed
-    mlflow_run_id: Optional[str] = None  # local
-    job_name: Optional[str] = None  # azureml
-    train_loss: Optional[float] = None
-    eval_loss: Optional[float] = None
-    eval_loss_before: Optional[float] = None
-    perplexity: Optional[float] = None
-    tokens_per_s: Optional[float] = None
 
 
 class FinetuneActions(Protocol):

@@ -1,18 +1,10 @@
 """model: the foundation model (a local folder, the offline tiny model, or the registry's asset) and its facts.
 Once they are known, the run's effective fine-tune parameters are decided, once (runner/finetune_params.py)."""
 
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, Protocol
 
 from runner.finetune_params import EffectiveFinetuneParams
-from runner.steps.result import StepResult
-
-
-@dataclass
-class ModelResult(StepResult):
-    name: Optional[str] = None
-    model_dir: Optional[str] = None  # local: the folder the trainer loads
-    model_id: Optional[str] = None  # azureml: the registry asset id the pipeline gets
+from runner.step_results import ModelResult
 
 
 class ModelActions(Protocol):

@@ -8,25 +8,16 @@ version is then tagged `quality_gate=allowed: <reason>`, which `steps=[deploy]` 
 """
 
 import math
-from dataclasses import dataclass
 from typing import Any, Dict, Optional, Protocol
 
 from runner.errors import RunnerError
 from runner.finetune_params import EffectiveFinetuneParams
 from runner.gate import GATE_PASSED
 from runner.steps.evaluate import EvaluateResult, verdict_tags
-from runner.steps.result import StepResult
+from runner.step_results import RegisterResult
 
 # schedulers whose first step runs at learning rate 0 when warmup_steps > 0 (constant ignores warmup)
 _WARMUP_FROM_ZERO = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup"}
-
-
-@dataclass
-class RegisterResult(StepResult):
-    model_uri: Optional[str] = None
-    name: Optional[str] = None
-    version: Optional[str] = None
-    quality_gate: Optional[str] = None
 
 
 class RegisterRefused(RunnerError):
