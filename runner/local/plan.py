@@ -15,7 +15,9 @@ def write_request(ctx) -> Path:
     path = ctx.plan_dir / "request.json"
     from runner.data.sample_request import sample_request  # the request the test step would send
 
-    write_json(path, sample_request(ctx.cfg, ctx.record.output("data", "sample_file")))
+    from runner.step_results import DataResult
+
+    write_json(path, sample_request(ctx.cfg, DataResult.recorded(ctx.record).sample_file))
     return path
 
 

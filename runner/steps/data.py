@@ -4,7 +4,7 @@ rows, validated and explored; then the backend adds its part (Azure: the files t
 from pathlib import Path
 from typing import Any, Dict, Optional, Protocol
 
-from runner.step_results import DataResult
+from runner.step_results import DataResult, ModelResult
 
 
 class DataActions(Protocol):
@@ -19,7 +19,7 @@ def run(ctx, backend: DataActions) -> DataResult:
     from runner.data.step import run_data_step
 
     cfg = ctx.cfg
-    tokenizer_dir = ctx.record.output("model", "tokenizer_dir") or backend.tokenizer_dir(ctx)
+    tokenizer_dir = ModelResult.recorded(ctx.record).tokenizer_dir or backend.tokenizer_dir(ctx)
     outputs = run_data_step(
         cfg.dataset,
         run_dir=ctx.run_dir,

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Protocol
 from omegaconf import OmegaConf
 
 from runner.errors import MissingInput
-from runner.step_results import StepResult
+from runner.step_results import DataResult, StepResult
 
 
 @dataclass
@@ -63,7 +63,7 @@ def chosen_model(ctx) -> tuple:
 
 def held_out_chats(ctx, n: int) -> List[List[Dict[str, str]]]:
     """Up to n chats of the data step's test split that end in an assistant turn (llama.cpp re-checks them)."""
-    path = ctx.record.output("data", "test_file")
+    path = DataResult.recorded(ctx.record).test_file
     if not n or not path or not Path(path).is_file():
         return []
     chats = []

@@ -14,7 +14,7 @@ from runner.errors import RunnerError
 from runner.finetune_params import EffectiveFinetuneParams
 from runner.gate import GATE_PASSED
 from runner.steps.evaluate import EvaluateResult, verdict_tags
-from runner.step_results import RegisterResult
+from runner.step_results import FinetuneResult, MetricsResult, RegisterResult
 
 # schedulers whose first step runs at learning rate 0 when warmup_steps > 0 (constant ignores warmup)
 _WARMUP_FROM_ZERO = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup"}
@@ -66,7 +66,7 @@ def _training_params(ctx, backend) -> Dict[str, Any]:
     recorded = backend.training_params(ctx)
     if recorded is not None:
         return recorded
-    sent = ctx.record.output("finetune", "effective_params")
+    sent = FinetuneResult.recorded(ctx.record).effective_params
     if sent:
         return dict(sent)
     decided = ctx.record.data.get("finetune_params") or ctx.record.earlier.get("finetune_params")
@@ -93,7 +93,7 @@ def improvement_refusal(ctx) -> Optional[str]:
 def quality_gate(ctx, backend) -> str:
     """GATE_PASSED, or `allowed: <reason>` when the config opts out; raises RegisterRefused otherwise."""
     finetune = ctx.record.output("finetune") or {}
-    figures = {**(ctx.record.output("metrics", "final") or {}), **finetune}
+    figures = {**(MetricsResult.recorded(ctx.record).final or {}), **finetune}
     gate = ctx.cfg.get("register") or {}
     reasons = []
     diverged = nonfinite_reason(figures)
