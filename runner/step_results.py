@@ -46,13 +46,14 @@ class StepResult:
         return cls.from_outputs(record.output(cls.STEP) or {})
 
     @classmethod
-    def require(cls: Type[T], record: Any, why: str) -> T:
-        """The recorded result, or MissingInput: `<why>: run the <step> step first (or from_run=<run dir>)`."""
-        outputs = record.output(cls.STEP)
-        if not outputs:
+    def require(cls: Type[T], record: Any, why: str, needs: Optional[str] = None) -> T:
+        """The recorded result (with a value for its `needs` field or property, when named), or MissingInput:
+        `<why>: run the <step> step first (...) or from_run=<a run dir that did>`, the same on every backend."""
+        found = cls.from_outputs(record.output(cls.STEP) or {})
+        if not record.output(cls.STEP) or (needs is not None and not getattr(found, needs)):
             raise MissingInput(f"{why}: run the {cls.STEP} step first (steps=[...,{cls.STEP},...]) or "
                                f"from_run=<a run dir that did>")
-        return cls.from_outputs(outputs)
+        return found
 
     def to_outputs(self) -> Dict[str, Any]:
         out = {name: getattr(self, name) for name in self.field_names() if getattr(self, name) is not None}

@@ -404,11 +404,7 @@ class AzureMLBackend(Backend):
                             f"{pinned.name} {pinned.version} ({pinned.source}) only")
 
     def job_name(self, ctx) -> str:
-        job_name = FinetuneResult.recorded(ctx.record).job_name
-        if not job_name:
-            raise MissingInput("no pipeline job in this run's record: run the finetune step, or from_run=<run dir "
-                               "of the run that submitted it>")
-        return job_name
+        return FinetuneResult.require(ctx.record, "no fine-tuning job in this run's record", needs="job_name").job_name
 
     def require_completed(self, ctx, job_name: str) -> None:
         finetuned = FinetuneResult.recorded(ctx.record)
@@ -482,10 +478,8 @@ class AzureMLBackend(Backend):
         except ConfigError as exc:
             self._refused(ctx, "deploy", facts, exc)
             raise
-        registered = RegisterResult.recorded(ctx.record)
+        registered = RegisterResult.require(ctx.record, "no registered model to deploy", needs="model_id")
         model_id, model_name = registered.model_id, registered.name
-        if not model_id:
-            raise MissingInput("no registered model: run the register step, or from_run=<run dir that registered one>")
         name = self.endpoint_name(ctx)
         check_endpoint_name(name)
         ws = self.ws(ctx)

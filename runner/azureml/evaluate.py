@@ -15,7 +15,6 @@ import hashlib
 from pathlib import Path
 from typing import Any, Dict
 
-from runner.errors import MissingInput
 from runner.step_results import FinetuneResult, ModelResult
 
 CODE_DIR = "azureml/evaluate_code"  # under the state root
@@ -96,10 +95,8 @@ def evaluate(backend: Any, ctx: Any, job: Any) -> Dict[str, Any]:
     cfg = backend.cfg
     finetune_job = backend.job_name(ctx)
     ft_model = fine_tuned_model_path(backend, ctx, finetune_job)
-    base_model = ModelResult.recorded(ctx.record).model_id
-    if not base_model:
-        raise MissingInput("the evaluate step needs the model step's registry model: run steps=[model,...] or "
-                           "from_run=<run dir>")
+    base_model = ModelResult.require(ctx.record, "the evaluate step needs the model step's registry model",
+                                     needs="model_id").model_id
     rows_path = str(Path(job.rows_file).resolve())
     command_job = build_evaluate_job(
         code_dir=staged_code(cfg.paths.root), base_model_path=base_model, ft_model_path=ft_model, rows_path=rows_path,

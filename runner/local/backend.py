@@ -267,10 +267,8 @@ class LocalBackend(Backend):
         from runner.local import tracking
         from runner.metrics_report import report
 
-        finetuned = FinetuneResult.recorded(ctx.record)
+        finetuned = FinetuneResult.require(ctx.record, "no MLflow run to report", needs="mlflow_run_id")
         run_id = finetuned.mlflow_run_id
-        if not run_id:
-            raise MissingInput("no MLflow run to report: run the finetune step first (or from_run=<run dir>)")
         history = tracking.metric_history(self.tracking_uri, run_id)
         out = report(history, ctx.run_dir / "metrics", title=finetuned.display_name or run_id)
         tracking.log_artifact(self.tracking_uri, run_id, out["plot"])
@@ -287,9 +285,7 @@ class LocalBackend(Backend):
     def register(self, ctx) -> Dict[str, Any]:
         from runner.local.registry import register_model
 
-        ft = FinetuneResult.recorded(ctx.record)
-        if not ft.final_model_dir:
-            raise MissingInput("nothing to register: run the finetune step first (or from_run=<run dir>)")
+        ft = FinetuneResult.require(ctx.record, "nothing to register", needs="final_model_dir")
         tags = {
             "base_model": self.cfg.model.name,
             "base_model_dir": ModelResult.recorded(ctx.record).model_dir or "",
