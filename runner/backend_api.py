@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from omegaconf import OmegaConf
 
-from runner.finetune_params import EffectiveFinetuneParams, decide_finetune_params
+from runner.finetune_params import RECORD_KEY, EffectiveFinetuneParams, decide_finetune_params
 
 
 class Backend:
@@ -35,7 +35,7 @@ class Backend:
             defaults = self.model_specific_defaults(ctx) if cfg.model.apply_model_specific_defaults else {}
             decided = decide_finetune_params(cfg.finetune, defaults, ctx.explicit_finetune_keys)
             ctx.finetune_params = decided
-            ctx.record.data["finetune_params"] = decided.to_record()
+            ctx.record.data[RECORD_KEY] = decided.to_record()
         return decided
 
     def model_specific_defaults(self, ctx) -> Mapping[str, Any]:

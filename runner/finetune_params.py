@@ -85,6 +85,7 @@ def merge_finetune_params(
     return params, notes
 
 
+RECORD_KEY = "finetune_params"  # where run_record.json keeps the decision (beside `overrides`)
 # Where an effective value came from (EffectiveFinetuneParams.sources).
 FROM_CONFIG = "config"  # schema default, finetune preset or experiment
 FROM_MODEL_DEFAULTS = "model_specific_defaults"  # the foundation model's tag (or model.model_specific_defaults)
@@ -123,6 +124,12 @@ class EffectiveFinetuneParams:
     def from_record(cls, data: Mapping[str, Any]) -> "EffectiveFinetuneParams":
         return cls(values=data["values"], sources=data.get("sources", {}), notes=tuple(data.get("notes", ())),
                    explicit_keys=frozenset(data.get("explicit_keys", ())))
+
+
+def recorded_decision(record: Any) -> "EffectiveFinetuneParams | None":
+    """The decision a run record keeps: this run's, else its from_run record's; None when neither decided."""
+    data = record.data.get(RECORD_KEY) or (getattr(record, "earlier", None) or {}).get(RECORD_KEY)
+    return EffectiveFinetuneParams.from_record(data) if data else None
 
 
 def decide_finetune_params(

@@ -147,3 +147,31 @@ def test_a_local_run_merges_once_for_the_compute_checks_and_the_plan_once(tmp_pa
     calls.clear()
     run(compose_cfg(["dry_run=true"]), run_dir=tmp_path / "plan")
     assert len(calls) == 1
+
+
+def test_the_register_gate_reads_the_decision_of_the_run_that_fine_tuned(tmp_path):
+    """steps=[register] from_run=<a run that decided>: the gate's settings are that run's decision, not merged
+    again (and no backend is asked)."""
+    from types import SimpleNamespace
+
+    from runner.finetune_params import decide_finetune_params, recorded_decision
+    from runner.record import RunRecord
+    from runner.steps.register import _training_params
+
+    cfg = compose_cfg(["finetune.max_steps=0"])
+    earlier_decision = decide_finetune_params(cfg.finetune, {}, {"max_steps"})
+    earlier = {"run_dir": "/earlier", "finetune_params": earlier_decision.to_record(),
+               "steps": {"finetune": {"status": "ok", "outputs": {"job_name": "j"}}}}
+    (tmp_path / "run").mkdir()
+    record = RunRecord(tmp_path / "run", backend="x", config_sha256="x", earlier=earlier)
+    assert recorded_decision(record) == earlier_decision
+
+    class NoDecisions:
+        def training_params(self, ctx):
+            return None
+
+        def finetune_params(self, ctx):
+            raise AssertionError("decided again")
+
+    ctx = SimpleNamespace(record=record, cfg=compose_cfg([]), finetune_params=None, explicit_finetune_keys=set())
+    assert _training_params(ctx, NoDecisions())["max_steps"] == 0

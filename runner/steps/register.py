@@ -11,7 +11,7 @@ import math
 from typing import Any, Dict, Optional, Protocol
 
 from runner.errors import RunnerError
-from runner.finetune_params import EffectiveFinetuneParams
+from runner.finetune_params import EffectiveFinetuneParams, recorded_decision
 from runner.gate import GATE_PASSED
 from runner.steps.evaluate import EvaluateResult, verdict_tags
 from runner.step_results import FinetuneResult, MetricsResult, RegisterResult
@@ -69,9 +69,9 @@ def _training_params(ctx, backend) -> Dict[str, Any]:
     sent = FinetuneResult.recorded(ctx.record).effective_params
     if sent:
         return dict(sent)
-    decided = ctx.record.data.get("finetune_params") or ctx.record.earlier.get("finetune_params")
-    if decided:  # the run's one decision (this run's, else from_run's: the run that fine-tuned)
-        return dict(decided["values"])
+    decided = recorded_decision(ctx.record)  # this run's, else from_run's: the run that fine-tuned
+    if decided is not None:
+        return decided.params()
     return backend.finetune_params(ctx).params()
 
 
@@ -83,7 +83,7 @@ def improvement_refusal(ctx) -> Optional[str]:
     if not metric:
         return None
     from runner.evaluation.gate import improvement_refusal as refusal
-    evaluation = EvaluateResult.from_outputs(ctx.record.output("evaluate"))
+    evaluation = EvaluateResult.recorded(ctx.record)
     if not evaluation.figures:
         raise RegisterRefused(f"quality gate: register.require_improvement={metric} needs the evaluate step's "
                               f"verdicts: run steps=[...,evaluate,register,...] (or from_run= a run that evaluated)")
@@ -133,7 +133,7 @@ def run(ctx, backend: RegisterActions) -> RegisterResult:
     if verdict != GATE_PASSED:
         ctx.say(f"warning: registering a model that did not pass the quality gate: {verdict}")
     ctx.quality_gate = verdict  # the backend tags the version with it
-    ctx.version_tags.update(verdict_tags(EvaluateResult.from_outputs(ctx.record.output("evaluate"))))
+    ctx.version_tags.update(verdict_tags(EvaluateResult.recorded(ctx.record)))
     result = RegisterResult.from_outputs(backend.register(ctx))
     result.quality_gate = verdict
     return result
