@@ -7,10 +7,15 @@ Merge order (the notebook's, made explicit):
 Tag keys that are not component inputs (e.g. `learning_rate_min`/`learning_rate_max`) are dropped with a note:
 passing them to the component raises an unexpected-keyword error. Tag values are coerced to the schema's types
 (the tags mix `precision: 16` ints and `"true"` strings).
+
+The merge runs once per run (`decide_finetune_params`, called through `Backend.finetune_params`): its typed,
+frozen result is kept on the StepContext and in the run record, and every later consumer (the compute checks, the
+trainer or the job, the register step's fallback, the plan) reads that one decision instead of merging again.
 """
 
 import dataclasses
-from typing import Any, Dict, Iterable, List, Mapping, Set, Tuple
+from types import MappingProxyType
+from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Set, Tuple
 
 from runner.schema import RUNNER_FINETUNE_KEYS, FinetuneConfig
 
@@ -78,6 +83,67 @@ def merge_finetune_params(
             notes.append(f"{key}: {params[key]!r} -> {value!r} (model_specific_defaults)")
             params[key] = value
     return params, notes
+
+
+RECORD_KEY = "finetune_params"  # where run_record.json keeps the decision (beside `overrides`)
+# Where an effective value came from (EffectiveFinetuneParams.sources).
+FROM_CONFIG = "config"  # schema default, finetune preset or experiment
+FROM_MODEL_DEFAULTS = "model_specific_defaults"  # the foundation model's tag (or model.model_specific_defaults)
+FROM_OVERRIDE = "override"  # the user's explicit finetune.<key>=... on the command line
+
+
+@dataclasses.dataclass(frozen=True)
+class EffectiveFinetuneParams:
+    """The run's fine-tune parameters as decided once: each component key's value, where it came from, and the
+    notes the merge made (what the model's defaults changed, what was dropped, which override won)."""
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    notes: Tuple[str, ...] = ()
+    explicit_keys: FrozenSet[str] = frozenset()
+
+    def __post_init__(self):  # read-only views: a consumer that adjusts a value works on its own copy (params())
+        object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
+        object.__setattr__(self, "sources", MappingProxyType(dict(self.sources)))
+        object.__setattr__(self, "notes", tuple(self.notes))
+        object.__setattr__(self, "explicit_keys", frozenset(self.explicit_keys))
+
+    def params(self) -> Dict[str, Any]:
+        """A fresh, mutable copy of the values (what the trainer, the job builder and the plan take)."""
+        return dict(self.values)
+
+    def note_list(self) -> List[str]:
+        return list(self.notes)
+
+    def to_record(self) -> Dict[str, Any]:
+        """As the run record keeps it (`finetune_params` beside `overrides`): plain JSON."""
+        return {"values": dict(self.values), "sources": dict(self.sources), "notes": list(self.notes),
+                "explicit_keys": sorted(self.explicit_keys)}
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> "EffectiveFinetuneParams":
+        return cls(values=data["values"], sources=data.get("sources", {}), notes=tuple(data.get("notes", ())),
+                   explicit_keys=frozenset(data.get("explicit_keys", ())))
+
+
+def recorded_decision(record: Any) -> "EffectiveFinetuneParams | None":
+    """The decision a run record keeps: this run's, else its from_run record's; None when neither decided."""
+    data = record.data.get(RECORD_KEY) or (getattr(record, "earlier", None) or {}).get(RECORD_KEY)
+    return EffectiveFinetuneParams.from_record(data) if data else None
+
+
+def decide_finetune_params(
+    finetune_cfg: Mapping[str, Any],
+    model_defaults: Mapping[str, Any] | None,
+    explicit_keys: Iterable[str] = (),
+) -> EffectiveFinetuneParams:
+    """The one decision of a run's effective parameters (merge_finetune_params), with each value's source."""
+    explicit = frozenset(explicit_keys)
+    values, notes = merge_finetune_params(finetune_cfg, model_defaults, explicit)
+    from_model = {key for key in (model_defaults or {}) if key in values and key not in explicit}
+    sources = {key: FROM_OVERRIDE if key in explicit else FROM_MODEL_DEFAULTS if key in from_model else FROM_CONFIG
+               for key in values}
+    return EffectiveFinetuneParams(values=values, sources=sources, notes=tuple(notes), explicit_keys=explicit)
 
 
 def effective_batch_size(params: Mapping[str, Any], gpus_per_node: int) -> int:

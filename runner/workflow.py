@@ -177,7 +177,9 @@ def _export_lines(record: RunRecord) -> list:
         return []
     from runner.export.files import human_size
 
-    outputs = record.output("export", "outputs") or {}
+    from runner.steps.export import ExportResult
+
+    outputs = ExportResult.recorded(record).outputs or {}
     return [f"  {'export ' + fmt:<18} {info['path']} ({human_size(info['bytes'])})" for fmt, info in outputs.items()]
 
 

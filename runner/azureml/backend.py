@@ -31,7 +31,8 @@ from runner.azureml.suggest import archived_message
 from runner.azureml.tags import ModelFacts, facts_from_registry
 from runner.backend_api import Backend
 from runner.errors import MissingInput
-from runner.finetune_params import merge_finetune_params, pipeline_display_name
+from runner.finetune_params import pipeline_display_name
+from runner.step_results import ConnectResult, DeployResult, FinetuneResult, ModelResult, RegisterResult
 from runner.schema import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -73,7 +74,7 @@ class AzureMLBackend(Backend):
     def timestamp(self, ctx) -> str:
         session = self.session(ctx)
         if session.timestamp is None:
-            session.timestamp = ctx.record.output("connect", "timestamp") or str(int(self.clock()))
+            session.timestamp = ConnectResult.recorded(ctx.record).timestamp or str(int(self.clock()))
         return session.timestamp
 
     def _connect_clients(self, ctx) -> None:
@@ -106,7 +107,7 @@ class AzureMLBackend(Backend):
     def facts(self, ctx) -> ModelFacts:
         session = self.session(ctx)
         if session.facts is None:
-            recorded = ctx.record.output("model", "facts")
+            recorded = ModelResult.recorded(ctx.record).facts
             if recorded:
                 session.facts = ModelFacts(**recorded)
             else:
@@ -125,10 +126,10 @@ class AzureMLBackend(Backend):
             return None
         return load_spec(str(path))
 
-    def effective_params(self, ctx, facts: ModelFacts) -> tuple[Dict[str, Any], list]:
-        """Config → the model's model_specific_defaults → the user's explicit finetune.* overrides."""
-        defaults = facts.model_specific_defaults if self.cfg.model.apply_model_specific_defaults else {}
-        return merge_finetune_params(self.cfg.finetune, defaults, ctx.explicit_finetune_keys)
+    def model_specific_defaults(self, ctx) -> Dict[str, Any]:
+        """The registry's model_specific_defaults tag of the foundation model (its facts): what the notebook applies
+        on top of its own parameters. The merge itself is Backend.finetune_params, once per run."""
+        return self.facts(ctx).model_specific_defaults
 
     def display_name(self, params: Dict[str, Any], gpus_per_node: int) -> str:
         return pipeline_display_name(self.cfg.model.name, params, gpus_per_node or 1)
@@ -214,7 +215,8 @@ class AzureMLBackend(Backend):
             ctx.say(f"warning: the registry's REST body of {facts.name} could not be read ({unread}): its system "
                     f"metadata (allow lists, deprecation, isArchived) is unknown")
         ctx.say(allow_list_message(facts, planned=self.cfg.dry_run))  # where the lists came from, before the checks
-        ctx.record.note("model", allow_list_source=dict(facts.allow_list_source), rest_body_unread=unread or None)
+        if ctx.record.status("model") == "running":  # a later step looking the facts up (facts()) is no model step
+            ctx.record.note("model", allow_list_source=dict(facts.allow_list_source), rest_body_unread=unread or None)
         try:
             warnings = self.model_checks(ctx, facts, refuse_archived=not self.cfg.dry_run)
         except ConfigError as exc:
@@ -272,7 +274,7 @@ class AzureMLBackend(Backend):
         except ConfigError as exc:
             self._refused(ctx, "compute", facts, exc)
             raise
-        params, _ = self.effective_params(ctx, facts)
+        params = self.finetune_params(ctx).params()
         fit = check_memory_fit(model_name=facts.name, params=params, gpu_memory_gb=c.gpu_memory_gb,
                                gpus_per_node=c.gpus_per_node, size=c.size, memory_headroom=c.memory_headroom)
         for warning in fit["warnings"]:
@@ -402,14 +404,11 @@ class AzureMLBackend(Backend):
                             f"{pinned.name} {pinned.version} ({pinned.source}) only")
 
     def job_name(self, ctx) -> str:
-        job_name = ctx.record.output("finetune", "job_name")
-        if not job_name:
-            raise MissingInput("no pipeline job in this run's record: run the finetune step, or from_run=<run dir "
-                               "of the run that submitted it>")
-        return job_name
+        return FinetuneResult.require(ctx.record, "no fine-tuning job in this run's record", needs="job_name").job_name
 
     def require_completed(self, ctx, job_name: str) -> None:
-        if ctx.record.output("finetune", "status") == "Completed":
+        finetuned = FinetuneResult.recorded(ctx.record)
+        if finetuned.status == "Completed":
             return
         status = getattr(self.ws(ctx).jobs.get(job_name), "status", None)
         if status not in ("Completed", "Failed", "Canceled") and self.cfg.backend.wait:
@@ -419,7 +418,7 @@ class AzureMLBackend(Backend):
             status = getattr(self.ws(ctx).jobs.get(job_name), "status", None)
         if status != "Completed":
             raise AzureStepError(f"pipeline job {job_name} is {status}, not Completed: wait for it (studio: "
-                               f"{ctx.record.output('finetune', 'studio_url')}) and rerun these steps with "
+                               f"{finetuned.studio_url}) and rerun these steps with "
                                f"from_run={ctx.record.data.get('from_run') or ctx.run_dir}")
 
     def metrics(self, ctx) -> Dict[str, Any]:
@@ -442,7 +441,7 @@ class AzureMLBackend(Backend):
             raise AzureStepError(f"pipeline job {job_name} logged no metrics to {tracking_uri.split('/mlflow')[0]}")
         from runner.metrics_report import report
 
-        title = ctx.record.output("finetune", "display_name") or job_name
+        title = FinetuneResult.recorded(ctx.record).display_name or job_name
         out = dict(report(history, ctx.run_dir, title=title))
         print(out["table"], flush=True)
         ctx.say(f"loss curve: {out['plot']}")
@@ -479,10 +478,8 @@ class AzureMLBackend(Backend):
         except ConfigError as exc:
             self._refused(ctx, "deploy", facts, exc)
             raise
-        model_id = ctx.record.output("register", "model_id")
-        model_name = ctx.record.output("register", "name")
-        if not model_id:
-            raise MissingInput("no registered model: run the register step, or from_run=<run dir that registered one>")
+        registered = RegisterResult.require(ctx.record, "no registered model to deploy", needs="model_id")
+        model_id, model_name = registered.model_id, registered.name
         name = self.endpoint_name(ctx)
         check_endpoint_name(name)
         ws = self.ws(ctx)
@@ -508,7 +505,7 @@ class AzureMLBackend(Backend):
                 "scoring_uri": getattr(result, "scoring_uri", None), "traffic": dict(endpoint.traffic)}
 
     def endpoint_in_use(self, ctx) -> Optional[str]:
-        return ctx.record.output("deploy", "endpoint_name") or self.cfg.endpoint_name
+        return DeployResult.recorded(ctx.record).endpoint_name or self.cfg.endpoint_name
 
     def test(self, ctx, request_file) -> Dict[str, Any]:
         from runner.azureml.scoring import extract_reply
@@ -520,7 +517,7 @@ class AzureMLBackend(Backend):
         name = self.endpoint_in_use(ctx)
         if not name:
             raise MissingInput("no endpoint to test: run the deploy step, from_run=<run dir>, or endpoint_name=...")
-        deployment = ctx.record.output("deploy", "deployment_name") or self.cfg.deployment.deployment_name
+        deployment = DeployResult.recorded(ctx.record).deployment_name or self.cfg.deployment.deployment_name
         raw = self.ws(ctx).online_endpoints.invoke(endpoint_name=name, deployment_name=deployment,
                                                    request_file=str(request_file))
         print(f"    raw response: {raw}", flush=True)

@@ -19,7 +19,9 @@ def _score_route(backend: Any, ctx: Any, conversations: List[list], max_new_toke
     name = backend.endpoint_in_use(ctx)
     if not name:
         raise AzureStepError("no endpoint to score: run the deploy step, from_run=<run dir>, or endpoint_name=...")
-    deployment = ctx.record.output("deploy", "deployment_name") or backend.cfg.deployment.deployment_name
+    from runner.step_results import DeployResult
+
+    deployment = DeployResult.recorded(ctx.record).deployment_name or backend.cfg.deployment.deployment_name
     replies = []
     for i, messages in enumerate(conversations):
         request = ctx.run_dir / "test_rows" / f"request_{i}.json"

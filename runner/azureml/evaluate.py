@@ -15,7 +15,7 @@ import hashlib
 from pathlib import Path
 from typing import Any, Dict
 
-from runner.errors import MissingInput
+from runner.step_results import FinetuneResult, ModelResult
 
 CODE_DIR = "azureml/evaluate_code"  # under the state root
 
@@ -95,16 +95,14 @@ def evaluate(backend: Any, ctx: Any, job: Any) -> Dict[str, Any]:
     cfg = backend.cfg
     finetune_job = backend.job_name(ctx)
     ft_model = fine_tuned_model_path(backend, ctx, finetune_job)
-    base_model = ctx.record.output("model", "model_id")
-    if not base_model:
-        raise MissingInput("the evaluate step needs the model step's registry model: run steps=[model,...] or "
-                           "from_run=<run dir>")
+    base_model = ModelResult.require(ctx.record, "the evaluate step needs the model step's registry model",
+                                     needs="model_id").model_id
     rows_path = str(Path(job.rows_file).resolve())
     command_job = build_evaluate_job(
         code_dir=staged_code(cfg.paths.root), base_model_path=base_model, ft_model_path=ft_model, rows_path=rows_path,
         **placement(cfg.compute), settings=job_settings(cfg.evaluate), environment=cfg.evaluate.azureml_environment,
         experiment_name=cfg.backend.experiment_name,
-        display_name=ctx.display_name(f"evaluate-{ctx.record.output('finetune', 'display_name') or finetune_job}"))
+        display_name=ctx.display_name(f"evaluate-{FinetuneResult.recorded(ctx.record).display_name or finetune_job}"))
     submitted = backend.ws(ctx).jobs.create_or_update(command_job, experiment_name=cfg.backend.experiment_name)
     name, url = submitted.name, getattr(submitted, "studio_url", None)
     ctx.record.note("evaluate", job_name=name)  # a cut-short stream must not lose a billing job

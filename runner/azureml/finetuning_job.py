@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 from runner.azureml.checks import AzureStepError
 from runner.azureml.entities import plain
+from runner.step_results import DataResult, FinetuneResult
 
 
 
@@ -125,15 +126,16 @@ def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
         if attached is not None:
             return attached
     facts = backend.facts(ctx)
-    data = ctx.record.output("data")
-    params, notes = backend.effective_params(ctx, facts)
+    data = DataResult.recorded(ctx.record)
+    effective = backend.finetune_params(ctx)  # decided once per run
+    params, notes = effective.params(), effective.note_list()
     sent, left_out = hyperparameters(params, ctx.explicit_finetune_keys)
     where = placement(cfg)
     display_name = ctx.display_name(job_display_name(cfg.model.name, cfg.dataset.slug, sent))
     output_name = output_model_name(cfg.mlflow.registered_model_name, backend.timestamp(ctx), ctx.sweep)
     job = build_finetuning_job(
-        model=facts.asset_id, training_data=str(Path(data["train_file"]).resolve()),
-        validation_data=str(Path(data["test_file"]).resolve()) if data.get("test_file") else None,
+        model=facts.asset_id, training_data=str(Path(data.train_file).resolve()),
+        validation_data=str(Path(data.test_file).resolve()) if data.test_file else None,
         hyperparameters=sent, output_model_name=output_name, display_name=display_name,
         experiment_name=b.experiment_name, compute=where["compute"], instance_types=where["instance_types"],
         job_tier=where["job_tier"])
@@ -213,11 +215,12 @@ def register(backend: Any, ctx: Any) -> Dict[str, Any]:
     it): looked up, not registered again."""
     job_name = backend.job_name(ctx)
     ws = backend.ws(ctx)
-    if ctx.record.output("finetune", "status") != "Completed":
-        wait_for(ws, job_name, ctx.record.output("finetune", "studio_url"))
+    finetuned = FinetuneResult.recorded(ctx.record)
+    if finetuned.status != "Completed":
+        wait_for(ws, job_name, finetuned.studio_url)
     job = ws.jobs.get(job_name)
     output = (getattr(job, "outputs", None) or {}).get(OUTPUT)
-    name = getattr(output, "name", None) or ctx.record.output("finetune", "registered_model_name")
+    name = getattr(output, "name", None) or finetuned.registered_model_name
     if not name:
         raise AzureStepError(f"finetuning job {job_name} has no {OUTPUT} output to read the model's name from")
     # the name is this job's own (output_model_name), so its latest version is the one this job registered; a model

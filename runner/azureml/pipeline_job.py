@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 from runner.azureml.checks import AzureStepError
 from runner.errors import MissingInput
 from runner.schema import ConfigError
+from runner.step_results import ComputeResult, DataResult
 
 
 def check_explicit_keys(backend: Any, ctx: Any) -> None:
@@ -41,13 +42,14 @@ def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
         if attached is not None:
             return attached
     facts = backend.facts(ctx)
-    gpus = ctx.record.output("compute", "gpus_per_node") or cfg.compute.gpus_per_node
+    gpus = ComputeResult.recorded(ctx.record).gpus_per_node or cfg.compute.gpus_per_node
     if not gpus:
         raise MissingInput("GPUs per node unknown: run the compute step (steps=[compute,...]) or set "
                            "compute.gpus_per_node")
-    data = ctx.record.output("data")  # the step (runner/steps/finetune.py) made sure the files are there
+    data = DataResult.recorded(ctx.record)  # the step (runner/steps/finetune.py) made sure the files are there
     component, spec, unread, pinned, diff = _live_component(backend, ctx)
-    params, notes = backend.effective_params(ctx, facts)
+    effective = backend.finetune_params(ctx)  # decided once per run
+    params, notes = effective.params(), effective.note_list()
     inputs, dropped = prepare_inputs(params, spec, ctx.explicit_finetune_keys)  # explicit keys named first
     overridden = diff.defaults_overridden(inputs)
     for line in overridden:
@@ -57,8 +59,8 @@ def finetune(backend: Any, ctx: Any) -> Dict[str, Any]:
     display_name = ctx.display_name(backend.display_name(params, gpus))
     # Absolute paths: a run picked up later (from_run=) from another directory uploads the same files.
     kwargs = pipeline_inputs(model_id=facts.asset_id, cluster=cfg.compute.name,
-                             train_file=str(Path(data["train_file"]).resolve()),
-                             test_file=str(Path(data["test_file"]).resolve()),
+                             train_file=str(Path(data.train_file).resolve()),
+                             test_file=str(Path(data.test_file).resolve()),
                              gpus_per_node=gpus, finetune_inputs=inputs, spec=spec)
     check_required(kwargs, spec)
     check_live_component(diff, kwargs)

@@ -71,8 +71,10 @@ def post_json(url: str, body: Mapping[str, Any], headers: Mapping[str, str], tim
 
 
 def deploy(backend: Any, ctx: Any) -> Dict[str, Any]:
-    model_name = ctx.record.output("register", "name")
-    version = ctx.record.output("register", "version")
+    from runner.step_results import RegisterResult
+
+    registered = RegisterResult.recorded(ctx.record)
+    model_name, version = registered.name, registered.version
     if not model_name or not version:
         raise AzureStepError("no registered model: run the register step, or from_run=<run dir that registered one>")
     name = backend.endpoint_name(ctx)

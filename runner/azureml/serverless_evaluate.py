@@ -17,6 +17,7 @@ import re
 from typing import Any, Dict, List
 
 from runner.azureml.checks import AzureStepError
+from runner.step_results import ModelResult
 
 ROLES = {"evb": "evaluate_base_endpoint", "evf": "evaluate_ft_endpoint"}  # endpoint name suffix -> plan file
 
@@ -94,12 +95,13 @@ def evaluate(backend: Any, ctx: Any, job: Any) -> Dict[str, Any]:
     if dropped:
         ctx.say(f"note: {dropped} need the model's log-likelihoods, which a serverless endpoint does not return: "
                 f"scored by replies only on this route")
-    if not ctx.record.output("model", "model_id"):
+    base_model = ModelResult.recorded(ctx.record).model_id
+    if not base_model:
         raise AzureStepError("the evaluate step needs the model step's registry model: run steps=[model,...]")
     ft = finetuning_job.register(backend, ctx)  # the model the job registered (looked up, not registered again)
     ws = backend.ws(ctx)
     workspace = ws.workspaces.get(ws.workspace_name)
-    models = {"evb": registry_model_id(ctx.record.output("model", "model_id")),
+    models = {"evb": registry_model_id(base_model),
               "evf": workspace_model_id(location=workspace.location, workspace_id=workspace._workspace_id,
                                         name=ft["name"], version=ft["version"])}
     names = _endpoint_names(backend, ctx)

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from runner.backend_api import Backend
 from runner.errors import MissingInput
 from runner.figures import figure
-from runner.finetune_params import dataset_label, merge_finetune_params, pipeline_display_name
+from runner.finetune_params import dataset_label, pipeline_display_name
+from runner.step_results import ComputeResult, DataResult, DeployResult, FinetuneResult, ModelResult, RegisterResult
 
 
 def _plain(node) -> Any:
@@ -36,16 +37,12 @@ class LocalBackend(Backend):
     def tracking_uri(self) -> str:
         return self.cfg.mlflow.tracking_uri
 
-    def effective_params(self, ctx) -> tuple[Dict[str, Any], list]:
-        defaults = _plain(self.cfg.model.model_specific_defaults) if self.cfg.model.apply_model_specific_defaults else {}
-        return merge_finetune_params(self.cfg.finetune, defaults, ctx.explicit_finetune_keys)
-
     def display_name(self, params) -> str:
         return pipeline_display_name(self.cfg.model.name, params, self.cfg.compute.gpus_per_node or 1,
                                      dataset_label(self.cfg.dataset.name))
 
     def _model_dir(self, ctx) -> str:
-        model_dir = ctx.record.output("model", "model_dir")
+        model_dir = ModelResult.recorded(ctx.record).model_dir
         if not model_dir:
             model_dir = self.model(ctx)["model_dir"]
         return model_dir
@@ -54,8 +51,8 @@ class LocalBackend(Backend):
         """Identity of a training run: same model, data and settings → same checkpoint folder, so a killed run
         restarted with finetune.resume_from_checkpoint=true finds its checkpoints whatever its run dir."""
         identity = {
-            "model": ctx.record.output("model", "model_dir"),
-            "data": ctx.record.output("data", "manifest_sha256"),
+            "model": ModelResult.recorded(ctx.record).model_dir,
+            "data": DataResult.recorded(ctx.record).manifest_sha256,
             "params": {k: v for k, v in params.items() if k != "resume_from_checkpoint"},
             "local": _plain(self.cfg.finetune.local),
         }
@@ -96,7 +93,7 @@ class LocalBackend(Backend):
         per_device_train_batch_size, gradient_accumulation_steps and gradient_checkpointing."""
         from runner.local.compute import check_local_compute
 
-        params, _ = self.effective_params(ctx)
+        params = self.finetune_params(ctx).params()
         local = self.cfg.finetune.local
         out = check_local_compute(
             device=self.cfg.compute.device,
@@ -151,10 +148,11 @@ class LocalBackend(Backend):
         from runner.local.train import resolve_device, train
 
         cfg = self.cfg
-        data = ctx.record.output("data")  # the step (runner/steps/finetune.py) made sure the files are there
+        data = DataResult.recorded(ctx.record)  # the step (runner/steps/finetune.py) made sure the files are there
         model_dir = self._model_dir(ctx)
         params, local, notes, plan = self._trainer_settings(ctx)
-        device = resolve_device(ctx.record.output("compute", "device") or "cpu")
+        computed = ComputeResult.recorded(ctx.record)
+        device = resolve_device(computed.device or "cpu")
         plan.check(device)  # before a tracking run is opened or a worker launched
         # One process on one device, or torchrun workers (several GPUs, DeepSpeed) that each run the same train()
         nproc = distributed.processes_needed(params, local, device, cuda_device_count() if device == "cuda" else 0)
@@ -168,8 +166,8 @@ class LocalBackend(Backend):
         status = "FAILED"
         train_kwargs = dict(
             model_dir=str(model_dir),
-            train_file=str(data["train_file"]),
-            eval_file=str(data["test_file"]) if data.get("test_file") else None,
+            train_file=str(data.train_file),
+            eval_file=str(data.test_file) if data.test_file else None,
             params=params,
             local=local,
             out_dir=str(out_dir),
@@ -194,7 +192,7 @@ class LocalBackend(Backend):
         result.update(mlflow_run_id=run_id, display_name=display_name, training_key=key, param_notes=notes,
                       training_dir=str(out_dir))
         if result.get("peak_gpu_memory_gb") is not None:
-            estimate = (ctx.record.output("compute", "estimate_gb") or {}).get("total")
+            estimate = computed.estimate_gb.get("total")
             ctx.say(f"peak GPU memory {result['peak_gpu_memory_gb']:.2f} GB"
                     + (f" (the compute step estimated {estimate:.2f} GB)" if estimate is not None else ""))
         ctx.say(
@@ -209,15 +207,17 @@ class LocalBackend(Backend):
         an older run record: the config's values stand), translated for this machine; each note said once."""
         from runner.local.translate import translate
 
-        params, notes = self.effective_params(ctx)
+        effective = self.finetune_params(ctx)  # decided once per run; copied here, since the compute step adjusts
+        params, notes = effective.params(), effective.note_list()
         local = _plain(self.cfg.finetune.local)
-        decided = ctx.record.output("compute") or {}
+        computed = ComputeResult.recorded(ctx.record)
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-            if decided.get(key) is not None and decided[key] != params[key]:
-                notes.append(f"{key}: {params[key]!r} -> {decided[key]!r} (compute step, finetune.local.auto_fit)")
-                params[key] = decided[key]
-        if decided.get("gradient_checkpointing") is not None:
-            local["gradient_checkpointing"] = bool(decided["gradient_checkpointing"])
+            decided = computed.decided(key)
+            if decided is not None and decided != params[key]:
+                notes.append(f"{key}: {params[key]!r} -> {decided!r} (compute step, finetune.local.auto_fit)")
+                params[key] = decided
+        if computed.decided("gradient_checkpointing") is not None:
+            local["gradient_checkpointing"] = bool(computed.decided("gradient_checkpointing"))
         plan = translate(params, local)  # refuses a missing or unknown key; notes the keys that mean nothing here
         notes = notes + plan.notes
         for note in notes:
@@ -245,7 +245,7 @@ class LocalBackend(Backend):
             "backend": "local",
             "base_model": cfg.model.name,
             "base_model_dir": model_dir,
-            "data_manifest_sha256": data.get("manifest_sha256", ""),
+            "data_manifest_sha256": data.manifest_sha256 or "",
             "config_sha256": ctx.record.data["config_sha256"],
             "training_key": key,
             "training_dir": str(Path(out_dir).resolve()),
@@ -267,11 +267,10 @@ class LocalBackend(Backend):
         from runner.local import tracking
         from runner.metrics_report import report
 
-        run_id = ctx.record.output("finetune", "mlflow_run_id")
-        if not run_id:
-            raise MissingInput("no MLflow run to report: run the finetune step first (or from_run=<run dir>)")
+        finetuned = FinetuneResult.require(ctx.record, "no MLflow run to report", needs="mlflow_run_id")
+        run_id = finetuned.mlflow_run_id
         history = tracking.metric_history(self.tracking_uri, run_id)
-        out = report(history, ctx.run_dir / "metrics", title=ctx.record.output("finetune", "display_name") or run_id)
+        out = report(history, ctx.run_dir / "metrics", title=finetuned.display_name or run_id)
         tracking.log_artifact(self.tracking_uri, run_id, out["plot"])
         print(out["table"], flush=True)
         ctx.say(f"loss curve: {out['plot']}")
@@ -286,24 +285,22 @@ class LocalBackend(Backend):
     def register(self, ctx) -> Dict[str, Any]:
         from runner.local.registry import register_model
 
-        ft = ctx.record.output("finetune")
-        if not ft.get("final_model_dir"):
-            raise MissingInput("nothing to register: run the finetune step first (or from_run=<run dir>)")
+        ft = FinetuneResult.require(ctx.record, "nothing to register", needs="final_model_dir")
         tags = {
             "base_model": self.cfg.model.name,
-            "base_model_dir": ctx.record.output("model", "model_dir") or "",
-            "data_manifest_sha256": ctx.record.output("data", "manifest_sha256") or "",
-            "mlflow_run_id": ft["mlflow_run_id"],
+            "base_model_dir": ModelResult.recorded(ctx.record).model_dir or "",
+            "data_manifest_sha256": DataResult.recorded(ctx.record).manifest_sha256 or "",
+            "mlflow_run_id": ft.mlflow_run_id,
             "config_sha256": ctx.record.data["config_sha256"],
-            "display_name": ft.get("display_name", ""),
-            "training_key": ft.get("training_key", ""),
+            "display_name": ft.display_name or "",
+            "training_key": ft.training_key or "",
             "quality_gate": ctx.quality_gate or "",  # the register step's verdict (runner/steps/register.py)
             **ctx.version_tags,  # the evaluate step's verdicts (runner/steps/evaluate.py verdict_tags)
         }
         out = register_model(
             tracking_uri=self.tracking_uri,
-            run_id=ft["mlflow_run_id"],
-            model_dir=ft["final_model_dir"],
+            run_id=ft.mlflow_run_id,
+            model_dir=ft.final_model_dir,
             registered_name=self.cfg.mlflow.registered_model_name,
             tags=tags,
             description=f"{self.cfg.model.name} fine tuned model for ultrachat 200k chat-completion",
@@ -327,7 +324,7 @@ class LocalBackend(Backend):
         from runner.local.model_identity import model_folder, verify_registered_model
 
         dep = self.cfg.deployment
-        model_uri = ctx.record.output("register", "model_uri")
+        model_uri = RegisterResult.recorded(ctx.record).model_uri
         if model_uri:  # still the model the record registered, and its files present: before any process starts
             verify_registered_model(self.tracking_uri, ctx.record.output("register"))
         chosen = {}
@@ -371,7 +368,7 @@ class LocalBackend(Backend):
 
         state = self._endpoint_state(ctx)
         registered = ctx.record.output("register") or {}
-        deployed = ctx.record.output("deploy", "model_uri") or state.get("model_uri")
+        deployed = DeployResult.recorded(ctx.record).model_uri or state.get("model_uri")
         if registered.get("model_uri") and deployed == registered["model_uri"]:
             from runner.local.model_identity import verify_registered_model
 
@@ -420,7 +417,7 @@ class LocalBackend(Backend):
 
     def training_params(self, ctx) -> Optional[Dict[str, Any]]:
         """The finetune step's MLflow run's own params (right also for a finetune step of an earlier run)."""
-        run_id = ctx.record.output("finetune", "mlflow_run_id")
+        run_id = FinetuneResult.recorded(ctx.record).mlflow_run_id
         if not run_id:
             return None
         from runner.local.registry import run_facts

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from runner.errors import MissingInput
+from runner.step_results import FinetuneResult, ModelResult
 
 
 def settings_from_config(evaluate_cfg):
@@ -31,7 +32,7 @@ def _existing(folder: Optional[str]) -> Optional[Path]:
 
 def fine_tuned_model(ctx, tracking_uri: str) -> Dict[str, Any]:
     """{"ft_dir" | "adapter_dir": folder, "source": what it is} of the model to score against the base."""
-    finetune = ctx.record.output("finetune") or {}
+    finetune = FinetuneResult.recorded(ctx.record)
     here = ctx.record.status("finetune") == "ok"
     registered = ctx.record.output("register") or {}
     if not here and registered.get("model_uri"):
@@ -43,12 +44,12 @@ def fine_tuned_model(ctx, tracking_uri: str) -> Dict[str, Any]:
             raise MissingInput(f"{registered['model_uri']} lives in a remote artifact store; the local evaluator "
                                f"reads a local folder")
         return {"ft_dir": folder, "source": registered["model_uri"]}
-    adapter = _existing(finetune.get("adapter_dir"))
+    adapter = _existing(finetune.adapter_dir)
     if adapter is not None:
         return {"adapter_dir": adapter, "source": str(adapter)}
-    final = _existing(finetune.get("final_model_dir"))
+    final = _existing(finetune.final_model_dir)
     if final is None:
-        raise MissingInput(f"the fine-tuned model is gone: {finetune.get('final_model_dir') or 'no final model'} "
+        raise MissingInput(f"the fine-tuned model is gone: {finetune.final_model_dir or 'no final model'} "
                            f"(a later run of the same training key removes an unheld training folder); register it "
                            f"or fine-tune again")
     return {"ft_dir": final, "source": str(final)}
@@ -81,7 +82,7 @@ def evaluate_here(ctx, job, tracking_uri: str) -> Dict[str, Any]:
     from runner.local.evaluate_program import model_folder
     from runner.local.evaluator import evaluate
 
-    base_dir = _existing(ctx.record.output("model", "model_dir"))
+    base_dir = _existing(ModelResult.recorded(ctx.record).model_dir)
     if base_dir is None:
         raise MissingInput("the evaluate step needs the base model: run the model step (or from_run=<run dir>)")
     ft = fine_tuned_model(ctx, tracking_uri)
@@ -93,7 +94,7 @@ def evaluate_here(ctx, job, tracking_uri: str) -> Dict[str, Any]:
                               ft_dir=ft_dir, settings=settings_from_config(ctx.cfg.evaluate),
                               train_file=job.train_file, progress=ctx.say)
     paths = write_outputs(evaluation, job.out_dir)
-    run_id = ctx.record.output("finetune", "mlflow_run_id")
+    run_id = FinetuneResult.recorded(ctx.record).mlflow_run_id
     if run_id:
         log_evaluation(tracking_uri, run_id, evaluation, paths)
     ctx.say(f"report: {paths['report_md']}")

@@ -15,7 +15,9 @@ def write_request(ctx) -> Path:
     path = ctx.plan_dir / "request.json"
     from runner.data.sample_request import sample_request  # the request the test step would send
 
-    write_json(path, sample_request(ctx.cfg, ctx.record.output("data", "sample_file")))
+    from runner.step_results import DataResult
+
+    write_json(path, sample_request(ctx.cfg, DataResult.recorded(ctx.record).sample_file))
     return path
 
 
@@ -74,7 +76,8 @@ def planned_training(params: Dict[str, Any], cfg) -> Dict[str, Any]:
 
 def write_local_plan(ctx, backend) -> Dict[str, Any]:
     cfg = ctx.cfg
-    params, notes = backend.effective_params(ctx)
+    effective = backend.finetune_params(ctx)
+    params, notes = effective.params(), effective.note_list()
     model = cfg.model
     if model.local_path:
         source = f"local folder {model.local_path}"

@@ -3,13 +3,14 @@ killed runs left in the state root (records marked `died`, register staging fold
 `ftrun steps=[cleanup]` alone does the latter: every run settles them at its start, and this step reports them."""
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol
+from typing import Any, ClassVar, Dict, List, Optional, Protocol
 
-from runner.steps.result import StepResult
+from runner.step_results import StepResult
 
 
 @dataclass
 class CleanupResult(StepResult):
+    STEP: ClassVar[str] = "cleanup"
     deleted: Optional[Any] = None  # local: True; azureml: the endpoint's name
     died_runs: List[str] = field(default_factory=list)  # run dirs whose record a dead process had left `running`
     removed_staging: List[str] = field(default_factory=list)

@@ -1,14 +1,8 @@
 """compute: the device or cluster, and the checks that it can run this fine-tune (allow lists, GPUs, memory)."""
 
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, Protocol
 
-from runner.steps.result import StepResult
-
-
-@dataclass
-class ComputeResult(StepResult):
-    gpus_per_node: Optional[int] = None
+from runner.step_results import ComputeResult
 
 
 class ComputeActions(Protocol):

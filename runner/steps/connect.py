@@ -1,15 +1,9 @@
 """connect: reach the place the work happens (the state folder and MLflow store here; the workspace and the
 registry on Azure) and check what can be checked before anything is spent."""
 
-from dataclasses import dataclass
 from typing import Any, Dict, Protocol
 
-from runner.steps.result import StepResult
-
-
-@dataclass
-class ConnectResult(StepResult):
-    pass
+from runner.step_results import ConnectResult
 
 
 class ConnectActions(Protocol):

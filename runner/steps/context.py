@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional, Set
 
 from omegaconf import DictConfig
 
+from runner.finetune_params import EffectiveFinetuneParams
 from runner.record import RunRecord
 
 
@@ -18,6 +19,7 @@ class StepContext:
     explicit_finetune_keys: Set[str] = field(default_factory=set)
     task_overrides: list = field(default_factory=list)
     # What earlier steps of this process hand on that is not in the run record, each typed:
+    finetune_params: Optional[EffectiveFinetuneParams] = None  # decided once per run (Backend.finetune_params)
     quality_gate: Optional[str] = None  # the register step's verdict, which the backend tags the version with
     version_tags: Dict[str, str] = field(default_factory=dict)  # more tags for that version (evaluate's verdicts)
     endpoint: Optional[Dict[str, Any]] = None  # the endpoint this process deployed (local: its server's state)

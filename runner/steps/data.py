@@ -1,20 +1,10 @@
 """data: the same on every backend. The splits are fetched (or, in a dry run, only named), converted to messages
 rows, validated and explored; then the backend adds its part (Azure: the files the pipeline job uploads)."""
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Protocol
 
-from runner.steps.result import StepResult
-
-
-@dataclass
-class DataResult(StepResult):
-    download_dir: Optional[str] = None
-    train_file: Optional[str] = None
-    test_file: Optional[str] = None
-    sample_file: Optional[str] = None
-    files: Dict[str, str] = field(default_factory=dict)
+from runner.step_results import DataResult, ModelResult
 
 
 class DataActions(Protocol):
@@ -29,7 +19,7 @@ def run(ctx, backend: DataActions) -> DataResult:
     from runner.data.step import run_data_step
 
     cfg = ctx.cfg
-    tokenizer_dir = ctx.record.output("model", "tokenizer_dir") or backend.tokenizer_dir(ctx)
+    tokenizer_dir = ModelResult.recorded(ctx.record).tokenizer_dir or backend.tokenizer_dir(ctx)
     outputs = run_data_step(
         cfg.dataset,
         run_dir=ctx.run_dir,

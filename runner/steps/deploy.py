@@ -1,14 +1,8 @@
 """deploy: the registered model behind an online endpoint (key auth, traffic split)."""
 
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, Protocol
 
-from runner.steps.result import StepResult
-
-
-@dataclass
-class DeployResult(StepResult):
-    scoring_uri: Optional[str] = None
+from runner.step_results import DeployResult
 
 
 class DeployActions(Protocol):

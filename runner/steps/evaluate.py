@@ -10,16 +10,17 @@ the summary read. The four files (metrics.json, rows.jsonl, report.md, compariso
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol
+from typing import Any, ClassVar, Dict, List, Optional, Protocol
 
 from runner.errors import MissingInput
-from runner.steps.result import StepResult
+from runner.step_results import StepResult
 
 OUT_DIR = "evaluate"  # under the run dir
 
 
 @dataclass
 class EvaluateResult(StepResult):
+    STEP: ClassVar[str] = "evaluate"
     rows: Optional[int] = None  # rows scored by both models
     rows_file: Optional[str] = None  # what was scored
     primary_metric: Optional[str] = None  # the metric rows are marked improved/regressed by

@@ -15,16 +15,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol
+from typing import Any, ClassVar, Dict, List, Optional, Protocol
 
 from omegaconf import OmegaConf
 
 from runner.errors import MissingInput
-from runner.steps.result import StepResult
+from runner.step_results import DataResult, StepResult
 
 
 @dataclass
 class ExportResult(StepResult):
+    STEP: ClassVar[str] = "export"
     model_uri: Optional[str] = None
     out_dir: Optional[str] = None
     outputs: Optional[Dict[str, Any]] = None  # format -> {"path", "bytes", "sha256"} (merged: per file too)
@@ -62,7 +63,7 @@ def chosen_model(ctx) -> tuple:
 
 def held_out_chats(ctx, n: int) -> List[List[Dict[str, str]]]:
     """Up to n chats of the data step's test split that end in an assistant turn (llama.cpp re-checks them)."""
-    path = ctx.record.output("data", "test_file")
+    path = DataResult.recorded(ctx.record).test_file
     if not n or not path or not Path(path).is_file():
         return []
     chats = []

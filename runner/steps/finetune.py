@@ -1,26 +1,12 @@
 """finetune: train (here) or submit the pipeline job (Azure) on the data step's files. Its figures are what the
 run summary and a sweep rank by."""
 
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, Protocol
 
 from runner.errors import ConfigError, MissingInput
-from runner.steps.result import StepResult
+from runner.step_results import DataResult, FinetuneResult
 
 FIGURES = ("train_loss", "eval_loss", "eval_loss_before", "perplexity", "tokens_per_s")
-
-
-@dataclass
-class FinetuneResult(StepResult):
-    display_name: Optional[str] = None
-    status: Optional[str] = None  # local: finished; azureml: submitted / Completed
-    mlflow_run_id: Optional[str] = None  # local
-    job_name: Optional[str] = None  # azureml
-    train_loss: Optional[float] = None
-    eval_loss: Optional[float] = None
-    eval_loss_before: Optional[float] = None
-    perplexity: Optional[float] = None
-    tokens_per_s: Optional[float] = None
 
 
 class FinetuneActions(Protocol):
@@ -38,8 +24,8 @@ def run(ctx, backend: FinetuneActions) -> FinetuneResult:
         raise ConfigError(f"finetune.attach_job={ctx.cfg.finetune.attach_job}: only backend=azureml submits jobs to "
                           f"attach to; drop it")
     attaching = backend.job_to_attach(ctx)[0]
-    data = ctx.record.output("data")
-    if not attaching and (not data.get("train_file") or not data.get("test_file")):
+    data = DataResult.recorded(ctx.record)
+    if not attaching and (not data.train_file or not data.test_file):
         raise MissingInput("the finetune step needs the data step's files: run steps=[data,finetune,...] or "
                            "from_run=<an earlier run dir>")
     return FinetuneResult.from_outputs(backend.finetune(ctx))

@@ -1,16 +1,8 @@
 """metrics: the training and evaluation curves as a table and a PNG (MLflow here; the workspace's MLflow on Azure)."""
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, Protocol
 
-from runner.steps.result import StepResult
-
-
-@dataclass
-class MetricsResult(StepResult):
-    final: Dict[str, float] = field(default_factory=dict)  # metric → its last value
-    plot: Optional[str] = None
-    json: Optional[str] = None
+from runner.step_results import MetricsResult
 
 
 class MetricsActions(Protocol):

@@ -1,16 +1,10 @@
-"""model: the foundation model (a local folder, the offline tiny model, or the registry's asset) and its facts."""
+"""model: the foundation model (a local folder, the offline tiny model, or the registry's asset) and its facts.
+Once they are known, the run's effective fine-tune parameters are decided, once (runner/finetune_params.py)."""
 
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, Protocol
 
-from runner.steps.result import StepResult
-
-
-@dataclass
-class ModelResult(StepResult):
-    name: Optional[str] = None
-    model_dir: Optional[str] = None  # local: the folder the trainer loads
-    model_id: Optional[str] = None  # azureml: the registry asset id the pipeline gets
+from runner.finetune_params import EffectiveFinetuneParams
+from runner.step_results import ModelResult
 
 
 class ModelActions(Protocol):
@@ -18,6 +12,10 @@ class ModelActions(Protocol):
 
     def model(self, ctx) -> Dict[str, Any]: ...
 
+    def finetune_params(self, ctx) -> EffectiveFinetuneParams: ...
+
 
 def run(ctx, backend: ModelActions) -> ModelResult:
-    return ModelResult.from_outputs(backend.model(ctx))
+    result = ModelResult.from_outputs(backend.model(ctx))
+    backend.finetune_params(ctx)  # the model's defaults are known now: the one merge of this run
+    return result

@@ -8,24 +8,16 @@ version is then tagged `quality_gate=allowed: <reason>`, which `steps=[deploy]` 
 """
 
 import math
-from dataclasses import dataclass
 from typing import Any, Dict, Optional, Protocol
 
 from runner.errors import RunnerError
+from runner.finetune_params import EffectiveFinetuneParams, recorded_decision
 from runner.gate import GATE_PASSED
 from runner.steps.evaluate import EvaluateResult, verdict_tags
-from runner.steps.result import StepResult
+from runner.step_results import FinetuneResult, MetricsResult, RegisterResult
 
 # schedulers whose first step runs at learning rate 0 when warmup_steps > 0 (constant ignores warmup)
 _WARMUP_FROM_ZERO = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup"}
-
-
-@dataclass
-class RegisterResult(StepResult):
-    model_uri: Optional[str] = None
-    name: Optional[str] = None
-    version: Optional[str] = None
-    quality_gate: Optional[str] = None
 
 
 class RegisterRefused(RunnerError):
@@ -68,18 +60,19 @@ def nonfinite_reason(figures: Dict[str, Any]) -> Optional[str]:
 
 def _training_params(ctx, backend) -> Dict[str, Any]:
     """The settings the run trained with: its tracking store's record of them where the backend keeps one (the
-    local MLflow run's params: right also for a finetune step from an earlier run, from_run=), else this config's
-    effective finetune parameters."""
+    local MLflow run's params: right also for a finetune step from an earlier run, from_run=), else what the
+    finetune step recorded it sent (a submitted job's effective_params), else the effective finetune parameters
+    as decided once (this run's, or from_run's when this run has not decided: Backend.finetune_params)."""
     recorded = backend.training_params(ctx)
     if recorded is not None:
         return recorded
-    from omegaconf import OmegaConf
-
-    from runner.finetune_params import merge_finetune_params
-
-    model = ctx.cfg.model
-    defaults = OmegaConf.to_container(model.model_specific_defaults) if model.apply_model_specific_defaults else {}
-    return merge_finetune_params(ctx.cfg.finetune, defaults, ctx.explicit_finetune_keys)[0]
+    sent = FinetuneResult.recorded(ctx.record).effective_params
+    if sent:
+        return dict(sent)
+    decided = recorded_decision(ctx.record)  # this run's, else from_run's: the run that fine-tuned
+    if decided is not None:
+        return decided.params()
+    return backend.finetune_params(ctx).params()
 
 
 def improvement_refusal(ctx) -> Optional[str]:
@@ -90,7 +83,7 @@ def improvement_refusal(ctx) -> Optional[str]:
     if not metric:
         return None
     from runner.evaluation.gate import improvement_refusal as refusal
-    evaluation = EvaluateResult.from_outputs(ctx.record.output("evaluate"))
+    evaluation = EvaluateResult.recorded(ctx.record)
     if not evaluation.figures:
         raise RegisterRefused(f"quality gate: register.require_improvement={metric} needs the evaluate step's "
                               f"verdicts: run steps=[...,evaluate,register,...] (or from_run= a run that evaluated)")
@@ -100,7 +93,7 @@ def improvement_refusal(ctx) -> Optional[str]:
 def quality_gate(ctx, backend) -> str:
     """GATE_PASSED, or `allowed: <reason>` when the config opts out; raises RegisterRefused otherwise."""
     finetune = ctx.record.output("finetune") or {}
-    figures = {**(ctx.record.output("metrics", "final") or {}), **finetune}
+    figures = {**(MetricsResult.recorded(ctx.record).final or {}), **finetune}
     gate = ctx.cfg.get("register") or {}
     reasons = []
     diverged = nonfinite_reason(figures)
@@ -130,6 +123,8 @@ class RegisterActions(Protocol):
 
     def training_params(self, ctx) -> Optional[Dict[str, Any]]: ...
 
+    def finetune_params(self, ctx) -> EffectiveFinetuneParams: ...
+
     def register(self, ctx) -> Dict[str, Any]: ...
 
 
@@ -138,7 +133,7 @@ def run(ctx, backend: RegisterActions) -> RegisterResult:
     if verdict != GATE_PASSED:
         ctx.say(f"warning: registering a model that did not pass the quality gate: {verdict}")
     ctx.quality_gate = verdict  # the backend tags the version with it
-    ctx.version_tags.update(verdict_tags(EvaluateResult.from_outputs(ctx.record.output("evaluate"))))
+    ctx.version_tags.update(verdict_tags(EvaluateResult.recorded(ctx.record)))
     result = RegisterResult.from_outputs(backend.register(ctx))
     result.quality_gate = verdict
     return result

@@ -7,11 +7,11 @@ generated metrics, and counts how many replies equal the evaluate step's fine-tu
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol
+from typing import Any, ClassVar, Dict, List, Optional, Protocol
 
 from runner.atomic import write_json
 from runner.data.sample_request import sample_request
-from runner.steps.result import StepResult
+from runner.step_results import DataResult, StepResult
 
 REQUEST_FILE = "sample_score.json"
 ROWS_FILE = "test_rows.json"  # under the run dir: each row's prompt, reference and both routes' replies
@@ -19,6 +19,7 @@ ROWS_FILE = "test_rows.json"  # under the run dir: each row's prompt, reference 
 
 @dataclass
 class TestResult(StepResult):
+    STEP: ClassVar[str] = "test"
     __test__ = False  # not a pytest test class, whatever its name
     reply: Optional[str] = None
     request_file: Optional[str] = None
@@ -63,7 +64,7 @@ def score_held_out_rows(ctx, backend: TestActions, result: TestResult) -> None:
 
 def run(ctx, backend: TestActions) -> TestResult:
     request_file = ctx.run_dir / REQUEST_FILE
-    write_json(request_file, sample_request(ctx.cfg, ctx.record.output("data", "sample_file")))
+    write_json(request_file, sample_request(ctx.cfg, DataResult.recorded(ctx.record).sample_file))
     outputs = backend.test(ctx, request_file)
     outputs["request_file"] = str(request_file)
     result = TestResult.from_outputs(outputs)

@@ -206,8 +206,11 @@ def finish_best_job(best: Dict[str, Any], sweep_cfg, sweep_dir: Path, backend_fa
     print(f"\nbest job {best['job']} ({best['overrides']}): running {steps}", flush=True)
     record = run(cfg, run_dir=sweep_dir / "best", task_overrides=best["record"].get("overrides", []),
                  backend=backend_factory(cfg) if backend_factory else None)
-    return {"run_dir": str(sweep_dir / "best"), "model_uri": record.output("register", "model_uri"),
-            "reply": record.output("test", "reply")}
+    from runner.step_results import RegisterResult
+    from runner.steps.test import TestResult
+
+    return {"run_dir": str(sweep_dir / "best"), "model_uri": RegisterResult.recorded(record).model_uri,
+            "reply": TestResult.recorded(record).reply}
 
 
 def summarize_sweep(sweep_dir, sweep_cfg, *, finish_best: bool = True, backend_factory=None) -> Dict[str, Any]:
