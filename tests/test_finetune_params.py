@@ -103,9 +103,9 @@ def test_an_azure_run_of_every_step_merges_the_finetune_params_once(tmp_path, mo
     from runner.azureml.backend import AzureMLBackend
     from runner.record import load_record
     from runner.workflow import run
-    from tests.azureml_double import AzureWorld
-    from tests.test_azureml_backend import TIMESTAMP
-    from tests.test_azureml_workflow import NO_DATA_STEPS, compose, earlier_run_with_data
+    from tests.azureml.double import AzureWorld
+    from tests.azureml.test_backend import TIMESTAMP
+    from tests.azureml.test_workflow import NO_DATA_STEPS, compose, earlier_run_with_data
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.entities import Metric
