@@ -567,4 +567,4 @@ class AzureMLBackend(Backend):
     def finish_plan(self, ctx) -> Dict[str, Any]:
         from runner.azureml.plan_summary import write_plan_summary
 
-        return write_plan_summary(ctx, self.clients.world)
+        return write_plan_summary(ctx, self.clients.world, self.route)

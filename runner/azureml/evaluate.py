@@ -68,19 +68,6 @@ def read_back(backend: Any, ctx: Any, job_name: str) -> Dict[str, Any]:
     return document_from_metrics(values, list(ctx.cfg.evaluate.metrics))
 
 
-def fine_tuned_model_path(backend: Any, ctx: Any, finetune_job: str) -> str:
-    """The pipeline job's trained_model output; on the finetuning-job route, the model that job registered."""
-    if backend.cfg.finetune.route == "finetuning_job":
-        from runner.azureml import finetuning_job
-
-        registered = finetuning_job.register(backend, ctx)  # looked up, not registered again
-        return f"azureml:{registered['name']}:{registered['version']}"
-    from runner.azureml.translate import trained_model_path
-
-    backend.require_completed(ctx, finetune_job)
-    return trained_model_path(finetune_job)
-
-
 def placement(compute_cfg) -> Dict[str, Any]:
     """The cluster the fine-tune ran on, or (compute.instance_types, no cluster) serverless compute of its first
     VM size."""
@@ -94,7 +81,7 @@ def evaluate(backend: Any, ctx: Any, job: Any) -> Dict[str, Any]:
 
     cfg = backend.cfg
     finetune_job = backend.job_name(ctx)
-    ft_model = fine_tuned_model_path(backend, ctx, finetune_job)
+    ft_model = backend.route.trained_model_uri(backend, ctx, finetune_job)
     base_model = ModelResult.require(ctx.record, "the evaluate step needs the model step's registry model",
                                      needs="model_id").model_id
     rows_path = str(Path(job.rows_file).resolve())

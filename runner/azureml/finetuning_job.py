@@ -102,6 +102,17 @@ def placement(cfg: Any) -> Dict[str, Any]:
             "runs_on": f"managed compute, cluster {c.name}"}
 
 
+def trained_model_uri(backend: Any, ctx: Any, finetune_job: str) -> str:
+    """What the evaluate step scores: the model this job registered (looked up, not registered again)."""
+    registered = register(backend, ctx)
+    return f"azureml:{registered['name']}:{registered['version']}"
+
+
+def plan_fields(finetune_outputs: Dict[str, Any]) -> Dict[str, Any]:
+    """plan.yaml's route-specific finetune fields: the job's hyperparameters and where it runs."""
+    return {"hyperparameters": finetune_outputs.get("hyperparameters", {}), "runs_on": finetune_outputs.get("runs_on")}
+
+
 def check_explicit_keys(backend: Any, ctx: Any) -> None:
     """The job takes its own few hyperparameters: any other command-line finetune key is refused."""
     from runner.azureml.routes import check_hyperparameter_keys

@@ -25,6 +25,18 @@ def uses_cluster(cfg: Any) -> bool:
     return True  # the component runs on compute.name
 
 
+def trained_model_uri(backend: Any, ctx: Any, finetune_job: str) -> str:
+    """What the evaluate step scores: the completed pipeline job's trained_model output."""
+    from runner.azureml.translate import trained_model_path
+
+    backend.require_completed(ctx, finetune_job)
+    return trained_model_path(finetune_job)
+
+
+def plan_fields(finetune_outputs: Dict[str, Any]) -> Dict[str, Any]:
+    return {}  # the component's inputs are in plan.yaml already
+
+
 def placement(cfg: Any) -> Dict[str, Any]:
     return {"compute": cfg.compute.name, "instance_types": None, "job_tier": None,
             "runs_on": f"managed compute, cluster {cfg.compute.name}"}

@@ -7,8 +7,9 @@ from typing import Any, Dict
 from runner.azureml.planning import write_yaml
 
 
-def write_plan_summary(ctx: Any, world: Any) -> Dict[str, Any]:
-    """plan.yaml: what the steps recorded (their outputs, as in a real run's record) and every call in order."""
+def write_plan_summary(ctx: Any, world: Any, route: Any) -> Dict[str, Any]:
+    """plan.yaml: what the steps recorded (their outputs, as in a real run's record) and every call in order;
+    `route` is the backend's route module (pipeline_job or finetuning_job), chosen once."""
     cfg, record = ctx.cfg, ctx.record
     finetune = record.output("finetune") or {}
     model = record.output("model") or {}
@@ -36,8 +37,7 @@ def write_plan_summary(ctx: Any, world: Any) -> Dict[str, Any]:
             "effective_params": finetune.get("effective_params", {}),
             "component_inputs": finetune.get("inputs", {}),
             "route": cfg.finetune.route,
-            **({"hyperparameters": finetune.get("hyperparameters", {}), "runs_on": finetune.get("runs_on")}
-               if cfg.finetune.route == "finetuning_job" else {}),
+            **route.plan_fields(finetune),
         },
         "evaluate": record.output("evaluate") or {},
         "register": record.output("register") or {},

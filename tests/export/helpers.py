@@ -97,7 +97,7 @@ def write_sentencepiece_model(vocab_gguf: Path, dest: Path) -> None:
     dest.write_bytes(proto.SerializeToString())
 
 
-def build_phi3_vocab_model(sdist: Path, folder: Path, steps: int = 400, seed: int = 0) -> Path:
+def build_phi3_vocab_model(sdist: Path, folder: Path, steps: int = 240, seed: int = 0) -> Path:
     """A 2-layer Phi-3 (hidden 64) on the real Phi-3 vocabulary (32,064) and chat template, trained briefly on the
     sample chats (all tokens, plain torch loop) so its greedy replies end on <|end|>; saved with tokenizer.model."""
     import torch

@@ -25,12 +25,13 @@ def test_300_half_header_connections_do_not_crowd_out_a_keyed_client(tiny_model_
         bench = _bench()
         headers = {"Authorization": f"Bearer {read_key(state)}"}
         bench.keyed_requests(state["url"], headers, 1.0)  # warm-up
-        result = bench.idle_connections_case(state["url"], headers, connections=300, seconds=20.0)
+        # 12 s: past the 10 s header deadline, so the held connections are also closed and reopened meanwhile
+        result = bench.idle_connections_case(state["url"], headers, connections=300, seconds=12.0)
     finally:
         stop_endpoint(state["name"], state_dir=tmp_path / "endpoints")
     held = result["held"]["statuses"]
     assert result["connections"].get("opened", 0) >= 300 and "could not connect" not in result["connections"]
-    assert set(held) == {"200"} and held["200"] >= 35, result  # every keyed request answered, ~40 of them
+    assert set(held) == {"200"} and held["200"] >= 21, result  # every keyed request answered, ~24 of them
     assert result["baseline"]["statuses"] == {"200": result["baseline"]["statuses"].get("200")}
     # Crowded out, a keyed request waits for an idle connection's 10 s header deadline (or is refused); served, it
     # takes tens of milliseconds. The test asserts that difference; the <= 2x p99 target is bench/endpoint_abuse.py's
