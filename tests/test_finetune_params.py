@@ -105,20 +105,13 @@ def test_an_azure_run_of_every_step_merges_the_finetune_params_once(tmp_path, mo
     from runner.workflow import run
     from tests.azureml.double import AzureWorld
     from tests.azureml.test_backend import TIMESTAMP
-    from tests.azureml.test_workflow import NO_DATA_STEPS, compose, earlier_run_with_data
+    from tests.azureml.test_workflow import NO_DATA_STEPS, compose, earlier_run_with_data, finished_job_in_a_file_store
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    uri = (tmp_path / "mlruns").as_uri()
-    client = MlflowClient(tracking_uri=uri)
-    parent = client.create_run(client.create_experiment("e"))
-    client.log_batch(parent.info.run_id, metrics=[Metric("loss", 1.0, 0, 1), Metric("eval_loss", 0.9, 0, 1)])
+    uri, job_name = finished_job_in_a_file_store(tmp_path, monkeypatch)
     data_run, _ = earlier_run_with_data(tmp_path)
     calls = _count_merges(monkeypatch)
     cfg, overrides = compose(tmp_path, NO_DATA_STEPS, f"from_run={data_run}", "finetune.num_train_epochs=2")
-    world = AzureWorld(job_name=parent.info.run_id, tracking_uri=uri)
+    world = AzureWorld(job_name=job_name, tracking_uri=uri)
     run(cfg, run_dir=tmp_path / "run", task_overrides=overrides,
         backend=AzureMLBackend(cfg, clients=world.clients(), clock=lambda: TIMESTAMP))
 

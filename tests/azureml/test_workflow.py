@@ -27,13 +27,8 @@ def earlier_run_with_data(tmp_path):
     return run_dir, data
 
 
-def compose(tmp_path, *overrides):
-    overrides = ["experiment=phi3_ultrachat", "model.allow_archived=true",
-                 f"backend.config_path={tmp_path / 'none.json'}", *WS_IDS, *overrides]
-    return compose_cfg(overrides), overrides
-
-
-def test_workflow_runs_the_azure_steps_in_order_and_records_them(tmp_path, monkeypatch):
+def finished_job_in_a_file_store(tmp_path, monkeypatch):
+    """(tracking uri, run id): an MLflow run with a loss and an eval_loss, standing in for the pipeline job's."""
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -42,9 +37,19 @@ def test_workflow_runs_the_azure_steps_in_order_and_records_them(tmp_path, monke
     client = MlflowClient(tracking_uri=uri)
     parent = client.create_run(client.create_experiment("e"))
     client.log_batch(parent.info.run_id, metrics=[Metric("loss", 1.0, 0, 1), Metric("eval_loss", 0.9, 0, 1)])
+    return uri, parent.info.run_id
 
+
+def compose(tmp_path, *overrides):
+    overrides = ["experiment=phi3_ultrachat", "model.allow_archived=true",
+                 f"backend.config_path={tmp_path / 'none.json'}", *WS_IDS, *overrides]
+    return compose_cfg(overrides), overrides
+
+
+def test_workflow_runs_the_azure_steps_in_order_and_records_them(tmp_path, monkeypatch):
+    uri, job_name = finished_job_in_a_file_store(tmp_path, monkeypatch)
     data_run, data = earlier_run_with_data(tmp_path)
-    world = AzureWorld(job_name=parent.info.run_id, tracking_uri=uri)
+    world = AzureWorld(job_name=job_name, tracking_uri=uri)
     cfg, overrides = compose(tmp_path, NO_DATA_STEPS, f"from_run={data_run}", "finetune.num_train_epochs=2")
     backend = AzureMLBackend(cfg, clients=world.clients(), clock=lambda: TIMESTAMP)
     record = run(cfg, run_dir=tmp_path / "run", task_overrides=overrides, backend=backend)

@@ -139,3 +139,15 @@ def build_phi3_vocab_model(sdist: Path, folder: Path, steps: int = 240, seed: in
     tok.save_pretrained(out)
     write_sentencepiece_model(vocab, out / "tokenizer.model")
     return out
+
+
+def model_with_architecture(model_dir: Path, folder: Path, architecture: str) -> Path:
+    """A copy of model_dir whose config.json names another architecture (one the converter does not cover)."""
+    import shutil
+
+    copy = folder / "odd-model"
+    shutil.copytree(model_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["architectures"] = [architecture]
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy

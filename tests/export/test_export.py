@@ -128,15 +128,10 @@ def test_a_model_never_trained_is_refused(tmp_path):
 
 
 def test_an_architecture_the_converter_does_not_cover_is_refused_before_writing(tiny_model_dir, sdist, tmp_path):
-    import shutil
-
     from runner.export.pipeline import export_model
+    from tests.export.helpers import model_with_architecture
 
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model)
-    cfg = json.loads((model / "config.json").read_text())
-    cfg["architectures"] = ["NotARealModelForCausalLM"]
-    (model / "config.json").write_text(json.dumps(cfg))
+    model = model_with_architecture(tiny_model_dir, tmp_path, "NotARealModelForCausalLM")
     with pytest.raises(ExportError, match="does not cover the architecture 'NotARealModelForCausalLM'"):
         export_model(model, tmp_path / "out", ["merged", "gguf_q8_0"], name="x", converter=str(sdist),
                      cache_dir=tmp_path / "cache")

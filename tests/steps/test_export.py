@@ -73,12 +73,9 @@ def test_a_full_disk_is_refused_before_writing(tiny_model_dir, tmp_path, monkeyp
 
 def test_an_architecture_the_converter_does_not_cover_is_refused(tiny_model_dir, sdist, tmp_path):
     from runner.export.errors import ExportError
+    from tests.export.helpers import model_with_architecture
 
-    model = tmp_path / "odd-model"
-    shutil.copytree(tiny_model_dir, model)
-    config = json.loads((model / "config.json").read_text())
-    config["architectures"] = ["MadeUpForCausalLM"]
-    (model / "config.json").write_text(json.dumps(config))
+    model = model_with_architecture(tiny_model_dir, tmp_path, "MadeUpForCausalLM")
     with pytest.raises(ExportError, match="MadeUpForCausalLM"):
         run(compose_cfg(["steps=[export]", f"export.model={model}", "export.formats=[merged,gguf_q8_0]",
                          f"export.converter={sdist}"]), run_dir=tmp_path / "run")
