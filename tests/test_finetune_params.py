@@ -1,5 +1,6 @@
 """Merge order, tag coercion and the notebook's display name."""
 
+import pytest
 from omegaconf import OmegaConf
 
 from runner.finetune_params import (
@@ -140,6 +141,30 @@ def test_a_local_run_merges_once_for_the_compute_checks_and_the_plan_once(tmp_pa
     calls.clear()
     run(compose_cfg(["dry_run=true"]), run_dir=tmp_path / "plan")
     assert len(calls) == 1
+
+
+@pytest.mark.slow
+def test_a_local_fine_tune_merges_once_and_translates_once_for_the_check_and_once_for_the_trainer(
+        tmp_path, monkeypatch, tiny_model_dir):
+    """Through finetune on the tiny model (one optimizer step): one merge; the compute step's refusal check and the
+    finetune step each translate once, and train() takes the finetune step's plan instead of translating again."""
+    import runner.local.translate as translate_module
+    from runner.record import load_record
+    from runner.workflow import run
+
+    merges = _count_merges(monkeypatch)
+    translations, real = [], translate_module.translate
+    monkeypatch.setattr(translate_module, "translate", lambda *a, **k: translations.append(a) or real(*a, **k))
+    overrides = ["model=tiny_phi3", f"model.local_path={tiny_model_dir}",
+                 "steps=[connect,model,compute,data,finetune]", "finetune.max_steps=1",
+                 "finetune.evaluation_strategy=disable", "finetune.local.eval_before_training=false",
+                 "finetune.learning_rate=1e-3"]
+    run(compose_cfg(overrides), run_dir=tmp_path / "run", task_overrides=overrides)
+    saved = load_record(tmp_path / "run")
+    assert saved["steps"]["finetune"]["outputs"]["global_step"] == 1
+    assert len(merges) == 1
+    assert len(translations) == 2, len(translations)
+    assert translations[0][0]["learning_rate"] == translations[1][0]["learning_rate"] == 1e-3
 
 
 def test_the_register_gate_reads_the_decision_of_the_run_that_fine_tuned(tmp_path):

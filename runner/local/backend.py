@@ -182,7 +182,7 @@ class LocalBackend(Backend):
                 ctx.say(f"training in {nproc} torchrun worker(s)")
                 result = distributed.launch(nproc, out_dir, train_kwargs, log_fn=log_fn)
             else:
-                result = train(**train_kwargs, log_fn=log_fn)
+                result = train(**train_kwargs, plan=plan, log_fn=log_fn)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"

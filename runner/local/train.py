@@ -17,7 +17,8 @@ def resolve_device(device: str) -> str:
 
 
 def train(*, model_dir, train_file, eval_file, params: dict, local: dict, out_dir, device="cpu",
-          trust_remote_code=False, log_fn: Optional[LogFn] = None, cache_dir=None, progress=True) -> dict:
+          trust_remote_code=False, log_fn: Optional[LogFn] = None, cache_dir=None, progress=True,
+          plan=None) -> dict:
     """Fine-tune the model in model_dir on train_file in this process; see the module docstring. Returns
     JSON-serialisable figures and paths (final_model_dir, checkpoints_dir, global_step, train_loss,
     eval_loss_before, eval_loss, perplexity, tokens_per_s, train_runtime_s, trainable_params, total_params,
@@ -26,12 +27,14 @@ def train(*, model_dir, train_file, eval_file, params: dict, local: dict, out_di
     params are the effective component keys, local is finetune.local (both whole: runner/local/translate.py
     refuses a missing key). Runs the recipe (runner/local/recipe.py) on one device; several GPUs or DeepSpeed need
     the torchrun launch, which its caller performs (runner/local/distributed.launch; every worker then calls this
-    with the same arguments) — train() never launches, and refuses to run such settings outside a launch."""
+    with the same arguments) — train() never launches, and refuses to run such settings outside a launch.
+    `plan`: translate(params, local), where the caller has made it already (the local backend's finetune step), so
+    the settings are translated once per process."""
     from runner.local.recipe import LocalRecipe, run_recipe
     from runner.local.translate import translate
 
     device = resolve_device(device)
-    plan = translate(params, local)
+    plan = plan if plan is not None else translate(params, local)
     plan.check(device)  # before anything is loaded
     nproc = processes_needed(plan.params, plan.local, device, _cuda_count() if device == "cuda" else 0)
     if nproc:
