@@ -179,8 +179,10 @@ def test_openai_client_fields_are_honoured_or_refused_by_name(endpoint):
     import openai
 
     client = openai.OpenAI(base_url=endpoint["openai_base_url"], api_key=read_key(endpoint), max_retries=0)
-    plain = client.chat.completions.create(model="blue", messages=CHAT, max_tokens=24, temperature=0)
-    penalised = client.chat.completions.create(model="blue", messages=CHAT, max_tokens=24, temperature=0,
+    # The penalties act on tokens the reply already holds: 24 greedy tokens of the random-init model held no repeat
+    # on Python 3.12 (so nothing to penalise); 128 do (a random model's greedy reply falls into loops).
+    plain = client.chat.completions.create(model="blue", messages=CHAT, max_tokens=128, temperature=0)
+    penalised = client.chat.completions.create(model="blue", messages=CHAT, max_tokens=128, temperature=0,
                                                presence_penalty=2.0, frequency_penalty=2.0)
     assert penalised.choices[0].message.content != plain.choices[0].message.content
     with pytest.raises(openai.BadRequestError) as err:
