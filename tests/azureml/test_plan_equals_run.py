@@ -44,6 +44,17 @@ AZURE_COMPUTES = ["nc24ads_a100_v4", "nc40ads_h100_v5", "nc48ads_a100_v4",
 EXPERIMENT_DIR = REPO / "conf" / "experiment"
 
 
+def covering_matrix():
+    """Every compute with every model; the fast tier (-m "not slow") keeps a diagonal that still names each compute
+    and each model once, the whole suite runs all of it (each case is a dry run and a run, ~2.5 s)."""
+    cases = []
+    for i, compute in enumerate(AZURE_COMPUTES):
+        for j, model in enumerate(MODEL_PRESETS):
+            fast = j == i % len(MODEL_PRESETS)
+            cases.append(pytest.param(compute, model, marks=() if fast else pytest.mark.slow))
+    return cases
+
+
 def azure_experiments():
     """Every experiment preset that runs on azureml, found in conf/experiment/ (a new one is included as added)."""
     return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml")
@@ -244,8 +255,12 @@ def test_the_plan_and_the_run_name_the_same_model_version_not_the_label(tmp_path
     assert planned["pipeline_job"]["jobs"][NODE_NAME]["inputs"]["mlflow_model_path"]["path"] == path
 
 
-@pytest.mark.parametrize("finetune", ["default", "lora", "lora_deepspeed2", "full_deepspeed3"])
-@pytest.mark.parametrize("tier", ["dedicated", "low_priority"])
+@pytest.mark.parametrize("tier, finetune", [
+    # the fast tier: every finetune preset once, and the low-priority tier once; the rest with the whole suite
+    *[("dedicated", f) for f in ["default", "lora", "lora_deepspeed2", "full_deepspeed3"]],
+    ("low_priority", "default"),
+    *[pytest.param("low_priority", f, marks=pytest.mark.slow) for f in ["lora", "lora_deepspeed2", "full_deepspeed3"]],
+])
 def test_notebook_presets_plan_what_the_run_submits(tmp_path, finetune, tier):
     real, planned = both_ways(tmp_path, ["experiment=phi3_ultrachat", f"finetune={finetune}",
                                          f"compute.tier={tier}", "model.allow_archived=true"])
@@ -254,8 +269,7 @@ def test_notebook_presets_plan_what_the_run_submits(tmp_path, finetune, tier):
     assert planned == real
 
 
-@pytest.mark.parametrize("model", MODEL_PRESETS)
-@pytest.mark.parametrize("compute", AZURE_COMPUTES)
+@pytest.mark.parametrize("compute, model", covering_matrix())
 def test_every_compute_and_model_preset_plans_what_the_run_submits_or_refuses_alike(tmp_path, model, compute):
     # an endpoint size the model allows, so that each cluster size allowed for fine-tuning plans the whole run
     from runner.retired_skus import retired
